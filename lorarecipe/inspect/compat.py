@@ -1,0 +1,155 @@
+"""(LoraInfo, BaseInfo) -> :class:`CompatReport`: does each LoRA module find a base weight of the
+right shape? Names and shapes only, so ``validate`` can catch a wrong-family LoRA in milliseconds.
+
+Diffusers-style names map to ``<module>.weight``; kohya's flattened names are looked up in an
+index of the base keys with dots replaced by underscores. When a component's names cannot be
+mapped at all (e.g. SGM-named kohya on a diffusers folder) the report says so instead of
+calling every module missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .base_model import BaseInfo
+from .lora_keys import COMPONENT_ORDER, LoraInfo, LoraModule
+
+__all__ = ["MAX_LISTED", "CompatReport", "check_lora_against_base"]
+
+MAX_LISTED = 20
+_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3", "flux": "FLUX.1"}
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+Tensors = Mapping[str, tuple[str, tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class CompatReport:
+    """How a LoRA's modules line up with a base's weights (see the module docstring)."""
+
+    checked: bool
+    matched: int
+    total: int
+    missing: tuple[str, ...]
+    shape_mismatches: tuple[str, ...]
+    family_conflict: str | None
+    unchecked_components: tuple[str, ...] = ()
+
+
+class _KeyIndex:
+    """Base component keys, looked up by diffusers module path or by kohya flattened name."""
+
+    def __init__(self, tensors: Tensors, text_encoder: bool) -> None:
+        self.tensors = tensors
+        self.text_encoder = text_encoder
+        self._flat: dict[str, str] | None = None
+
+    def _flat_index(self) -> dict[str, str]:
+        if self._flat is None:
+            self._flat = {}
+            for key in self.tensors:
+                if key.endswith(".weight"):
+                    flat = key[: -len(".weight")].replace(".", "_")
+                    self._flat.setdefault(flat, key)
+                    if self.text_encoder:
+                        other = (
+                            flat.removeprefix("text_model_")
+                            if flat.startswith("text_model_")
+                            else "text_model_" + flat
+                        )
+                        self._flat.setdefault(other, key)
+        return self._flat
+
+    def find(self, name: str) -> str | None:
+        candidates = [f"{name}.weight"]
+        if self.text_encoder:
+            candidates += [f"text_model.{name}.weight", f"{name.removeprefix('text_model.')}.weight"]
+        for candidate in candidates:
+            if candidate in self.tensors:
+                return candidate
+        return self._flat_index().get(name.replace(".", "_"))
+
+
+def _shape_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:
+    """None when a LoRA of this module's in/out/kernel can be added to a weight of ``shape``."""
+    if len(shape) < 2:
+        return "base weight is not a matrix"
+    base_kernel, kernel = tuple(shape[2:]), module.kernel
+    ones = all(k == 1 for k in kernel) and all(k == 1 for k in base_kernel)
+    if shape[0] == module.out_features and shape[1] == module.in_features and (kernel == base_kernel or ones):
+        return None
+    flattened = not kernel and base_kernel and shape[1] * math.prod(base_kernel) == module.in_features
+    if shape[0] == module.out_features and flattened:
+        return None
+    return "shape"
+
+
+def _describe(in_features: int, out_features: int, kernel: tuple[int, ...]) -> str:
+    suffix = f" (kernel {'x'.join(map(str, kernel))})" if kernel and any(k != 1 for k in kernel) else ""
+    return f"{in_features}→{out_features}{suffix}"
+
+
+def _label(module: LoraModule) -> str:
+    return module.name if module.component in ("unet", "transformer") else f"{module.component}.{module.name}"
+
+
+def _family_conflict(lora: LoraInfo, base: BaseInfo) -> str | None:
+    if lora.family is None or base.family is None or lora.family == base.family:
+        return None
+    lora_label, base_label = _LABELS.get(lora.family, lora.family), _LABELS.get(base.family, base.family)
+    article = "an" if lora_label.startswith("S") else "a"  # "an SDXL", "a FLUX.1"
+    return (
+        f"the LoRA is {article} {lora_label} LoRA ({lora.family_evidence}) but the base is {base_label} "
+        f"({base.family_evidence})"
+    )
+
+
+def check_lora_against_base(lora: LoraInfo, base: BaseInfo) -> CompatReport:
+    """LoRA + base -> which modules find a base weight, which do not, and which differ in shape."""
+    by_component: dict[str, list[LoraModule]] = {}
+    for module in lora.modules:
+        by_component.setdefault(module.component, []).append(module)
+    indexes = {name: _KeyIndex(c.tensors, name in _TEXT_ENCODERS) for name, c in base.components.items()}
+    matched, total = 0, 0
+    missing: list[str] = []
+    mismatches: list[str] = []
+    unchecked: list[str] = []
+    for component in sorted(by_component, key=COMPONENT_ORDER.index):
+        modules = by_component[component]
+        if component != "unknown" and component not in indexes:
+            total += len(modules)
+            missing += [f"{_label(m)} (the base has no {component})" for m in modules]
+            continue
+        searched = [indexes[component]] if component in indexes else list(indexes.values())
+        found: list[tuple[LoraModule, str, _KeyIndex]] = []
+        absent: list[LoraModule] = []
+        for module in modules:
+            hit = next(((key, index) for index in searched if (key := index.find(module.name))), None)
+            if hit is None:
+                absent.append(module)
+            else:
+                found.append((module, hit[0], hit[1]))
+        if not found:
+            unchecked.append(component)  # names in a scheme this base does not use: cannot tell
+            continue
+        total += len(modules)
+        missing += [_label(m) for m in absent]
+        for module, key, index in found:
+            shape = index.tensors[key][1]
+            if _shape_problem(module, shape) is None:
+                matched += 1
+            else:
+                ours = _describe(module.in_features, module.out_features, module.kernel)
+                theirs = _describe(shape[1] if len(shape) > 1 else 0, shape[0] if shape else 0, shape[2:])
+                mismatches.append(f"{_label(module)}: LoRA {ours}, base {theirs}")
+    return CompatReport(
+        checked=total > 0,
+        matched=matched,
+        total=total,
+        missing=tuple(missing[:MAX_LISTED]),
+        shape_mismatches=tuple(mismatches[:MAX_LISTED]),
+        family_conflict=_family_conflict(lora, base),
+        unchecked_components=tuple(unchecked),
+    )

@@ -1,0 +1,463 @@
+"""A LoRA file's header -> :class:`LoraInfo`: key layout, modules, ranks, alphas, family, loadability.
+
+Works from tensor names and shapes only (never values), so it is instant and torch-free. The
+family comes from shapes (cross-attention input widths, hidden sizes), never from ``ss_*``
+metadata, which trainers get wrong. ``unsupported`` names the reason when diffusers 0.42 cannot
+load the file (or would silently load nothing) and lorarecipe does not convert it itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .safetensors_header import SafetensorsHeader, TensorInfo
+
+__all__ = ["COMPONENT_ORDER", "LoraInfo", "LoraModule", "inspect_lora"]
+
+COMPONENT_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "unknown")
+_KOHYA_PREFIXES = (
+    ("lora_te1_", "text_encoder"),
+    ("lora_te2_", "text_encoder_2"),
+    ("lora_te3_", "text_encoder_3"),
+    ("lora_te_", "text_encoder"),
+    ("lora_unet_", "unet"),
+    ("lora_transformer_", "transformer"),
+)  # the last one is OneTrainer's
+_UNET_HEADS = (
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding",
+    "add_embedding",
+    "input_blocks",
+    "middle_block",
+    "output_blocks",
+)
+_DIT_HEADS = (
+    "single_transformer_blocks",
+    "transformer_blocks",
+    "double_blocks",
+    "single_blocks",
+    "joint_blocks",
+    "blocks",
+    "x_embedder",
+    "context_embedder",
+    "proj_out",
+    "norm_out",
+    "time_text_embed",
+    "pos_embed",
+    "img_in",
+    "txt_in",
+    "time_in",
+    "vector_in",
+    "guidance_in",
+    "final_layer",
+)
+_KOHYA_STARTS = tuple(prefix for prefix, _ in _KOHYA_PREFIXES)
+_FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3", "flux": "FLUX.1"}
+_CROSS_WIDTHS = {
+    768: ("sd1", "SD 1.x text encoder"),
+    1024: ("sd2", "SD 2.x text encoder"),
+    2048: ("sdxl", "SDXL text encoders"),
+}
+
+# key -> (kind, stem, role). Order matters: the first pattern that matches wins.
+_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("cloneofsimo", re.compile(r"^((?:unet|text_encoder):\d+):(down|up)$")),
+    (
+        "attn_procs",
+        re.compile(r"^(.+\.(?:to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)_lora)\.(down|up)\.weight$"),
+    ),
+    ("xlabs", re.compile(r"^(.+\.processor\.(?:qkv|proj)_lora\d?)\.(down|up)\.weight$")),
+    ("diffusers_old", re.compile(r"^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")),
+    ("peft", re.compile(r"^(.+)\.lora_(A|B)\.weight$")),
+    ("peft", re.compile(r"^(.+)\.lora_B\.(bias)$")),
+    ("peft", re.compile(r"^(.+)\.lora_(magnitude_vector)$")),
+    ("kohya", re.compile(r"^(.+)\.lora_(down|up|mid)\.weight$")),
+    ("malformed", re.compile(r"^(lora_(?:unet|te\d?)_.+)_lora_(down|up)\.weight$")),
+    ("lycoris_lokr", re.compile(r"^(.+)\.(lokr_w[12](?:_[ab])?|lokr_t2)$")),
+    ("lycoris_loha", re.compile(r"^(.+)\.(hada_w[12]_[ab]|hada_t[12])$")),
+    ("extra", re.compile(r"^(.+)\.(alpha|dora_scale)$")),
+)
+_ANY_PATTERN = re.compile("|".join(f"(?P<p{i}>{p.pattern})" for i, (_, p) in enumerate(_PATTERNS)))
+_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_ROLE = {"A": "down", "B": "up", "magnitude_vector": "dora"}
+_FAST = (
+    (".lora_down.weight", "kohya", "down"),
+    (".lora_up.weight", "kohya", "up"),
+    (".lora_A.weight", "peft", "down"),
+    (".lora_B.weight", "peft", "up"),
+    (".alpha", "extra", "alpha"),
+)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: where it lives, its rank, alpha and the shape it adapts."""
+
+    component: str
+    name: str
+    rank: int
+    alpha: float | None
+    in_features: int
+    out_features: int
+    kernel: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """Everything the header says about a LoRA file (see the module docstring)."""
+
+    format: str
+    modules: tuple[LoraModule, ...]
+    components: tuple[str, ...]
+    ranks: tuple[int, ...]
+    family: str | None
+    family_evidence: str
+    alpha_source: str
+    unsupported: str | None
+    unrecognized_keys: tuple[str, ...]
+    metadata: Mapping[str, str] = field(hash=False)
+
+
+@dataclass
+class _Group:
+    kind: str
+    stem: str
+    parts: dict[str, TensorInfo]
+    dora: bool = False
+    alpha: bool = False
+
+
+def _guess_component(name: str) -> str:
+    head = re.split(r"[._]\d|\.", name, maxsplit=1)[0]
+    if head in _UNET_HEADS:
+        return "unet"
+    if head in _DIT_HEADS:
+        return "transformer"
+    return "text_encoder" if head == "text_model" else "unknown"
+
+
+def _split(kind: str, stem: str) -> tuple[str, str]:
+    """(kind, stem as in the file) -> (component, module name without the component prefix)."""
+    if kind == "cloneofsimo":
+        return stem.partition(":")[0], stem.partition(":")[2]
+    if kind == "attn_procs":  # old diffusers: '<m>.processor.to_k_lora', TE '<m>.self_attn.to_k_lora'
+        component, path = _split("", stem.removesuffix("_lora").replace(".processor.", "."))
+        head, _, proj = path.rpartition(".")
+        if component.startswith("text_encoder"):
+            return component, f"{head}.{_TE_PROJ.get(proj, proj)}"
+        return "unet", f"{head}.{'to_out.0' if proj == 'to_out' else proj}"
+    for prefix, component in _KOHYA_PREFIXES:
+        if stem.startswith(prefix):
+            rest = stem[len(prefix) :]
+            dit = component == "unet" and _guess_component(rest) == "transformer"
+            return ("transformer" if dit else component), rest
+    for prefix in ("base_model.model.", "diffusion_model."):
+        stem = stem.removeprefix(prefix)
+    head, _, rest = stem.partition(".")
+    if head in COMPONENT_ORDER[:-1] and rest:
+        return head, rest
+    return _guess_component(stem), stem
+
+
+def _dims(info: TensorInfo | None, *lengths: int) -> tuple[int, ...] | None:
+    if info is None or len(info.shape) not in lengths or 0 in info.shape:
+        return None
+    return info.shape
+
+
+def _lowrank(group: _Group) -> tuple[int, int, int, tuple[int, ...]] | str:
+    """(rank, in, out, kernel) of a down/up pair, or a reason the pair is broken."""
+    down, up = _dims(group.parts.get("down"), 2, 4), _dims(group.parts.get("up"), 2, 4)
+    if "mid" in group.parts:
+        return f"module {group.stem!r} uses LoCon's CP decomposition ('lora_mid'); diffusers cannot load it"
+    if down is None or up is None:
+        return f"module {group.stem!r} has no usable down/A and up/B weight pair"
+    if up[1] != down[0]:
+        return f"module {group.stem!r}: down rank {down[0]} but up rank {up[1]}"
+    return down[0], down[1], up[0], tuple(down[2:])
+
+
+def _lokr(group: _Group) -> tuple[int, int, int, tuple[int, ...]] | str:
+    p = group.parts
+    factors: list[tuple[int, int]] = []
+    ranks: list[int] = []
+    for w in ("lokr_w1", "lokr_w2"):
+        full, a, b = _dims(p.get(w), 2, 4), _dims(p.get(f"{w}_a"), 2), _dims(p.get(f"{w}_b"), 2, 4)
+        if full is not None:
+            factors.append((full[0], full[1]))
+        elif a is not None and b is not None:
+            factors.append((a[0], b[1]))
+            ranks.append(a[1])
+        else:
+            return f"LoKr module {group.stem!r} lacks its {w} factor"
+    w2 = _dims(p.get("lokr_w2"), 4) or _dims(p.get("lokr_t2"), 4)
+    out, inp = factors[0][0] * factors[1][0], factors[0][1] * factors[1][1]
+    rank = ranks[-1] if ranks else min(factors[0]) * min(factors[1])  # unfactored: the kron's rank bound
+    return rank, inp, out, tuple(w2[2:]) if w2 else ()
+
+
+def _loha(group: _Group) -> tuple[int, int, int, tuple[int, ...]] | str:
+    a, b = _dims(group.parts.get("hada_w1_a"), 2), _dims(group.parts.get("hada_w1_b"), 2)
+    if a is None or b is None:
+        return f"LoHa module {group.stem!r} lacks hada_w1_a/hada_w1_b"
+    t1 = _dims(group.parts.get("hada_t1"), 4)
+    return a[1], b[1], a[0], tuple(t1[2:]) if t1 else ()
+
+
+def _classify(key: str) -> tuple[str, str, str] | None:
+    """Key -> (kind, stem, role); the common suffixes skip the regular expressions (big files)."""
+    for suffix, kind, role in _FAST:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return kind, key[: -len(suffix)], role
+    first = _ANY_PATTERN.match(key)  # one scan to find which pattern, then that pattern's groups
+    if first is None or first.lastgroup is None:
+        return None
+    kind, pattern = _PATTERNS[int(first.lastgroup[1:])]
+    match = pattern.match(key)
+    assert match is not None
+    return kind, match.group(1), _ROLE.get(match.group(2), match.group(2))
+
+
+def _group_keys(header: SafetensorsHeader) -> tuple[dict[tuple[str, str], _Group], list[str]]:
+    groups: dict[tuple[str, str], _Group] = {}
+    extras: list[tuple[str, str, str]] = []
+    unrecognized: list[str] = []
+    for key, info in header.tensors.items():
+        found = _classify(key)
+        if found is None:
+            unrecognized.append(key)
+        elif found[0] == "extra":
+            extras.append((key, found[1], found[2]))
+        else:
+            group = groups.setdefault(found[:2], _Group(found[0], found[1], {}))
+            group.parts[found[2]] = info
+            group.dora |= found[2] == "dora"
+    by_stem = {stem: group for (_, stem), group in groups.items()}
+    for key, stem, role in extras:
+        owner = by_stem.get(stem)
+        if owner is None:
+            unrecognized.append(key)
+        elif role == "alpha":
+            owner.alpha = True
+        else:
+            owner.dora = True
+    return groups, sorted(unrecognized)
+
+
+def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """diffusers' ``lora_adapter_metadata``: a JSON object of '<component>.<LoraConfig field>'."""
+    try:
+        parsed = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except (ValueError, RecursionError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    return float(value) if ok and abs(value) < 1e30 else None
+
+
+def _metadata_alpha(config: dict[str, Any], component: str, name: str) -> float | None:
+    """LoraConfig alpha for one module. alpha_pattern keys are matched as literal module-name
+    suffixes, not as regular expressions: the metadata is untrusted and a regex could hang."""
+    pattern = config.get(f"{component}.alpha_pattern")
+    if isinstance(pattern, dict):
+        for key, value in pattern.items():
+            if (name == key or name.endswith("." + key)) and _number(value) is not None:
+                return _number(value)
+    return _number(config.get(f"{component}.lora_alpha"))
+
+
+def _unsupported(formats: Counter[str], groups: list[_Group], broken: list[str], control: bool) -> str | None:
+    first = {kind: next(g.stem for g in groups if g.kind == kind) for kind in formats}
+    if "cloneofsimo" in formats:
+        return (
+            f"cloneofsimo lora_diffusion layout (keys like '{first['cloneofsimo']}:down'): modules are "
+            "numbered in traversal order, not named, so neither diffusers nor lorarecipe can place them"
+        )
+    if "lycoris_lokr" in formats:
+        return (
+            f"LyCORIS LoKr (Kronecker) weights (e.g. '{first['lycoris_lokr']}.lokr_w1…'): diffusers 0.42 "
+            "cannot load LoKr; bake it with LyCORIS tools or extract a plain LoRA first"
+        )
+    if "lycoris_loha" in formats:
+        return (
+            f"LyCORIS LoHa (Hadamard) weights (e.g. '{first['lycoris_loha']}.hada_w1_a'): diffusers 0.42 "
+            "cannot load LoHa; bake it with LyCORIS tools or extract a plain LoRA first"
+        )
+    if "malformed" in formats:
+        stem = first["malformed"]
+        doubled = re.match(r"^(lora_(?:unet|te\d?)_(?:unet|text_encoder\d?)_)", stem)
+        what = f"the prefix {doubled.group(1)!r} repeats the component and " if doubled else ""
+        return (
+            f"malformed kohya key '{stem}_lora_down.weight': {what}'_lora_down.weight' should be "
+            "'.lora_down.weight' (a broken conversion; re-convert from the original file)"
+        )
+    if any(g.dora for g in groups):
+        dora = next(g.stem for g in groups if g.dora)
+        return (
+            f"DoRA (dora_scale / lora_magnitude_vector, e.g. on '{dora}'): diffusers 0.42 drops the "
+            "magnitude vectors and would apply a different update than the one trained"
+        )
+    if broken:
+        return broken[0]
+    if len(formats) > 1:
+        return f"mixes key layouts {sorted(formats)}; diffusers would load only part of it"
+    if not formats:
+        return "no LoRA weights recognized (no lora_A/lora_B, lora_down/lora_up or LyCORIS keys)"
+    return _prefix_problem(next(iter(formats)), [g.stem for g in groups], control)
+
+
+def _prefix_problem(kind: str, stems: list[str], control: bool) -> str | None:
+    """Layouts diffusers 0.42 reads without error but loads nothing from (or misreads)."""
+    if kind == "peft" and any(s.startswith("base_model.model.") for s in stems):
+        return (
+            "raw PEFT adapter keys ('base_model.model.' prefix): diffusers 0.42 misreads them "
+            "(Flux fails, SD loads nothing); re-save with the pipeline's save_lora_weights"
+        )
+    if kind == "peft" and any(s.startswith("diffusion_model.") for s in stems):
+        return (
+            "'diffusion_model.' prefix with original (BFL/LDM) block names, as ai-toolkit writes: "
+            "diffusers 0.42's Flux/SD loaders return it unchanged and load nothing"
+        )
+    if kind == "kohya" and not any(s.startswith(_KOHYA_STARTS) for s in stems):
+        return (
+            "kohya suffixes ('.lora_down.weight') on dotted module names without 'lora_unet_'/"
+            "'lora_te_' prefixes: diffusers' SD/SDXL/Flux loaders do not read this layout"
+        )
+    prefixed = any(s.split(".", 1)[0] in COMPONENT_ORDER for s in stems)
+    if kind in ("peft", "diffusers_old") and not prefixed and not control:  # BFL control LoRAs are converted
+        return (
+            "module names carry no component prefix ('unet.', 'transformer.', 'text_encoder.'): "
+            "diffusers 0.42 would silently load nothing from this file"
+        )
+    return None
+
+
+def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
+    """Header -> LoraInfo. Never raises for odd files: oddities end up in ``unsupported``."""
+    groups, unrecognized = _group_keys(header)
+    config = _peft_alphas(header.metadata)
+    readers = {"lycoris_lokr": _lokr, "lycoris_loha": _loha}
+    modules: list[LoraModule] = []
+    kept: list[_Group] = []
+    broken: list[str] = []
+    sources: set[str] = set()
+    for group in groups.values():
+        shape = readers.get(group.kind, _lowrank)(group)
+        if isinstance(shape, str):
+            broken.append(shape)
+            continue
+        rank, inp, out, kernel = shape
+        component, name = _split(group.kind, group.stem)
+        alpha: float | None = None
+        if group.alpha:
+            sources.add("keys")
+        elif group.kind == "peft" and (alpha := _metadata_alpha(config, component, name)) is not None:
+            sources.add("metadata")
+        else:
+            alpha = float(rank)
+        modules.append(LoraModule(component, name, rank, alpha, inp, out, kernel))
+        kept.append(group)
+    # kohya calls every denoiser 'lora_unet_'; if some of its names are DiT blocks, all of them are.
+    denoisers = {m.component for m, g in zip(modules, kept, strict=True) if g.stem.startswith("lora_unet_")}
+    if denoisers == {"unet", "transformer"}:
+        modules = [replace(m, component="transformer") if m.component == "unet" else m for m in modules]
+    formats = Counter(g.kind for g in groups.values())
+    listed = list(groups.values())
+    if "malformed" in formats or not formats:
+        fmt = "kohya" if formats else "unknown"
+    else:
+        fmt = next((k for k in ("cloneofsimo", "lycoris_lokr", "lycoris_loha") if k in formats), "")
+        fmt = fmt or ("dora" if any(g.dora for g in listed) else formats.most_common(1)[0][0])
+    family, evidence = detect_family(modules, single_te=any(g.stem.startswith("lora_te_") for g in listed))
+    present = {m.component for m in modules}
+    control = any(k.endswith("query_norm.scale") for k in unrecognized)  # BFL Flux-control LoRA
+    return LoraInfo(
+        format=fmt,
+        modules=tuple(modules),
+        components=tuple(c for c in COMPONENT_ORDER if c in present),
+        ranks=tuple(sorted({m.rank for m in modules})),
+        family=family,
+        family_evidence=evidence,
+        alpha_source="keys" if "keys" in sources else "metadata" if sources else "default (alpha = rank)",
+        unsupported=_unsupported(formats, listed, broken, control),
+        unrecognized_keys=tuple(unrecognized),
+        metadata=header.metadata,
+    )
+
+
+def detect_family(
+    modules: list[LoraModule] | tuple[LoraModule, ...], *, single_te: bool = False
+) -> tuple[str | None, str]:
+    """Modules -> (family or None, a sentence saying why). Shapes only; conservative.
+
+    ``single_te``: the file uses kohya's ``lora_te_`` prefix, which only SD 1.x/2.x LoRAs use."""
+    flat = [(m, m.name.replace(".", "_")) for m in modules]
+    dit = [(m, f) for m, f in flat if m.component == "transformer"]
+    if dit:
+        return _dit_family(dit)
+    unet = [(m, f) for m, f in flat if m.component == "unet"]
+    found = _unet_family(unet) if unet else None
+    if found:
+        return found
+    te2 = {m.in_features for m, f in flat if m.component == "text_encoder_2" and re.search(r"[qkv]_proj$", f)}
+    if te2 == {1280}:
+        return "sdxl", "a second text encoder of width 1280 (CLIP ViT-bigG, SDXL) and no denoiser evidence"
+    te_width = {
+        m.in_features for m, f in flat if m.component == "text_encoder" and re.search(r"[qkv]_proj$", f)
+    }
+    if (single_te or unet) and len(te_width) == 1 and next(iter(te_width)) in (768, 1024):
+        width = next(iter(te_width))
+        family = "sd1" if width == 768 else "sd2"
+        return family, f"single text encoder of width {width} ({_FAMILY_LABELS[family]})"
+    return None, "no shape evidence for a known family (e.g. a tiny test model or another architecture)"
+
+
+def _dit_family(dit: list[tuple[LoraModule, str]]) -> tuple[str | None, str]:
+    widths = {w for m, _ in dit for w in (m.in_features, m.out_features)}
+    heads = {re.split(r"_\d", f, maxsplit=1)[0] for _, f in dit}
+    qwen = any(re.match(r"transformer_blocks_\d+_(img|txt)_(mlp|mod)", f) for _, f in dit)
+    flux_blocks = heads & {"single_transformer_blocks", "double_blocks", "single_blocks"}
+    joint = any(re.search(r"add_[qkv]_proj|to_add_out|ff_context|norm1_context", f) for _, f in dit)
+    example = next((m.name for m, f in dit if f.startswith(tuple(flux_blocks or heads))), dit[0][0].name)
+    if 3072 in widths and not qwen and (flux_blocks or ("transformer_blocks" in heads and joint)):
+        return "flux", f"'{example}' with hidden width 3072 (FLUX.1)"
+    sd3_width = widths & {1536, 2432}
+    mmdit = ("transformer_blocks" in heads and joint) or "joint_blocks" in heads
+    if sd3_width and not flux_blocks and mmdit:
+        return "sd3", f"'{example}' with joint-attention width {min(sd3_width)} (SD 3 / 3.5)"
+    return None, (
+        f"transformer LoRA ('{example}', widths {sorted(widths)[:6]}) matches no known family "
+        "(e.g. a tiny test model or an unsupported architecture)"
+    )
+
+
+def _unet_family(unet: list[tuple[LoraModule, str]]) -> tuple[str | None, str] | None:
+    cross = {m.in_features for m, f in unet if re.search(r"attn2_to_[kv]$", f)}
+    known = {w for w in cross if w in _CROSS_WIDTHS}
+    if len(known) == 1 and known == cross:
+        width = next(iter(known))
+        family, why = _CROSS_WIDTHS[width]
+        return family, f"attn2.to_k input width {width} ({why})"
+    if cross:
+        return None, f"cross-attention input widths {sorted(cross)} match no known family (tiny test model?)"
+    if any(re.search(r"transformer_blocks_[1-9]", f) for _, f in unet):
+        return "sdxl", "UNet transformer_blocks.1+ present (SDXL stacks 2-10 transformer layers per block)"
+    widths = {m.in_features for m, _ in unet} & set(_CROSS_WIDTHS)
+    if len(widths) == 1:
+        width = next(iter(widths))
+        family, why = _CROSS_WIDTHS[width]
+        return family, f"a UNet module with input width {width} (cross-attention from the {why})"
+    return None
