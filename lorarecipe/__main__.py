@@ -1,0 +1,7 @@
+"""``python -m lorarecipe`` = the ``lorarecipe`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,133 @@
+"""Checks of the ``outputs`` section: what each output needs, and where it may be written.
+
+Recipe outputs -> located problems. Paths must stay inside the output root and must not collide
+(two outputs at one path, or one inside another's folder, which an atomic folder replace would
+destroy). Checkpoint outputs need a ``fuse``; grids need the variants they show.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from ..diagnostics import did_you_mean
+from ..paths import normalize_output_path
+from ..recipe import GridOutput, LoraOutput, PipelineOutput, SingleFileOutput
+from ..vocabulary import FAMILIES, RESERVED_VARIANTS
+from .context import CompileContext
+
+__all__ = ["check_outputs", "default_weight_name"]
+
+
+def default_weight_name(spec: LoraOutput) -> str:
+    if spec.weight_name:
+        return spec.weight_name
+    return "pytorch_lora_weights.safetensors" if spec.layout == "diffusers" else f"{spec.adapter}.safetensors"
+
+
+def _check_paths(ctx: CompileContext) -> dict[str, str]:
+    normalized: dict[str, str] = {}
+    for name, spec in ctx.recipe.outputs.items():
+        try:
+            normalized[name] = normalize_output_path(spec.path)
+        except ValueError as exc:
+            ctx.error(("outputs", name, "path"), str(exc))
+    seen: dict[str, str] = {}
+    for name, norm in normalized.items():
+        key = norm.lower()  # collisions on case-insensitive file systems too
+        for other_key, other in seen.items():
+            a, b = PurePosixPath(key), PurePosixPath(other_key)
+            if a == b:
+                ctx.error(
+                    ("outputs", name, "path"), f"output path {norm!r} is also the path of outputs.{other}"
+                )
+            elif b in a.parents or a in b.parents:
+                inner, outer = (name, other) if b in a.parents else (other, name)
+                ctx.error(
+                    ("outputs", name, "path"),
+                    f"outputs.{inner} would be written inside outputs.{outer} "
+                    f"({norm!r}), which is replaced as a whole",
+                    "give each output its own path",
+                )
+        seen[key] = name
+    return normalized
+
+
+def _check_grid(ctx: CompileContext, name: str, spec: GridOutput, family: str | None) -> None:
+    names = set(ctx.recipe.adapters) | set(ctx.recipe.merges)
+    where = ("outputs", name)
+    for i, variant in enumerate(spec.variants):
+        if variant == "mix" and ctx.recipe.set_adapters is None:
+            ctx.error((*where, "variants", i), "variant 'mix' needs a 'set_adapters' section")
+        elif variant == "fused" and ctx.recipe.fuse is None:
+            ctx.error((*where, "variants", i), "variant 'fused' needs a 'fuse' section")
+        elif variant not in RESERVED_VARIANTS and variant not in names:
+            choices = [*RESERVED_VARIANTS, *sorted(names)]
+            ctx.error(
+                (*where, "variants", i),
+                f"unknown variant {variant!r}",
+                did_you_mean(variant, choices) or f"variants: {', '.join(choices)}",
+            )
+    if spec.sweep is not None:
+        if spec.sweep.adapter is not None:
+            if spec.sweep.adapter not in names:
+                ctx.error(
+                    (*where, "sweep", "adapter"),
+                    f"unknown adapter {spec.sweep.adapter!r}",
+                    did_you_mean(spec.sweep.adapter, names),
+                )
+        elif ctx.recipe.set_adapters is None and ctx.recipe.fuse is None:
+            ctx.error(
+                (*where, "sweep", "lora_scale"), "a lora_scale sweep needs a 'set_adapters' mix or a 'fuse'"
+            )
+    cells = (
+        len(spec.prompts)
+        * len(spec.seeds)
+        * len(spec.variants)
+        * (len(spec.sweep.weights or spec.sweep.lora_scale or [1]) if spec.sweep else 1)
+    )
+    if cells > 1024:
+        ctx.error(
+            where,
+            f"the grid has {cells} images (limit: 1024 per grid)",
+            "use fewer prompts, seeds, variants or sweep values",
+            on_key=True,
+        )
+    if family is None and spec.size is None and ctx.recipe.base.builtin is None:
+        ctx.warn((*where, "size"), "image size will be the pipeline's default (family unknown until fetched)")
+
+
+def check_outputs(ctx: CompileContext, family: str | None) -> dict[str, str]:
+    """Check every output; returns output name -> normalized relative path."""
+    normalized = _check_paths(ctx)
+    names = set(ctx.recipe.adapters) | set(ctx.recipe.merges)
+    for name, spec in ctx.recipe.outputs.items():
+        where = ("outputs", name)
+        if isinstance(spec, (PipelineOutput, SingleFileOutput)) and ctx.recipe.fuse is None:
+            ctx.error(
+                (*where, "kind"),
+                f"a {spec.kind} output saves the fused checkpoint, but the recipe has no 'fuse' section",
+                "add 'fuse:' (with adapters and lora_scale) or remove this output",
+            )
+        if isinstance(spec, SingleFileOutput) and family is not None and not FAMILIES[family].single_file:
+            ctx.error(
+                (*where, "kind"),
+                f"single-file checkpoints are supported for SD 1.x, SD 2.x and SDXL, not "
+                f"{FAMILIES[family].label}",
+                "use kind: pipeline",
+            )
+        if isinstance(spec, LoraOutput):
+            if spec.adapter not in names:
+                ctx.error(
+                    (*where, "adapter"),
+                    f"unknown adapter {spec.adapter!r}",
+                    did_you_mean(spec.adapter, names) or f"known: {', '.join(sorted(names))}",
+                )
+            if spec.layout == "kohya" and family is not None and FAMILIES[family].denoiser != "unet":
+                ctx.error(
+                    (*where, "layout"),
+                    f"kohya layout export is implemented for UNet families, not {FAMILIES[family].label}",
+                    "use layout: diffusers",
+                )
+        if isinstance(spec, GridOutput):
+            _check_grid(ctx, name, spec, family)
+    return normalized

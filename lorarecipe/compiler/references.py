@@ -1,0 +1,224 @@
+"""Checks that the recipe's sections refer to each other correctly, and PEFT's merge rules.
+
+Recipe + input facts -> located problems and the order in which merges must run. Names are
+identities: an adapter and a merge may not share a name (PEFT would silently keep the first), a
+merge may use earlier merges, weights must match their adapters, per-block weights must be ones
+diffusers applies (it silently ignores dicts on text encoders and transformer models), and merge
+methods that need equal ranks get unequal ranks flagged with a fix (``cat`` or an ``_svd`` form).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..diagnostics import did_you_mean
+from ..recipe import ComponentWeights, UnetBlockWeights
+from ..vocabulary import COMBINATION_TYPES, FAMILIES, RESERVED_VARIANTS
+from .context import CompileContext
+from .inputs import InputFacts, component_ranks
+
+__all__ = ["check_references", "merge_order"]
+
+
+def _names(ctx: CompileContext) -> set[str]:
+    return set(ctx.recipe.adapters) | set(ctx.recipe.merges)
+
+
+def _ref(
+    ctx: CompileContext, where: tuple[Any, ...], name: str, known: set[str], what: str = "adapter"
+) -> bool:
+    if name in known:
+        return True
+    hint = did_you_mean(name, known) or (f"known: {', '.join(sorted(known))}" if known else None)
+    # in the mapping form ``adapters: {name: weight}`` the name is a key: point at the key
+    on_key = where[-2:-1] == ("adapters",) and isinstance(where[-1], str)
+    ctx.error(where, f"unknown {what} {name!r}", hint, on_key=on_key)
+    return False
+
+
+def _adapter_list_paths(spec: Any, section: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
+    """(name, recipe path of the name) for both the list and the mapping forms."""
+    if isinstance(spec.adapters, dict):
+        return [(n, (*section, "adapters", n)) for n in spec.adapters]
+    return [(n, (*section, "adapters", i)) for i, n in enumerate(spec.adapters)]
+
+
+def merge_order(ctx: CompileContext) -> list[str]:
+    """Merges in dependency order (a merge may combine earlier merges); reports cycles."""
+    merges = ctx.recipe.merges
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "active":
+            cycle = " -> ".join([*trail[trail.index(name) :], name])
+            ctx.error(("merges", name), f"merges form a cycle: {cycle}", on_key=True)
+            return
+        state[name] = "active"
+        for dep, _ in merges[name].pairs():
+            if dep in merges:
+                visit(dep, [*trail, name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in merges:
+        visit(name, [])
+    return order
+
+
+def _lora_ranks(
+    inputs: InputFacts, ranks_of: dict[str, dict[str, tuple[int, ...]] | None], name: str
+) -> dict[str, tuple[int, ...]] | None:
+    if name in ranks_of:
+        return ranks_of[name]
+    facts = inputs.adapters.get(name)
+    if facts is None or facts.info is None or facts.info.unsupported:
+        return None
+    return component_ranks(facts.info)
+
+
+def _merged_ranks(
+    ctx: CompileContext, method: str, inputs_ranks: list[dict[str, tuple[int, ...]]], svd_rank: int | None
+) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    comps = {c for r in inputs_ranks for c in r}
+    for comp in comps:
+        present = [r[comp] for r in inputs_ranks if comp in r]
+        if method == "cat":
+            out[comp] = (sum(max(r) for r in present),)
+        elif COMBINATION_TYPES[method].svd:
+            out[comp] = (svd_rank or max(max(r) for r in present),)
+        else:
+            out[comp] = (max(max(r) for r in present),)
+    return out
+
+
+def _check_merges(ctx: CompileContext, inputs: InputFacts) -> list[str]:
+    known = _names(ctx)
+    order = merge_order(ctx)
+    ranks_of: dict[str, dict[str, tuple[int, ...]] | None] = {}
+    family = inputs.family
+    for name in order:
+        spec = ctx.recipe.merges[name]
+        where = ("merges", name)
+        rule = COMBINATION_TYPES[spec.method]
+        refs_ok = all(_ref(ctx, p, n, known - {name}) for n, p in _adapter_list_paths(spec, where))
+        if spec.components and family:
+            for i, comp in enumerate(spec.components):
+                if comp not in FAMILIES[family].lora_components:
+                    ctx.error(
+                        (*where, "components", i),
+                        f"{FAMILIES[family].label} has no LoRA component {comp!r}",
+                        f"components: {', '.join(FAMILIES[family].lora_components)}",
+                    )
+        if not refs_ok:
+            ranks_of[name] = None
+            continue
+        per_input = [_lora_ranks(inputs, ranks_of, n) for n, _ in spec.pairs()]
+        if any(r is None for r in per_input):
+            ranks_of[name] = None
+            continue
+        known_ranks = [r for r in per_input if r is not None]
+        if rule.equal_ranks and len(known_ranks) > 1:
+            for comp in sorted({c for r in known_ranks for c in r}):
+                seen = {n: r[comp] for (n, _), r in zip(spec.pairs(), known_ranks, strict=True) if comp in r}
+                distinct = {x for ranks in seen.values() for x in ranks}
+                if len(distinct) > 1:
+                    listing = ", ".join(f"{n} r{'/'.join(map(str, r))}" for n, r in seen.items())
+                    ctx.error(
+                        (*where, "method"),
+                        f"method {spec.method!r} needs equal ranks, but the {comp} ranks differ ({listing})",
+                        f"use 'cat' (exact, rank = sum) or '{spec.method}_svd'"
+                        if f"{spec.method}_svd" in COMBINATION_TYPES
+                        else "use 'cat' or 'svd'",
+                    )
+                    break
+        ranks_of[name] = _merged_ranks(ctx, spec.method, known_ranks, spec.svd_rank)
+    ctx.facts["merge_ranks"] = ranks_of
+    return order
+
+
+def _check_weight(ctx: CompileContext, where: tuple[Any, ...], weight: Any, family: str | None) -> None:
+    if not isinstance(weight, ComponentWeights):
+        return
+    info = FAMILIES.get(family or "")
+    for comp in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        value = getattr(weight, comp)
+        if value is None:
+            continue
+        if info is not None and comp not in info.lora_components:
+            ctx.error(
+                (*where, comp),
+                f"{info.label} has no LoRA component {comp!r}",
+                did_you_mean(comp, info.lora_components) or f"components: {', '.join(info.lora_components)}",
+                on_key=True,
+            )
+        if (
+            comp == "unet"
+            and isinstance(value, UnetBlockWeights)
+            and info is not None
+            and info.denoiser != "unet"
+        ):
+            ctx.error(
+                (*where, comp),
+                "per-block weights only work on UNet models (diffusers ignores them on transformers)",
+                on_key=True,
+            )
+
+
+def _check_mix_and_fuse(ctx: CompileContext, inputs: InputFacts) -> None:
+    known = _names(ctx)
+    mix = ctx.recipe.set_adapters
+    if mix is not None:
+        for name, path in _adapter_list_paths(mix, ("set_adapters",)):
+            _ref(ctx, path, name, known)
+        for i, (_name, weight) in enumerate(mix.pairs()):
+            if isinstance(mix.adapters, dict):
+                where: tuple[Any, ...] = ("set_adapters", "adapters", _name)
+            elif isinstance(mix.weights, list):
+                where = ("set_adapters", "weights", i)
+            else:
+                where = ("set_adapters", "weights")
+            _check_weight(ctx, where, weight, inputs.family)
+    fuse = ctx.recipe.fuse
+    if fuse is not None:
+        if fuse.adapters is None and mix is None:
+            ctx.error(("fuse",), "nothing to fuse: give 'fuse.adapters' or a 'set_adapters' mix", on_key=True)
+        for i, name in enumerate(fuse.adapters or []):
+            _ref(ctx, ("fuse", "adapters", i), name, known)
+        if fuse.components and inputs.family:
+            comps = FAMILIES[inputs.family].lora_components
+            for i, comp in enumerate(fuse.components):
+                if comp not in comps:
+                    ctx.error(
+                        ("fuse", "components", i),
+                        f"{FAMILIES[inputs.family].label} has no LoRA component {comp!r}",
+                        f"components: {', '.join(comps)}",
+                    )
+
+
+def check_references(ctx: CompileContext, inputs: InputFacts) -> list[str]:
+    """All cross-reference checks; returns the merge order."""
+    for name in ctx.recipe.merges:
+        if name in ctx.recipe.adapters:
+            ctx.error(
+                ("merges", name),
+                f"merge name {name!r} is already an adapter name (PEFT would silently "
+                "keep the adapter and skip the merge)",
+                "give the merge its own name",
+                on_key=True,
+            )
+    for section in ("adapters", "merges"):
+        for name in getattr(ctx.recipe, section):
+            if name in RESERVED_VARIANTS:
+                ctx.error(
+                    (section, name),
+                    f"{name!r} is reserved for grid variants ({RESERVED_VARIANTS[name]})",
+                    "choose another name",
+                    on_key=True,
+                )
+    order = _check_merges(ctx, inputs)
+    _check_mix_and_fuse(ctx, inputs)
+    return order

@@ -1,0 +1,136 @@
+"""The command line: exit codes, JSON documents, GitHub annotations, schema in sync, no torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorarecipe.cli import main
+from tests.helpers.recipes import DEMO_LIKE, write_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_validate_examples_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(REPO / "recipes")]) == 0
+    assert "recipes OK" in capsys.readouterr().err
+
+
+def test_validate_reports_errors_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = write_recipe(tmp_path, DEMO_LIKE.replace("method: cat", "method: lnear"), "bad.yaml")
+    write_recipe(tmp_path, DEMO_LIKE, "good.yaml")
+    assert main(["validate", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:7:13: error: merges.both.method: unknown method 'lnear'" in err.replace(
+        str(Path.cwd()) + "/", ""
+    )
+    assert "^^^^^ did you mean 'linear'?" in err
+
+
+def test_validate_json_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_recipe(tmp_path, DEMO_LIKE.replace("method: cat", "method: lnear"), "bad.yaml")
+    assert main(["validate", "--json", str(tmp_path)]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False
+    (problem,) = doc["files"][0]["problems"]
+    assert problem["line"] == 7 and problem["col"] == 13 and problem["path"] == "merges.both.method"
+    assert problem["hint"] == "did you mean 'linear'?"
+
+
+def test_validate_github_annotations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_recipe(tmp_path, DEMO_LIKE.replace("method: cat", "method: lnear"), "bad.yaml")
+    assert main(["validate", "--format", "github", str(tmp_path)]) == 1
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("::error file=")
+    assert ",line=7,col=13," in line
+    assert line.endswith("::merges.both.method: unknown method 'lnear' (did you mean 'linear'?)")
+
+
+def test_plan_json_is_stable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_recipe(tmp_path, DEMO_LIKE)
+    assert main(["plan", "--json", str(path)]) == 0
+    first = capsys.readouterr().out
+    assert main(["plan", "--json", str(path)]) == 0
+    assert capsys.readouterr().out == first
+    doc = json.loads(first)
+    assert doc["fingerprint"].startswith("sha256:")
+    assert [s["op"] for s in doc["steps"]][:3] == ["load_base", "load_adapter", "load_adapter"]
+    assert doc["steps"][1]["origin"] == {"path": "adapters.style", "line": 3, "col": 3}
+
+
+def test_plan_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(write_recipe(tmp_path, DEMO_LIKE))]) == 0
+    out = capsys.readouterr().out
+    assert "├─ merge          both = cat(style×1, detail×0.5)" in out
+    assert "fuse           style=0.7, detail=0.5  lora_scale=1  -> fused checkpoint" in out
+    assert "estimated peak memory:" in out
+
+
+def test_exit_codes_usage_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["frobnicate"]) == 2
+    assert main(["plan", str(write_recipe(tmp_path, DEMO_LIKE)), "--set", "nope=1"]) == 2
+    assert main(["plan", str(tmp_path / "missing.yaml")]) == 1
+    assert main(["plan", str(tmp_path)]) == 1  # a folder where a file belongs
+    assert main(["--version"]) == 0
+    capsys.readouterr()
+
+
+def test_internal_errors_exit_3(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lorarecipe.compiler
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(lorarecipe.compiler, "compile_recipe", boom)
+    assert main(["plan", str(write_recipe(tmp_path, DEMO_LIKE))]) == 3
+    assert "this is a bug" in capsys.readouterr().err
+
+
+def test_schema_file_is_in_sync(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    assert capsys.readouterr().out == (REPO / "schemas" / "recipe.schema.json").read_text()
+
+
+def test_validate_and_plan_never_import_torch() -> None:
+    code = (
+        "import sys; from lorarecipe.cli import main; "
+        f"assert main(['validate', {str(REPO / 'recipes')!r}]) == 0; "
+        f"assert main(['plan', {str(REPO / 'recipes' / 'demo.yaml')!r}]) == 0; "
+        "heavy = [m for m in ('torch', 'diffusers', 'peft', 'transformers', 'safetensors', 'numpy') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+
+
+def test_public_api_is_pinned() -> None:
+    import lorarecipe
+
+    assert sorted(lorarecipe.__all__) == sorted(
+        [
+            "BuildError",
+            "InputUnavailableError",
+            "IntegrityError",
+            "LockError",
+            "LorarecipeError",
+            "Problem",
+            "RecipeCompileError",
+            "RecipeError",
+            "RecipeSyntaxError",
+            "RecipeValidationError",
+            "StepFailedError",
+            "UnsafeInputError",
+            "UsageError",
+            "__version__",
+            "compile_recipe",
+            "load_recipe",
+            "run_plan",
+        ]
+    )
+    assert callable(lorarecipe.load_recipe) and callable(lorarecipe.compile_recipe)
