@@ -1,0 +1,123 @@
+"""``lorarecipe build``: recipes (files or folders) -> builds, one per recipe × matrix combination.
+
+Each build compiles, then runs in its own output folder (``<out>/<recipe>`` and, with a matrix,
+``<out>/<recipe>/<combination>``). A failing build does not stop the others; a summary table (or
+JSON with ``--json``) ends the run, and the exit code is 1 if any build failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LorarecipeError, Problem, UsageError
+
+__all__ = ["BuildOutcome", "build_command", "build_recipe_file"]
+
+
+@dataclass
+class BuildOutcome:
+    recipe: str
+    build: str
+    out: str
+    ok: bool
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    fingerprint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "build": self.build,
+            "out": self.out,
+            "ok": self.ok,
+            "seconds": round(self.seconds, 3),
+            "outputs": self.outputs,
+            "up_to_date": self.skipped,
+            "fingerprint": self.fingerprint,
+            "problems": [p.to_json() for p in self.problems],
+        }
+
+
+def _out_root(args: Any, name: str, several: bool) -> Path:
+    if args.out is None:
+        return Path("build") / name
+    return Path(args.out) / name if several else Path(args.out)
+
+
+def build_recipe_file(path: Path, args: Any, several: bool) -> list[BuildOutcome]:
+    """Load, compile and run every build of one recipe file."""
+    from .cli import _overrides
+    from .compiler import compile_recipe
+    from .load import load_recipe
+    from .runner import run_plan
+    from .runner.progress import make_reporter
+
+    try:
+        loaded = load_recipe(path, _overrides(args.set))
+    except UsageError:
+        raise
+    except LorarecipeError as exc:
+        return [BuildOutcome(str(path), "", "", False, problems=exc.problems)]
+    root = _out_root(args, loaded.name, several)
+    outcomes = []
+    for build in loaded.builds:
+        out = root / build.label if build.label else root
+        outcome = BuildOutcome(loaded.display, build.label, str(out), False)
+        started = time.perf_counter()
+        try:
+            plan = compile_recipe(loaded, build, allow_read=args.allow_read)
+            outcome.fingerprint = plan.fingerprint()
+            result = run_plan(
+                plan,
+                out_root=out,
+                recipe_root=loaded.root,
+                recipe_text=loaded.text,
+                device=args.device,
+                allow_read=args.allow_read,
+                reporter=make_reporter(args.quiet or args.json, lines=True),
+            )
+            outcome.ok = True
+            outcome.outputs = sorted(result.outputs)
+        except UsageError:
+            raise
+        except LorarecipeError as exc:
+            outcome.problems = exc.problems
+        outcome.seconds = time.perf_counter() - started
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _summary(outcomes: list[BuildOutcome]) -> str:
+    rows = [("recipe", "build", "result", "time", "output")]
+    for o in outcomes:
+        result = "ok" if o.ok else "FAILED"
+        rows.append((o.recipe, o.build or "-", result, f"{o.seconds:.1f}s", o.out or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
+
+
+def build_command(args: Any) -> int:
+    from .cli import _recipe_files, print_problems
+
+    files = _recipe_files(args.recipes)
+    if not files:
+        raise UsageError("no recipe files found")
+    several = len(files) > 1 or any(Path(p).is_dir() for p in args.recipes)
+    outcomes: list[BuildOutcome] = []
+    for path in files:
+        outcomes.extend(build_recipe_file(path, args, several))
+    failed = [o for o in outcomes if not o.ok]
+    if args.json:
+        print(json.dumps({"ok": not failed, "builds": [o.to_json() for o in outcomes]}, indent=2))
+    for outcome in failed:
+        print_problems(outcome.problems)
+    if not args.json:
+        print(_summary(outcomes), file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,67 @@
+"""sha256 of files, with a stat-keyed cache so unchanged multi-GB inputs are hashed once.
+
+Path -> hex digest. The cache (``<lorarecipe cache>/hashes.json``) is keyed by real path, size,
+mtime and inode; any change of those rehashes. ``--frozen`` builds bypass the cache for inputs, so a
+file modified with a forged mtime is still caught. Torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .atomic import atomic_write_text, cache_root
+
+__all__ = ["sha256_file", "sha256_text"]
+
+_CHUNK = 4 * 1024 * 1024
+_memory: dict[str, str] = {}
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _key(path: Path) -> str:
+    st = path.stat()
+    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def _cache_file() -> Path:
+    return cache_root() / "hashes.json"
+
+
+def _load_cache() -> dict[str, str]:
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(_cache_file().read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return {str(k): str(v) for k, v in data.items()}
+    return {}
+
+
+def sha256_file(path: Path, *, use_cache: bool = True) -> str:
+    """Hex sha256 of a file's bytes."""
+    key = _key(path)
+    if use_cache:
+        if key in _memory:
+            return _memory[key]
+        disk = _load_cache() if path.stat().st_size > 64 * 1024 * 1024 else {}
+        if key in disk:
+            _memory[key] = disk[key]
+            return disk[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    _memory[key] = value
+    if path.stat().st_size > 64 * 1024 * 1024:  # only big files are worth a disk entry
+        with contextlib.suppress(OSError):
+            cache = _load_cache()
+            cache[key] = value
+            _cache_file().parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(_cache_file(), json.dumps(cache, sort_keys=True))
+    return value

@@ -1,0 +1,126 @@
+"""Load the base model as a diffusers pipeline, safely and without silent dtype changes.
+
+Resolved base (folder or single file) -> pipeline on the chosen device. The pipeline class comes
+from the family (never from code in the model folder), ``model_index.json`` may only name
+diffusers/transformers classes (it is untrusted: diffusers imports whatever library it names),
+weights are safetensors only, and ``dtype: auto`` keeps the stored dtype (diffusers would upcast an
+fp16 checkpoint to fp32 without ``dtype``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import BuildError, UnsafeInputError
+from ..inspect import read_header
+from ..plan import LoadBase
+from ..vocabulary import FAMILIES
+
+__all__ = ["check_model_index", "load_pipeline", "stored_dtype"]
+
+_ALLOWED_LIBRARIES = {"diffusers", "transformers", None}
+_KNOWN_PIPELINES = {info.pipeline_class for info in FAMILIES.values()}
+_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def check_model_index(folder: Path) -> dict[str, Any]:
+    """Refuse a model_index.json that would make diffusers import anything but diffusers/transformers."""
+    index_path = folder / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BuildError(f"{folder} is not a diffusers pipeline folder (no model_index.json)") from None
+    except (OSError, ValueError) as exc:
+        raise UnsafeInputError(f"{index_path}: unreadable ({exc})") from None
+    if not isinstance(index, dict):
+        raise UnsafeInputError(f"{index_path}: not a JSON object")
+    cls = index.get("_class_name")
+    if cls not in _KNOWN_PIPELINES:
+        raise UnsafeInputError(
+            f"{index_path}: pipeline class {cls!r} is not one lorarecipe loads "
+            f"({', '.join(sorted(_KNOWN_PIPELINES))})"
+        )
+    for key, value in index.items():
+        if key.startswith("_") or value is None or isinstance(value, (bool, int, float, str)):
+            continue  # plain config values (e.g. requires_safety_checker) are not components
+        if not (isinstance(value, list) and len(value) == 2):
+            raise UnsafeInputError(f"{index_path}: component {key!r} has an unexpected entry {value!r}")
+        library = value[0]
+        if library not in _ALLOWED_LIBRARIES:
+            raise UnsafeInputError(
+                f"{index_path}: component {key!r} names library {library!r}; only diffusers and "
+                "transformers components are loaded (no custom code)"
+            )
+    return index
+
+
+def stored_dtype(folder: Path, denoiser: str, variant: str | None) -> str | None:
+    """The floating dtype of the stored denoiser weights (majority of tensors)."""
+    names = [f"diffusion_pytorch_model.{variant}.safetensors"] if variant else []
+    names.append("diffusion_pytorch_model.safetensors")
+    for name in names:
+        path = folder / denoiser / name
+        if path.is_file():
+            counts: dict[str, int] = {}
+            for info in read_header(path).tensors.values():
+                if info.dtype in _DTYPE:
+                    counts[info.dtype] = counts.get(info.dtype, 0) + 1
+            if counts:
+                return _DTYPE[max(counts, key=lambda k: counts[k])]
+    index = (
+        sorted((folder / denoiser).glob("*.safetensors.index.json")) if (folder / denoiser).is_dir() else []
+    )
+    if index:
+        shards = sorted((folder / denoiser).glob("*.safetensors"))
+        if shards:
+            return stored_dtype_of_file(shards[0])
+    return None
+
+
+def stored_dtype_of_file(path: Path) -> str | None:
+    counts: dict[str, int] = {}
+    for info in read_header(path).tensors.values():
+        if info.dtype in _DTYPE:
+            counts[info.dtype] = counts.get(info.dtype, 0) + 1
+    return _DTYPE[max(counts, key=lambda k: counts[k])] if counts else None
+
+
+def load_pipeline(step: LoadBase, path: Path, config: Path | None, device: str) -> tuple[Any, str]:
+    """Load the base; returns (pipeline, dtype name actually used)."""
+    import diffusers
+
+    from .save import torch_dtype
+
+    family = step.family
+    if step.single_file:
+        if family is None:
+            raise BuildError("a single-file base needs 'family' (it cannot be detected from this file)")
+        dtype = step.dtype if step.dtype != "auto" else (stored_dtype_of_file(path) or "float32")
+        cls = getattr(diffusers, FAMILIES[family].pipeline_class)
+        kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype), "local_files_only": True}
+        if config is not None:
+            check_model_index(config)
+            kwargs["config"] = str(config)
+        pipe = cls.from_single_file(str(path), **kwargs)
+    else:
+        index = check_model_index(path)
+        cls_name = index["_class_name"]
+        if family is not None and FAMILIES[family].pipeline_class != cls_name:
+            raise BuildError(f"the base folder holds a {cls_name}, but the recipe's family is {family}")
+        denoiser = "unet" if "unet" in index else "transformer"
+        dtype = (
+            step.dtype if step.dtype != "auto" else (stored_dtype(path, denoiser, step.variant) or "float32")
+        )
+        cls = getattr(diffusers, cls_name)
+        pipe = cls.from_pretrained(
+            str(path),
+            dtype=torch_dtype(dtype),
+            variant=step.variant,
+            use_safetensors=True,
+            local_files_only=True,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    return pipe, dtype

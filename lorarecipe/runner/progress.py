@@ -1,0 +1,86 @@
+"""Progress reporting through one small interface (rich on a terminal, silent otherwise).
+
+The core calls ``reporter.step(label)``/``advance()``; it never touches rich or tqdm directly, so
+quiet mode, CI logs and tests need no special cases. diffusers' own tqdm bars are switched off.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Protocol
+
+__all__ = ["Reporter", "make_reporter"]
+
+
+class Reporter(Protocol):
+    def begin(self, title: str, total: int) -> None: ...
+    def step(self, label: str) -> None: ...
+    def log(self, message: str) -> None: ...
+    def end(self) -> None: ...
+
+
+class SilentReporter:
+    def begin(self, title: str, total: int) -> None:
+        pass
+
+    def step(self, label: str) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+class LineReporter:
+    """Plain lines on stderr (not a terminal, e.g. CI logs)."""
+
+    def begin(self, title: str, total: int) -> None:
+        print(f"{title}: {total} steps", file=sys.stderr)
+
+    def step(self, label: str) -> None:
+        print(f"  {label}", file=sys.stderr)
+
+    def log(self, message: str) -> None:
+        print(f"  {message}", file=sys.stderr)
+
+    def end(self) -> None:
+        pass
+
+
+class RichReporter:
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        self._task: Any = None
+
+    def begin(self, title: str, total: int) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task(title, total=total)
+
+    def step(self, label: str) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, advance=1, description=label)
+
+    def log(self, message: str) -> None:
+        self._progress.console.print(message)
+
+    def end(self) -> None:
+        self._progress.stop()
+
+
+def make_reporter(quiet: bool, lines: bool = False) -> Reporter:
+    """Silent when quiet, rich on a terminal, plain lines otherwise (if ``lines``)."""
+    if quiet:
+        return SilentReporter()
+    if sys.stderr.isatty():
+        return RichReporter()
+    return LineReporter() if lines else SilentReporter()

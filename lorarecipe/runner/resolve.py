@@ -1,0 +1,133 @@
+"""Plan sources -> files on this machine (built-in, local, or Hugging Face Hub).
+
+Hub inputs go through huggingface_hub and diffusers' own download logic, so the standard cache is
+used and ``HF_HUB_OFFLINE`` is honoured; a model that is not available is an
+``InputUnavailableError`` naming the repo, the revision and the command that fetches it. Local
+inputs pass the same confinement checks as at compile time (the files may have changed since).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputUnavailableError, LorarecipeError, UnsafeInputError
+from ..paths import resolve_input
+from ..plan import Source
+
+__all__ = ["ResolvedInput", "resolve_adapter", "resolve_base", "resolve_config"]
+
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    """A source, the local path it resolved to, and the hub commit when it came from the hub."""
+
+    source: Source
+    path: Path
+    commit: str | None = None
+
+
+def _fetch_hint(repo: str, revision: str | None, filename: str | None = None) -> str:
+    parts = ["hf download", repo]
+    if filename:
+        parts.append(filename)
+    if revision and revision != "main":
+        parts += ["--revision", revision]
+    return f"fetch it first with `{' '.join(parts)}` (or build online without HF_HUB_OFFLINE=1)"
+
+
+def _commit_of(path: Path) -> str | None:
+    for parent in (path, *path.parents):
+        if parent.parent.name == "snapshots" and _SHA.match(parent.name):
+            return parent.name
+    return None
+
+
+def _hub_error(
+    exc: Exception, repo: str, revision: str | None, filename: str | None = None
+) -> InputUnavailableError:
+    what = f"{repo}" + (f"/{filename}" if filename else "") + f" @ {revision or 'main'}"
+    name = type(exc).__name__
+    if "RepositoryNotFound" in name:
+        reason = "the repository does not exist or is private"
+    elif "RevisionNotFound" in name:
+        reason = "the revision does not exist"
+    elif "EntryNotFound" in name and "Local" not in name:
+        reason = "the file does not exist in the repository"
+    else:
+        reason = "it is not in the local Hugging Face cache and the hub cannot be reached"
+    return InputUnavailableError(
+        f"hub input {what} is not available: {reason}. {_fetch_hint(repo, revision, filename)}"
+    )
+
+
+def _local(source: Source, root: Path, allow_read: Sequence[Path], want_dir: bool) -> Path:
+    path = resolve_input(source.ref, root, allow_read)
+    if not path.exists():
+        raise InputUnavailableError(f"{source.ref} does not exist (resolved to {path})")
+    if want_dir and not path.is_dir():
+        raise InputUnavailableError(f"{source.ref} is not a folder")
+    if not want_dir and not path.is_file():
+        raise InputUnavailableError(f"{source.ref} is not a file")
+    return path
+
+
+def resolve_base(
+    source: Source,
+    root: Path,
+    allow_read: Sequence[Path] = (),
+    *,
+    variant: str | None = None,
+    single_file: bool = False,
+) -> ResolvedInput:
+    """A base model source -> a diffusers folder (or single file) on disk."""
+    if source.kind == "builtin":
+        from ..builtin.build import builtin_base_path
+
+        return ResolvedInput(source, builtin_base_path(source.ref))
+    if source.kind == "local":
+        return ResolvedInput(source, _local(source, root, allow_read, want_dir=not single_file))
+    from diffusers import DiffusionPipeline
+
+    try:
+        folder = DiffusionPipeline.download(
+            source.ref, revision=source.revision, variant=variant, use_safetensors=True
+        )
+    except LorarecipeError:
+        raise
+    except Exception as exc:
+        raise _hub_error(exc, source.ref, source.revision) from None
+    path = Path(folder)
+    return ResolvedInput(source, path, _commit_of(path))
+
+
+def resolve_config(source: Source | None, root: Path, allow_read: Sequence[Path] = ()) -> Path | None:
+    """The configs folder of a single-file base (local folder or cached hub snapshot)."""
+    if source is None:
+        return None
+    if source.kind == "local":
+        return _local(source, root, allow_read, want_dir=True)
+    return resolve_base(source, root, allow_read).path
+
+
+def resolve_adapter(source: Source, root: Path, allow_read: Sequence[Path] = ()) -> ResolvedInput:
+    """A LoRA source -> the exact .safetensors file (never a folder for diffusers to guess in)."""
+    if source.kind == "builtin":
+        from ..builtin.build import builtin_lora_path
+
+        return ResolvedInput(source, builtin_lora_path(source.ref))
+    if source.kind == "local":
+        return ResolvedInput(source, _local(source, root, allow_read, want_dir=False))
+    if not source.filename or not source.filename.endswith(".safetensors"):
+        raise UnsafeInputError(f"{source.ref}: weight_name must name a .safetensors file")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(source.ref, source.filename, revision=source.revision))
+    except Exception as exc:
+        raise _hub_error(exc, source.ref, source.revision, source.filename) from None
+    return ResolvedInput(source, path, _commit_of(path))
