@@ -56,3 +56,14 @@ def realdata() -> Path:
     if not (REALDATA / "loras").is_dir():
         pytest.skip(f"real third-party files not available at {REALDATA} (see research/real-cases.md)")
     return REALDATA
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``realdata`` skip with a reason when the shared real files are absent."""
+    if item.get_closest_marker("realdata") and not (REALDATA / "loras").is_dir():
+        pytest.skip(f"real third-party files not available at {REALDATA} (see research/real-cases.md)")
+    if item.get_closest_marker("gpu"):
+        import torch
+
+        if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            pytest.skip("needs a CUDA or MPS device")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorarecipe.compiler import compile_recipe
 from lorarecipe.errors import LorarecipeError, Problem
 from lorarecipe.load import load_recipe
 from lorarecipe.plan import Plan
+
+if TYPE_CHECKING:
+    from lorarecipe.runner import BuildResult
 
 DEMO_LIKE = """\
 base: builtin:tiny-sd
@@ -50,3 +54,16 @@ def problems_of(folder: Path, text: str, **kwargs: object) -> list[Problem]:
 
 def messages(problems: list[Problem]) -> list[str]:
     return [f"{p.path}: {p.message}" + (f" [{p.hint}]" if p.hint else "") for p in problems]
+
+
+def build_text(
+    folder: Path, text: str, out: str = "out", name: str = "recipe.yaml", allow_read: tuple[Path, ...] = ()
+) -> BuildResult:
+    """Write, load, compile and run a recipe; returns the runner's result."""
+    from lorarecipe.runner import run_plan
+
+    loaded = load_recipe(write_recipe(folder, text, name))
+    plan = compile_recipe(loaded, allow_read=allow_read)
+    return run_plan(
+        plan, out_root=folder / out, recipe_root=loaded.root, recipe_text=loaded.text, allow_read=allow_read
+    )
