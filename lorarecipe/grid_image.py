@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 __all__ = ["compose_grid", "png_bytes"]
 
 _PAD = 6
+_MIN_CELL = 128
 _BG = (255, 255, 255)
 _FG = (20, 20, 20)
 
@@ -56,6 +57,13 @@ def compose_grid(
     """Lay out ``cells[row][column]`` with row/column headers and an optional title line."""
     if not cells or not cells[0]:
         raise ValueError("a grid needs at least one cell")
+    small = max(im.width for row in cells for im in row)
+    if small < _MIN_CELL:  # tiny test models render 64 px: enlarge (nearest) so labels fit and pixels show
+        factor = -(-_MIN_CELL // small)
+        cells = [
+            [im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST) for im in row]
+            for row in cells
+        ]
     cell_w = max(im.width for row in cells for im in row)
     cell_h = max(im.height for row in cells for im in row)
     font_size = max(10, min(16, cell_w // 10))

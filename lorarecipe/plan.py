@@ -288,6 +288,7 @@ class Plan:
     variables: tuple[tuple[str, Any], ...] = ()
     checks: tuple[Check, ...] = ()
     estimates: tuple[tuple[str, Any], ...] = ()
+    meta: tuple[tuple[str, Any], ...] = ()  # description, license: they shape model cards, so fingerprinted
 
     def step(self, step_id: str) -> Step:
         for s in self.steps:
@@ -305,6 +306,7 @@ class Plan:
             "name": self.name,
             "build": self.build,
             "variables": [[k, v] for k, v in self.variables],
+            "meta": [[k, v] for k, v in self.meta],
             "steps": [s.payload() for s in self.steps],
         }
         return "sha256:" + hashlib.sha256(canonical_json(doc).encode()).hexdigest()
@@ -318,6 +320,7 @@ class Plan:
             "fingerprint": self.fingerprint(),
             "family": self.family,
             "variables": {k: v for k, v in self.variables},
+            "meta": {k: v for k, v in self.meta},
             "steps": [s.to_json() for s in self.steps],
             "checks": [c.to_json() for c in self.checks],
             "estimates": {k: v for k, v in self.estimates},

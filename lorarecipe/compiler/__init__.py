@@ -8,6 +8,7 @@ objects and never mutates the recipe; it never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -241,23 +242,16 @@ def compile_recipe(
     steps = _steps(ctx, inputs, order, paths)
     _check_edges(steps)
     warnings = [Check(p.path, "warning", p.message) for p in ctx.problems if p.severity == "warning"]
+    recipe = build.recipe
+    meta = tuple((k, v) for k, v in (("description", recipe.description), ("license", recipe.license)) if v)
     plan = Plan(
         recipe=loaded.display,
-        name=build.recipe.name or loaded.name,
+        name=recipe.name or loaded.name,
         build=build.label,
         family=inputs.family,
         steps=tuple(steps),
         variables=build.variables,
         checks=tuple(ctx.checks + warnings),
+        meta=meta,
     )
-    estimates = estimate_memory(plan, inputs)
-    return Plan(
-        recipe=plan.recipe,
-        name=plan.name,
-        build=plan.build,
-        family=plan.family,
-        steps=plan.steps,
-        variables=plan.variables,
-        checks=plan.checks,
-        estimates=tuple(estimates.items()),
-    )
+    return dataclasses.replace(plan, estimates=tuple(estimate_memory(plan, inputs).items()))

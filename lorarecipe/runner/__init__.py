@@ -77,6 +77,51 @@ def _input_doc(step_id: str, resolved: ResolvedInput) -> dict[str, Any]:
     }
 
 
+def _write_cards(plan: Plan, run: Any, out_root: Path, recipe_text: str) -> None:
+    """README.md model card (+ the first grid, copied in) for every written pipeline/LoRA folder."""
+    from .. import __version__
+    from ..atomic import atomic_write_bytes, atomic_write_text
+    from ..modelcard import CardInput, render_card
+    from ..paths import resolve_output
+
+    grids = [g for g in plan.of_type(RenderGrid) if g.output in run.grids]
+    for step in plan.steps:
+        if (
+            not isinstance(step, (SaveCheckpoint, SaveLora))
+            or not step.card
+            or step.output not in run.written
+        ):
+            continue
+        if isinstance(step, SaveCheckpoint) and step.layout != "diffusers":
+            continue
+        folder = resolve_output(out_root, step.path)
+        meta = dict(plan.meta)
+        card = CardInput(
+            recipe_text=recipe_text,
+            version=__version__,
+            description=meta.get("description"),
+            license=meta.get("license"),
+            base_commit=run.inputs["base"].commit,
+            adapter_sha256={
+                k.split(":", 1)[1]: sha256_file(v.path)
+                for k, v in run.inputs.items()
+                if k.startswith("adapter:")
+            },
+        )
+        if grids:
+            grid = grids[0]
+            image = folder / "images" / Path(grid.path).name
+            atomic_write_bytes(image, resolve_output(out_root, grid.path).read_bytes())
+            card.grid_path = f"images/{image.name}"
+            card.grid_caption = (
+                f"Rows: prompt × seed; columns: {', '.join(grid.variants)} ({grid.steps} steps)."
+            )
+            run.written[step.output].append(image)
+        readme = folder / "README.md"
+        atomic_write_text(readme, render_card(plan, step, card))
+        run.written[step.output].append(readme)
+
+
 def _output_kind(step: Any) -> str:
     if isinstance(step, SaveCheckpoint):
         return "pipeline" if step.layout == "diffusers" else "single_file"
@@ -131,6 +176,7 @@ def run_plan(
             outputs=set(wanted),
         )
         run = run_with_pipeline(plan, options)
+        _write_cards(plan, run, out_root, recipe_text)
         result = BuildResult(plan, out_root, device=chosen)
         for step in plan.steps:
             name = getattr(step, "output", None)
