@@ -13,7 +13,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[build]"
 
 install-dev: $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)"

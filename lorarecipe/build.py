@@ -53,10 +53,10 @@ def _out_root(args: Any, name: str, several: bool) -> Path:
 
 def build_recipe_file(path: Path, args: Any, several: bool) -> list[BuildOutcome]:
     """Load, compile and run every build of one recipe file."""
-    from .cli import _overrides
+    from .cli import _overrides, need_build_extra
     from .compiler import compile_recipe
+    from .incremental import output_keys, record_state, stale_outputs
     from .load import load_recipe
-    from .runner import run_plan
     from .runner.progress import make_reporter
 
     try:
@@ -74,6 +74,17 @@ def build_recipe_file(path: Path, args: Any, several: bool) -> list[BuildOutcome
         try:
             plan = compile_recipe(loaded, build, allow_read=args.allow_read)
             outcome.fingerprint = plan.fingerprint()
+            keys = output_keys(plan, loaded.root, args.allow_read)
+            stale = set(keys) if args.force else stale_outputs(out, keys)
+            outcome.skipped = sorted(set(keys) - stale)
+            if not stale:  # nothing to do: no model is loaded, torch is not even imported
+                outcome.ok = True
+                outcome.seconds = time.perf_counter() - started
+                outcomes.append(outcome)
+                continue
+            need_build_extra()
+            from .runner import run_plan
+
             result = run_plan(
                 plan,
                 out_root=out,
@@ -82,7 +93,9 @@ def build_recipe_file(path: Path, args: Any, several: bool) -> list[BuildOutcome
                 device=args.device,
                 allow_read=args.allow_read,
                 reporter=make_reporter(args.quiet or args.json, lines=True),
+                outputs=stale,
             )
+            record_state(out, output_keys(plan, loaded.root, args.allow_read), result.written)
             outcome.ok = True
             outcome.outputs = sorted(result.outputs)
         except UsageError:

@@ -159,6 +159,22 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def need_build_extra() -> None:
+    """A clear usage error instead of an ImportError when the [build] extra is not installed."""
+    import importlib.util
+
+    missing = [
+        m
+        for m in ("torch", "diffusers", "peft", "transformers", "safetensors", "PIL", "filelock")
+        if importlib.util.find_spec(m) is None
+    ]
+    if missing:
+        raise UsageError(
+            f"this command needs {', '.join(missing)}: install torch for your machine, then "
+            "pip install 'lorarecipe[build]'"
+        )
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from .build import build_command
 

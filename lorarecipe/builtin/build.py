@@ -33,9 +33,16 @@ from diffusers import (
 )
 from filelock import FileLock
 
-from ..atomic import atomic_dir, atomic_file, atomic_write_text, cache_root, clean_stale_temporaries
+from ..atomic import atomic_dir, atomic_file, atomic_write_text, clean_stale_temporaries
 from ..errors import InputUnavailableError
-from .catalog import BUILTIN_BASES, BUILTIN_LORAS, BUILTIN_VERSION
+from .catalog import (
+    BUILTIN_BASES,
+    BUILTIN_LORAS,
+    BUILTIN_VERSION,
+    builtin_base_dir,
+    builtin_lora_file,
+    builtin_root,
+)
 from .loras import canonicalize_safetensors, make_kohya_lora, make_peft_lora
 from .tokenizer import build_clip_tokenizer
 
@@ -53,11 +60,6 @@ __all__ = [
 
 _BASE_SEED = 0  # per-component seeds are _BASE_SEED + a fixed offset, so components are order-independent
 _INVENTORY = Path(__file__).with_name("inventory.json")
-
-
-def builtin_root() -> Path:
-    """Where this version of the built-ins lives: ``cache_root()/builtin/v{BUILTIN_VERSION}``."""
-    return cache_root() / "builtin" / f"v{BUILTIN_VERSION}"
 
 
 def _unknown(kind: str, name: str, known: Sequence[str]) -> InputUnavailableError:
@@ -234,7 +236,7 @@ def builtin_base_path(name: str) -> Path:
     """
     if name not in BUILTIN_BASES:
         raise _unknown("base", name, list(BUILTIN_BASES))
-    final = builtin_root() / "bases" / name
+    final = builtin_base_dir(name)
     if _complete_base(final):
         return final
     with _build_lock():
@@ -252,7 +254,7 @@ def builtin_lora_path(name: str) -> Path:
     spec = BUILTIN_LORAS.get(name)
     if spec is None:
         raise _unknown("LoRA", name, list(BUILTIN_LORAS))
-    final = builtin_root() / "loras" / f"{name}.safetensors"
+    final = builtin_lora_file(name)
     if final.is_file():
         return final
     with _build_lock():

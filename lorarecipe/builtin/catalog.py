@@ -12,12 +12,23 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
-__all__ = ["BUILTIN_BASES", "BUILTIN_LORAS", "BuiltinBase", "BuiltinLora", "builtin_inventory"]
+__all__ = [
+    "BUILTIN_BASES",
+    "BUILTIN_LORAS",
+    "BUILTIN_VERSION",
+    "BuiltinBase",
+    "BuiltinLora",
+    "builtin_base_dir",
+    "builtin_inventory",
+    "builtin_lora_file",
+    "builtin_root",
+]
 
 #: Bump when the builders change in a way that changes bytes (it is part of the cache path).
-BUILTIN_VERSION = 1
+BUILTIN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -78,3 +89,20 @@ def builtin_inventory() -> dict[str, Any]:
     text = resources.files("lorarecipe.builtin").joinpath("inventory.json").read_text(encoding="utf-8")
     data: dict[str, Any] = json.loads(text)
     return data
+
+
+def builtin_root() -> Path:
+    """Where this version of the built-ins lives: ``<lorarecipe cache>/builtin/v{BUILTIN_VERSION}``."""
+    from ..atomic import cache_root
+
+    return cache_root() / "builtin" / f"v{BUILTIN_VERSION}"
+
+
+def builtin_base_dir(name: str) -> Path:
+    """The folder a built-in base is (or will be) materialized in; complete iff model_index.json exists."""
+    return builtin_root() / "bases" / name
+
+
+def builtin_lora_file(name: str) -> Path:
+    """The file a built-in LoRA is (or will be) materialized as."""
+    return builtin_root() / "loras" / f"{name}.safetensors"

@@ -23,7 +23,7 @@ from .resolve import ResolvedInput
 
 __all__ = ["BuildResult", "run_plan"]
 
-LOCK_NAME = ".lorarecipe.lock"
+LOCK_NAME = ".lorarecipe/build.lock"
 
 
 @dataclass
@@ -31,6 +31,7 @@ class BuildResult:
     plan: Plan
     out_root: Path
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    written: dict[str, list[Path]] = field(default_factory=dict)
     manifest: Path | None = None
     device: str = "cpu"
     seconds: float = 0.0
@@ -122,6 +123,30 @@ def _write_cards(plan: Plan, run: Any, out_root: Path, recipe_text: str) -> None
         run.written[step.output].append(readme)
 
 
+def _carry_over(out_root: Path, plan: Plan, built: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Outputs of this build plus the previous manifest's entries for outputs that were up to date.
+
+    Each entry keeps the fingerprint of the plan that built it, so a manifest after an incremental
+    build still says which recipe produced every file.
+    """
+    import json
+
+    from ..manifest import MANIFEST_NAME
+
+    wanted = {s.output for s in plan.steps if hasattr(s, "output")}  # type: ignore[attr-defined]
+    previous: dict[str, Any] = {}
+    try:
+        doc = json.loads((out_root / MANIFEST_NAME).read_text(encoding="utf-8"))
+        previous = doc.get("outputs", {}) if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        previous = {}
+    merged = {k: v for k, v in previous.items() if k in wanted and k not in built and isinstance(v, dict)}
+    fingerprint = plan.fingerprint()
+    for name, doc in built.items():
+        merged[name] = {**doc, "built_by_fingerprint": fingerprint}
+    return dict(sorted(merged.items()))
+
+
 def _output_kind(step: Any) -> str:
     if isinstance(step, SaveCheckpoint):
         return "pipeline" if step.layout == "diffusers" else "single_file"
@@ -152,7 +177,7 @@ def run_plan(
 
     started = time.perf_counter()
     reporter = reporter or make_reporter(quiet=True)
-    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / LOCK_NAME).parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out_root / LOCK_NAME))
     try:
         lock.acquire(timeout=0)
@@ -177,7 +202,7 @@ def run_plan(
         )
         run = run_with_pipeline(plan, options)
         _write_cards(plan, run, out_root, recipe_text)
-        result = BuildResult(plan, out_root, device=chosen)
+        result = BuildResult(plan, out_root, device=chosen, written=run.written)
         for step in plan.steps:
             name = getattr(step, "output", None)
             if name is None or name not in run.written:
@@ -206,7 +231,7 @@ def run_plan(
             "plan": plan.to_json(),
             "fingerprint": plan.fingerprint(),
             "inputs": [_input_doc(k, v) for k, v in run.inputs.items()],
-            "outputs": result.outputs,
+            "outputs": _carry_over(out_root, plan, result.outputs),
             "seeds": seeds,
             "device": chosen,
             "dtypes": {"pipeline": run.dtype},

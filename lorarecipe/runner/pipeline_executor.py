@@ -157,7 +157,8 @@ def run_with_pipeline(plan: Plan, options: ExecOptions) -> PipelineRun:
                 run.dtype = step.dtype
             final = resolve_output(options.out_root, step.path)
             if step.layout == "diffusers":
-                save_pipeline(pipe, final, _stamp(options, step.output))
+                hub_id = base.source.ref if base.source.kind == "hub" else None
+                save_pipeline(pipe, final, _stamp(options, step.output), hub_id)
                 run.written[step.output] = sorted(p for p in final.rglob("*") if p.is_file())
             else:
                 save_single_file(pipe, plan.family or "sd1", final, _stamp(options, step.output))

@@ -40,10 +40,30 @@ def _stamp_folder(folder: Path, metadata: Mapping[str, str]) -> None:
             add_metadata(file, metadata)
 
 
-def save_pipeline(pipe: Any, final: Path, metadata: Mapping[str, str]) -> None:
+def _scrub_configs(folder: Path, name: str | None) -> None:
+    """Replace the machine-specific ``_name_or_path`` (a cache path) in saved configs.
+
+    diffusers records the folder a model was loaded from; keeping it would make two machines'
+    builds differ. It becomes the base's hub id when there is one, and is dropped otherwise.
+    """
+    import json
+
+    for file in sorted(folder.rglob("*.json")):
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or "_name_or_path" not in data:
+            continue
+        if name:
+            data["_name_or_path"] = name
+        else:
+            del data["_name_or_path"]
+        file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_pipeline(pipe: Any, final: Path, metadata: Mapping[str, str], name: str | None = None) -> None:
     """``save_pretrained`` (safetensors only) into a temporary folder that replaces ``final``."""
     with atomic_dir(final) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+        _scrub_configs(tmp, name)
         _stamp_folder(tmp, metadata)
 
 
