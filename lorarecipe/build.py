@@ -51,16 +51,69 @@ def _out_root(args: Any, name: str, several: bool) -> Path:
     return Path(args.out) / name if several else Path(args.out)
 
 
-def build_recipe_file(path: Path, args: Any, several: bool) -> list[BuildOutcome]:
-    """Load, compile and run every build of one recipe file."""
-    from .cli import _overrides, need_build_extra
+def _checked_lock(path: Path, loaded: Any, args: Any) -> Any:
+    """``--frozen``: the recipe's lock, refused when missing or stale (LockError naming why)."""
+    from .compiler import compile_recipe
+    from .errors import LockError
+    from .lock import check_lock_current, lock_path, read_lock
+
+    lock = read_lock(path)
+    plans = [compile_recipe(loaded, b, allow_read=args.allow_read) for b in loaded.builds]
+    reasons = check_lock_current(path, lock, plans)
+    if reasons:
+        hint = f"run `lorarecipe lock {path}`"
+        problems = [Problem(f"{lock_path(path)} is stale: {r}", hint=hint) for r in reasons]
+        raise LockError(problems[0].message, problems)
+    return lock
+
+
+def _run_build(loaded: Any, build: Any, out: Path, args: Any, lock: Any) -> BuildOutcome:
+    """Compile one build, skip the outputs that are up to date, run the rest."""
+    from .cli import need_build_extra
     from .compiler import compile_recipe
     from .incremental import output_keys, record_state, stale_outputs
-    from .load import load_recipe
     from .runner.progress import make_reporter
 
+    outcome = BuildOutcome(loaded.display, build.label, str(out), False)
+    plan = compile_recipe(loaded, build, allow_read=args.allow_read)
+    outcome.fingerprint = plan.fingerprint()
+    resolved = None
+    if lock is not None:  # every input rehashed against the lock before anything uses it
+        from .lock import resolve_frozen
+
+        resolved = resolve_frozen(plan, lock, loaded.root, args.allow_read)
+    keys = output_keys(plan, loaded.root, args.allow_read)
+    stale = set(keys) if args.force else stale_outputs(out, keys)
+    outcome.skipped = sorted(set(keys) - stale)
+    if stale:  # otherwise nothing to do: no model is loaded, torch is not even imported
+        need_build_extra()
+        from .runner import run_plan
+
+        result = run_plan(
+            plan,
+            out_root=out,
+            recipe_root=loaded.root,
+            recipe_text=loaded.text,
+            device=args.device,
+            allow_read=args.allow_read,
+            outputs=stale,
+            resolved=resolved,
+            reporter=make_reporter(args.quiet or args.json, lines=True),
+        )
+        record_state(out, output_keys(plan, loaded.root, args.allow_read), result.written)
+        outcome.outputs = sorted(result.outputs)
+    outcome.ok = True
+    return outcome
+
+
+def build_recipe_file(path: Path, args: Any, several: bool) -> list[BuildOutcome]:
+    """Load (and with ``--frozen`` check the lock of) one recipe file, then run each of its builds."""
+    from .cli import parse_overrides
+    from .load import load_recipe
+
     try:
-        loaded = load_recipe(path, _overrides(args.set))
+        loaded = load_recipe(path, parse_overrides(args.set))
+        lock = _checked_lock(path, loaded, args) if args.frozen else None
     except UsageError:
         raise
     except LorarecipeError as exc:
@@ -69,39 +122,13 @@ def build_recipe_file(path: Path, args: Any, several: bool) -> list[BuildOutcome
     outcomes = []
     for build in loaded.builds:
         out = root / build.label if build.label else root
-        outcome = BuildOutcome(loaded.display, build.label, str(out), False)
         started = time.perf_counter()
         try:
-            plan = compile_recipe(loaded, build, allow_read=args.allow_read)
-            outcome.fingerprint = plan.fingerprint()
-            keys = output_keys(plan, loaded.root, args.allow_read)
-            stale = set(keys) if args.force else stale_outputs(out, keys)
-            outcome.skipped = sorted(set(keys) - stale)
-            if not stale:  # nothing to do: no model is loaded, torch is not even imported
-                outcome.ok = True
-                outcome.seconds = time.perf_counter() - started
-                outcomes.append(outcome)
-                continue
-            need_build_extra()
-            from .runner import run_plan
-
-            result = run_plan(
-                plan,
-                out_root=out,
-                recipe_root=loaded.root,
-                recipe_text=loaded.text,
-                device=args.device,
-                allow_read=args.allow_read,
-                reporter=make_reporter(args.quiet or args.json, lines=True),
-                outputs=stale,
-            )
-            record_state(out, output_keys(plan, loaded.root, args.allow_read), result.written)
-            outcome.ok = True
-            outcome.outputs = sorted(result.outputs)
+            outcome = _run_build(loaded, build, out, args, lock)
         except UsageError:
             raise
         except LorarecipeError as exc:
-            outcome.problems = exc.problems
+            outcome = BuildOutcome(loaded.display, build.label, str(out), False, problems=exc.problems)
         outcome.seconds = time.perf_counter() - started
         outcomes.append(outcome)
     return outcomes
@@ -117,9 +144,9 @@ def _summary(outcomes: list[BuildOutcome]) -> str:
 
 
 def build_command(args: Any) -> int:
-    from .cli import _recipe_files, print_problems
+    from .cli import print_problems, recipe_files
 
-    files = _recipe_files(args.recipes)
+    files = recipe_files(args.recipes)
     if not files:
         raise UsageError("no recipe files found")
     several = len(files) > 1 or any(Path(p).is_dir() for p in args.recipes)

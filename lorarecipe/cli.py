@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _overrides(values: Sequence[str] | None) -> dict[str, str]:
+def parse_overrides(values: Sequence[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in values or []:
         if "=" not in item:
@@ -39,7 +39,7 @@ def _overrides(values: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
-def _recipe_files(paths: Sequence[str]) -> list[Path]:
+def recipe_files(paths: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -80,7 +80,7 @@ def print_problems(problems: Sequence[Problem], stream: Any = None) -> None:
         print(f"{errors} error{'s' if errors != 1 else ''}", file=stream)
 
 
-def _compile_file(path: Path, overrides: dict[str, str], allow_read: Sequence[Path]) -> list[Any]:
+def compile_file(path: Path, overrides: dict[str, str], allow_read: Sequence[Path]) -> list[Any]:
     from .compiler import compile_recipe
     from .load import load_recipe
 
@@ -100,7 +100,7 @@ def _compile_file(path: Path, overrides: dict[str, str], allow_read: Sequence[Pa
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    files = _recipe_files(args.paths)
+    files = recipe_files(args.paths)
     if not files:
         raise UsageError("no recipe files found (expected .yaml files or folders containing them)")
     results = []
@@ -108,7 +108,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in files:
         problems: list[Problem] = []
         try:
-            plans = _compile_file(path, _overrides(args.set), args.allow_read)
+            plans = compile_file(path, parse_overrides(args.set), args.allow_read)
             problems = [
                 Problem(c.detail, c.subject, severity="warning")
                 for p in plans[:1]
@@ -140,7 +140,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan_view import render_plan
 
-    plans = _compile_file(Path(args.recipe), _overrides(args.set), args.allow_read)
+    plans = compile_file(Path(args.recipe), parse_overrides(args.set), args.allow_read)
     if args.json:
         if len(plans) == 1:
             doc: Any = plans[0].to_json()
@@ -185,6 +185,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .manifest import verify_command
 
     return verify_command(args)
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from .lock import lock_command
+
+    if not args.check:
+        need_build_extra()
+    return lock_command(args)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -251,6 +259,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("lock", help="pin every input to a hub commit and sha256 (writes RECIPE.lock.json)")
+    p.add_argument("recipe")
+    p.add_argument(
+        "--check", action="store_true", help="exit 1 if the lock is missing or stale; write nothing"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_lock)
     return parser
 
 

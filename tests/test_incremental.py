@@ -160,3 +160,31 @@ def test_many_recipes_failures_do_not_stop_the_others(
     assert "needs equal ranks" in bad["problems"][0]["message"] and bad["problems"][0]["line"] == 7
     assert (tmp_path / "out" / "inc" / "s-0.5" / "fused" / "model_index.json").is_file()
     assert (tmp_path / "out" / "inc" / "s-1.0" / "manifest.json").is_file()
+
+
+def test_frozen_build_refuses_a_missing_stale_or_tampered_lock(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from lorarecipe.builtin.build import builtin_lora_path
+
+    shutil.copy(builtin_lora_path("tiny-sd/style"), tmp_path / "mine.safetensors")
+    text = RECIPE.replace("style: builtin:tiny-sd/style", "style: {file: mine.safetensors}")
+    recipe = write_recipe(tmp_path, text)
+    out = tmp_path / "out"
+    assert main(["build", str(recipe), "--out", str(out), "--frozen", "--quiet"]) == 1
+    assert "no lock file" in capsys.readouterr().err
+    assert main(["lock", str(recipe)]) == 0
+    assert main(["lock", "--check", str(recipe)]) == 0
+    assert main(["build", str(recipe), "--out", str(out), "--frozen", "--quiet"]) == 0
+    capsys.readouterr()
+    data = bytearray((tmp_path / "mine.safetensors").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "mine.safetensors").write_bytes(bytes(data))
+    assert main(["build", str(recipe), "--out", str(out), "--frozen", "--quiet"]) == 1  # even though up to date
+    err = capsys.readouterr().err
+    assert "mine.safetensors" in err and "expected" in err
+    recipe.write_text(text.replace("steps: 2", "steps: 3"))
+    assert main(["lock", "--check", str(recipe)]) == 1
+    assert main(["build", str(recipe), "--out", str(out), "--frozen", "--quiet"]) == 1
+    assert "is stale" in capsys.readouterr().err

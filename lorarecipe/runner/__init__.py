@@ -8,7 +8,7 @@ stage that imports torch, diffusers and peft (lazily, inside the executors).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,7 @@ def run_plan(
     allow_read: Sequence[Path] = (),
     reporter: Reporter | None = None,
     outputs: set[str] | None = None,
+    resolved: Mapping[str, ResolvedInput] | None = None,
 ) -> BuildResult:
     """Build ``outputs`` (default: all) of ``plan`` into ``out_root``; returns what was written."""
     from filelock import FileLock, Timeout
@@ -199,6 +200,7 @@ def run_plan(
             reporter=reporter,
             provenance=provenance(plan, recipe_text),
             outputs=set(wanted),
+            resolved=dict(resolved or {}),
         )
         run = run_with_pipeline(plan, options)
         _write_cards(plan, run, out_root, recipe_text)

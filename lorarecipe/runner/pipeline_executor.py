@@ -100,7 +100,14 @@ def run_with_pipeline(plan: Plan, options: ExecOptions) -> PipelineRun:
             single_file=base.single_file,
         )
         run.inputs["base"] = resolved
-        config = resolve_config(base.config, options.recipe_root, options.allow_read) if base.config else None
+        pinned_config = options.resolved.get("base:config")
+        config = (
+            pinned_config.path
+            if pinned_config
+            else (
+                resolve_config(base.config, options.recipe_root, options.allow_read) if base.config else None
+            )
+        )
         pipe, run.dtype = load_pipeline(base, resolved.path, config, options.device)
     for step in plan.of_type(LoadAdapter):
         with _timed(run, step, options, f"load adapter {step.name}"):

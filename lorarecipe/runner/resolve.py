@@ -17,7 +17,7 @@ from ..errors import InputUnavailableError, LorarecipeError, UnsafeInputError
 from ..paths import resolve_input
 from ..plan import Source
 
-__all__ = ["ResolvedInput", "resolve_adapter", "resolve_base", "resolve_config"]
+__all__ = ["ResolvedInput", "fetch_hint", "hub_error", "resolve_adapter", "resolve_base", "resolve_config"]
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 
@@ -31,7 +31,7 @@ class ResolvedInput:
     commit: str | None = None
 
 
-def _fetch_hint(repo: str, revision: str | None, filename: str | None = None) -> str:
+def fetch_hint(repo: str, revision: str | None, filename: str | None = None) -> str:
     parts = ["hf download", repo]
     if filename:
         parts.append(filename)
@@ -47,7 +47,7 @@ def _commit_of(path: Path) -> str | None:
     return None
 
 
-def _hub_error(
+def hub_error(
     exc: Exception, repo: str, revision: str | None, filename: str | None = None
 ) -> InputUnavailableError:
     what = f"{repo}" + (f"/{filename}" if filename else "") + f" @ {revision or 'main'}"
@@ -61,7 +61,7 @@ def _hub_error(
     else:
         reason = "it is not in the local Hugging Face cache and the hub cannot be reached"
     return InputUnavailableError(
-        f"hub input {what} is not available: {reason}. {_fetch_hint(repo, revision, filename)}"
+        f"hub input {what} is not available: {reason}. {fetch_hint(repo, revision, filename)}"
     )
 
 
@@ -100,7 +100,7 @@ def resolve_base(
     except LorarecipeError:
         raise
     except Exception as exc:
-        raise _hub_error(exc, source.ref, source.revision) from None
+        raise hub_error(exc, source.ref, source.revision) from None
     path = Path(folder)
     return ResolvedInput(source, path, _commit_of(path))
 
@@ -129,5 +129,5 @@ def resolve_adapter(source: Source, root: Path, allow_read: Sequence[Path] = ())
     try:
         path = Path(hf_hub_download(source.ref, source.filename, revision=source.revision))
     except Exception as exc:
-        raise _hub_error(exc, source.ref, source.revision, source.filename) from None
+        raise hub_error(exc, source.ref, source.revision, source.filename) from None
     return ResolvedInput(source, path, _commit_of(path))
