@@ -24,6 +24,14 @@ def default_weight_name(spec: LoraOutput) -> str:
     return "pytorch_lora_weights.safetensors" if spec.layout == "diffusers" else f"{spec.adapter}.safetensors"
 
 
+def _claims(spec: object, norm: str) -> list[str]:
+    """Every path an output writes: a grid also writes ``<stem>.json`` and ``<stem>_cells/``."""
+    if isinstance(spec, GridOutput):
+        stem = str(PurePosixPath(norm).with_suffix(""))
+        return [norm, f"{stem}.json", f"{stem}_cells"]
+    return [norm]
+
+
 def _check_paths(ctx: CompileContext) -> dict[str, str]:
     normalized: dict[str, str] = {}
     for name, spec in ctx.recipe.outputs.items():
@@ -31,24 +39,28 @@ def _check_paths(ctx: CompileContext) -> dict[str, str]:
             normalized[name] = normalize_output_path(spec.path)
         except ValueError as exc:
             ctx.error(("outputs", name, "path"), str(exc))
-    seen: dict[str, str] = {}
+    seen: list[tuple[PurePosixPath, str]] = []
     for name, norm in normalized.items():
-        key = norm.lower()  # collisions on case-insensitive file systems too
-        for other_key, other in seen.items():
-            a, b = PurePosixPath(key), PurePosixPath(other_key)
-            if a == b:
-                ctx.error(
-                    ("outputs", name, "path"), f"output path {norm!r} is also the path of outputs.{other}"
-                )
-            elif b in a.parents or a in b.parents:
-                inner, outer = (name, other) if b in a.parents else (other, name)
-                ctx.error(
-                    ("outputs", name, "path"),
-                    f"outputs.{inner} would be written inside outputs.{outer} "
-                    f"({norm!r}), which is replaced as a whole",
-                    "give each output its own path",
-                )
-        seen[key] = name
+        mine = [
+            PurePosixPath(p.lower()) for p in _claims(ctx.recipe.outputs[name], norm)
+        ]  # case-insensitive FS too
+        for a in mine:
+            for b, other in seen:
+                if other == name:
+                    continue
+                if a == b:
+                    ctx.error(
+                        ("outputs", name, "path"), f"output path {norm!r} collides with outputs.{other}"
+                    )
+                elif b in a.parents or a in b.parents:
+                    inner, outer = (name, other) if b in a.parents else (other, name)
+                    ctx.error(
+                        ("outputs", name, "path"),
+                        f"outputs.{inner} would be written inside outputs.{outer} "
+                        f"({norm!r}), which is replaced as a whole",
+                        "give each output its own path",
+                    )
+        seen.extend((a, name) for a in mine)
     return normalized
 
 
