@@ -214,3 +214,23 @@ def test_merge_resets_set_adapters_weights_and_refuses_taken_names() -> None:
     assert (merged - expected).abs().max().item() <= 1e-6
     with pytest.raises(BuildError, match="already exists"):
         merge_adapters(pipe, step)
+
+
+def test_single_file_base_builds_like_its_folder(built: Path) -> None:
+    """A single-file base (from_single_file + local configs) fuses into the same weights as its folder."""
+    folder = built.parent
+    text = """\
+base: {file: out/fused.safetensors, config: out/fused, family: sd1}
+adapters:
+  toy: builtin:tiny-sd/toy
+fuse: {adapters: [toy], lora_scale: 1.0}
+outputs:
+  again: {kind: pipeline, path: again}
+"""
+    build_text(folder, text, out="from-single", name="single.yaml")
+    base = {"unet": read_component_weights(built / "fused", "unet")}
+    expected = {key: value for key, value in lora_deltas(builtin_lora_path("tiny-sd/toy"), base).items()}
+    fused = read_component_weights(folder / "from-single" / "again", "unet")
+    for key, tensor in base["unet"].items():
+        want = tensor.double() + expected[("unet", key)] if ("unet", key) in expected else tensor.double()
+        assert (fused[key].double() - want).abs().max().item() <= 1e-6, key
