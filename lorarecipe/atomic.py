@@ -2,17 +2,25 @@
 
 A reader never sees a half-written file at a final path: a SIGKILL at any moment leaves either the
 previous file or the new one (plus, at worst, a ``.lorarecipe-tmp-*`` leftover that the next build
-removes). Folders are replaced the same way (old folder moved aside, new one renamed in, old one
-deleted). Torch-free.
+removes). A folder that already exists is swapped with the new one in a single
+``renameat2(RENAME_EXCHANGE)`` on Linux, so the final path is never empty; elsewhere (or on a
+filesystem without it) the old folder is moved aside first, under a name that
+``clean_stale_temporaries`` moves back if a kill struck between the two renames. An fsync failure
+(ENOSPC, EIO) is an error, never ignored: it means the data may not be on disk. Torch-free.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import re
 import shutil
+import stat
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = [
@@ -23,10 +31,18 @@ __all__ = [
     "atomic_write_text",
     "cache_root",
     "clean_stale_temporaries",
+    "exchange_paths",
     "fsync_dir",
 ]
 
 TMP_PREFIX = ".lorarecipe-tmp-"
+_ASIDE = "old-"  # TMP_PREFIX + "old-<hex>-<name>": a previous version moved aside, not a partial write
+_ASIDE_NAME = re.compile(rf"^{re.escape(TMP_PREFIX + _ASIDE)}[0-9a-f]{{12}}-(?P<name>.+)$")
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+# errno values meaning "this kernel / filesystem cannot exchange": fall back to two renames
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
 
 
 def cache_root() -> Path:
@@ -47,8 +63,49 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _tmp_sibling(final: Path) -> Path:
-    return final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{final.name}"
+def _tmp_sibling(final: Path, kind: str = "") -> Path:
+    return final.parent / f"{TMP_PREFIX}{kind}{uuid.uuid4().hex[:12]}-{final.name}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+_Renameat2 = Callable[[int, bytes, int, bytes, int], int]
+
+
+def _load_renameat2() -> _Renameat2 | None:
+    """glibc's ``renameat2`` (2.28+) through ctypes, or None on other platforms and C libraries."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2: _Renameat2 | None = _load_renameat2()
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` atomically (both must exist); False when the platform cannot.
+
+    False means nothing happened and the caller should fall back; any other failure raises ``OSError``.
+    """
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_EXCHANGE:
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 @contextlib.contextmanager
@@ -79,11 +136,32 @@ def atomic_write_text(final: Path, text: str) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
+    """fsync every regular file, then every folder, under ``root``; a file that fails raises."""
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
-            with contextlib.suppress(OSError), open(Path(dirpath) / name, "rb") as handle:
+            path = Path(dirpath) / name
+            if not stat.S_ISREG(path.lstat().st_mode):
+                continue  # symlinks and special files have no data of ours to flush
+            with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         fsync_dir(Path(dirpath))
+
+
+def _replace_by_two_renames(tmp: Path, final: Path) -> None:
+    """Fallback without RENAME_EXCHANGE: move the old entry aside, move the new one in.
+
+    A kill between the two renames leaves no entry at ``final`` but the old one under a name
+    that ``clean_stale_temporaries`` restores; a failed second rename is undone at once.
+    """
+    aside = _tmp_sibling(final, _ASIDE)
+    os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(aside, final)
+        raise
+    fsync_dir(final.parent)
+    _remove(aside)
 
 
 @contextlib.contextmanager
@@ -95,35 +173,40 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
-        old = None
-        if final.exists() or final.is_symlink():
-            old = _tmp_sibling(final)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+        if not (final.exists() or final.is_symlink()):
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        elif exchange_paths(tmp, final):
+            fsync_dir(final.parent)  # ``tmp`` now holds the previous version; removed below
+        else:
+            _replace_by_two_renames(tmp, final)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
 
 
 def clean_stale_temporaries(root: Path) -> list[Path]:
-    """Remove ``.lorarecipe-tmp-*`` leftovers of killed builds under ``root`` (call under the build lock)."""
+    """Remove ``.lorarecipe-tmp-*`` leftovers of killed builds under ``root`` (call under the build lock).
+
+    A previous version moved aside by the two-rename fallback is moved back when nothing took its
+    place (the kill struck between the renames); it is not listed among the removed paths.
+    """
     removed: list[Path] = []
     if not root.is_dir():
         return removed
     for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            if name.startswith(TMP_PREFIX):
-                path = Path(dirpath) / name
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-                removed.append(path)
+        for name in sorted([*dirnames, *filenames]):
+            if not name.startswith(TMP_PREFIX):
+                continue
+            path = Path(dirpath) / name
+            aside = _ASIDE_NAME.match(name)
+            if aside is not None:
+                original = Path(dirpath) / aside["name"]
+                if not (original.exists() or original.is_symlink()):
+                    os.replace(path, original)
+                    fsync_dir(Path(dirpath))
+                    continue
+            _remove(path)
+            removed.append(path)
         dirnames[:] = [d for d in dirnames if not d.startswith(TMP_PREFIX)]
     return removed
