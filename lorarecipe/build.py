@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LorarecipeError, Problem, UsageError
+from .errors import BuildError, LorarecipeError, Problem, UsageError
 
 __all__ = ["BuildOutcome", "build_command", "build_recipe_file"]
 
@@ -89,6 +89,12 @@ def _run_build(loaded: Any, build: Any, out: Path, args: Any, lock: Any) -> Buil
         need_build_extra()
         from .runner import run_plan
 
+        def remember(written: dict[str, list[Path]]) -> None:  # runs under the output root's lock
+            try:
+                record_state(out, output_keys(plan, loaded.root, args.allow_read), written)
+            except OSError as exc:
+                raise BuildError(f"cannot record the build state in {out}: {exc.strerror or exc}") from None
+
         result = run_plan(
             plan,
             out_root=out,
@@ -99,8 +105,8 @@ def _run_build(loaded: Any, build: Any, out: Path, args: Any, lock: Any) -> Buil
             outputs=stale,
             resolved=resolved,
             reporter=make_reporter(args.quiet or args.json, lines=True),
+            on_success=remember,
         )
-        record_state(out, output_keys(plan, loaded.root, args.allow_read), result.written)
         outcome.outputs = sorted(result.outputs)
     outcome.ok = True
     return outcome
