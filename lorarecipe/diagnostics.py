@@ -32,6 +32,19 @@ def _header(problem: Problem) -> str:
     return f"{where}{problem.severity}: {path}{problem.message}"
 
 
+_SNIPPET = 160
+
+
+def _window(line: str, col: int) -> tuple[str, int]:
+    """At most ~160 columns of a long line around ``col``; returns the text and the new column."""
+    if len(line) <= _SNIPPET:
+        return line, col
+    start = max(0, min(col - 40, len(line) - _SNIPPET))
+    text = line[start : start + _SNIPPET]
+    prefix = "…" if start else ""
+    return prefix + text + ("…" if start + _SNIPPET < len(line) else ""), col - start + len(prefix)
+
+
 def render_text(problems: Iterable[Problem], source: str | None = None) -> str:
     """Compiler-style text; with ``source`` (the file's text) adds a snippet and a caret."""
     lines_of = source.splitlines() if source is not None else []
@@ -40,16 +53,15 @@ def render_text(problems: Iterable[Problem], source: str | None = None) -> str:
         out = [_header(problem)]
         span = problem.span
         if span is not None and 0 < span.line <= len(lines_of):
-            text = lines_of[span.line - 1]
+            text, col = _window(lines_of[span.line - 1], span.col)
             gutter = f"{span.line:>5} | "
             out.append(f"{gutter}{text}")
             width = 1
             if span.end_line == span.line and span.end_col and span.end_col > span.col:
                 width = span.end_col - span.col
-            width = max(1, min(width, max(1, len(text) - span.col + 1)))
-            pad = " " * (len(gutter) - 2) + "| " + " " * (span.col - 1)
-            caret = "^" * width
-            out.append(f"{pad}{caret}" + (f" {problem.hint}" if problem.hint else ""))
+            width = max(1, min(width, max(1, len(text) - col + 1)))
+            pad = " " * (len(gutter) - 2) + "| " + " " * (col - 1)
+            out.append(f"{pad}{'^' * width}" + (f" {problem.hint}" if problem.hint else ""))
         elif problem.hint:
             out.append(f"      = hint: {problem.hint}")
         chunks.append("\n".join(out))

@@ -28,6 +28,7 @@ from ..inspect import (
     inspect_single_file,
     read_header,
 )
+from ..inspect.base_model import check_model_index
 from ..paths import resolve_input
 from ..plan import Check, Source
 from ..vocabulary import FAMILIES
@@ -170,7 +171,9 @@ def _check_base(ctx: CompileContext) -> InputFacts:
             if "/" in spec.config and not (ctx.root / spec.config).exists():
                 config_source = Source("hub", spec.config)
             else:
-                _local(ctx, ("base", "config"), spec.config, want_dir=True)
+                config_dir = _local(ctx, ("base", "config"), spec.config, want_dir=True)
+                if config_dir is not None:
+                    _inspect(ctx, ("base", "config"), lambda: check_model_index(config_dir))
     detected = info.family if info else None
     if declared and detected and declared != detected:
         ctx.error(

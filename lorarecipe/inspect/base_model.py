@@ -18,12 +18,14 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import InputUnavailableError, UnsafeInputError
+from ..vocabulary import FAMILIES
 from .safetensors_header import DTYPE_BITS, PICKLE_SUFFIXES, SafetensorsHeader, read_header
 
 __all__ = [
     "PIPELINE_FAMILIES",
     "BaseInfo",
     "ComponentInfo",
+    "check_model_index",
     "inspect_diffusers_folder",
     "inspect_single_file",
 ]
@@ -182,10 +184,7 @@ def inspect_diffusers_folder(path: Path, variant: str | None = None) -> BaseInfo
     root = Path(path)
     if not root.is_dir():
         raise InputUnavailableError(f"{root}: no such folder")
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-        raise InputUnavailableError(f"{root} is not a diffusers pipeline folder (no model_index.json)")
-    index = _read_json(index_path)
+    index = check_model_index(root)  # untrusted: only diffusers/transformers classes may be named
     class_name = index.get("_class_name") if isinstance(index.get("_class_name"), str) else None
     components: dict[str, ComponentInfo] = {}
     headers: list[SafetensorsHeader] = []
@@ -370,3 +369,40 @@ def inspect_single_file(path: Path) -> BaseInfo:
         header.total_tensor_bytes,
         header.largest_tensor_bytes,
     )
+
+
+_ALLOWED_LIBRARIES = {"diffusers", "transformers", None}
+_KNOWN_PIPELINES = {info.pipeline_class for info in FAMILIES.values()}
+
+
+def check_model_index(folder: Path) -> dict[str, Any]:
+    """Refuse a model_index.json that would make diffusers import anything but diffusers/transformers."""
+    index_path = folder / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputUnavailableError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise UnsafeInputError(f"{index_path}: unreadable ({exc})") from None
+    if not isinstance(index, dict):
+        raise UnsafeInputError(f"{index_path}: not a JSON object")
+    cls = index.get("_class_name")
+    if cls not in _KNOWN_PIPELINES:
+        raise UnsafeInputError(
+            f"{index_path}: pipeline class {cls!r} is not one lorarecipe loads "
+            f"({', '.join(sorted(_KNOWN_PIPELINES))})"
+        )
+    for key, value in index.items():
+        if key.startswith("_") or value is None or isinstance(value, (bool, int, float, str)):
+            continue  # plain config values (e.g. requires_safety_checker) are not components
+        if not (isinstance(value, list) and len(value) == 2):
+            raise UnsafeInputError(f"{index_path}: component {key!r} has an unexpected entry {value!r}")
+        library = value[0]
+        if library not in _ALLOWED_LIBRARIES:
+            raise UnsafeInputError(
+                f"{index_path}: component {key!r} names library {library!r}; only diffusers and "
+                "transformers components are loaded (no custom code)"
+            )
+    return index

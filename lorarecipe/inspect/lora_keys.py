@@ -345,6 +345,20 @@ def _prefix_problem(kind: str, stems: list[str], control: bool) -> str | None:
     return None
 
 
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def _non_float_weights(header: SafetensorsHeader) -> str | None:
+    """LoRA factors stored as integers/bools/fp8 would be read as garbage values: refuse them."""
+    for key, info in header.tensors.items():
+        if key.endswith((".weight", ".alpha")) and info.dtype not in _FLOAT_DTYPES:
+            return (
+                f"tensor {key!r} has dtype {info.dtype}; LoRA weights must be F16, BF16, F32 or F64 "
+                "(quantized or integer LoRA files are not supported)"
+            )
+    return None
+
+
 def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
     """Header -> LoraInfo. Never raises for odd files: oddities end up in ``unsupported``."""
     groups, unrecognized = _group_keys(header)
@@ -384,6 +398,7 @@ def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
     family, evidence = detect_family(modules, single_te=any(g.stem.startswith("lora_te_") for g in listed))
     present = {m.component for m in modules}
     control = any(k.endswith("query_norm.scale") for k in unrecognized)  # BFL Flux-control LoRA
+    unsupported = _unsupported(formats, listed, broken, control) or _non_float_weights(header)
     return LoraInfo(
         format=fmt,
         modules=tuple(modules),
@@ -392,7 +407,7 @@ def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
         family=family,
         family_evidence=evidence,
         alpha_source="keys" if "keys" in sources else "metadata" if sources else "default (alpha = rank)",
-        unsupported=_unsupported(formats, listed, broken, control),
+        unsupported=unsupported,
         unrecognized_keys=tuple(unrecognized),
         metadata=header.metadata,
     )

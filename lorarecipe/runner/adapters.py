@@ -61,9 +61,13 @@ def convert_attn_procs(state_dict: dict[str, Any]) -> dict[str, Any]:
 def _check_finite(state_dict: dict[str, Any], source: str) -> None:
     import torch
 
+    plain = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+        if not tensor.is_floating_point():
+            continue
+        values = tensor if tensor.dtype in plain else tensor.float()  # isfinite has no fp8 kernels
+        if not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
             raise UnsafeInputError(
                 f"{source}: tensor {key!r} contains {bad} NaN/Inf values; refusing to load it"
             )
@@ -116,6 +120,20 @@ def _check_coverage(pipe: Any, name: str, info: LoraInfo, source: str) -> dict[s
     return counts
 
 
+def _discard(pipe: Any, name: str) -> None:
+    """Remove whatever part of adapter ``name`` a failed load injected."""
+    import contextlib
+
+    for comp in getattr(pipe, "_lora_loadable_modules", []):
+        model = getattr(pipe, comp, None)
+        if model is not None and name in (getattr(model, "peft_config", None) or {}):
+            with contextlib.suppress(Exception):
+                if hasattr(model, "delete_adapters"):
+                    model.delete_adapters([name])
+                else:
+                    model.delete_adapter(name)
+
+
 def load_adapter(pipe: Any, name: str, path: Path) -> LoadedAdapter:
     """Validate, convert if needed, load into ``pipe`` as adapter ``name``, and verify coverage."""
     from safetensors.torch import load_file, save_file
@@ -137,6 +155,14 @@ def load_adapter(pipe: Any, name: str, path: Path) -> LoadedAdapter:
             load_path = Path(tmp) / "converted.safetensors"
             save_file(convert_attn_procs(state_dict), str(load_path))
         del state_dict
-        pipe.load_lora_weights(str(load_path), adapter_name=name, use_safetensors=True, local_files_only=True)
+        try:
+            pipe.load_lora_weights(
+                str(load_path), adapter_name=name, use_safetensors=True, local_files_only=True
+            )
+        except Exception as exc:  # a file diffusers cannot read must not leave half an adapter
+            _discard(pipe, name)
+            raise UnsafeInputError(
+                f"{path.name}: diffusers could not load this LoRA: {type(exc).__name__}: {str(exc)[:500]}"
+            ) from None
     counts = _check_coverage(pipe, name, info, path.name)
     return LoadedAdapter(name, path, info, counts)

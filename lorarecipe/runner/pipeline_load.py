@@ -9,51 +9,18 @@ fp16 checkpoint to fp32 without ``dtype``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import BuildError, UnsafeInputError
+from ..errors import BuildError
 from ..inspect import read_header
+from ..inspect.base_model import check_model_index
 from ..plan import LoadBase
 from ..vocabulary import FAMILIES
 
 __all__ = ["check_model_index", "load_pipeline", "stored_dtype"]
 
-_ALLOWED_LIBRARIES = {"diffusers", "transformers", None}
-_KNOWN_PIPELINES = {info.pipeline_class for info in FAMILIES.values()}
 _DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-def check_model_index(folder: Path) -> dict[str, Any]:
-    """Refuse a model_index.json that would make diffusers import anything but diffusers/transformers."""
-    index_path = folder / "model_index.json"
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BuildError(f"{folder} is not a diffusers pipeline folder (no model_index.json)") from None
-    except (OSError, ValueError) as exc:
-        raise UnsafeInputError(f"{index_path}: unreadable ({exc})") from None
-    if not isinstance(index, dict):
-        raise UnsafeInputError(f"{index_path}: not a JSON object")
-    cls = index.get("_class_name")
-    if cls not in _KNOWN_PIPELINES:
-        raise UnsafeInputError(
-            f"{index_path}: pipeline class {cls!r} is not one lorarecipe loads "
-            f"({', '.join(sorted(_KNOWN_PIPELINES))})"
-        )
-    for key, value in index.items():
-        if key.startswith("_") or value is None or isinstance(value, (bool, int, float, str)):
-            continue  # plain config values (e.g. requires_safety_checker) are not components
-        if not (isinstance(value, list) and len(value) == 2):
-            raise UnsafeInputError(f"{index_path}: component {key!r} has an unexpected entry {value!r}")
-        library = value[0]
-        if library not in _ALLOWED_LIBRARIES:
-            raise UnsafeInputError(
-                f"{index_path}: component {key!r} names library {library!r}; only diffusers and "
-                "transformers components are loaded (no custom code)"
-            )
-    return index
 
 
 def stored_dtype(folder: Path, denoiser: str, variant: str | None) -> str | None:
