@@ -106,6 +106,7 @@ def _run_build(loaded: Any, build: Any, out: Path, args: Any, lock: Any) -> Buil
             resolved=resolved,
             reporter=make_reporter(args.quiet or args.json, lines=True),
             on_success=remember,
+            executor=args.executor,
         )
         outcome.outputs = sorted(result.outputs)
     outcome.ok = True

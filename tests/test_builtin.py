@@ -225,7 +225,10 @@ def _loaded_deltas(pipe: DiffusionPipeline, adapter: str) -> dict[tuple[str, str
 def test_builtin_loras_load_with_exact_values(cache: Path, base: str) -> None:
     pipe = DiffusionPipeline.from_pretrained(builtin_base_path_in(cache, base))
     loras = [spec for spec in BUILTIN_LORAS.values() if spec.base == base]
-    paths = {spec.name: cache / "builtin" / f"v{BUILTIN_VERSION}" / "loras" / f"{spec.name}.safetensors" for spec in loras}
+    paths = {
+        spec.name: cache / "builtin" / f"v{BUILTIN_VERSION}" / "loras" / f"{spec.name}.safetensors"
+        for spec in loras
+    }
     for spec in loras:
         pipe.load_lora_weights(str(paths[spec.name]), adapter_name="lr_" + spec.name.replace("/", "__"))
     saw_conv = False

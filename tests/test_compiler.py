@@ -235,9 +235,14 @@ def test_output_paths_escape_and_collisions(tmp_path: Path) -> None:
     assert any("would be written inside outputs.fused" in m for m in messages(problems_of(tmp_path, text)))
     text = DEMO_LIKE.replace("path: lora}", "path: Fused}")
     assert any("collides with outputs.fused" in m for m in messages(problems_of(tmp_path, text)))
-    grid = DEMO_LIKE + "  grid: {kind: grid, path: g.png, prompts: [a]}\n  sidecar: {kind: lora, adapter: both, path: g_cells}\n"
-    assert any("outputs.sidecar.path: output path 'g_cells' collides with outputs.grid" in m
-               for m in messages(problems_of(tmp_path, grid)))
+    grid = (
+        DEMO_LIKE
+        + "  grid: {kind: grid, path: g.png, prompts: [a]}\n  sidecar: {kind: lora, adapter: both, path: g_cells}\n"
+    )
+    assert any(
+        "outputs.sidecar.path: output path 'g_cells' collides with outputs.grid" in m
+        for m in messages(problems_of(tmp_path, grid))
+    )
     text = DEMO_LIKE.replace("path: lora}", "path: manifest.json}")
     assert any("reserved" in m for m in messages(problems_of(tmp_path, text)))
 

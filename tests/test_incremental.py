@@ -162,8 +162,9 @@ def test_many_recipes_failures_do_not_stop_the_others(
     assert (tmp_path / "out" / "inc" / "s-1.0" / "manifest.json").is_file()
 
 
-def test_frozen_build_refuses_a_missing_stale_or_tampered_lock(tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_frozen_build_refuses_a_missing_stale_or_tampered_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     from lorarecipe.builtin.build import builtin_lora_path
@@ -181,7 +182,9 @@ def test_frozen_build_refuses_a_missing_stale_or_tampered_lock(tmp_path: Path,
     data = bytearray((tmp_path / "mine.safetensors").read_bytes())
     data[-1] ^= 1
     (tmp_path / "mine.safetensors").write_bytes(bytes(data))
-    assert main(["build", str(recipe), "--out", str(out), "--frozen", "--quiet"]) == 1  # even though up to date
+    assert (
+        main(["build", str(recipe), "--out", str(out), "--frozen", "--quiet"]) == 1
+    )  # even though up to date
     err = capsys.readouterr().err
     assert "mine.safetensors" in err and "expected" in err
     recipe.write_text(text.replace("steps: 2", "steps: 3"))

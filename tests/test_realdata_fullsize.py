@@ -97,5 +97,5 @@ outputs:
             assert torch.equal(fused[key], base[key]), key
     assert worst <= 1e-6, worst
     manifest = json.loads((work / "out" / "manifest.json").read_text())
-    assert manifest["checks"]["adapters"]["pokemon"] == {"unet": 128}
-    assert manifest["checks"]["fuse"]["changed"] == 128
+    assert manifest["outputs"]["fused"]["executor"] == "streaming"  # the default route for fuse + save
+    assert manifest["checks"]["streams"]["fused"]["changed"] == 128

@@ -6,6 +6,7 @@ SD1.5-like and SDXL-like bases, UNet and text encoders; unchanged weights stay b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -56,10 +57,11 @@ def _check_fused(
     return touched
 
 
+@pytest.mark.parametrize("executor", ["streaming", "diffusers"])
 @pytest.mark.parametrize("base", sorted(CASES))
-def test_fused_weights_equal_independent_computation(tmp_path: Path, base: str) -> None:
+def test_fused_weights_equal_independent_computation(tmp_path: Path, base: str, executor: str) -> None:
     a, b, components = CASES[base]
-    result = build_text(tmp_path, _recipe(base, a, b, 0.7, -0.4, 0.8))
+    build_text(tmp_path, _recipe(base, a, b, 0.7, -0.4, 0.8), executor=executor)
     touched = _check_fused(
         tmp_path / "out" / "fused",
         base,
@@ -68,12 +70,12 @@ def test_fused_weights_equal_independent_computation(tmp_path: Path, base: str) 
         components,
     )
     assert touched > 0
-    # the post-fuse check counted exactly the weights the LoRAs apply to
-    fuse = dict(result.outputs)  # noqa: F841 - outputs exist
-    import json
-
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["checks"]["fuse"]["changed"] == manifest["checks"]["fuse"]["expected"] == touched
+    assert manifest["outputs"]["fused"]["executor"] == executor
+    if executor == "diffusers":  # the post-fuse check counted exactly the weights the LoRAs apply to
+        assert manifest["checks"]["fuse"]["changed"] == manifest["checks"]["fuse"]["expected"] == touched
+    else:
+        assert manifest["checks"]["streams"]["fused"]["changed"] == touched
 
 
 def test_weight_zero_is_the_base_and_components_subset(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """Peak-memory estimates of each executor, from header sizes alone (shown by ``lorarecipe plan``).
 
-Plan + input facts -> {executor: bytes or None}. The diffusers route holds the whole pipeline plus
-per-weight copies while fusing and saving; the streaming fuser holds the LoRAs plus a few copies of
-the largest base tensor. The constants come from ``benchmarks/fuse.py`` measurements (README table);
-they are estimates for planning, not guarantees.
+Plan + input facts -> {executor: bytes or None}. The diffusers route holds the whole pipeline; the
+streaming fuser holds the LoRA factors and, for float32 outputs, a few copies of the largest weight
+a LoRA targets (half-precision outputs are fused in ~4 MiB row chunks). The constants were fitted
+to ``benchmarks/fuse.py`` on full-size SD1.5 and SDXL (README table): predictions within ~10 % of
+the measured peak RSS. They are estimates for planning, not guarantees.
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ from .inputs import InputFacts
 
 __all__ = ["RUNTIME_OVERHEAD_BYTES", "estimate_memory"]
 
-#: RSS of a Python process with torch + diffusers + peft imported, before any model (measured ~0.45 GiB).
-RUNTIME_OVERHEAD_BYTES = 480 * 1024**2
+#: RSS after importing torch + diffusers + transformers + peft (measured 381-388 MB).
+RUNTIME_OVERHEAD_BYTES = 400 * 1024**2
+#: What the diffusers route holds beyond the weights (pipeline objects, save buffers).
+PIPELINE_EXTRA_BYTES = 256 * 1024**2
+#: Working set of a half-precision streamed output (chunked fp32 accumulation).
+CHUNK_BYTES = 32 * 1024**2
 _DTYPE_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def _lora_bytes(inputs: InputFacts) -> int | None:
-    total = 0
+def _lora_sizes(inputs: InputFacts) -> tuple[int, int] | None:
+    """(bytes of all LoRA factors in fp32, fp32 bytes of the largest weight a LoRA targets)."""
+    total = largest = 0
     for facts in inputs.adapters.values():
         if facts.info is None:
             return None
@@ -29,24 +35,26 @@ def _lora_bytes(inputs: InputFacts) -> int | None:
             for k in module.kernel:
                 kernel *= k
             total += 4 * module.rank * (module.in_features + module.out_features) * kernel
-    return total
+            largest = max(largest, 4 * module.in_features * module.out_features * kernel)
+    return total, largest
 
 
 def estimate_memory(plan: Any, inputs: InputFacts) -> dict[str, Any]:
-    """Estimated peak RSS in bytes per executor; None where the base is not available yet."""
+    """Estimated peak RSS in bytes per executor; None where the inputs are not available yet."""
     info = inputs.base_info
-    lora = _lora_bytes(inputs)
-    if info is None or lora is None:
+    sizes = _lora_sizes(inputs)
+    if info is None or sizes is None:
         return {"diffusers": None, "streaming": None, "basis": "unknown until the inputs are fetched"}
+    lora, largest_target = sizes
     stored = info.dtype or "float32"
     load_dtype = plan.steps[0].dtype if plan.steps[0].dtype != "auto" else stored
     scale = _DTYPE_SIZE.get(load_dtype, 4) / _DTYPE_SIZE.get(stored, 4)
-    pipeline = int(info.total_bytes * scale * 1.15) + 3 * lora + RUNTIME_OVERHEAD_BYTES
-    largest_fp32 = info.largest_tensor_bytes * 4 // _DTYPE_SIZE.get(stored, 4)
-    streaming = 3 * largest_fp32 + lora + RUNTIME_OVERHEAD_BYTES
+    pipeline = int(info.total_bytes * scale) + lora + RUNTIME_OVERHEAD_BYTES + PIPELINE_EXTRA_BYTES
+    working = 4 * largest_target if load_dtype == "float32" else CHUNK_BYTES
+    streaming = RUNTIME_OVERHEAD_BYTES + lora + working
     return {
         "diffusers": pipeline,
         "streaming": streaming,
-        "basis": f"{info.total_bytes} bytes of base weights ({stored}), largest tensor "
-        f"{info.largest_tensor_bytes} bytes, {lora} bytes of LoRA factors (fp32)",
+        "basis": f"{info.total_bytes} bytes of base weights ({stored}), {lora} bytes of LoRA factors (fp32), "
+        f"largest LoRA-targeted weight {largest_target} bytes (fp32)",
     }

@@ -50,6 +50,7 @@ def run_plan(
     outputs: set[str] | None = None,
     resolved: Mapping[str, ResolvedInput] | None = None,
     on_success: Callable[[dict[str, list[Path]]], None] | None = None,
+    executor: str = "auto",
 ) -> BuildResult:
     """Build ``outputs`` (default: all) of ``plan`` into ``out_root``; returns what was written.
 
@@ -62,7 +63,8 @@ def run_plan(
 
     quiet_libraries()
     from .device import pick_device
-    from .pipeline_executor import ExecOptions, run_with_pipeline
+    from .pipeline_executor import ExecOptions, PipelineRun, resolve_inputs, run_with_pipeline
+    from .stream_route import stream_checkpoints
 
     started = time.perf_counter()
     reporter = reporter or make_reporter(quiet=True)
@@ -96,7 +98,13 @@ def run_plan(
             resolved=dict(resolved or {}),
         )
         set_aside_manifest(out_root)
-        run = run_with_pipeline(plan, options)
+        run = PipelineRun()
+        resolve_inputs(plan, options, run)
+        streamed = stream_checkpoints(plan, options, run, executor)
+        options.outputs -= streamed  # what is left needs the pipeline (grids, LoRA files, fallbacks)
+        run_with_pipeline(plan, options, run)
+        for name in wanted:
+            run.executors.setdefault(name, "diffusers")
         write_cards(plan, run, out_root, recipe_text)
         reporter.step("write manifest")
         manifest, built = finish_manifest(plan, run, out_root, recipe_text, chosen)

@@ -49,6 +49,9 @@ class PipelineRun:
     grids: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    config: Path | None = None  # config folder of a single-file base
+    executors: dict[str, str] = field(default_factory=dict)  # output -> "diffusers" | "streaming"
+    streams: dict[str, Any] = field(default_factory=dict)  # output -> StreamReport
 
 
 @dataclass
@@ -84,38 +87,45 @@ def _stamp(options: ExecOptions, output: str) -> dict[str, str]:
     return {**options.provenance, "lorarecipe.output": output}
 
 
-def run_with_pipeline(plan: Plan, options: ExecOptions) -> PipelineRun:
-    """Execute the plan's pipeline-route outputs (``options.outputs``)."""
-    from .grids import GridRenderer
-
-    run = PipelineRun()
+def resolve_inputs(plan: Plan, options: ExecOptions, run: PipelineRun) -> Path | None:
+    """Every input as a local path (built-in, local, hub download/cache) into ``run.inputs``; returns
+    the config folder of a single-file base. Nothing is loaded."""
     base = plan.step("base")
     assert isinstance(base, LoadBase)
-    with _timed(run, base, options, "load base"):
-        resolved = options.resolved.get("base") or resolve_base(
+    with _timed(run, base, options, "resolve base"):
+        run.inputs["base"] = options.resolved.get("base") or resolve_base(
             base.source,
             options.recipe_root,
             options.allow_read,
             variant=base.variant,
             single_file=base.single_file,
         )
-        run.inputs["base"] = resolved
-        pinned_config = options.resolved.get("base:config")
-        config = (
-            pinned_config.path
-            if pinned_config
-            else (
-                resolve_config(base.config, options.recipe_root, options.allow_read) if base.config else None
-            )
-        )
-        pipe, run.dtype = load_pipeline(base, resolved.path, config, options.device)
+        pinned = options.resolved.get("base:config")
+        if pinned is not None:
+            run.config = pinned.path
+        elif base.config is not None:
+            run.config = resolve_config(base.config, options.recipe_root, options.allow_read)
     for step in plan.of_type(LoadAdapter):
-        with _timed(run, step, options, f"load adapter {step.name}"):
-            resolved = options.resolved.get(step.id) or resolve_adapter(
+        with _timed(run, step, options, f"resolve adapter {step.name}"):
+            run.inputs[step.id] = options.resolved.get(step.id) or resolve_adapter(
                 step.source, options.recipe_root, options.allow_read
             )
-            run.inputs[step.id] = resolved
-            run.adapters[step.name] = load_adapter(pipe, step.name, resolved.path)
+    return run.config
+
+
+def run_with_pipeline(plan: Plan, options: ExecOptions, run: PipelineRun) -> PipelineRun:
+    """Execute the plan's pipeline-route outputs (``options.outputs``) on inputs already resolved."""
+    from .grids import GridRenderer
+
+    if not options.outputs:
+        return run  # everything was streamed: no pipeline is built
+    base = plan.step("base")
+    assert isinstance(base, LoadBase)
+    with _timed(run, base, options, "load base"):
+        pipe, run.dtype = load_pipeline(base, run.inputs["base"].path, run.config, options.device)
+    for step in plan.of_type(LoadAdapter):
+        with _timed(run, step, options, f"load adapter {step.name}"):
+            run.adapters[step.name] = load_adapter(pipe, step.name, run.inputs[step.id].path)
     for step in plan.of_type(MergeAdapters):
         with _timed(run, step, options, f"merge {step.name}"):
             merge_adapters(pipe, step)

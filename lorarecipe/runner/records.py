@@ -173,6 +173,7 @@ def finish_manifest(
                 continue
             doc: dict[str, Any] = {
                 "kind": _output_kind(step),
+                "executor": run.executors.get(name),
                 "path": step.path,  # type: ignore[attr-defined]
                 "step": step.key(),
                 "files": [file_entry(p, out_root) for p in run.written[name]],
@@ -201,6 +202,15 @@ def finish_manifest(
             "libraries": library_versions(),
             "checks": {
                 "fuse": vars(run.fuse) if run.fuse else None,
+                "streams": {
+                    k: {
+                        "tensors": r.tensors,
+                        "changed": r.changed,
+                        "peak_rss_bytes": r.peak_rss_bytes,
+                        "max_abs_diff_vs_fp32": r.max_abs_diff_vs_fp32,
+                    }
+                    for k, r in run.streams.items()
+                },
                 "adapters": {n: a.modules for n, a in run.adapters.items()},
             },
             "timings_seconds": {k: round(v, 3) for k, v in run.timings.items()},

@@ -57,7 +57,12 @@ def messages(problems: list[Problem]) -> list[str]:
 
 
 def build_text(
-    folder: Path, text: str, out: str = "out", name: str = "recipe.yaml", allow_read: tuple[Path, ...] = ()
+    folder: Path,
+    text: str,
+    out: str = "out",
+    name: str = "recipe.yaml",
+    allow_read: tuple[Path, ...] = (),
+    executor: str = "auto",
 ) -> BuildResult:
     """Write, load, compile and run a recipe; returns the runner's result."""
     from lorarecipe.runner import run_plan
@@ -65,5 +70,10 @@ def build_text(
     loaded = load_recipe(write_recipe(folder, text, name))
     plan = compile_recipe(loaded, allow_read=allow_read)
     return run_plan(
-        plan, out_root=folder / out, recipe_root=loaded.root, recipe_text=loaded.text, allow_read=allow_read
+        plan,
+        out_root=folder / out,
+        recipe_root=loaded.root,
+        recipe_text=loaded.text,
+        allow_read=allow_read,
+        executor=executor,
     )

@@ -1,0 +1,241 @@
+"""A weightless pipeline that carries only the LoRA layers: what the streaming fuser asks diffusers and PEFT.
+
+Config folder + LoRA files + plan steps -> for every base weight a fused adapter applies to, the PEFT
+LoRA layer that computes its delta (``FuseTarget``). The LoRA-loadable components are built from their
+configs on the meta device, and every parameter is replaced by a zero-stride CPU stub of the right
+shape (no memory), so diffusers and PEFT run unchanged on it: ``load_lora_weights`` (diffusers'
+``lora_state_dict`` conversion of PEFT/kohya/old layouts, ranks, alphas, alpha/rank patterns),
+lorarecipe's own ``load_adapter`` checks and attention-processor conversion, ``add_weighted_adapter``
+merges (same module order, hence the same DARE draws for the same seed), ``set_adapters`` with
+per-block weights, and fuse_lora's ``scale_layer(lora_scale)``. Only the final ``W + Σ delta`` is
+left to the caller, tensor by tensor. The stubs are float32, so the LoRA factors and merges are float32
+as on a float32 pipeline. Never loads a base weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import BuildError
+from ..plan import FuseAdapters, LoadAdapter, MergeAdapters, Plan
+from .pipeline_load import check_model_index
+
+__all__ = [
+    "LORA_MIXINS",
+    "FuseTarget",
+    "Skeleton",
+    "build_skeleton",
+    "fuse_targets",
+    "lora_mixin",
+    "needed_adapters",
+    "prepare_adapters",
+]
+
+
+@dataclass(frozen=True)
+class FuseTarget:
+    """One base weight to fuse: the PEFT LoRA layer and the adapters merged into it, in fuse order."""
+
+    component: str
+    module_name: str
+    module: Any  # peft.tuners.lora.LoraLayer (on stubs)
+    adapters: tuple[str, ...]
+
+
+@dataclass
+class Skeleton:
+    """The weightless pipeline plus each component's state-dict shapes and config (taken before any
+    LoRA layer is injected: PEFT renames ``x.weight`` to ``x.base_layer.weight``)."""
+
+    pipe: Any
+    shapes: dict[str, dict[str, tuple[int, ...]]]
+    configs: dict[str, dict[str, Any]]
+    libraries: dict[str, str]  # component -> "diffusers" | "transformers"
+
+
+# pipeline class -> its LoRA loader mixin in diffusers.loaders.lora_pipeline, so the (slow) pipeline
+# modules need not be imported; tests/test_streaming.py checks each against the class's MRO.
+LORA_MIXINS = {
+    "StableDiffusionPipeline": "StableDiffusionLoraLoaderMixin",
+    "StableDiffusionXLPipeline": "StableDiffusionXLLoraLoaderMixin",
+    "StableDiffusion3Pipeline": "SD3LoraLoaderMixin",
+    "FluxPipeline": "FluxLoraLoaderMixin",
+}
+
+
+def lora_mixin(pipeline_class: str) -> type:
+    """The LoRA loader mixin a diffusers pipeline class inherits ``load_lora_weights`` from."""
+    import diffusers
+    from diffusers.loaders import lora_pipeline
+
+    if pipeline_class in LORA_MIXINS:
+        mixin: type = getattr(lora_pipeline, LORA_MIXINS[pipeline_class])
+        return mixin
+    from diffusers import DiffusionPipeline
+    from diffusers.loaders.lora_base import LoraBaseMixin
+
+    pipeline_cls = getattr(diffusers, pipeline_class, None)
+    if not isinstance(pipeline_cls, type):
+        raise BuildError(f"unknown diffusers pipeline class {pipeline_class!r}")
+    for cls in pipeline_cls.__mro__:
+        if (
+            issubclass(cls, LoraBaseMixin)
+            and not issubclass(cls, DiffusionPipeline)
+            and "load_lora_weights" in vars(cls)
+        ):
+            return cls
+    raise BuildError(f"{pipeline_class} has no LoRA loader; the streaming fuser cannot run it")
+
+
+def _stub_tensors(model: Any) -> None:
+    """Meta parameters/buffers -> zero-stride float32 CPU stubs: real shapes, a few bytes each.
+
+    PEFT moves a new LoRA layer to the device and dtype of its base weight; on meta it would be lost.
+    """
+    import torch
+
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, value in list(table.items()):
+                if value is None:
+                    continue
+                dtype = torch.float32 if value.dtype.is_floating_point else value.dtype
+                stub = torch.zeros((), dtype=dtype).expand(value.shape)
+                table[name] = (
+                    torch.nn.Parameter(stub, requires_grad=False) if table is module._parameters else stub
+                )
+
+
+def _instantiate(library: str, class_name: str, folder: Path) -> tuple[Any, dict[str, Any]]:
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    cls = getattr(diffusers if library == "diffusers" else transformers, class_name, None)
+    if cls is None:
+        raise BuildError(f"{folder}: unknown {library} class {class_name!r}")
+    with init_empty_weights(include_buffers=True):
+        if library == "diffusers":
+            config = dict(cls.load_config(str(folder)))
+            model = cls.from_config(config)
+        else:
+            loaded = cls.config_class.from_pretrained(str(folder))
+            config = loaded.to_dict()
+            model = cls._from_config(loaded)
+    return model, config
+
+
+def build_skeleton(config_root: Path, pipeline_class: str | None, extra: Iterable[str] = ()) -> Skeleton:
+    """Instantiate the LoRA-loadable components (and ``extra`` ones, e.g. the VAE for a single-file
+    layout) of the pipeline described by ``config_root/model_index.json``, without weights."""
+    index = check_model_index(config_root)
+    mixin = lora_mixin(pipeline_class or index["_class_name"])
+    skeleton_cls = type(f"Streaming{mixin.__name__}", (mixin,), {"hf_device_map": None, "components": {}})
+    pipe = skeleton_cls()
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    libraries: dict[str, str] = {}
+    wanted = [*getattr(mixin, "_lora_loadable_modules", []), *extra]
+    for component in dict.fromkeys(wanted):
+        entry = index.get(component)
+        if not (isinstance(entry, list) and entry[0] is not None and entry[1] is not None):
+            continue
+        model, configs[component] = _instantiate(entry[0], entry[1], config_root / component)
+        libraries[component] = entry[0]
+        shapes[component] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        _stub_tensors(model)
+        setattr(pipe, component, model)
+    return Skeleton(pipe, shapes, configs, libraries)
+
+
+def needed_adapters(plan: Plan, fuse: FuseAdapters) -> tuple[list[LoadAdapter], list[MergeAdapters]]:
+    """The LoadAdapter and MergeAdapters steps the fuse depends on (transitively), in plan order."""
+    merges = {s.name: s for s in plan.of_type(MergeAdapters)}
+    wanted: set[str] = set()
+    stack = list(fuse.adapters)
+    while stack:
+        name = stack.pop()
+        if name in wanted:
+            continue
+        wanted.add(name)
+        if name in merges:
+            stack.extend(merges[name].adapters)
+    loads = [s for s in plan.of_type(LoadAdapter) if s.name in wanted]
+    return loads, [s for s in plan.of_type(MergeAdapters) if s.name in wanted]
+
+
+def prepare_adapters(
+    skeleton: Skeleton, plan: Plan, fuse: FuseAdapters, adapter_paths: Mapping[str, Path]
+) -> None:
+    """Load the adapters and run the merges the fuse needs, exactly as the pipeline route does."""
+    from .adapters import load_adapter
+    from .merge import merge_adapters
+
+    loads, merges = needed_adapters(plan, fuse)
+    for step in loads:
+        if step.name not in adapter_paths:
+            raise BuildError(f"no file for adapter {step.name!r}")
+        load_adapter(skeleton.pipe, step.name, Path(adapter_paths[step.name]))
+    for merge in merges:
+        merge_adapters(skeleton.pipe, merge)
+
+
+def _adapters_in(module: Any, names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(
+        n for n in names if n in getattr(module, "lora_A", {}) or n in getattr(module, "lora_embedding_A", {})
+    )
+
+
+def _refuse_unsupported(where: str, module: Any, merged: list[str], adapters: tuple[str, ...]) -> None:
+    """What PEFT's merge would fuse but a LoRA delta cannot express: a LoRA bias, a DoRA magnitude,
+    or a non-LoRA layer (LoKr/LoHa) of a fused adapter."""
+    layers = getattr(module, "adapter_layer_names", ())
+    for adapter in merged:
+        if adapter in adapters:
+            unsupported = bool(getattr(module, "lora_bias", {}).get(adapter)) or adapter in getattr(
+                module, "lora_variant", {}
+            )
+            kind = "has a LoRA bias or a DoRA magnitude"
+        else:
+            unsupported = any(adapter in getattr(module, n, {}) for n in layers)
+            kind = f"is not a plain LoRA layer ({type(module).__name__})"
+        if unsupported:
+            raise BuildError(
+                f"{where}: adapter {adapter!r} {kind}; the streaming fuser only fuses plain LoRA "
+                "(use --executor diffusers)"
+            )
+
+
+def fuse_targets(
+    skeleton: Skeleton, fuse: FuseAdapters
+) -> tuple[dict[tuple[str, str], FuseTarget], list[str]]:
+    """set_adapters + scale_layer as ``fuse_lora`` does -> {(component, base weight key): target}, and
+    the components fused. Refuses what the stream cannot reproduce (LoRA bias, DoRA, LoKr/LoHa)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+    from .fuse import apply_mix
+    from .merge import lora_components
+
+    pipe = skeleton.pipe
+    apply_mix(pipe, fuse.adapters, fuse.weights)
+    available = lora_components(pipe)
+    components = [c for c in (fuse.components or available) if c in available]
+    if not components:
+        raise BuildError("none of the requested components carries a LoRA adapter: nothing to fuse")
+    targets: dict[tuple[str, str], FuseTarget] = {}
+    for component in components:
+        for name, module in getattr(pipe, component).named_modules():
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            if fuse.lora_scale != 1.0:
+                module.scale_layer(fuse.lora_scale)
+            merged = check_adapters_to_merge(module, list(fuse.adapters))
+            adapters = _adapters_in(module, merged)
+            _refuse_unsupported(f"{component}.{name}", module, merged, adapters)
+            if not adapters:
+                continue
+            targets[(component, f"{name}.weight")] = FuseTarget(component, name, module, adapters)
+    return targets, components

@@ -1,0 +1,245 @@
+"""One output tensor's values: base rows read positionally, LoRA deltas added in float32, rounded once.
+
+OutTensor + its fuse targets -> bytes in the output dtype and stored form. The whole-tensor path adds
+each adapter's PEFT ``get_delta_weight`` to the float32 base in fuse order, as PEFT's safe merge does,
+so a float32 output is bit-identical to the pipeline route (peak: about four float32 copies of the
+tensor). A tensor whose output is not float32 (a dtype conversion, or a fuse rounded to float16 or
+bfloat16) and that is larger than one chunk goes through in row chunks of about 4 MiB of float32
+instead: read, fused and written a chunk at a time, the delta rows computed from the matching rows of
+``lora_B`` with PEFT's formula (Linear and 1×1 convolution layers) in 64-row blocks, which sum exactly
+as one big GEMM does (a test checks). Peak: a few chunks. NaN/Inf in a fused weight is refused, as
+PEFT's safe merge refuses it; an overflow of the output dtype too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BuildError
+from .streaming_io import PositionalReader, SafetensorsWriter
+from .streaming_layout import OutTensor, Part
+from .streaming_skeleton import FuseTarget
+
+__all__ = ["WriteStats", "as_bytes", "chunk_rows", "compute", "torch_dtype_of", "write_chunked"]
+
+_CHUNK_ELEMENTS = 1024 * 1024  # elements per row chunk: 4 MiB of float32 per temporary
+_BYTE_IDENTICAL = (None, "conv1x1")  # stored forms that differ from the diffusers form by shape only
+
+
+@dataclass
+class WriteStats:
+    """Counts over all files written, and the targets consumed (each must be used exactly once)."""
+
+    tensors: int = 0
+    changed: int = 0
+    max_abs_diff_vs_fp32: float = 0.0
+    used: set[tuple[str, str]] = field(default_factory=set)
+
+
+def torch_dtype_of(name: str) -> Any:
+    """safetensors dtype name -> torch dtype."""
+    import torch
+
+    table = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+    if name not in table:
+        raise BuildError(f"the streaming fuser cannot convert tensors of dtype {name}")
+    return table[name]
+
+
+def _load_part(reader: PositionalReader, part: Part) -> Any:
+    """A part's stored bytes -> a tensor in its diffusers shape (stored dtype, no copy beyond the read)."""
+    import torch
+
+    dtype = torch_dtype_of(part.tensor.dtype)
+    offset, length = part.byte_range
+    if length == 0:
+        tensor = torch.empty(part.stored_shape, dtype=dtype)
+    else:
+        tensor = torch.frombuffer(reader.read(part.path, offset, length), dtype=dtype).reshape(
+            part.stored_shape
+        )
+    if part.stored == "conv1x1":
+        return tensor.reshape(tensor.shape[:-2])
+    if part.stored == "transpose":
+        return tensor.t()
+    return tensor
+
+
+def _fused(base: Any, target: FuseTarget) -> Any:
+    """float32 ``base`` + each adapter's delta in fuse order, as PEFT's safe merge adds them.
+
+    Each delta is dropped before the next is computed: peak is base + sum + two delta-sized temporaries.
+    """
+    import torch
+
+    weight = base.to(torch.float32, copy=True)
+    for adapter in target.adapters:
+        delta = target.module.get_delta_weight(adapter)
+        if tuple(delta.shape) != tuple(weight.shape):
+            raise BuildError(
+                f"{target.component}.{target.module_name}: LoRA delta {list(delta.shape)} does not fit "
+                f"the base weight {list(weight.shape)}"
+            )
+        weight += delta.to(weight.dtype)
+        del delta
+    return weight
+
+
+def _check_rounding(fused: Any, rounded: Any, target: FuseTarget, stats: WriteStats) -> None:
+    """Refuse NaN/Inf (PEFT's safe merge does) and record the rounding error; ``fused`` is consumed.
+
+    Below float32, one pass does both: max |fused - rounded| is NaN or Inf exactly when either holds a
+    NaN or an Inf (an overflow to Inf in the output dtype included).
+    """
+    import torch
+
+    if not fused.numel():
+        return
+    if rounded.dtype == torch.float32:
+        bad = not bool(torch.isfinite(fused).all())
+    else:
+        diff = float(fused.sub_(rounded).abs_().max())  # in place: fused is not needed any more
+        bad = not math.isfinite(diff)
+        if not bad:
+            stats.max_abs_diff_vs_fp32 = max(stats.max_abs_diff_vs_fp32, diff)
+    if bad:
+        raise BuildError(f"fused weight {target.component}.{target.module_name} contains NaN/Inf")
+
+
+def compute(
+    reader: PositionalReader,
+    tensor: OutTensor,
+    targets: Mapping[tuple[str, str], FuseTarget],
+    stats: WriteStats,
+) -> Any:
+    import torch
+
+    from ..singlefile import apply_transform
+
+    out_dtype = torch_dtype_of(tensor.dtype)
+    pieces = []
+    for part in tensor.parts:
+        base = _load_part(reader, part)
+        target = targets.get((part.component, part.key))
+        if target is None:
+            pieces.append(base.to(out_dtype))
+            continue
+        stats.used.add((part.component, part.key))
+        fused = _fused(base, target)
+        rounded = fused.to(out_dtype)
+        _check_rounding(fused, rounded, target, stats)
+        if not torch.equal(rounded, base.to(out_dtype)):
+            stats.changed += 1
+        pieces.append(rounded)
+        del fused, base
+    joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+    result = apply_transform(joined, tensor.transform).contiguous()
+    if tuple(result.shape) != tensor.shape:
+        raise BuildError(f"{tensor.key}: computed shape {list(result.shape)}, planned {list(tensor.shape)}")
+    return result
+
+
+def as_bytes(tensor: Any) -> memoryview:
+    import torch
+
+    flat = tensor.reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _fused_rows(base: Any, target: FuseTarget, rows: tuple[int, int]) -> Any:
+    """float32 ``base`` (rows ``rows`` of the weight) + each adapter's delta rows, in fuse order."""
+    import torch
+
+    weight = base.to(torch.float32, copy=True)
+    start, stop = rows
+    for adapter in target.adapters:
+        module = target.module
+        a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight[start:stop].float()
+        if isinstance(module.get_base_layer(), torch.nn.Conv2d):  # 1×1, PEFT's conv2d 1x1 formula
+            delta = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        else:
+            delta = b @ a
+        weight += delta * module.scaling[adapter]
+        del delta
+    return weight
+
+
+def chunk_rows(row_elements: int) -> int:
+    """Rows per chunk: about ``_CHUNK_ELEMENTS`` elements, a multiple of 64 rows when that many fit
+    (whole GEMM row blocks, so each delta row is summed exactly as in one big GEMM)."""
+    step = max(1, _CHUNK_ELEMENTS // max(row_elements, 1))
+    return step - step % 64 if step >= 64 else step
+
+
+def _rows_capable(target: FuseTarget | None) -> bool:
+    """Whether a target's delta rows are ``lora_B`` rows @ ``lora_A`` (plain Linear, 1×1 Conv2d)."""
+    import torch
+
+    if target is None:
+        return True
+    layer = target.module.get_base_layer()
+    if isinstance(layer, torch.nn.Conv2d):
+        plain = tuple(layer.weight.shape[2:4]) == (1, 1) and layer.groups == 1
+    else:
+        plain = isinstance(layer, torch.nn.Linear) and not getattr(target.module, "fan_in_fan_out", False)
+    return plain and all(a in target.module.lora_A for a in target.adapters)
+
+
+def write_chunked(
+    reader: PositionalReader,
+    writer: SafetensorsWriter,
+    tensor: OutTensor,
+    targets: Mapping[tuple[str, str], FuseTarget],
+    stats: WriteStats,
+) -> bool:
+    """Write ``tensor`` in row chunks; False (nothing written) when it must go through ``compute``."""
+    import torch
+
+    if len(tensor.parts) != 1 or tensor.dtype == "F32" or tensor.transform not in _BYTE_IDENTICAL:
+        return False
+    part = tensor.parts[0]
+    target = targets.get((part.component, part.key))
+    shape = part.stored_shape
+    if part.stored not in _BYTE_IDENTICAL or not shape or not shape[0] or not _rows_capable(target):
+        return False
+    row_elements = math.prod(shape[1:])
+    if row_elements * shape[0] <= _CHUNK_ELEMENTS:
+        return False  # small: the whole-tensor path is as cheap
+    stored, out_dtype = torch_dtype_of(part.tensor.dtype), torch_dtype_of(tensor.dtype)
+    diffusers_shape = shape[:-2] if part.stored == "conv1x1" else shape
+    offset, length = part.byte_range
+    stored_row, out_row = length // shape[0], tensor.entry.nbytes // shape[0]
+    step = chunk_rows(row_elements)
+    changed = False
+    for start in range(0, shape[0], step):
+        stop = min(shape[0], start + step)
+        data = reader.read(part.path, offset + start * stored_row, (stop - start) * stored_row)
+        base = torch.frombuffer(data, dtype=stored).reshape((stop - start, *diffusers_shape[1:]))
+        if target is None:
+            out = base.to(out_dtype)
+        else:
+            fused = _fused_rows(base, target, (start, stop))
+            out = fused.to(out_dtype)
+            _check_rounding(fused, out, target, stats)
+            changed = changed or not torch.equal(out, base.to(out_dtype))
+            del fused
+        writer.write_part(tensor.key, start * out_row, as_bytes(out))
+        del out, base, data
+    if target is not None:
+        stats.used.add((part.component, part.key))
+        stats.changed += int(changed)
+    return True
