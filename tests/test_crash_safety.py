@@ -452,7 +452,7 @@ def test_sigkill_mid_write_leaves_complete_outputs_and_a_second_build_is_refused
     finally:
         first.send_signal(signal.SIGCONT)
     # ... then killed once its last output is at its final path (model cards and manifest pending).
-    _wait_for(first, lambda: (out / "fused.safetensors").exists())
+    _wait_for(first, lambda: (out / "grids" / "g.png").exists())  # checkpoints stream first; the grid is last
     _sigkill(first)
     snapshots.append(_final_files(out))
     assert {"fused.safetensors", "lora/pytorch_lora_weights.safetensors", "grids/g.png"} <= set(snapshots[0])
@@ -599,8 +599,8 @@ def _under_tmp_for(name: str) -> Callable[[str], bool]:
 @NEEDS_PROC
 @pytest.mark.parametrize(
     ("failing", "line"),
-    [("lora", 14), ("fused", 15), ("fused.safetensors", 16)],
-    ids=["first-output", "pipeline-folder", "last-output"],
+    [("fused", 15), ("fused.safetensors", 16), ("lora", 14)],
+    ids=["first-output", "single-file", "lora-folder"],
 )
 def test_disk_full_while_writing_exits_1_and_keeps_the_previous_output(
     previous_build: Path,
@@ -623,7 +623,7 @@ def test_disk_full_while_writing_exits_1_and_keeps_the_previous_output(
     after = _digests(out)
     kept = {k: v for k, v in before.items() if k == failing or k.startswith(failing + "/")}
     assert kept and all(after.get(k) == v for k, v in kept.items()), "the previous output changed"
-    if failing == "lora":  # nothing was replaced yet: every previous output is untouched
+    if failing == "fused":  # streamed first: nothing was replaced yet, every previous output is untouched
         assert _outputs_only(after) == _outputs_only(before)
         assert after.get("manifest.json") in (before["manifest.json"], None)
 

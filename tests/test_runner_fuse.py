@@ -135,3 +135,23 @@ def test_fp16_base_is_not_upcast(tmp_path: Path) -> None:
     build_text(tmp_path, text)
     fused = read_component_weights(tmp_path / "out" / "fused", "unet")
     assert {t.dtype for t in fused.values()} == {torch.float16}
+
+
+def test_streaming_refusal_falls_back_only_in_auto_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lorarecipe.errors import BuildError
+    from lorarecipe.runner import streaming
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise BuildError("the streaming fuser does not support this adapter")
+
+    monkeypatch.setattr(streaming, "stream_fuse", refuse)
+    a, b, _ = CASES["tiny-sd"]
+    text = _recipe("tiny-sd", a, b, 1.0, 1.0, 1.0)
+    build_text(tmp_path, text)  # auto: the pipeline route takes over
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["outputs"]["fused"]["executor"] == "diffusers"
+    with pytest.raises(BuildError, match="does not support"):
+        build_text(tmp_path, text, out="strict", executor="streaming")
+    assert not (tmp_path / "strict" / "fused").exists()

@@ -384,8 +384,10 @@ def check_model_index(folder: Path) -> dict[str, Any]:
         raise InputUnavailableError(
             f"{folder} is not a diffusers pipeline folder (no model_index.json)"
         ) from None
-    except (OSError, ValueError) as exc:
-        raise UnsafeInputError(f"{index_path}: unreadable ({exc})") from None
+    except ValueError as exc:
+        raise UnsafeInputError(f"{index_path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise UnsafeInputError(f"{index_path}: unreadable ({exc.strerror or exc})") from None
     if not isinstance(index, dict):
         raise UnsafeInputError(f"{index_path}: not a JSON object")
     cls = index.get("_class_name")

@@ -48,7 +48,9 @@ def stream_checkpoints(plan: Plan, options: ExecOptions, run: PipelineRun, execu
                 )
                 run.dtype = run.dtype or pipeline_dtype(base, run.inputs["base"].path)  # type: ignore[arg-type]
         except BuildError as exc:
-            if executor == "streaming":
+            # only the streamer's own refusals fall back; I/O failures (StepFailedError), unsafe or
+            # missing inputs are real errors that the pipeline route would hit as well
+            if executor == "streaming" or type(exc) is not BuildError:
                 raise
             options.reporter.log(
                 f"{step.output}: streaming refused ({exc.message}); using the diffusers route"
