@@ -9,7 +9,8 @@ between sections (an adapter named in a merge, …) are checked by the compiler,
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
@@ -73,8 +74,36 @@ def _check_hub_id(value: str | None) -> str | None:
     return value
 
 
-class BaseSpec(_Spec):
+class _SourceSpec(_Spec):
+    """Shared rules of base and adapter sources: the ``builtin:NAME`` short form, hub repo ids and
+    known built-in names (``_builtins`` of the subclass)."""
+
+    _builtins: ClassVar[Mapping[str, object]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return _builtin_shorthand(value)
+
+    @field_validator("hub", check_fields=False)
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        return _check_hub_id(value)
+
+    @field_validator("builtin", check_fields=False)
+    @classmethod
+    def _known_builtin(cls, value: str | None) -> str | None:
+        if value is not None and value not in cls._builtins:
+            kind = "base" if cls._builtins is BUILTIN_BASES else "LoRA"
+            hint = did_you_mean(value, cls._builtins) or f"one of {', '.join(cls._builtins)}"
+            raise ValueError(f"unknown builtin {kind} {value!r} ({hint})")
+        return value
+
+
+class BaseSpec(_SourceSpec):
     """The base model: exactly one of ``hub``, ``path``, ``file`` or ``builtin``."""
+
+    _builtins: ClassVar[Mapping[str, object]] = BUILTIN_BASES
 
     hub: str | None = Field(
         None,
@@ -105,24 +134,6 @@ class BaseSpec(_Spec):
     )
     variant: str | None = Field(None, description="diffusers weight variant, e.g. 'fp16'.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, value: Any) -> Any:
-        return _builtin_shorthand(value)
-
-    @field_validator("hub")
-    @classmethod
-    def _hub_id(cls, value: str | None) -> str | None:
-        return _check_hub_id(value)
-
-    @field_validator("builtin")
-    @classmethod
-    def _known_builtin(cls, value: str | None) -> str | None:
-        if value is not None and value not in BUILTIN_BASES:
-            hint = did_you_mean(value, BUILTIN_BASES) or f"one of {', '.join(BUILTIN_BASES)}"
-            raise ValueError(f"unknown builtin base {value!r} ({hint})")
-        return value
-
     @model_validator(mode="after")
     def _one_source(self) -> BaseSpec:
         given = [k for k in ("hub", "path", "file", "builtin") if getattr(self, k) is not None]
@@ -138,8 +149,10 @@ class BaseSpec(_Spec):
         return self
 
 
-class AdapterSpec(_Spec):
+class AdapterSpec(_SourceSpec):
     """One LoRA file: from the hub (repo + explicit weight_name), a local file, or a built-in."""
+
+    _builtins: ClassVar[Mapping[str, object]] = BUILTIN_LORAS
 
     hub: str | None = Field(None, description="Hub repo id holding the LoRA.")
     weight_name: str | None = Field(
@@ -161,24 +174,6 @@ class AdapterSpec(_Spec):
         description="Words that activate the LoRA; used in grids and cards.",
     )
     description: str | None = Field(None, max_length=2000, description="Free text for the model card.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, value: Any) -> Any:
-        return _builtin_shorthand(value)
-
-    @field_validator("hub")
-    @classmethod
-    def _hub_id(cls, value: str | None) -> str | None:
-        return _check_hub_id(value)
-
-    @field_validator("builtin")
-    @classmethod
-    def _known_builtin(cls, value: str | None) -> str | None:
-        if value is not None and value not in BUILTIN_LORAS:
-            hint = did_you_mean(value, BUILTIN_LORAS) or f"one of {', '.join(BUILTIN_LORAS)}"
-            raise ValueError(f"unknown builtin LoRA {value!r} ({hint})")
-        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> AdapterSpec:

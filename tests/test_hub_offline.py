@@ -6,10 +6,8 @@ commit SHA, ``snapshots/<sha>/…`` linking into ``blobs/``); nothing of lorarec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,39 +15,14 @@ import pytest
 from lorarecipe.builtin.build import builtin_base_path, builtin_lora_path
 from lorarecipe.cli import main
 from lorarecipe.hubcache import cached_file, hub_cache_dir
+from tests.helpers.hubcache import add_commit, tree
 from tests.helpers.recipes import build_text, compile_text, write_recipe
-
-
-def _add_to_cache(repo: str, files: dict[str, Path], refs: tuple[str, ...] = ("main",)) -> str:
-    """Put ``files`` (name -> source) into the HF cache as one commit; returns its SHA."""
-    from huggingface_hub import constants
-
-    root = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
-    sha = hashlib.sha1(repo.encode()).hexdigest()
-    for name, source in files.items():
-        blob = root / "blobs" / hashlib.sha256(source.read_bytes()).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, blob)
-        link = root / "snapshots" / sha / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(os.path.relpath(blob, link.parent))
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    for ref in refs:
-        (root / "refs" / ref).write_text(sha)
-    return sha
-
-
-def _tree(folder: Path) -> dict[str, Path]:
-    return {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
 def hub_repos() -> dict[str, str]:
-    base_sha = _add_to_cache("lorarecipe-test/tiny-sd", _tree(builtin_base_path("tiny-sd")), ("main", "v1"))
-    lora_sha = _add_to_cache(
-        "lorarecipe-test/loras", {"style.safetensors": builtin_lora_path("tiny-sd/style")}
-    )
+    base_sha = add_commit("lorarecipe-test/tiny-sd", tree(builtin_base_path("tiny-sd")), ("main", "v1"))
+    lora_sha = add_commit("lorarecipe-test/loras", {"style.safetensors": builtin_lora_path("tiny-sd/style")})
     return {"base": base_sha, "lora": lora_sha}
 
 

@@ -36,6 +36,7 @@ from lorarecipe.lock import (
     write_lock,
 )
 from lorarecipe.plan import Plan, Source
+from tests.helpers.hubcache import add_commit, tree
 from tests.helpers.recipes import write_recipe
 
 BASE_REPO, LORA_REPO = "lorarecipe-lock/tiny-sd", "lorarecipe-lock/loras"
@@ -45,30 +46,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _commit(repo: str, files: dict[str, Path], refs: tuple[str, ...], label: str) -> str:
-    """Put ``files`` (name -> source) into the HF cache as one commit named by ``refs``; returns its SHA."""
-    from huggingface_hub import constants
-
-    root = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
-    sha = hashlib.sha1(f"{repo}@{label}".encode()).hexdigest()
-    for name, source in files.items():
-        blob = root / "blobs" / _sha256(source)
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, blob)
-        link = root / "snapshots" / sha / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(os.path.relpath(blob, link.parent))
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    for ref in refs:
-        (root / "refs" / ref).write_text(sha)
-    return sha
-
-
-def _tree(folder: Path) -> dict[str, Path]:
-    return {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Base: one commit (main and tag v1) holding, besides the pipeline, files diffusers does not load.
@@ -76,7 +53,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     junk = tmp_path_factory.mktemp("junk")
     (junk / "README.md").write_text("# tiny\n")
     (junk / "weights.bin").write_bytes(b"pickle, never read")
-    files = _tree(builtin_base_path("tiny-sd"))
+    files = tree(builtin_base_path("tiny-sd"))
     extras = {
         "README.md": junk / "README.md",
         ".gitattributes": junk / "README.md",
@@ -84,11 +61,11 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "unet/diffusion_pytorch_model.fp16.safetensors": files["unet/diffusion_pytorch_model.safetensors"],
     }
     return {
-        "base": _commit(BASE_REPO, {**files, **extras}, ("main", "v1"), "base"),
-        "lora_v1": _commit(
+        "base": add_commit(BASE_REPO, {**files, **extras}, ("main", "v1"), label="base"),
+        "lora_v1": add_commit(
             LORA_REPO, {"style.safetensors": builtin_lora_path("tiny-sd/style")}, ("v1",), "1"
         ),
-        "lora_main": _commit(
+        "lora_main": add_commit(
             LORA_REPO, {"style.safetensors": builtin_lora_path("tiny-sd/detail")}, ("main",), "2"
         ),
     }
@@ -144,7 +121,7 @@ def test_lock_pins_commits_and_hashes_every_file(recipe: Path, hub: dict[str, st
         hub["base"],
     )
     # exactly the pipeline diffusers loads: no README, no .bin, no fp16 variant, no hidden file
-    assert _files(lock, "base") == _expected(_tree(builtin_base_path("tiny-sd")))
+    assert _files(lock, "base") == _expected(tree(builtin_base_path("tiny-sd")))
 
     tagged, latest = inputs["adapter:tagged"], inputs["adapter:latest"]
     assert (tagged.commit, tagged.requested_revision, tagged.filename) == (
@@ -265,7 +242,7 @@ outputs:
     lock = create_lock(recipe)
     assert len(lock.plan_fingerprints) == 2 and len(set(lock.plan_fingerprints)) == 2
     assert [i.step for i in lock.inputs] == ["adapter:style", "base"]  # shared by both builds: once
-    assert _files(lock, "base") == _expected(_tree(builtin_base_path("tiny-sd")))
+    assert _files(lock, "base") == _expected(tree(builtin_base_path("tiny-sd")))
     (tmp_path / "mybase" / "unet" / "extra.safetensors").write_bytes(b"new")
     base = next(i for i in lock.inputs if i.step == "base")
     with pytest.raises(IntegrityError, match=r"local mybase: unet/extra.safetensors is not in the lock"):
@@ -278,7 +255,7 @@ def test_builtin_base_is_locked(tmp_path: Path) -> None:
     assert [(i.step, i.kind, i.ref, i.commit) for i in lock.inputs][1:] == [
         ("base", "builtin", "tiny-sd", None)
     ]
-    assert _files(lock, "base") == _expected(_tree(builtin_base_path("tiny-sd")))
+    assert _files(lock, "base") == _expected(tree(builtin_base_path("tiny-sd")))
 
 
 def test_missing_lock_names_file_and_fix(tmp_path: Path) -> None:
@@ -321,7 +298,7 @@ def test_variant_locks_the_variant_weights_diffusers_picks(recipe: Path) -> None
         recipe.parent, RECIPE.replace("revision: v1}", "revision: v1, variant: fp16}", 1), "demo.yaml"
     )
     fp16 = create_lock(recipe)
-    expected = _tree(builtin_base_path("tiny-sd"))
+    expected = tree(builtin_base_path("tiny-sd"))
     expected["unet/diffusion_pytorch_model.fp16.safetensors"] = expected.pop(
         "unet/diffusion_pytorch_model.safetensors"
     )

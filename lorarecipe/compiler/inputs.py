@@ -36,8 +36,6 @@ from .context import CompileContext
 
 __all__ = ["AdapterFacts", "InputFacts", "check_inputs"]
 
-_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
 
 @dataclass
 class AdapterFacts:
@@ -359,7 +357,3 @@ def component_ranks(info: LoraInfo) -> dict[str, tuple[int, ...]]:
     for module in info.modules:
         ranks.setdefault(module.component, set()).add(module.rank)
     return {comp: tuple(sorted(r)) for comp, r in ranks.items()}
-
-
-def dtype_name(code: str | None) -> str | None:
-    return _DTYPE_NAMES.get(code or "", code)
