@@ -8,6 +8,7 @@ JSON with ``--json``) ends the run, and the exit code is 1 if any build failed.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ def build_recipe_file(path: Path, args: Any, several: bool) -> list[BuildOutcome
         raise
     except LorarecipeError as exc:
         return [BuildOutcome(str(path), "", "", False, problems=exc.problems)]
-    root = _out_root(args, loaded.name, several)
+    root = Path(os.path.abspath(_out_root(args, loaded.name, several)))
     outcomes = []
     for build in loaded.builds:
         out = root / build.label if build.label else root

@@ -191,3 +191,14 @@ def test_frozen_build_refuses_a_missing_stale_or_tampered_lock(
     assert main(["lock", "--check", str(recipe)]) == 1
     assert main(["build", str(recipe), "--out", str(out), "--frozen", "--quiet"]) == 1
     assert "is stale" in capsys.readouterr().err
+
+
+def test_relative_output_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make demo` uses `--out build/demo`: a relative output root must work end to end."""
+    recipe = write_recipe(tmp_path, RECIPE.replace("  grid: {kind: grid", "  # grid: {kind: grid"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "recipe.yaml", "--out", "build/inc", "--quiet"]) == 0
+    assert main(["verify", "build/inc"]) == 0
+    assert main(["build", "recipe.yaml", "--quiet"]) == 0  # the default root, build/<name>, is relative too
+    assert (tmp_path / "build" / "inc" / "manifest.json").is_file()
+    assert recipe.is_file()

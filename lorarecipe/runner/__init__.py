@@ -8,6 +8,7 @@ stage that imports torch, diffusers and peft (lazily, inside the executors).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ def run_plan(
     from .stream_route import stream_checkpoints
 
     started = time.perf_counter()
+    out_root = Path(os.path.abspath(out_root))  # written paths are absolute; a relative --out must match
     reporter = reporter or make_reporter(quiet=True)
     try:
         (out_root / LOCK_NAME).parent.mkdir(parents=True, exist_ok=True)
