@@ -10,7 +10,6 @@ limit named. It never imports torch or anything heavy.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,15 +305,3 @@ def load_yaml(path: Path, display: str | None = None, limits: Limits = LIMITS) -
     """Recipe file -> :class:`YamlDocument`."""
     shown = display or str(path)
     return parse_yaml(read_text(path, shown, limits), shown, limits)
-
-
-def iter_paths(data: Any, prefix: PathKey = ()) -> Iterator[tuple[PathKey, Any]]:
-    """Every (path, scalar) leaf of a data tree; used by templating and tests."""
-    if isinstance(data, dict):
-        for key, value in data.items():
-            yield from iter_paths(value, (*prefix, key))
-    elif isinstance(data, list):
-        for i, value in enumerate(data):
-            yield from iter_paths(value, (*prefix, i))
-    else:
-        yield prefix, data

@@ -243,21 +243,6 @@ class RenderGrid(Step):
     trigger_words: tuple[tuple[str, tuple[str, ...]], ...] = ()  # adapter -> words, for prompts
 
 
-STEP_TYPES: dict[str, type[Step]] = {
-    cls.op: cls
-    for cls in (
-        LoadBase,
-        LoadAdapter,
-        MergeAdapters,
-        SetAdapters,
-        FuseAdapters,
-        SaveCheckpoint,
-        SaveLora,
-        RenderGrid,
-    )
-}
-
-
 @dataclass(frozen=True)
 class Check:
     """A static check's outcome for one input (shown by ``plan``; not part of the fingerprint)."""

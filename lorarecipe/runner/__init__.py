@@ -36,7 +36,6 @@ class BuildResult:
     manifest: Path | None = None
     device: str = "cpu"
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 def run_plan(
