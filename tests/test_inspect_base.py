@@ -30,96 +30,21 @@ from lorarecipe.inspect import (
 )
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "loras"
-TINY_CLIP = {
-    "vocab_size": 100,
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 77,
-    "projection_dim": 32,
-}
-
-
-def _vae() -> Any:
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    )
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Tiny SD and SDXL folders saved by diffusers, plus the SD pipeline itself for LoRA building."""
     import torch
-    from diffusers import (
-        DDIMScheduler,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lorarecipe.builtin.build import build_base_pipeline
 
     root = tmp_path_factory.mktemp("bases")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    sd = StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_CLIP)),
-        tokenizer=None,
-        unet=unet,
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    sd = build_base_pipeline("tiny-sd")  # the built-in tiny models: one set of configs for all tests
     sd.save_pretrained(root / "sd")
     sd.to(torch.float16).save_pretrained(root / "sd", variant="fp16")
     sd.to(torch.float32)
-    xl_unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,
-        norm_num_groups=32,
-    )
-    xl = StableDiffusionXLPipeline(
-        vae=_vae(),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_CLIP)),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP)),
-        tokenizer=None,
-        tokenizer_2=None,
-        unet=xl_unet,
-        scheduler=EulerDiscreteScheduler(),
-    )
+    xl = build_base_pipeline("tiny-sdxl")
     xl.save_pretrained(root / "sdxl")
     yield {"root": root, "sd": root / "sd", "sdxl": root / "sdxl", "pipe": sd}
 

@@ -411,22 +411,9 @@ def test_untrusted_alpha_pattern_is_matched_literally() -> None:
 
 
 def _tiny_unet() -> Any:
-    import torch
-    from diffusers import UNet2DConditionModel
+    from lorarecipe.builtin.build import build_base_pipeline
 
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    return build_base_pipeline("tiny-sd").unet
 
 
 @pytest.fixture(scope="module")
