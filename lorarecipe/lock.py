@@ -389,7 +389,7 @@ def lock_command(args: Any) -> int:
         return 0
     from .runner.quiet import quiet_libraries
 
-    quiet_libraries()  # diffusers warns "Couldn't connect to the Hub" even when offline on purpose
+    quiet_libraries(load=True)  # diffusers warns "Couldn't connect to the Hub" even when offline on purpose
     lock = create_lock(recipe, overrides, args.allow_read)
     path = write_lock(recipe, lock)
     files = sum(len(i.files) for i in lock.inputs)

@@ -85,3 +85,34 @@ def test_missing_hub_model_names_repo_revision_and_fix(
     assert "hf download lorarecipe-test/tiny-sd --revision v2" in err
     assert f"{path}:1:1: error: base:" in err.replace(str(Path.cwd()) + "/", "")
     assert not (tmp_path / "out" / "fused").exists()
+
+
+def test_a_complete_cached_snapshot_resolves_as_diffusers_does(hub_repos: dict[str, str]) -> None:
+    """The cache fast path (no diffusers import) finds the folder DiffusionPipeline.download finds."""
+    from diffusers import DiffusionPipeline
+
+    from lorarecipe.plan import Source
+    from lorarecipe.runner.resolve import cached_pipeline
+
+    for revision in ("v1", hub_repos["base"]):
+        ours = cached_pipeline(Source("hub", "lorarecipe-test/tiny-sd", revision), None)
+        theirs = DiffusionPipeline.download(
+            "lorarecipe-test/tiny-sd", revision=revision, use_safetensors=True
+        )
+        assert ours is not None and ours.commit == hub_repos["base"]
+        assert ours.path == Path(theirs)
+
+
+def test_an_incomplete_snapshot_or_a_branch_online_goes_through_diffusers(
+    hub_repos: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lorarecipe.plan import Source
+    from lorarecipe.runner.resolve import cached_pipeline
+
+    files = tree(builtin_base_path("tiny-sd"))
+    partial = {k: v for k, v in files.items() if not k.startswith("unet/diffusion_pytorch_model")}
+    sha = add_commit("lorarecipe-test/partial", partial, label="partial")
+    assert cached_pipeline(Source("hub", "lorarecipe-test/partial", sha), None) is None
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online, a branch may have moved: ask the hub
+    assert cached_pipeline(Source("hub", "lorarecipe-test/tiny-sd", "v1"), None) is None
+    assert cached_pipeline(Source("hub", "lorarecipe-test/tiny-sd", hub_repos["base"]), None) is not None

@@ -374,11 +374,11 @@ def test_peak_memory_is_bounded_by_the_largest_tensor(tmp_path: Path) -> None:
 
 
 def test_row_chunks_give_the_whole_tensor_deltas() -> None:
-    """The chunked path's delta rows (lora_B rows @ lora_A, 64-row blocks) equal PEFT's
-    get_delta_weight bit for bit, for a Linear and a 1×1 Conv2d at SD sizes."""
+    """The chunked path's delta rows (lora_B rows @ lora_A, 64-row blocks) equal the whole-tensor
+    delta bit for bit, for a Linear and a 1×1 Conv2d at SD sizes."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from lorarecipe.runner.streaming_skeleton import FuseTarget
+    from lorarecipe.runner.streaming_factors import FuseTarget, FuseTerm, factors_from_model
 
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"ff": torch.nn.Linear(1280, 10240), "proj": torch.nn.Conv2d(1280, 1280, 1)})
@@ -387,7 +387,8 @@ def test_row_chunks_give_the_whole_tensor_deltas() -> None:
     for name in ("ff", "proj"):
         layer = model[name]
         layer.set_scale("a", 0.7)
-        target = FuseTarget("unet", name, layer, ("a",))
+        factor = factors_from_model("unet", model, ["a"])["a"][("unet", name)]
+        target = FuseTarget("unet", name, (FuseTerm("a", factor, layer.scaling["a"]),))
         base = torch.randn(layer.get_base_layer().weight.shape)
         step = streaming_tensors.chunk_rows(base[0].numel())
         with torch.no_grad():

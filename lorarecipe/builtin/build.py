@@ -42,6 +42,8 @@ from .catalog import (
     builtin_base_dir,
     builtin_lora_file,
     builtin_root,
+    materialized_base,
+    materialized_lora,
 )
 from .loras import canonicalize_safetensors, make_kohya_lora, make_peft_lora
 from .tokenizer import build_clip_tokenizer
@@ -223,10 +225,6 @@ def _finish_file(path: Path) -> None:
     path.chmod(0o644)
 
 
-def _complete_base(path: Path) -> bool:
-    return (path / "model_index.json").is_file()
-
-
 def builtin_base_path(name: str) -> Path:
     """Built-in base name -> its pipeline folder, materialized on first use.
 
@@ -237,10 +235,10 @@ def builtin_base_path(name: str) -> Path:
     if name not in BUILTIN_BASES:
         raise _unknown("base", name, list(BUILTIN_BASES))
     final = builtin_base_dir(name)
-    if _complete_base(final):
+    if materialized_base(name):
         return final
     with _build_lock():
-        if not _complete_base(final):
+        if not materialized_base(name):
             pipe = build_base_pipeline(name)
             with atomic_dir(final) as tmp:
                 pipe.save_pretrained(tmp, safe_serialization=True)
@@ -255,10 +253,10 @@ def builtin_lora_path(name: str) -> Path:
     if spec is None:
         raise _unknown("LoRA", name, list(BUILTIN_LORAS))
     final = builtin_lora_file(name)
-    if final.is_file():
+    if materialized_lora(name):
         return final
     with _build_lock():
-        if not final.is_file():
+        if not materialized_lora(name):
             pipe = build_base_pipeline(spec.base)  # only module names and shapes are used
             writer = make_peft_lora if spec.layout == "peft" else make_kohya_lora
             with atomic_file(final) as tmp:

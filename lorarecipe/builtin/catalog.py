@@ -25,6 +25,8 @@ __all__ = [
     "builtin_inventory",
     "builtin_lora_file",
     "builtin_root",
+    "materialized_base",
+    "materialized_lora",
 ]
 
 #: Bump when the builders change in a way that changes bytes (it is part of the cache path).
@@ -106,3 +108,15 @@ def builtin_base_dir(name: str) -> Path:
 def builtin_lora_file(name: str) -> Path:
     """The file a built-in LoRA is (or will be) materialized as."""
     return builtin_root() / "loras" / f"{name}.safetensors"
+
+
+def materialized_base(name: str) -> Path | None:
+    """A built-in base's folder if it is already materialized (complete), else None. Torch-free."""
+    folder = builtin_base_dir(name)
+    return folder if name in BUILTIN_BASES and (folder / "model_index.json").is_file() else None
+
+
+def materialized_lora(name: str) -> Path | None:
+    """A built-in LoRA's file if it is already materialized, else None. Torch-free."""
+    file = builtin_lora_file(name)
+    return file if name in BUILTIN_LORAS and file.is_file() else None

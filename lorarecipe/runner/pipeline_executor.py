@@ -32,6 +32,7 @@ from .fuse import FuseReport, fuse_adapters
 from .merge import merge_adapters
 from .pipeline_load import load_pipeline
 from .progress import Reporter
+from .quiet import quiet_libraries
 from .resolve import ResolvedInput, resolve_adapter, resolve_base, resolve_config
 from .save import save_lora, save_pipeline, save_single_file, torch_dtype
 
@@ -121,6 +122,7 @@ def run_with_pipeline(plan: Plan, options: ExecOptions, run: PipelineRun) -> Pip
         return run  # everything was streamed: no pipeline is built
     base = plan.step("base")
     assert isinstance(base, LoadBase)
+    quiet_libraries(load=True)
     with _timed(run, base, options, "load base"):
         pipe, run.dtype = load_pipeline(base, run.inputs["base"].path, run.config, options.device)
     for step in plan.of_type(LoadAdapter):

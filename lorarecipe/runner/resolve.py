@@ -8,6 +8,8 @@ inputs pass the same confinement checks as at compile time (the files may have c
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +19,15 @@ from ..errors import InputUnavailableError, LorarecipeError, UnsafeInputError
 from ..paths import resolve_input
 from ..plan import Source
 
-__all__ = ["ResolvedInput", "fetch_hint", "hub_error", "resolve_adapter", "resolve_base", "resolve_config"]
+__all__ = [
+    "ResolvedInput",
+    "cached_pipeline",
+    "fetch_hint",
+    "hub_error",
+    "resolve_adapter",
+    "resolve_base",
+    "resolve_config",
+]
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 
@@ -85,12 +95,20 @@ def resolve_base(
     single_file: bool = False,
 ) -> ResolvedInput:
     """A base model source -> a diffusers folder (or single file) on disk."""
-    if source.kind == "builtin":
-        from ..builtin.build import builtin_base_path
+    if source.kind == "builtin":  # materialized ones without importing the builders (torch, diffusers)
+        from ..builtin.catalog import materialized_base
 
-        return ResolvedInput(source, builtin_base_path(source.ref))
+        found = materialized_base(source.ref)
+        if found is None:
+            from ..builtin.build import builtin_base_path
+
+            found = builtin_base_path(source.ref)
+        return ResolvedInput(source, found)
     if source.kind == "local":
         return ResolvedInput(source, _local(source, root, allow_read, want_dir=not single_file))
+    cached = cached_pipeline(source, variant)
+    if cached is not None:
+        return cached
     from diffusers import DiffusionPipeline
 
     try:
@@ -105,6 +123,45 @@ def resolve_base(
     return ResolvedInput(source, path, _commit_of(path))
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cached_pipeline(source: Source, variant: str | None) -> ResolvedInput | None:
+    """A hub base already complete in the local HF cache, found without importing diffusers (~3 s);
+    None when a download or a check for a newer commit may be needed.
+
+    Only for a revision that is a commit SHA (a branch may have moved) or when ``HF_HUB_OFFLINE``
+    is set, when every component of ``model_index.json`` is in the snapshot and every model
+    component (one with a ``config.json``) has the safetensors weights that diffusers loads for
+    ``variant``, all shards present. Anything else goes through ``DiffusionPipeline.download``.
+    """
+    from ..hubcache import cached_snapshot
+    from .streaming_layout import weight_files
+
+    if not (source.revision and _SHA.match(source.revision)) and not _offline():
+        return None
+    found = cached_snapshot(source.ref, source.revision)
+    if found is None:
+        return None
+    commit, folder = found
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        for component, entry in index.items():
+            if component.startswith("_") or not (isinstance(entry, list) and entry and entry[0]):
+                continue
+            sub = folder / component
+            if not sub.is_dir() or not any(p.is_file() for p in sub.iterdir()):
+                return None
+            if (sub / "config.json").is_file():
+                files, _ = weight_files(sub, variant)
+                if not files or not all(f.is_file() for f in files):
+                    return None
+    except (OSError, ValueError, AttributeError, LorarecipeError):
+        return None
+    return ResolvedInput(source, folder, commit)
+
+
 def resolve_config(source: Source | None, root: Path, allow_read: Sequence[Path] = ()) -> Path | None:
     """The configs folder of a single-file base (local folder or cached hub snapshot)."""
     if source is None:
@@ -117,9 +174,14 @@ def resolve_config(source: Source | None, root: Path, allow_read: Sequence[Path]
 def resolve_adapter(source: Source, root: Path, allow_read: Sequence[Path] = ()) -> ResolvedInput:
     """A LoRA source -> the exact .safetensors file (never a folder for diffusers to guess in)."""
     if source.kind == "builtin":
-        from ..builtin.build import builtin_lora_path
+        from ..builtin.catalog import materialized_lora
 
-        return ResolvedInput(source, builtin_lora_path(source.ref))
+        found = materialized_lora(source.ref)
+        if found is None:
+            from ..builtin.build import builtin_lora_path
+
+            found = builtin_lora_path(source.ref)
+        return ResolvedInput(source, found)
     if source.kind == "local":
         return ResolvedInput(source, _local(source, root, allow_read, want_dir=False))
     if not source.filename or not source.filename.endswith(".safetensors"):

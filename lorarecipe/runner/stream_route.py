@@ -57,6 +57,8 @@ def stream_checkpoints(plan: Plan, options: ExecOptions, run: PipelineRun, execu
             )
             continue
         run.timings[step.id] = report.seconds
+        if report.factors_cached:
+            options.reporter.log(f"{step.output}: LoRA factors from the cache (diffusers/PEFT not loaded)")
         run.streams[step.output] = report
         run.executors[step.output] = "streaming"
         run.written[step.output] = (

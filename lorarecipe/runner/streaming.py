@@ -27,6 +27,8 @@ from ..atomic import atomic_dir, atomic_file
 from ..errors import BuildError
 from ..plan import FuseAdapters, LoadBase, Plan, SaveCheckpoint
 from ..vocabulary import FAMILIES
+from .factor_cache import FactorCache, Layout
+from .streaming_factors import FuseTarget, scalar_weights, targets_from_factors
 from .streaming_io import PositionalReader
 from .streaming_layout import (
     FLOAT_DTYPES,
@@ -42,7 +44,7 @@ from .streaming_layout import (
     to_folder,
     to_single_file,
 )
-from .streaming_skeleton import FuseTarget, Skeleton, build_skeleton, fuse_targets, prepare_adapters
+from .streaming_skeleton import build_skeleton, fuse_targets, prepare_adapters
 from .streaming_write import StreamWriter, WriteStats
 
 __all__ = ["StreamReport", "peak_rss_bytes", "pipeline_dtype", "stream_fuse"]
@@ -59,6 +61,7 @@ class StreamReport:
     peak_rss_bytes: int | None
     seconds: float
     max_abs_diff_vs_fp32: float | None = None
+    factors_cached: bool = False  # the LoRA factors came from the cache: diffusers/PEFT not imported
 
 
 def pipeline_dtype(base: LoadBase, base_path: Path) -> str:
@@ -123,10 +126,10 @@ def _plan_outputs(
     family: str,
     base_path: Path,
     folder: FolderBase | None,
-    skeleton: Skeleton,
+    skeleton: Layout,
     out_dtype: Callable[[str], str],
 ) -> list[OutFile]:
-    """The output files of every layout but folder -> folder (which needs no skeleton)."""
+    """The output files of every layout but folder -> folder (which needs no shapes or configs)."""
     parts: dict[tuple[str, str], Part]
     if folder is not None:
         parts = folder_parts(folder, skeleton.shapes)
@@ -200,20 +203,38 @@ def stream_fuse(
         writer: StreamWriter | None = None
         outs: list[OutFile] = []
         try:
-            if folder is not None and save.layout == "diffusers":  # known from headers: copy at once
+            folder_out = folder is not None and save.layout == "diffusers"
+            if folder_out:  # known from headers: copy at once
+                assert folder is not None
                 outs = folder_to_folder(folder, out_dtype)
                 writer = StreamWriter(root, outs, reader, stamped)
                 writer.start_copier()
-            quiet_libraries()
-            extra = ("vae", "text_encoder", "text_encoder_2") if writer is None else ()
-            skeleton = build_skeleton(config_root, pipeline_class, extra)
+            extra = () if folder_out else ("vae", "text_encoder", "text_encoder_2")
+            cache = FactorCache(plan, fuse, adapter_paths, config_root, pipeline_class)
+            factors = cache.load(fuse.adapters) if scalar_weights(fuse) else None
+            layout = None if folder_out else cache.load_layout(extra)
+            skeleton = None
+            if factors is None or (layout is None and not folder_out):
+                quiet_libraries(load=True)
+                skeleton = build_skeleton(config_root, pipeline_class, extra)
+                layout = Layout(skeleton.shapes, skeleton.configs, skeleton.libraries)
+                if not folder_out:
+                    cache.store_layout(extra, layout)
             if writer is None:
-                outs = _plan_outputs(save, family, base_path, folder, skeleton, out_dtype)
+                assert layout is not None
+                outs = _plan_outputs(save, family, base_path, folder, layout, out_dtype)
                 writer = StreamWriter(root, outs, reader, stamped)
                 writer.start_copier()
-            prepare_adapters(skeleton, plan, fuse, adapter_paths)
-            targets, _components = fuse_targets(skeleton, fuse)
-            if folder is not None and save.layout == "diffusers":
+            if factors is None:
+                assert skeleton is not None
+                prepare_adapters(skeleton, plan, fuse, adapter_paths)
+                targets, factors = fuse_targets(skeleton, fuse)
+                cache.store(factors)
+            else:
+                cached[0] = True
+                targets = targets_from_factors(factors, fuse)
+            if folder_out:
+                assert folder is not None
                 targets = _rekey(targets, folder)
             writer.finish(targets, stats)
             _check_all_used(targets, stats)
@@ -224,6 +245,7 @@ def stream_fuse(
         return outs
 
     stats = WriteStats()
+    cached = [False]
     reader = PositionalReader()
     stamped = {"format": "pt", **metadata}
     try:
@@ -242,4 +264,5 @@ def stream_fuse(
         peak_rss_bytes=peak_rss_bytes(),
         seconds=time.perf_counter() - started,
         max_abs_diff_vs_fp32=stats.max_abs_diff_vs_fp32,
+        factors_cached=cached[0],
     )

@@ -36,6 +36,7 @@ __all__ = [
     "single_file_parts",
     "to_folder",
     "to_single_file",
+    "weight_files",
 ]
 
 FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -108,7 +109,7 @@ class FolderBase:
         return {k: (path, h) for path, _, h in self.files.get(component, []) for k in h.tensors}
 
 
-def _weight_files(folder: Path, variant: str | None) -> tuple[list[Path], Path | None]:
+def weight_files(folder: Path, variant: str | None) -> tuple[list[Path], Path | None]:
     """The safetensors files diffusers/transformers load from a component folder (and the shard index)."""
     for stem in _WEIGHT_STEMS:
         tags = [f".{variant}", ""] if variant else [""]
@@ -143,7 +144,7 @@ def read_folder_base(root: Path, variant: str | None) -> FolderBase:
         folder = root / component
         if not folder.is_dir():
             continue
-        files, shard_index = _weight_files(folder, variant)
+        files, shard_index = weight_files(folder, variant)
         if not files and any(f.suffix in _PICKLE for f in folder.iterdir()):
             raise BuildError(
                 f"{folder}: only pickle weights; lorarecipe never loads pickle files (convert them to "

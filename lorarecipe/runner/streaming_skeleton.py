@@ -22,6 +22,13 @@ from typing import Any
 from ..errors import BuildError
 from ..plan import FuseAdapters, LoadAdapter, MergeAdapters, Plan
 from .pipeline_load import check_model_index
+from .streaming_factors import (
+    FuseTarget,
+    LoraFactor,
+    factors_from_model,
+    scalar_weights,
+    targets_from_factors,
+)
 
 __all__ = [
     "LORA_MIXINS",
@@ -33,16 +40,6 @@ __all__ = [
     "needed_adapters",
     "prepare_adapters",
 ]
-
-
-@dataclass(frozen=True)
-class FuseTarget:
-    """One base weight to fuse: the PEFT LoRA layer and the adapters merged into it, in fuse order."""
-
-    component: str
-    module_name: str
-    module: Any  # peft.tuners.lora.LoraLayer (on stubs)
-    adapters: tuple[str, ...]
 
 
 @dataclass
@@ -183,59 +180,45 @@ def prepare_adapters(
         merge_adapters(skeleton.pipe, merge)
 
 
-def _adapters_in(module: Any, names: Iterable[str]) -> tuple[str, ...]:
-    return tuple(
-        n for n in names if n in getattr(module, "lora_A", {}) or n in getattr(module, "lora_embedding_A", {})
-    )
-
-
-def _refuse_unsupported(where: str, module: Any, merged: list[str], adapters: tuple[str, ...]) -> None:
-    """What PEFT's merge would fuse but a LoRA delta cannot express: a LoRA bias, a DoRA magnitude,
-    or a non-LoRA layer (LoKr/LoHa) of a fused adapter."""
-    layers = getattr(module, "adapter_layer_names", ())
-    for adapter in merged:
-        if adapter in adapters:
-            unsupported = bool(getattr(module, "lora_bias", {}).get(adapter)) or adapter in getattr(
-                module, "lora_variant", {}
-            )
-            kind = "has a LoRA bias or a DoRA magnitude"
-        else:
-            unsupported = any(adapter in getattr(module, n, {}) for n in layers)
-            kind = f"is not a plain LoRA layer ({type(module).__name__})"
-        if unsupported:
-            raise BuildError(
-                f"{where}: adapter {adapter!r} {kind}; the streaming fuser only fuses plain LoRA "
-                "(use --executor diffusers)"
-            )
-
-
 def fuse_targets(
     skeleton: Skeleton, fuse: FuseAdapters
-) -> tuple[dict[tuple[str, str], FuseTarget], list[str]]:
-    """set_adapters + scale_layer as ``fuse_lora`` does -> {(component, base weight key): target}, and
-    the components fused. Refuses what the stream cannot reproduce (LoRA bias, DoRA, LoKr/LoHa)."""
+) -> tuple[dict[tuple[str, str], FuseTarget], dict[str, dict[tuple[str, str], LoraFactor]]]:
+    """The fused adapters' factors, and the targets computed from them; cross-checked against what
+    diffusers and PEFT do on the skeleton (``set_adapters``, ``scale_layer(lora_scale)``,
+    ``check_adapters_to_merge``): the same modules, adapters in the same order, the same scalings bit
+    for bit. Per-block weights take diffusers' scalings. Refuses what a LoRA delta cannot express."""
     from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
     from .fuse import apply_mix
     from .merge import lora_components
 
     pipe = skeleton.pipe
-    apply_mix(pipe, fuse.adapters, fuse.weights)
     available = lora_components(pipe)
     components = [c for c in (fuse.components or available) if c in available]
     if not components:
         raise BuildError("none of the requested components carries a LoRA adapter: nothing to fuse")
-    targets: dict[tuple[str, str], FuseTarget] = {}
+    factors: dict[str, dict[tuple[str, str], LoraFactor]] = {a: {} for a in fuse.adapters}
+    for component in available:  # all of them: the factors are cached per adapter, for any fuse
+        for adapter, found in factors_from_model(component, getattr(pipe, component), fuse.adapters).items():
+            factors[adapter].update(found)
+    apply_mix(pipe, fuse.adapters, fuse.weights)
+    observed: dict[tuple[str, str, str], float] = {}  # (component, module, adapter) -> PEFT's scaling
+    order: dict[tuple[str, str], tuple[str, ...]] = {}  # module -> adapters PEFT merges, in order
     for component in components:
         for name, module in getattr(pipe, component).named_modules():
             if not isinstance(module, BaseTunerLayer):
                 continue
             if fuse.lora_scale != 1.0:
                 module.scale_layer(fuse.lora_scale)
-            merged = check_adapters_to_merge(module, list(fuse.adapters))
-            adapters = _adapters_in(module, merged)
-            _refuse_unsupported(f"{component}.{name}", module, merged, adapters)
-            if not adapters:
-                continue
-            targets[(component, f"{name}.weight")] = FuseTarget(component, name, module, adapters)
-    return targets, components
+            merged = [a for a in check_adapters_to_merge(module, list(fuse.adapters)) if a in module.lora_A]
+            for adapter in merged:
+                observed[(component, name, adapter)] = module.scaling[adapter]
+            if merged:
+                order[(component, name)] = tuple(merged)
+    targets = targets_from_factors(factors, fuse, None if scalar_weights(fuse) else observed)
+    ours = {
+        (t.component, t.module_name, term.adapter): term.scaling for t in targets.values() for term in t.terms
+    }
+    if ours != observed or order != {(t.component, t.module_name): t.adapters for t in targets.values()}:
+        raise BuildError("internal: the streaming fuser's terms differ from what PEFT would merge")
+    return targets, factors

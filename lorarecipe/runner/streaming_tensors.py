@@ -1,7 +1,8 @@
 """One output tensor's values: base rows read positionally, LoRA deltas added in float32, rounded once.
 
 OutTensor + its fuse targets -> bytes in the output dtype and stored form. The whole-tensor path adds
-each adapter's PEFT ``get_delta_weight`` to the float32 base in fuse order, as PEFT's safe merge does,
+each adapter's delta (PEFT's ``get_delta_weight``, ``streaming_factors``) to the float32 base in fuse
+order, as PEFT's safe merge does,
 so a float32 output is bit-identical to the pipeline route (peak: about four float32 copies of the
 tensor). A tensor whose output is not float32 (a dtype conversion, or a fuse rounded to float16 or
 bfloat16) and that is larger than one chunk goes through in row chunks of about 4 MiB of float32
@@ -19,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BuildError
+from .streaming_factors import FuseTarget, delta_rows, delta_weight, rows_capable
 from .streaming_io import PositionalReader, SafetensorsWriter
 from .streaming_layout import OutTensor, Part
-from .streaming_skeleton import FuseTarget
 
 __all__ = ["WriteStats", "as_bytes", "chunk_rows", "compute", "torch_dtype_of", "write_chunked"]
 
@@ -87,8 +88,8 @@ def _fused(base: Any, target: FuseTarget) -> Any:
     import torch
 
     weight = base.to(torch.float32, copy=True)
-    for adapter in target.adapters:
-        delta = target.module.get_delta_weight(adapter)
+    for term in target.terms:
+        delta = delta_weight(term)
         if tuple(delta.shape) != tuple(weight.shape):
             raise BuildError(
                 f"{target.component}.{target.module_name}: LoRA delta {list(delta.shape)} does not fit "
@@ -165,15 +166,9 @@ def _fused_rows(base: Any, target: FuseTarget, rows: tuple[int, int]) -> Any:
     import torch
 
     weight = base.to(torch.float32, copy=True)
-    start, stop = rows
-    for adapter in target.adapters:
-        module = target.module
-        a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight[start:stop].float()
-        if isinstance(module.get_base_layer(), torch.nn.Conv2d):  # 1×1, PEFT's conv2d 1x1 formula
-            delta = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
-        else:
-            delta = b @ a
-        weight += delta * module.scaling[adapter]
+    for term in target.terms:
+        delta = delta_rows(term, rows)
+        weight += delta * term.scaling
         del delta
     return weight
 
@@ -183,20 +178,6 @@ def chunk_rows(row_elements: int) -> int:
     (whole GEMM row blocks, so each delta row is summed exactly as in one big GEMM)."""
     step = max(1, _CHUNK_ELEMENTS // max(row_elements, 1))
     return step - step % 64 if step >= 64 else step
-
-
-def _rows_capable(target: FuseTarget | None) -> bool:
-    """Whether a target's delta rows are ``lora_B`` rows @ ``lora_A`` (plain Linear, 1×1 Conv2d)."""
-    import torch
-
-    if target is None:
-        return True
-    layer = target.module.get_base_layer()
-    if isinstance(layer, torch.nn.Conv2d):
-        plain = tuple(layer.weight.shape[2:4]) == (1, 1) and layer.groups == 1
-    else:
-        plain = isinstance(layer, torch.nn.Linear) and not getattr(target.module, "fan_in_fan_out", False)
-    return plain and all(a in target.module.lora_A for a in target.adapters)
 
 
 def write_chunked(
@@ -214,7 +195,7 @@ def write_chunked(
     part = tensor.parts[0]
     target = targets.get((part.component, part.key))
     shape = part.stored_shape
-    if part.stored not in _BYTE_IDENTICAL or not shape or not shape[0] or not _rows_capable(target):
+    if part.stored not in _BYTE_IDENTICAL or not shape or not shape[0] or not rows_capable(target):
         return False
     row_elements = math.prod(shape[1:])
     if row_elements * shape[0] <= _CHUNK_ELEMENTS:
