@@ -19,7 +19,9 @@ cache, ``sync`` before each run):
 (c) copy: ``shutil.copyfile`` of the base's files plus fsync, the I/O floor of (b).
 
 and checks (a) == (b) tensor by tensor. Also times a process that only imports what the diffusers
-route imports (torch, diffusers, transformers, peft).
+route imports (torch, diffusers, transformers, peft), and computes the compute floor of any exact
+fuse: the FLOPs of every LoRA delta (2·r·out·in per module, from the files) at the float32 GEMM
+rate measured here.
 Prints a markdown table for the README (best time and worst peak RSS of ``--repeat`` runs).
 ``--sdxl`` adds an SDXL-architecture base (UNet 2.6 B, CLIP-L + bigG text encoders, SDXL VAE), in
 float16 only to fit a 24 GB machine.
@@ -198,6 +200,37 @@ def _route_stream(recipe: Path, out: Path) -> dict[str, float]:
     }
 
 
+def _route_gemm(l1: Path, l2: Path) -> dict[str, float]:
+    """The arithmetic every exact fuse must do: each LoRA delta element is a rank-r dot product.
+    FLOPs from the LoRA files' shapes (2·r·out·in per module) and the rate of torch's float32 GEMM
+    at the stream's chunk shape here (768×r @ r×1280, best of 20): a lower bound on the compute of
+    (a) and (b), with no I/O."""
+    import torch
+
+    from lorarecipe.inspect.safetensors_header import read_header
+
+    flops, rank = 0.0, 32
+    for lora in (l1, l2):
+        shapes = {name: info.shape for name, info in read_header(lora).tensors.items()}
+        for name, down in shapes.items():
+            if name.endswith(".lora_down.weight"):
+                up = shapes[name.replace(".lora_down.", ".lora_up.")]
+                rank = down[0]
+                inner = 1
+                for n in down[1:]:
+                    inner *= n
+                flops += 2.0 * down[0] * up[0] * inner
+    b, a = torch.randn(768, rank), torch.randn(rank, 1280)
+    best = float("inf")
+    for _ in range(20):
+        started = time.perf_counter()
+        for _ in range(10):
+            b @ a
+        best = min(best, (time.perf_counter() - started) / 10)
+    rate = 2.0 * 768 * rank * 1280 / best
+    return {"gflop": flops / 1e9, "gflops": rate / 1e9, "seconds": flops / rate}
+
+
 def _route_imports() -> dict[str, float]:
     """What every route pays before touching a tensor: torch, diffusers' LoRA loader and models,
     transformers' CLIP, peft, accelerate."""
@@ -257,6 +290,8 @@ def _child(argv: list[str]) -> None:
         result = _route_copy(Path(args[0]), Path(args[1]))
     elif route == "imports":
         result = _route_imports()
+    elif route == "gemm":
+        result = _route_gemm(Path(args[0]), Path(args[1]))
     else:
         result = _compare(Path(args[0]), Path(args[1]))
     print("RESULT " + json.dumps(result))
@@ -336,6 +371,7 @@ def run(arch: str, dtype: str, work: Path, repeat: int) -> list[str]:
                 flush=True,
             )
     imports = min(_spawn("imports")[0] for _ in range(repeat))
+    gemm = _spawn("gemm", str(l1), str(l2))[2]
     _, _, check = _spawn("compare", str(outs["diffusers"]), str(outs["stream"]))
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
@@ -351,6 +387,7 @@ def run(arch: str, dtype: str, work: Path, repeat: int) -> list[str]:
         f"| {cold[0]:.1f} s | {c[0]:.1f} s / {_gib(peak['copy'])} | {b[0] / c[0]:.2f}× "
         f"| {b[0] / a[0]:.2f}× | {cold[0] / a[0]:.2f}× "
         f"| {peak['stream'] / peak['diffusers']:.2f}× "
+        f"| {gemm['gflop']:.0f} GFLOP at {gemm['gflops']:.0f} GFLOPS: {gemm['seconds']:.1f} s "
         f"| {int(check['differ'])} of {int(check['tensors'])} differ, max {check['max_abs_diff']:.3g} |"
     ]
 
@@ -372,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "| base | python + imports | (a) diffusers flow: time / peak RSS | (b) lorarecipe stream, "
         "cached factors | (b) with a cold cache | (c) copy base files | b/c time | b/a time "
-        "| b-cold/a time | b/a RSS | (a) vs (b) tensors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| b-cold/a time | b/a RSS | LoRA deltas: compute floor | (a) vs (b) tensors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arch, dtypes in plans:
         print(f"building {arch} base ({', '.join(dtypes)}) in {args.work} ...", flush=True)

@@ -156,7 +156,7 @@ class FactorCache:
             try:
                 with atomic_file(path) as tmp:
                     save_file(tensors, str(tmp), metadata=meta)
-            except OSError:
+            except Exception:  # a cache that cannot be written only costs speed (runs in a thread)
                 continue
 
     # ----------------------------------------------------------------------------------- layout

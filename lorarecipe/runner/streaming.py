@@ -5,6 +5,9 @@ Plan (LoadBase, LoadAdapter, MergeAdapters, FuseAdapters) + one SaveCheckpoint -
 or an LDM/SGM single file at ``final``, written atomically. What to add where is decided by diffusers
 and PEFT themselves, on a weightless skeleton of the pipeline (``streaming_skeleton``): diffusers'
 LoRA conversion and loading, PEFT merges, ``set_adapters`` with per-block weights, ``lora_scale``.
+What they decide is kept as LoRA factors per module (``streaming_factors``) and cached per adapter
+(``factor_cache``): a later fuse of the same LoRA files, with any scalar weights, ``lora_scale`` or
+components, imports torch but neither diffusers, transformers nor PEFT.
 The base is never loaded: each tensor is read with a positional read (no mmap), fused in float32
 and rounded once to the output dtype, and written at an offset fixed by a header computed up front;
 untouched tensors are copied by the kernel, starting before diffusers is even imported. In float32
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -229,7 +233,9 @@ def stream_fuse(
                 assert skeleton is not None
                 prepare_adapters(skeleton, plan, fuse, adapter_paths)
                 targets, factors = fuse_targets(skeleton, fuse)
-                cache.store(factors)
+                # written (with fsync) while the tensors stream; best effort, joined before returning
+                storing.append(threading.Thread(target=cache.store, args=(factors,), daemon=True))
+                storing[-1].start()
             else:
                 cached[0] = True
                 targets = targets_from_factors(factors, fuse)
@@ -246,6 +252,7 @@ def stream_fuse(
 
     stats = WriteStats()
     cached = [False]
+    storing: list[threading.Thread] = []
     reader = PositionalReader()
     stamped = {"format": "pt", **metadata}
     try:
@@ -257,6 +264,8 @@ def stream_fuse(
             with atomic_file(final) as tmp:
                 run(tmp)
     finally:
+        for thread in storing:
+            thread.join()
         reader.close()
     return StreamReport(
         tensors=stats.tensors,

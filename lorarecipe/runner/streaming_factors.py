@@ -99,7 +99,7 @@ def delta_weight(term: FuseTerm) -> Any:
         product = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
     else:
         product = torch.nn.functional.conv2d(a.transpose(0, 1), b).transpose(0, 1)
-    return product * term.scaling
+    return product.mul_(term.scaling)  # in place on a fresh tensor: same values as product * scaling
 
 
 def rows_capable(target: FuseTarget | None) -> bool:

@@ -10,18 +10,19 @@ any order at their final offsets and two builds give identical bytes.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BuildError
 from ..inspect.safetensors_header import DTYPE_BITS
 
-__all__ = ["OutputEntry", "PositionalReader", "SafetensorsWriter", "header_bytes"]
+__all__ = ["OutputEntry", "PositionalReader", "SafetensorsWriter", "WriteBehind", "header_bytes"]
 
 _CHUNK = 64 * 1024 * 1024  # largest single copy/read request (bounded memory for the fallback path)
 
@@ -182,3 +183,60 @@ class SafetensorsWriter:
         missing = [k for k in self._slots if k not in self._written]
         if missing:
             raise BuildError(f"{self.path.name}: {len(missing)} tensors were never written: {missing[:5]}")
+
+
+class WriteBehind:
+    """A thread that runs the writes handed to it, in order, so the caller computes the next tensor
+    while the kernel takes this one (writes into the page cache block when the kernel throttles
+    dirty pages: seconds on a multi-GB output). At most ``limit`` bytes wait (or one write of any
+    size), which bounds the memory it holds. The first error is raised by ``submit`` or ``close``.
+    """
+
+    def __init__(self, limit: int = 16 * 1024 * 1024) -> None:
+        self._cond = threading.Condition()
+        self._items: collections.deque[tuple[Callable[[], None], int]] = collections.deque()
+        self._bytes = 0
+        self._limit = limit
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="lorarecipe-stream-write", daemon=True)
+        self._thread.start()
+
+    def submit(self, write: Callable[[], None], nbytes: int) -> None:
+        with self._cond:
+            while self._items and self._bytes + nbytes > self._limit and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            self._items.append((write, nbytes))
+            self._bytes += nbytes
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._closed:
+                    self._cond.wait()
+                if not self._items:
+                    return
+                write, nbytes = self._items[0]
+                failed = self._error is not None
+            try:
+                if not failed:
+                    write()
+            except BaseException as exc:  # handed to the caller by submit/close
+                with self._cond:
+                    self._error = exc
+            with self._cond:
+                self._items.popleft()
+                self._bytes -= nbytes
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wait until every queued write ran; raise the first error."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error

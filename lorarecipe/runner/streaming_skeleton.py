@@ -1,7 +1,8 @@
 """A weightless pipeline that carries only the LoRA layers: what the streaming fuser asks diffusers and PEFT.
 
-Config folder + LoRA files + plan steps -> for every base weight a fused adapter applies to, the PEFT
-LoRA layer that computes its delta (``FuseTarget``). The LoRA-loadable components are built from their
+Config folder + LoRA files + plan steps -> the fused adapters' LoRA factors as PEFT holds them, and
+for every base weight a fused adapter applies to, its terms (``FuseTarget``, cross-checked against
+PEFT's scalings and merge order). The LoRA-loadable components are built from their
 configs on the meta device, and every parameter is replaced by a zero-stride CPU stub of the right
 shape (no memory), so diffusers and PEFT run unchanged on it: ``load_lora_weights`` (diffusers'
 ``lora_state_dict`` conversion of PEFT/kohya/old layouts, ranks, alphas, alpha/rank patterns),

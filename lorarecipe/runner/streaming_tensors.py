@@ -14,6 +14,7 @@ PEFT's safe merge refuses it; an overflow of the output dtype too.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 
 from ..errors import BuildError
 from .streaming_factors import FuseTarget, delta_rows, delta_weight, rows_capable
-from .streaming_io import PositionalReader, SafetensorsWriter
+from .streaming_io import PositionalReader, SafetensorsWriter, WriteBehind
 from .streaming_layout import OutTensor, Part
 
 __all__ = ["WriteStats", "as_bytes", "chunk_rows", "compute", "torch_dtype_of", "write_chunked"]
@@ -103,18 +104,21 @@ def _fused(base: Any, target: FuseTarget) -> Any:
 def _check_rounding(fused: Any, rounded: Any, target: FuseTarget, stats: WriteStats) -> None:
     """Refuse NaN/Inf (PEFT's safe merge does) and record the rounding error; ``fused`` is consumed.
 
-    Below float32, one pass does both: max |fused - rounded| is NaN or Inf exactly when either holds a
-    NaN or an Inf (an overflow to Inf in the output dtype included).
+    One ``aminmax`` pass (much faster than ``isfinite().all()`` on CPU) does both: its extremes are
+    NaN or infinite exactly when a value is; below float32 it runs over ``fused - rounded``, which is
+    also NaN or infinite when the rounding overflowed the output dtype.
     """
     import torch
 
     if not fused.numel():
         return
     if rounded.dtype == torch.float32:
-        bad = not bool(torch.isfinite(fused).all())
+        low, high = torch.aminmax(fused)
+        bad = not (math.isfinite(float(low)) and math.isfinite(float(high)))
     else:
-        diff = float(fused.sub_(rounded).abs_().max())  # in place: fused is not needed any more
-        bad = not math.isfinite(diff)
+        low, high = torch.aminmax(fused.sub_(rounded.float()))  # in place: fused is not needed any more
+        diff = max(-float(low), float(high))
+        bad = not (math.isfinite(float(low)) and math.isfinite(float(high)))
         if not bad:
             stats.max_abs_diff_vs_fp32 = max(stats.max_abs_diff_vs_fp32, diff)
     if bad:
@@ -168,7 +172,7 @@ def _fused_rows(base: Any, target: FuseTarget, rows: tuple[int, int]) -> Any:
     weight = base.to(torch.float32, copy=True)
     for term in target.terms:
         delta = delta_rows(term, rows)
-        weight += delta * term.scaling
+        weight += delta.mul_(term.scaling)  # in place: same values as PEFT's delta * scaling
         del delta
     return weight
 
@@ -186,6 +190,7 @@ def write_chunked(
     tensor: OutTensor,
     targets: Mapping[tuple[str, str], FuseTarget],
     stats: WriteStats,
+    behind: WriteBehind,
 ) -> bool:
     """Write ``tensor`` in row chunks; False (nothing written) when it must go through ``compute``."""
     import torch
@@ -218,8 +223,11 @@ def write_chunked(
             _check_rounding(fused, out, target, stats)
             changed = changed or not torch.equal(out, base.to(out_dtype))
             del fused
-        writer.write_part(tensor.key, start * out_row, as_bytes(out))
-        del out, base, data
+        data_out = as_bytes(out)
+        behind.submit(
+            functools.partial(writer.write_part, tensor.key, start * out_row, data_out), data_out.nbytes
+        )
+        del out, base, data, data_out
     if target is not None:
         stats.used.add((part.component, part.key))
         stats.changed += int(changed)

@@ -11,7 +11,9 @@ on a tensor being copied that turns out to be fused.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -19,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
-from .streaming_io import PositionalReader, SafetensorsWriter
+from .streaming_factors import FuseTarget
+from .streaming_io import PositionalReader, SafetensorsWriter, WriteBehind
 from .streaming_layout import OutFile, OutTensor
-from .streaming_skeleton import FuseTarget
 from .streaming_tensors import WriteStats, as_bytes, compute, write_chunked
 
 __all__ = ["StreamWriter", "WriteStats"]
@@ -172,6 +174,7 @@ class StreamWriter:
             self._claimed |= touched
         ok = False
         trimmer = _HeapTrimmer()
+        behind = WriteBehind()  # computing the next tensor overlaps writing this one
         try:
             for index, (out, writer) in enumerate(zip(self._outs, self._writers, strict=True)):
                 for position, tensor in enumerate(out.tensors):
@@ -188,17 +191,22 @@ class StreamWriter:
                             self._lock.wait()
                     trimmer.account(4 * tensor.entry.nbytes)  # roughly what computing it allocates
                     with torch.no_grad():
-                        if write_chunked(self._reader, writer, tensor, targets, stats):
+                        if write_chunked(self._reader, writer, tensor, targets, stats, behind):
                             continue
                         result = compute(self._reader, tensor, targets, stats)
-                    writer.write(tensor.key, as_bytes(result))
-                    del result
+                    data = as_bytes(result)
+                    behind.submit(functools.partial(writer.write, tensor.key, data), data.nbytes)
+                    del result, data
+            behind.close()
             if self._thread is not None:
                 self._thread.join()
                 if self._error is not None:
                     raise self._error
             ok = True
         finally:
+            if not ok:
+                with contextlib.suppress(BaseException):
+                    behind.close()  # the writes queued before the failure finish before files close
             self._stop_copier()
             self._close_all(check=ok)
 
