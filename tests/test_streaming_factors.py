@@ -196,3 +196,6 @@ def test_a_warm_build_imports_no_diffusers_peft_or_transformers(tmp_path: Path) 
         runs.append((result["heavy"], "LoRA factors from the cache" in done.stderr))
     assert runs[0][0] and not runs[0][1]  # cold: diffusers decides
     assert runs[1] == ([], True)
+    for out, cached in (("cold", False), ("warm", True)):
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text())
+        assert manifest["checks"]["streams"]["fused"]["lora_factors_from_cache"] is cached

@@ -208,6 +208,7 @@ def finish_manifest(
                         "changed": r.changed,
                         "peak_rss_bytes": r.peak_rss_bytes,
                         "max_abs_diff_vs_fp32": r.max_abs_diff_vs_fp32,
+                        "lora_factors_from_cache": r.factors_cached,
                     }
                     for k, r in run.streams.items()
                 },
