@@ -247,7 +247,7 @@ def test_single_file_base_to_folder_and_single_file(tmp_path: Path) -> None:
     shutil.copytree(builtin_base_path("tiny-sd"), tmp_path / "configs")
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "configs"))
     save_single_file(pipe, "sd1", tmp_path / "base.safetensors", {})
-    _both(
+    reports = _both(
         tmp_path,
         """\
         base: {file: base.safetensors, config: configs, family: sd1}
@@ -260,6 +260,7 @@ def test_single_file_base_to_folder_and_single_file(tmp_path: Path) -> None:
         """,
     )
     assert (tmp_path / "stream" / "fused" / "tokenizer" / "tokenizer.json").is_file()
+    assert reports["single"].factors_cached  # the second output reuses the first one's factors
 
 
 def test_independent_math_and_canonical_bytes(tmp_path: Path) -> None:
