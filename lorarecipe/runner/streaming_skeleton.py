@@ -211,7 +211,8 @@ def fuse_targets(
                 continue
             if fuse.lora_scale != 1.0:
                 module.scale_layer(fuse.lora_scale)
-            merged = [a for a in check_adapters_to_merge(module, list(fuse.adapters)) if a in module.lora_A]
+            lora_a = getattr(module, "lora_A", {})
+            merged = [a for a in check_adapters_to_merge(module, list(fuse.adapters)) if a in lora_a]
             for adapter in merged:
                 observed[(component, name, adapter)] = module.scaling[adapter]
             if merged:
