@@ -410,6 +410,19 @@ def evil_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.slow
+def _base_with_model_index(cli: Cli, edit: dict[str, object]) -> None:
+    """cli.folder/base: the tiny SD pipeline with ``edit`` applied to its model_index.json, and
+    cli.folder/lora.safetensors beside it."""
+    from lorarecipe.builtin.build import builtin_base_path
+
+    base = cli.folder / "base"
+    shutil.copytree(builtin_base_path("tiny-sd"), base)
+    index = json.loads((base / "model_index.json").read_text())
+    index.update(edit)
+    (base / "model_index.json").write_text(json.dumps(index))
+    shutil.copy(_lora_file(), cli.folder / "lora.safetensors")
+
+
 @pytest.mark.parametrize(
     ("edit", "needle"),
     [
@@ -422,14 +435,7 @@ def evil_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_model_index_naming_a_foreign_library_is_refused(
     cli: Cli, evil_library: Path, edit: dict[str, object], needle: str
 ) -> None:
-    from lorarecipe.builtin.build import builtin_base_path
-
-    base = cli.folder / "base"
-    shutil.copytree(builtin_base_path("tiny-sd"), base)
-    index = json.loads((base / "model_index.json").read_text())
-    index.update(edit)
-    (base / "model_index.json").write_text(json.dumps(index))
-    shutil.copy(_lora_file(), cli.folder / "lora.safetensors")
+    _base_with_model_index(cli, edit)
     text = RECIPE.replace("base: builtin:tiny-sd", "base: {path: base, family: sd1}")
     code = cli.build(text.replace("ADAPTER", "lora.safetensors"))
     cli.refused(code, needle)
@@ -448,14 +454,7 @@ def test_model_index_naming_a_foreign_library_is_refused(
 def test_validate_refuses_a_model_index_naming_a_foreign_library(
     cli: Cli, evil_library: Path, edit: dict[str, object]
 ) -> None:
-    from lorarecipe.builtin.build import builtin_base_path
-
-    base = cli.folder / "base"
-    shutil.copytree(builtin_base_path("tiny-sd"), base)
-    index = json.loads((base / "model_index.json").read_text())
-    index.update(edit)
-    (base / "model_index.json").write_text(json.dumps(index))
-    shutil.copy(_lora_file(), cli.folder / "lora.safetensors")
+    _base_with_model_index(cli, edit)
     path = cli.recipe(
         RECIPE.replace("base: builtin:tiny-sd", "base: {path: base}").replace("ADAPTER", "lora.safetensors")
     )
