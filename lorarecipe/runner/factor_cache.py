@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,21 +28,13 @@ from ..errors import BuildError
 from ..hashing import sha256_file, sha256_text
 from ..plan import FuseAdapters, LoadAdapter, MergeAdapters, Plan, canonical_json
 from .streaming_factors import KINDS, LoraFactor
+from .streaming_skeleton import Layout
 
-__all__ = ["FORMAT", "FactorCache", "Layout"]
+__all__ = ["FORMAT", "FactorCache"]
 
 FORMAT = 1
 _META = "lorarecipe.factors"
 _LIBRARIES = ("lorarecipe", "diffusers", "peft", "transformers", "torch")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What a single-file layout needs of the components: state-dict shapes, configs, libraries."""
-
-    shapes: dict[str, dict[str, tuple[int, ...]]]
-    configs: dict[str, dict[str, Any]]
-    libraries: dict[str, str]
 
 
 def _version(name: str) -> str:

@@ -31,7 +31,7 @@ from ..atomic import atomic_dir, atomic_file
 from ..errors import BuildError
 from ..plan import FuseAdapters, LoadBase, Plan, SaveCheckpoint
 from ..vocabulary import FAMILIES
-from .factor_cache import FactorCache, Layout
+from .factor_cache import FactorCache
 from .streaming_factors import FuseTarget, scalar_weights, targets_from_factors
 from .streaming_io import PositionalReader
 from .streaming_layout import (
@@ -48,7 +48,7 @@ from .streaming_layout import (
     to_folder,
     to_single_file,
 )
-from .streaming_skeleton import build_skeleton, fuse_targets, prepare_adapters
+from .streaming_skeleton import Layout, build_skeleton, fuse_targets, prepare_adapters
 from .streaming_write import StreamWriter, WriteStats
 
 __all__ = ["StreamReport", "peak_rss_bytes", "pipeline_dtype", "stream_fuse"]
@@ -130,18 +130,18 @@ def _plan_outputs(
     family: str,
     base_path: Path,
     folder: FolderBase | None,
-    skeleton: Layout,
+    layout: Layout,
     out_dtype: Callable[[str], str],
 ) -> list[OutFile]:
     """The output files of every layout but folder -> folder (which needs no shapes or configs)."""
     parts: dict[tuple[str, str], Part]
     if folder is not None:
-        parts = folder_parts(folder, skeleton.shapes)
+        parts = folder_parts(folder, layout.shapes)
     else:
-        parts = single_file_parts(base_path, family, skeleton.shapes, skeleton.configs)
+        parts = single_file_parts(base_path, family, layout.shapes, layout.configs)
         if save.layout == "diffusers":
-            return to_folder(skeleton.shapes, skeleton.libraries, parts, out_dtype)
-    return [to_single_file(family, skeleton.shapes, skeleton.configs, parts, out_dtype)]
+            return to_folder(layout.shapes, layout.libraries, parts, out_dtype)
+    return [to_single_file(family, layout.shapes, layout.configs, parts, out_dtype)]
 
 
 def _copy_files(root: Path, folder: FolderBase | None, config_path: Path | None, outs: list[OutFile]) -> None:
@@ -221,7 +221,7 @@ def stream_fuse(
             if factors is None or (layout is None and not folder_out):
                 quiet_libraries(load=True)
                 skeleton = build_skeleton(config_root, pipeline_class, extra)
-                layout = Layout(skeleton.shapes, skeleton.configs, skeleton.libraries)
+                layout = skeleton.layout
                 if not folder_out:
                     cache.store_layout(extra, layout)
             if writer is None:

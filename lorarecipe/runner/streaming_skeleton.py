@@ -34,6 +34,7 @@ from .streaming_factors import (
 __all__ = [
     "LORA_MIXINS",
     "FuseTarget",
+    "Layout",
     "Skeleton",
     "build_skeleton",
     "fuse_targets",
@@ -43,15 +44,23 @@ __all__ = [
 ]
 
 
-@dataclass
-class Skeleton:
-    """The weightless pipeline plus each component's state-dict shapes and config (taken before any
-    LoRA layer is injected: PEFT renames ``x.weight`` to ``x.base_layer.weight``)."""
+@dataclass(frozen=True)
+class Layout:
+    """Each component's state-dict shapes, config and library ("diffusers" | "transformers"): what
+    the output layouts need (taken before any LoRA layer is injected: PEFT renames ``x.weight`` to
+    ``x.base_layer.weight``). Plain JSON-able data, so the factor cache can keep it."""
 
-    pipe: Any
     shapes: dict[str, dict[str, tuple[int, ...]]]
     configs: dict[str, dict[str, Any]]
-    libraries: dict[str, str]  # component -> "diffusers" | "transformers"
+    libraries: dict[str, str]
+
+
+@dataclass
+class Skeleton:
+    """The weightless pipeline and its components' layout."""
+
+    pipe: Any
+    layout: Layout
 
 
 # pipeline class -> its LoRA loader mixin in diffusers.loaders.lora_pipeline, so the (slow) pipeline
@@ -146,7 +155,7 @@ def build_skeleton(config_root: Path, pipeline_class: str | None, extra: Iterabl
         shapes[component] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         _stub_tensors(model)
         setattr(pipe, component, model)
-    return Skeleton(pipe, shapes, configs, libraries)
+    return Skeleton(pipe, Layout(shapes, configs, libraries))
 
 
 def needed_adapters(plan: Plan, fuse: FuseAdapters) -> tuple[list[LoadAdapter], list[MergeAdapters]]:
