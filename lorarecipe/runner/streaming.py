@@ -203,7 +203,8 @@ def stream_fuse(
     def out_dtype(stored: str) -> str:
         return FLOAT_DTYPES[dtype] if stored in FLOAT_DTYPES.values() else stored
 
-    def run(root: Path) -> list[OutFile]:
+    def run(root: Path) -> tuple[list[OutFile], bool]:
+        """Write the output files under ``root``; also whether the factors came from the cache."""
         writer: StreamWriter | None = None
         outs: list[OutFile] = []
         try:
@@ -216,6 +217,7 @@ def stream_fuse(
             extra = () if folder_out else ("vae", "text_encoder", "text_encoder_2")
             cache = FactorCache(plan, fuse, adapter_paths, config_root, pipeline_class)
             factors = cache.load(fuse.adapters) if scalar_weights(fuse) else None
+            from_cache = factors is not None
             layout = None if folder_out else cache.load_layout(extra)
             skeleton = None
             if factors is None or (layout is None and not folder_out):
@@ -237,7 +239,6 @@ def stream_fuse(
                 storing.append(threading.Thread(target=cache.store, args=(factors,), daemon=True))
                 storing[-1].start()
             else:
-                cached[0] = True
                 targets = targets_from_factors(factors, fuse)
             if folder_out:
                 assert folder is not None
@@ -248,21 +249,20 @@ def stream_fuse(
             if writer is not None:
                 writer.abort()
             raise
-        return outs
+        return outs, from_cache
 
     stats = WriteStats()
-    cached = [False]
     storing: list[threading.Thread] = []
     reader = PositionalReader()
     stamped = {"format": "pt", **metadata}
     try:
         if save.layout == "diffusers":
             with atomic_dir(final) as tmp:
-                outs = run(tmp)
+                outs, cached = run(tmp)
                 _copy_files(tmp, folder, config_path, outs)
         else:
             with atomic_file(final) as tmp:
-                run(tmp)
+                _outs, cached = run(tmp)
     finally:
         for thread in storing:
             thread.join()
@@ -273,5 +273,5 @@ def stream_fuse(
         peak_rss_bytes=peak_rss_bytes(),
         seconds=time.perf_counter() - started,
         max_abs_diff_vs_fp32=stats.max_abs_diff_vs_fp32,
-        factors_cached=cached[0],
+        factors_cached=cached,
     )
