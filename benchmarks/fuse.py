@@ -174,9 +174,9 @@ def _route_diffusers(base: Path, l1: Path, l2: Path, out: Path, dtype: str) -> d
 def _route_stream(recipe: Path, out: Path) -> dict[str, float]:
     started = time.perf_counter()
     from lorarecipe.compiler import compile_recipe
-    from lorarecipe.load import load_recipe
     from lorarecipe.plan import LoadAdapter, SaveCheckpoint
-    from lorarecipe.runner.streaming import stream_fuse
+    from lorarecipe.recipe.load import load_recipe
+    from lorarecipe.runner.streaming.stream import stream_fuse
 
     loaded = load_recipe(recipe)
     plan = compile_recipe(loaded)

@@ -121,7 +121,7 @@ def fuzz_recipes(tally: Tally, count: int, rng: int, save: Path, work: Path) -> 
 
 
 def _seed_files() -> list[bytes]:
-    from lorarecipe.builtin.build import builtin_lora_path
+    from lorarecipe.builtin.materialize import builtin_lora_path
 
     return [builtin_lora_path(name).read_bytes() for name in ("tiny-sd/style", "tiny-sd/detail")]
 
@@ -144,7 +144,7 @@ def fuzz_header(tally: Tally, count: int, rng: int, save: Path, work: Path) -> N
 def fuzz_load(tally: Tally, count: int, rng: int, save: Path, work: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from lorarecipe.builtin.build import builtin_base_path
+    from lorarecipe.builtin.materialize import builtin_base_path
     from lorarecipe.runner.quiet import quiet_libraries
 
     quiet_libraries()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BuildError,
+    ExecutorRefusal,
     InputUnavailableError,
     IntegrityError,
     LockError,
@@ -20,6 +21,7 @@ from .errors import (
     RecipeSyntaxError,
     RecipeValidationError,
     StepFailedError,
+    StreamingUnsupported,
     UnsafeInputError,
     UsageError,
 )
@@ -28,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BuildError",
+    "ExecutorRefusal",
     "InputUnavailableError",
     "IntegrityError",
     "LockError",
@@ -38,6 +41,7 @@ __all__ = [
     "RecipeSyntaxError",
     "RecipeValidationError",
     "StepFailedError",
+    "StreamingUnsupported",
     "UnsafeInputError",
     "UsageError",
     "__version__",
@@ -48,14 +52,14 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .compiler import compile_recipe
-    from .load import load_recipe
+    from .recipe.load import load_recipe
     from .runner import run_plan
 
 
 def __getattr__(name: str) -> Any:
     """Lazy entry points, so ``import lorarecipe`` stays cheap."""
     if name == "load_recipe":
-        from .load import load_recipe
+        from .recipe.load import load_recipe
 
         return load_recipe
     if name == "compile_recipe":

@@ -13,7 +13,9 @@ Library code raises these; only ``cli.py`` prints them and picks an exit code::
         ├── UnsafeInputError             pickle, path escape, NaN/Inf, oversized header
         ├── IntegrityError               a hash does not match the lock/manifest
         ├── LockError                    lock missing or stale with --frozen; output root busy
-        └── StepFailedError              a plan step failed; carries the step and recipe location
+        ├── StepFailedError              a plan step failed; carries the step and recipe location
+        └── ExecutorRefusal              an executor cannot build an output; the next one may
+            └── StreamingUnsupported     the streaming fuser cannot reproduce this exactly
 
 Every error carries a list of :class:`Problem` so that *all* problems in a file are reported at
 once, each with a location (``file:line:col``), the recipe path (``merges.style-mix.method``) and
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "BuildError",
+    "ExecutorRefusal",
     "InputUnavailableError",
     "IntegrityError",
     "LockError",
@@ -37,6 +40,7 @@ __all__ = [
     "RecipeValidationError",
     "SourceSpan",
     "StepFailedError",
+    "StreamingUnsupported",
     "UnsafeInputError",
     "UsageError",
 ]
@@ -142,3 +146,13 @@ class StepFailedError(BuildError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class ExecutorRefusal(BuildError):
+    """An executor cannot build an output (not an error in the input): the runner hands the output to
+    the next executor. Raised only at the real refusal points; every other error fails the build."""
+
+
+class StreamingUnsupported(ExecutorRefusal):
+    """The streaming fuser cannot reproduce the diffusers route exactly for this output (a LoRA bias,
+    a non-Linear/Conv2d layer, a single file in an unknown layout, …)."""

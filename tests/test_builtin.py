@@ -23,7 +23,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from lorarecipe.builtin import BUILTIN_BASES, BUILTIN_LORAS, BUILTIN_VERSION, builtin_inventory
-from lorarecipe.builtin.build import (
+from lorarecipe.builtin.loras import make_kohya_lora, make_peft_lora
+from lorarecipe.builtin.materialize import (
     build_base_pipeline,
     builtin_base_path,
     builtin_lora_path,
@@ -31,7 +32,6 @@ from lorarecipe.builtin.build import (
     materialize_all,
     read_safetensors_header,
 )
-from lorarecipe.builtin.loras import make_kohya_lora, make_peft_lora
 from lorarecipe.builtin.tokenizer import DEFAULT_WORDS
 from lorarecipe.errors import InputUnavailableError
 
@@ -77,7 +77,7 @@ _CHILD = textwrap.dedent(
         raise AssertionError("network access")
     socket.socket.connect = refuse
     socket.getaddrinfo = refuse
-    from lorarecipe.builtin.build import materialize_all
+    from lorarecipe.builtin.materialize import materialize_all
     materialize_all()
     """
 )
@@ -278,7 +278,7 @@ def test_writers_leave_the_pipeline_unchanged(tmp_path: Path) -> None:
 def test_inventory_is_in_sync(use_cache: Path) -> None:
     generated = generate_inventory()
     assert generated == json.loads(INVENTORY.read_text(encoding="utf-8")), (
-        "run: python -m lorarecipe.builtin.build --inventory"
+        "run: python -m lorarecipe.builtin.materialize --inventory"
     )
     assert builtin_inventory() == generated
     assert set(generated["loras"]) == set(BUILTIN_LORAS)

@@ -115,6 +115,7 @@ def test_public_api_is_pinned() -> None:
     assert sorted(lorarecipe.__all__) == sorted(
         [
             "BuildError",
+            "ExecutorRefusal",
             "InputUnavailableError",
             "IntegrityError",
             "LockError",
@@ -125,6 +126,7 @@ def test_public_api_is_pinned() -> None:
             "RecipeSyntaxError",
             "RecipeValidationError",
             "StepFailedError",
+            "StreamingUnsupported",
             "UnsafeInputError",
             "UsageError",
             "__version__",

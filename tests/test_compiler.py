@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lorarecipe.compiler import compile_recipe
-from lorarecipe.load import load_recipe
 from lorarecipe.plan import FuseAdapters, Kind, LoadAdapter, MergeAdapters, SaveLora, SetAdapters, thaw_weight
+from lorarecipe.recipe.load import load_recipe
 from tests.helpers.recipes import DEMO_LIKE, compile_text, messages, problems_of, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ def test_lora_for_another_builtin_base(tmp_path: Path) -> None:
 
 
 def test_local_adapter_file_checks(tmp_path: Path) -> None:
-    from lorarecipe.builtin.build import builtin_lora_path
+    from lorarecipe.builtin.materialize import builtin_lora_path
 
     (tmp_path / "loras").mkdir()
     shutil.copy(builtin_lora_path("tiny-sd/style"), tmp_path / "loras" / "style.safetensors")
@@ -288,7 +288,7 @@ def test_real_sd2_lora_on_an_sd1_base_names_both_families(tmp_path: Path, realda
 
 
 def test_load_adapter_steps_keep_sources_relative(tmp_path: Path) -> None:
-    from lorarecipe.builtin.build import builtin_lora_path
+    from lorarecipe.builtin.materialize import builtin_lora_path
 
     shutil.copy(builtin_lora_path("tiny-sd/style"), tmp_path / "style.safetensors")
     plan = compile_text(

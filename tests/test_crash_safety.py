@@ -35,11 +35,11 @@ from pathlib import Path
 
 import pytest
 
-from lorarecipe import atomic
-from lorarecipe.atomic import TMP_PREFIX, atomic_dir, atomic_file, clean_stale_temporaries
 from lorarecipe.cli import main
 from lorarecipe.compiler import compile_recipe
-from lorarecipe.load import load_recipe
+from lorarecipe.fs import atomic
+from lorarecipe.fs.atomic import TMP_PREFIX, atomic_dir, atomic_file, clean_stale_temporaries
+from lorarecipe.recipe.load import load_recipe
 from lorarecipe.runner import LOCK_NAME  # the output root's build lock, relative to the root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,7 +204,7 @@ def test_failed_second_rename_puts_the_previous_folder_back(
 _KILL_MIDWAY = """\
 import os, signal, sys
 from pathlib import Path
-from lorarecipe import atomic
+from lorarecipe.fs import atomic
 
 final, step = Path(sys.argv[1]), sys.argv[2]
 if step == "fallback":
@@ -419,7 +419,7 @@ def _fingerprint(recipe: Path, w: str) -> str:
 @pytest.fixture(scope="module")
 def warm_cache() -> None:
     """Materialize the built-ins once, so the timed subprocesses measure builds, not the cache."""
-    from lorarecipe.builtin.build import builtin_base_path, builtin_lora_path
+    from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 
     builtin_base_path("tiny-sd")
     builtin_lora_path("tiny-sd/style")
@@ -675,7 +675,7 @@ def test_build_state_is_recorded_while_the_output_root_is_locked(
 ) -> None:
     import fcntl
 
-    from lorarecipe import incremental
+    from lorarecipe.gitops import incremental
 
     recipe, out = _copy_of(previous_build, tmp_path)
     unlocked: list[bool] = []

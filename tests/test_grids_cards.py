@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lorarecipe.builtin.build import builtin_base_path
+from lorarecipe.builtin.materialize import builtin_base_path
 from lorarecipe.compiler import compile_recipe
-from lorarecipe.load import load_recipe
-from lorarecipe.modelcard import CardInput, render_card
+from lorarecipe.outputs.modelcard import CardInput, render_card
 from lorarecipe.plan import SaveCheckpoint, SaveLora
+from lorarecipe.recipe.load import load_recipe
 from tests.helpers.recipes import build_text, write_recipe
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -149,7 +149,7 @@ def test_pickle_base_checkpoint_is_refused(cli: Cli, no_run: None) -> None:
 def test_base_folder_with_only_pickle_weights_is_refused(cli: Cli) -> None:
     """A diffusers folder whose weights are .bin: diffusers would unpickle them without
     ``use_safetensors=True``; lorarecipe refuses instead of falling back."""
-    from lorarecipe.builtin.build import builtin_base_path
+    from lorarecipe.builtin.materialize import builtin_base_path
 
     base = cli.folder / "base"
     shutil.copytree(builtin_base_path("tiny-sd"), base)
@@ -172,7 +172,7 @@ def test_hub_adapter_must_name_a_safetensors_file(cli: Cli, no_run: None) -> Non
 
 
 def _lora_file() -> Path:
-    from lorarecipe.builtin.build import builtin_lora_path
+    from lorarecipe.builtin.materialize import builtin_lora_path
 
     return builtin_lora_path("tiny-sd/style")
 
@@ -413,7 +413,7 @@ def evil_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _base_with_model_index(cli: Cli, edit: dict[str, object]) -> None:
     """cli.folder/base: the tiny SD pipeline with ``edit`` applied to its model_index.json, and
     cli.folder/lora.safetensors beside it."""
-    from lorarecipe.builtin.build import builtin_base_path
+    from lorarecipe.builtin.materialize import builtin_base_path
 
     base = cli.folder / "base"
     shutil.copytree(builtin_base_path("tiny-sd"), base)
@@ -479,7 +479,7 @@ def _examples(count: int) -> settings:
 @pytest.fixture(scope="module")
 def seed_files() -> list[bytes]:
     """A PEFT-layout and a kohya-layout LoRA that load into the built-in tiny SD pipeline."""
-    from lorarecipe.builtin.build import builtin_lora_path
+    from lorarecipe.builtin.materialize import builtin_lora_path
 
     return [builtin_lora_path(n).read_bytes() for n in ("tiny-sd/style", "tiny-sd/detail")]
 
@@ -488,7 +488,7 @@ def seed_files() -> list[bytes]:
 def tiny_pipe() -> Any:
     from diffusers import StableDiffusionPipeline
 
-    from lorarecipe.builtin.build import builtin_base_path
+    from lorarecipe.builtin.materialize import builtin_base_path
     from lorarecipe.runner.quiet import quiet_libraries
 
     quiet_libraries()
@@ -622,7 +622,7 @@ WRONG_CONTENT: dict[str, tuple[int, Edit, str]] = {
 def test_load_adapter_refuses_valid_files_with_wrong_content(
     seed_files: list[bytes], tiny_pipe: Any, tmp_path: Path, case: str
 ) -> None:
-    from lorarecipe.runner.adapters import load_adapter
+    from lorarecipe.runner.pipeline.adapters import load_adapter
 
     seed, edit, _today = WRONG_CONTENT[case]
     path = tmp_path / "wrong.safetensors"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from lorarecipe.builtin.build import builtin_base_path, builtin_lora_path
+from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from lorarecipe.cli import main
-from lorarecipe.hubcache import cached_file, hub_cache_dir
+from lorarecipe.fs.hubcache import cached_file, hub_cache_dir
 from tests.helpers.hubcache import add_commit, tree
 from tests.helpers.recipes import build_text, compile_text, write_recipe
 
@@ -92,7 +92,7 @@ def test_a_complete_cached_snapshot_resolves_as_diffusers_does(hub_repos: dict[s
     from diffusers import DiffusionPipeline
 
     from lorarecipe.plan import Source
-    from lorarecipe.runner.resolve import cached_pipeline
+    from lorarecipe.runner.inputs import cached_pipeline
 
     for revision in ("v1", hub_repos["base"]):
         ours = cached_pipeline(Source("hub", "lorarecipe-test/tiny-sd", revision), None)
@@ -107,7 +107,7 @@ def test_an_incomplete_snapshot_or_a_branch_online_goes_through_diffusers(
     hub_repos: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from lorarecipe.plan import Source
-    from lorarecipe.runner.resolve import cached_pipeline
+    from lorarecipe.runner.inputs import cached_pipeline
 
     files = tree(builtin_base_path("tiny-sd"))
     partial = {k: v for k, v in files.items() if not k.startswith("unet/diffusion_pytorch_model")}

@@ -167,7 +167,7 @@ def test_frozen_build_refuses_a_missing_stale_or_tampered_lock(
 ) -> None:
     import shutil
 
-    from lorarecipe.builtin.build import builtin_lora_path
+    from lorarecipe.builtin.materialize import builtin_lora_path
 
     shutil.copy(builtin_lora_path("tiny-sd/style"), tmp_path / "mine.safetensors")
     text = RECIPE.replace("style: builtin:tiny-sd/style", "style: {file: mine.safetensors}")

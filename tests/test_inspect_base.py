@@ -37,7 +37,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Tiny SD and SDXL folders saved by diffusers, plus the SD pipeline itself for LoRA building."""
     import torch
 
-    from lorarecipe.builtin.build import build_base_pipeline
+    from lorarecipe.builtin.materialize import build_base_pipeline
 
     root = tmp_path_factory.mktemp("bases")
     sd = build_base_pipeline("tiny-sd")  # the built-in tiny models: one set of configs for all tests

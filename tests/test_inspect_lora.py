@@ -411,7 +411,7 @@ def test_untrusted_alpha_pattern_is_matched_literally() -> None:
 
 
 def _tiny_unet() -> Any:
-    from lorarecipe.builtin.build import build_base_pipeline
+    from lorarecipe.builtin.materialize import build_base_pipeline
 
     return build_base_pipeline("tiny-sd").unet
 

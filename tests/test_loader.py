@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lorarecipe.errors import RecipeSyntaxError
-from lorarecipe.loader import Limits, load_yaml, parse_yaml
+from lorarecipe.recipe.yaml_source import Limits, load_yaml, parse_yaml
 
 
 def test_positions_are_one_based_for_values_and_keys() -> None:

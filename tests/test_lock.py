@@ -19,15 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from lorarecipe.builtin.build import builtin_base_path, builtin_lora_path
+from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
+from lorarecipe.cli.commands import cmd_lock as lock_command
 from lorarecipe.compiler import compile_recipe
 from lorarecipe.errors import InputUnavailableError, IntegrityError, LockError
-from lorarecipe.load import load_recipe
-from lorarecipe.lock import (
+from lorarecipe.gitops.lock import (
     LockFile,
     check_lock_current,
     create_lock,
-    lock_command,
     lock_path,
     pinned_source,
     read_lock,
@@ -36,6 +35,7 @@ from lorarecipe.lock import (
     write_lock,
 )
 from lorarecipe.plan import Plan, Source
+from lorarecipe.recipe.load import load_recipe
 from tests.helpers.hubcache import add_commit, tree
 from tests.helpers.recipes import write_recipe
 
@@ -311,7 +311,7 @@ def test_checking_a_lock_never_imports_torch(recipe: Path) -> None:
     """``lock --check`` runs in CI before any model is needed: reading and comparing stay torch-free."""
     write_lock(recipe, create_lock(recipe))
     code = (
-        "import sys, argparse; from lorarecipe.lock import lock_command; "
+        "import sys, argparse; from lorarecipe.cli.commands import cmd_lock as lock_command; "
         f"assert lock_command(argparse.Namespace(recipe={str(recipe)!r}, check=True, set=None, allow_read=[])) == 0; "
         "heavy = [m for m in ('torch', 'diffusers', 'peft', 'transformers', 'huggingface_hub') if m in sys.modules]; "
         "assert not heavy, heavy"

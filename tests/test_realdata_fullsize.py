@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lorarecipe.builtin.build import builtin_base_path
+from lorarecipe.builtin.materialize import builtin_base_path
 from tests.helpers.lora_math import lora_deltas
 from tests.helpers.recipes import build_text
 
@@ -98,4 +98,4 @@ outputs:
     assert worst <= 1e-6, worst
     manifest = json.loads((work / "out" / "manifest.json").read_text())
     assert manifest["outputs"]["fused"]["executor"] == "streaming"  # the default route for fuse + save
-    assert manifest["checks"]["streams"]["fused"]["changed"] == 128
+    assert manifest["checks"]["fuse"]["fused"]["changed"] == 128

@@ -8,7 +8,7 @@ import pytest
 
 from lorarecipe.diagnostics import render_text
 from lorarecipe.errors import RecipeError, UsageError
-from lorarecipe.load import MAX_BUILDS, load_recipe, parse_recipe
+from lorarecipe.recipe.load import MAX_BUILDS, load_recipe, parse_recipe
 from tests.helpers.recipes import DEMO_LIKE, write_recipe
 
 GOLDEN = Path(__file__).parent / "golden"

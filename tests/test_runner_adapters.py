@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorarecipe.builtin.build import builtin_base_path, builtin_lora_path
+from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from lorarecipe.errors import BuildError, UnsafeInputError
-from lorarecipe.runner.adapters import load_adapter
+from lorarecipe.runner.pipeline.adapters import load_adapter
 from tests.helpers.lora_math import expected_fused, read_component_weights
 from tests.helpers.recipes import build_text
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorarecipe.builtin.build import builtin_base_path, builtin_lora_path
+from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from tests.helpers.lora_math import expected_fused, read_component_weights
 from tests.helpers.recipes import build_text
 
@@ -72,10 +72,11 @@ def test_fused_weights_equal_independent_computation(tmp_path: Path, base: str, 
     assert touched > 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["outputs"]["fused"]["executor"] == executor
+    check = manifest["checks"]["fuse"]["fused"]
     if executor == "diffusers":  # the post-fuse check counted exactly the weights the LoRAs apply to
-        assert manifest["checks"]["fuse"]["changed"] == manifest["checks"]["fuse"]["expected"] == touched
+        assert check["changed"] == check["expected"] == touched
     else:
-        assert manifest["checks"]["streams"]["fused"]["changed"] == touched
+        assert check["changed"] == touched
 
 
 def test_weight_zero_is_the_base_and_components_subset(tmp_path: Path) -> None:
@@ -140,11 +141,13 @@ def test_fp16_base_is_not_upcast(tmp_path: Path) -> None:
 def test_streaming_refusal_falls_back_only_in_auto_mode(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lorarecipe.errors import BuildError
-    from lorarecipe.runner import streaming
+    """A refusal (``StreamingUnsupported``) hands the output to the pipeline executor in auto mode,
+    and is an error with ``--executor streaming``."""
+    from lorarecipe.errors import StreamingUnsupported
+    from lorarecipe.runner.streaming import stream as streaming
 
     def refuse(*args: object, **kwargs: object) -> None:
-        raise BuildError("the streaming fuser does not support this adapter")
+        raise StreamingUnsupported("the streaming fuser does not support this adapter")
 
     monkeypatch.setattr(streaming, "stream_fuse", refuse)
     a, b, _ = CASES["tiny-sd"]
@@ -152,6 +155,59 @@ def test_streaming_refusal_falls_back_only_in_auto_mode(
     build_text(tmp_path, text)  # auto: the pipeline route takes over
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["outputs"]["fused"]["executor"] == "diffusers"
-    with pytest.raises(BuildError, match="does not support"):
+    with pytest.raises(StreamingUnsupported, match="does not support"):
         build_text(tmp_path, text, out="strict", executor="streaming")
     assert not (tmp_path / "strict" / "fused").exists()
+
+
+@pytest.mark.parametrize("error", ["BuildError", "UnsafeInputError", "RuntimeError"])
+def test_a_streaming_error_that_is_not_a_refusal_fails_the_build_in_auto_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str
+) -> None:
+    """NaN/Inf, a truncated file or an internal check fail the build; the pipeline route is never
+    tried behind the user's back, and no output or manifest is written."""
+    from lorarecipe import errors
+    from lorarecipe.runner.pipeline import PipelineExecutor
+    from lorarecipe.runner.streaming import stream as streaming
+
+    exc_type = getattr(errors, error, RuntimeError)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise exc_type("fused weight unet.x contains NaN/Inf")
+
+    def never(*args: object, **kwargs: object) -> list[str]:
+        raise AssertionError("the pipeline executor must not be tried")
+
+    monkeypatch.setattr(streaming, "stream_fuse", fail)
+    monkeypatch.setattr(PipelineExecutor, "build", never)
+    a, b, _ = CASES["tiny-sd"]
+    with pytest.raises(errors.BuildError, match="NaN/Inf") as info:
+        build_text(tmp_path, _recipe("tiny-sd", a, b, 1.0, 1.0, 1.0))
+    assert not isinstance(info.value, errors.ExecutorRefusal)
+    assert info.value.problems[0].path == "outputs.fused"  # located at the output's recipe line
+    assert not (tmp_path / "out" / "fused").exists()
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_executors_hand_on_what_they_leave(tmp_path: Path) -> None:
+    """The runner offers every output to each executor of the mode in order and each builds what it
+    can: the streamer takes the checkpoints, the pipeline the grid and the LoRA file."""
+    from lorarecipe.plan import SaveCheckpoint
+    from lorarecipe.runner.executor import executors_for
+    from lorarecipe.runner.pipeline import PipelineExecutor
+    from lorarecipe.runner.streaming import StreamingExecutor
+
+    assert [type(e) for e in executors_for("auto")] == [StreamingExecutor, PipelineExecutor]
+    assert [type(e) for e in executors_for("diffusers")] == [PipelineExecutor]
+    a, b, _ = CASES["tiny-sd"]
+    text = _recipe("tiny-sd", a, b, 0.5, 0.5, 1.0).replace(
+        "outputs:\n",
+        "outputs:\n  lora: {kind: lora, adapter: a, path: lora}\n"
+        "  ckpt: {kind: single_file, path: x.safetensors}\n"
+        "  grid: {kind: grid, path: g.png, prompts: [a cat], steps: 1, variants: [base]}\n",
+    )
+    result = build_text(tmp_path, text)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    executors = {name: doc["executor"] for name, doc in manifest["outputs"].items()}
+    assert executors == {"fused": "streaming", "ckpt": "streaming", "lora": "diffusers", "grid": "diffusers"}
+    assert {s.output for s in result.plan.of_type(SaveCheckpoint)} == set(manifest["checks"]["fuse"])

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorarecipe.builtin.build import builtin_base_path, builtin_lora_path
+from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from lorarecipe.cli import main
 from lorarecipe.errors import BuildError
 from lorarecipe.plan import MergeAdapters
@@ -160,7 +160,7 @@ def test_dare_merge_depends_only_on_its_seed(built: Path, tmp_path: Path) -> Non
 
 
 def test_outputs_carry_provenance(built: Path) -> None:
-    from lorarecipe.safetensors_meta import read_metadata
+    from lorarecipe.outputs.safetensors_meta import read_metadata
 
     manifest = json.loads((built / "manifest.json").read_text())
     for path in [
@@ -199,7 +199,7 @@ def test_verify_names_changed_and_missing_files(
 
 
 def test_merge_resets_set_adapters_weights_and_refuses_taken_names() -> None:
-    from lorarecipe.runner.merge import merge_adapters
+    from lorarecipe.runner.pipeline.merge import merge_adapters
 
     pipe = _pipe()
     pipe.load_lora_weights(str(builtin_lora_path("tiny-sd/style")), adapter_name="style")

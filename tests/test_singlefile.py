@@ -25,7 +25,7 @@ from diffusers.loaders import single_file, single_file_model, single_file_utils
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lorarecipe.singlefile import (
+from lorarecipe.outputs.singlefile import (
     OutputTensor,
     Piece,
     apply_transform,

@@ -20,15 +20,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorarecipe.builtin.build import builtin_base_path, builtin_lora_path
+from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from lorarecipe.compiler import compile_recipe
 from lorarecipe.errors import BuildError
-from lorarecipe.load import load_recipe
+from lorarecipe.outputs.safetensors_meta import canonicalize_header, read_metadata
 from lorarecipe.plan import LoadAdapter, Plan, SaveCheckpoint
-from lorarecipe.runner import provenance, run_plan, streaming_tensors, streaming_write
-from lorarecipe.runner.resolve import resolve_adapter, resolve_base, resolve_config
-from lorarecipe.runner.streaming import StreamReport, stream_fuse
-from lorarecipe.safetensors_meta import canonicalize_header, read_metadata
+from lorarecipe.recipe.load import load_recipe
+from lorarecipe.runner import run_plan
+from lorarecipe.runner.inputs import resolve_adapter, resolve_base, resolve_config
+from lorarecipe.runner.records import provenance
+from lorarecipe.runner.streaming import tensors as streaming_tensors
+from lorarecipe.runner.streaming import writer as streaming_write
+from lorarecipe.runner.streaming.stream import StreamReport, stream_fuse
 from tests.helpers.lora_math import expected_fused, lora_deltas, read_component_weights
 from tests.helpers.recipes import write_recipe
 
@@ -242,7 +245,7 @@ def test_half_precision_base_rounds_once(
 def test_single_file_base_to_folder_and_single_file(tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from lorarecipe.runner.save import save_single_file
+    from lorarecipe.runner.pipeline.save import save_single_file
 
     shutil.copytree(builtin_base_path("tiny-sd"), tmp_path / "configs")
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "configs"))
@@ -319,9 +322,9 @@ _MEMORY_CHILD = """
 import json, sys
 from pathlib import Path
 from lorarecipe.compiler import compile_recipe
-from lorarecipe.load import load_recipe
+from lorarecipe.recipe.load import load_recipe
 from lorarecipe.plan import LoadAdapter, SaveCheckpoint
-from lorarecipe.runner.streaming import peak_rss_bytes, stream_fuse
+from lorarecipe.runner.streaming.stream import peak_rss_bytes, stream_fuse
 recipe = Path(sys.argv[1])
 plan = compile_recipe(load_recipe(recipe))
 paths = {s.name: Path(sys.argv[2]) for s in plan.of_type(LoadAdapter)}
@@ -379,7 +382,8 @@ def test_row_chunks_give_the_whole_tensor_deltas() -> None:
     delta bit for bit, for a Linear and a 1×1 Conv2d at SD sizes."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from lorarecipe.runner.streaming_factors import FuseTarget, FuseTerm, factors_from_model
+    from lorarecipe.runner.fuse_math import FuseTarget, FuseTerm, fused_weight
+    from lorarecipe.runner.streaming.factors import factors_from_model
 
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"ff": torch.nn.Linear(1280, 10240), "proj": torch.nn.Conv2d(1280, 1280, 1)})
@@ -393,9 +397,9 @@ def test_row_chunks_give_the_whole_tensor_deltas() -> None:
         base = torch.randn(layer.get_base_layer().weight.shape)
         step = streaming_tensors.chunk_rows(base[0].numel())
         with torch.no_grad():
-            whole = streaming_tensors._fused(base, target)
+            whole = fused_weight(base, target)
             rows = [
-                streaming_tensors._fused_rows(base[i : i + step], target, (i, i + step))
+                fused_weight(base[i : i + step], target, (i, i + step))
                 for i in range(0, base.shape[0], step)
             ]
         assert torch.equal(torch.cat(rows), whole), name
@@ -406,10 +410,10 @@ def test_light_import_and_lora_mixin_table() -> None:
     LoRA mixins (which spares importing the pipeline modules) must match the classes' MROs."""
     import diffusers
 
-    from lorarecipe.runner.streaming_skeleton import LORA_MIXINS, lora_mixin
+    from lorarecipe.runner.streaming.skeleton import LORA_MIXINS, lora_mixin
 
     code = (
-        "import sys, lorarecipe.runner.streaming; print([m for m in ('torch', 'peft') if m in sys.modules])"
+        "import sys, lorarecipe.runner.streaming.stream; print([m for m in ('torch', 'peft') if m in sys.modules])"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.stdout.strip() == "[]", result.stderr

@@ -1,6 +1,6 @@
 """The streaming fuser's LoRA-factor form and its cache.
 
-- ``delta_weight`` equals PEFT's ``get_delta_weight`` bit for bit (Linear, 1×1 and 3×3 Conv2d) and
+- ``scaled_delta`` equals PEFT's ``get_delta_weight`` bit for bit (Linear, 1×1 and 3×3 Conv2d) and
   ``native_scaling`` equals PEFT's ``set_scale`` + ``scale_layer`` (plain and rsLoRA).
 - A second fuse with the same LoRA files reads the factors from the cache, without importing
   diffusers, transformers or PEFT, and writes the same bytes as a fuse without the cache, also with
@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from lorarecipe.compiler import compile_recipe
-from lorarecipe.load import load_recipe
-from lorarecipe.runner.streaming_factors import FuseTerm, delta_weight, factors_from_model, native_scaling
+from lorarecipe.recipe.load import load_recipe
+from lorarecipe.runner.fuse_math import FuseTerm, native_scaling, scaled_delta
+from lorarecipe.runner.streaming.factors import factors_from_model
 from tests.helpers.recipes import write_recipe
 from tests.test_streaming import _stream
 
@@ -62,7 +63,7 @@ def test_deltas_and_scalings_equal_peft(
         scaling = native_scaling(factor, weight, lora_scale)
         assert scaling == layer.scaling["a"], name  # bit for bit, not approximately
         with torch.no_grad():
-            assert torch.equal(delta_weight(FuseTerm("a", factor, scaling)), layer.get_delta_weight("a")), (
+            assert torch.equal(scaled_delta(FuseTerm("a", factor, scaling)), layer.get_delta_weight("a")), (
                 name
             )
 
@@ -147,10 +148,10 @@ def test_damaged_entries_are_misses(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("LORARECIPE_CACHE", str(tmp_path / "cache"))
     _build(tmp_path, "cold")
     entries = sorted((tmp_path / "cache" / "factors").rglob("*.safetensors"))
-    layouts = sorted((tmp_path / "cache" / "factors" / "layouts").glob("*.json"))
-    assert len(entries) == 2 and len(layouts) == 1
+    architectures = sorted((tmp_path / "cache" / "factors" / "architectures").glob("*.json"))
+    assert len(entries) == 2 and len(architectures) == 1
     entries[0].write_bytes(entries[0].read_bytes()[:-100])  # truncated
-    layouts[0].write_text("{")
+    architectures[0].write_text("{")
     assert _build(tmp_path, "again") == [False, True]
     _same_bytes(tmp_path / "cold", tmp_path / "again")
     assert _build(tmp_path, "warm") == [True, True]  # rewritten by the cold build
@@ -198,4 +199,4 @@ def test_a_warm_build_imports_no_diffusers_peft_or_transformers(tmp_path: Path) 
     assert runs[1] == ([], True)
     for out, cached in (("cold", False), ("warm", True)):
         manifest = json.loads((tmp_path / out / "manifest.json").read_text())
-        assert manifest["checks"]["streams"]["fused"]["lora_factors_from_cache"] is cached
+        assert manifest["checks"]["fuse"]["fused"]["lora_factors_from_cache"] is cached

@@ -21,15 +21,9 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 
-from ..safetensors_meta import canonicalize_header, jsonable
+from ..outputs.safetensors_meta import canonicalize_header, jsonable
 
-__all__ = [
-    "LORA_COMPONENTS",
-    "canonicalize_safetensors",
-    "kohya_module_names",
-    "make_kohya_lora",
-    "make_peft_lora",
-]
+__all__ = ["LORA_COMPONENTS", "canonicalize_safetensors", "make_kohya_lora", "make_peft_lora"]
 
 #: Pipeline components that can carry a LoRA, in the fixed order random values are drawn.
 LORA_COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2")

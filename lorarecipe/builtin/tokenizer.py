@@ -21,14 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
-__all__ = [
-    "BOS_TOKEN",
-    "DEFAULT_WORDS",
-    "EOS_TOKEN",
-    "MODEL_MAX_LENGTH",
-    "build_clip_tokenizer",
-    "clip_vocab",
-]
+__all__ = ["BOS_TOKEN", "DEFAULT_WORDS", "EOS_TOKEN", "MODEL_MAX_LENGTH", "build_clip_tokenizer"]
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

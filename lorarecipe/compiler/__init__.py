@@ -9,17 +9,18 @@ objects and never mutates the recipe; it never imports torch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeCompileError
-from ..load import LoadedRecipe, RecipeBuild
+from ..errors import LorarecipeError, Problem, RecipeCompileError
 from ..plan import (
     Check,
+    CheckpointLayout,
     FuseAdapters,
     LoadAdapter,
     LoadBase,
+    LoraLayout,
     MergeAdapters,
     Plan,
     RenderGrid,
@@ -29,15 +30,16 @@ from ..plan import (
     Step,
     _freeze,
 )
-from ..recipe import ComponentWeights, GridOutput, LoraOutput, PipelineOutput, SingleFileOutput
-from ..vocabulary import FAMILIES
+from ..recipe.load import LoadedRecipe, RecipeBuild, load_recipe
+from ..recipe.models import ComponentWeights, GridOutput, LoraOutput, PipelineOutput, SingleFileOutput
+from ..recipe.vocabulary import FAMILIES
 from .context import CompileContext
 from .estimates import estimate_memory
 from .inputs import InputFacts, check_inputs
 from .outputs import check_outputs, default_weight_name
 from .references import check_references
 
-__all__ = ["compile_recipe"]
+__all__ = ["compile_recipe", "compile_recipe_file"]
 
 
 def _weight_value(weight: Any) -> Any:
@@ -149,7 +151,11 @@ def _steps(
                     inputs=("fuse",),
                     origin=origin,
                     output=name,
-                    layout="diffusers" if isinstance(out, PipelineOutput) else "single_file",
+                    layout=(
+                        CheckpointLayout.DIFFUSERS
+                        if isinstance(out, PipelineOutput)
+                        else CheckpointLayout.SINGLE_FILE
+                    ),
                     path=path,
                     dtype=out.dtype,
                     card=bool(getattr(out, "card", False)),
@@ -163,7 +169,7 @@ def _steps(
                     origin=origin,
                     output=name,
                     adapter=out.adapter,
-                    layout=out.layout,
+                    layout=LoraLayout(out.layout),
                     path=path,
                     weight_name=default_weight_name(out),
                     dtype=out.dtype,
@@ -255,3 +261,21 @@ def compile_recipe(
         meta=meta,
     )
     return dataclasses.replace(plan, estimates=tuple(estimate_memory(plan, inputs).items()))
+
+
+def compile_recipe_file(
+    path: Path, overrides: Mapping[str, str] | None = None, allow_read: Sequence[Path] = ()
+) -> list[Plan]:
+    """Load a recipe file (with ``--set`` overrides) and compile every build of its matrix; the
+    problems of all builds are raised together in one ``RecipeCompileError``."""
+    loaded = load_recipe(path, dict(overrides or {}))
+    plans: list[Plan] = []
+    problems: list[Problem] = []
+    for build in loaded.builds:
+        try:
+            plans.append(compile_recipe(loaded, build, allow_read=allow_read))
+        except LorarecipeError as exc:
+            problems.extend(p for p in exc.problems if p not in problems)
+    if problems:
+        raise RecipeCompileError(problems[0].message, problems)
+    return plans

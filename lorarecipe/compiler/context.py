@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Problem
-from ..load import LoadedRecipe, RecipeBuild, path_text
-from ..loader import PathKey
 from ..plan import Check, Origin
+from ..recipe.load import LoadedRecipe, RecipeBuild, path_text
+from ..recipe.yaml_source import PathKey
 
 __all__ = ["CompileContext"]
 

@@ -15,7 +15,8 @@ from typing import Any
 from ..builtin.catalog import BUILTIN_BASES, BUILTIN_LORAS, builtin_inventory
 from ..diagnostics import did_you_mean
 from ..errors import LorarecipeError
-from ..hubcache import cached_file, cached_snapshot
+from ..fs.hubcache import cached_file, cached_snapshot
+from ..fs.paths import resolve_input
 from ..inspect import (
     BaseInfo,
     ComponentInfo,
@@ -29,9 +30,8 @@ from ..inspect import (
     read_header,
 )
 from ..inspect.base_model import check_model_index
-from ..paths import resolve_input
 from ..plan import Check, Source
-from ..vocabulary import FAMILIES
+from ..recipe.vocabulary import FAMILIES
 from .context import CompileContext
 
 __all__ = ["AdapterFacts", "InputFacts", "check_inputs"]

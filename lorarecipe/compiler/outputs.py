@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from ..diagnostics import did_you_mean
-from ..paths import normalize_output_path
-from ..recipe import GridOutput, LoraOutput, PipelineOutput, SingleFileOutput
-from ..vocabulary import FAMILIES, RESERVED_VARIANTS
+from ..fs.paths import normalize_output_path
+from ..recipe.models import GridOutput, LoraOutput, PipelineOutput, SingleFileOutput
+from ..recipe.vocabulary import FAMILIES, RESERVED_VARIANTS
 from .context import CompileContext
 
 __all__ = ["check_outputs", "default_weight_name"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..diagnostics import did_you_mean
-from ..recipe import ComponentWeights, UnetBlockWeights
-from ..vocabulary import COMBINATION_TYPES, FAMILIES, RESERVED_VARIANTS
+from ..recipe.models import ComponentWeights, UnetBlockWeights
+from ..recipe.vocabulary import COMBINATION_TYPES, FAMILIES, RESERVED_VARIANTS
 from .context import CompileContext
 from .inputs import InputFacts, component_ranks
 

@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import InputUnavailableError, UnsafeInputError
-from ..vocabulary import FAMILIES
+from ..recipe.vocabulary import FAMILIES
 from .safetensors_header import DTYPE_BITS, PICKLE_SUFFIXES, SafetensorsHeader, read_header
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "check_model_index",
     "inspect_diffusers_folder",
     "inspect_single_file",
+    "weight_files",
 ]
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
@@ -161,6 +162,27 @@ def _weight_files(folder: Path, variant: str | None) -> list[Path]:
             "loads pickle files: convert them to .safetensors"
         )
     return []
+
+
+def weight_files(folder: Path, variant: str | None) -> tuple[list[Path], Path | None]:
+    """The safetensors files diffusers/transformers load from a component folder (and the shard index)."""
+    for stem in _WEIGHT_STEMS:
+        tags = [f".{variant}", ""] if variant else [""]
+        for tag in tags:
+            index = folder / (f"{stem}.safetensors.index{tag}.json")
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                    names = sorted(set(weight_map.values()))
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    raise UnsafeInputError(f"{index}: unreadable shard index ({exc})") from None
+                if any("/" in n or "\\" in n or n.startswith(".") for n in names):
+                    raise UnsafeInputError(f"{index}: shard names must be plain file names")
+                return [folder / n for n in names], index
+            single = folder / f"{stem}{tag}.safetensors"
+            if single.is_file():
+                return [single], None
+    return [], None
 
 
 def _summarize(headers: list[SafetensorsHeader]) -> tuple[int, int]:

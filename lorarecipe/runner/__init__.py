@@ -1,9 +1,16 @@
-"""Runner: a compiled :class:`~lorarecipe.plan.Plan` -> output files and ``manifest.json``.
+"""Stage 4, runner: a compiled :class:`~lorarecipe.plan.Plan` -> output files and ``manifest.json``.
 
 ``run_plan`` takes the output root's lock (a second build into the same root is refused), removes
-leftovers of killed builds, sets the previous manifest aside, runs the executors, writes model
-cards, and writes the manifest last (``records``). This is the only
-stage that imports torch, diffusers and peft (lazily, inside the executors).
+leftovers of killed builds, sets the previous manifest aside, resolves every input once, then hands
+the outputs to the executors of the ``--executor`` mode in order (``executor``: streaming, then the
+diffusers pipeline), each building what it can into one typed ``BuildState`` (``build_state``); it
+writes model cards and the manifest last (``records``). This is the only stage that imports torch,
+diffusers and peft (lazily, inside the executors).
+
+The package: ``executor`` (the interface and the registry), ``build_state``, ``inputs`` (sources ->
+local files), ``step_context`` (failures located at recipe lines), ``fuse_math`` (the one fused-tensor
+formula), ``pipeline/`` and ``streaming/`` (the two executors), ``records``, and ``device``,
+``quiet``, ``progress``.
 """
 
 from __future__ import annotations
@@ -15,14 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import clean_stale_temporaries
-from ..errors import BuildError, LockError
-from ..plan import LoadAdapter, MergeAdapters, Plan
+from ..errors import BuildError, LockError, UsageError
+from ..fs.atomic import clean_stale_temporaries
+from ..plan import LoadAdapter, LoadBase, Plan
+from .build_state import BuildOptions, BuildState
+from .inputs import ResolvedInput, resolve_adapter, resolve_base, resolve_config
 from .progress import Reporter, make_reporter
 from .records import finish_manifest, provenance, set_aside_manifest, write_cards
-from .resolve import ResolvedInput
 
-__all__ = ["BuildResult", "run_plan"]
+__all__ = ["LOCK_NAME", "BuildResult", "require_build_extra", "run_plan"]
 
 LOCK_NAME = ".lorarecipe/build.lock"
 
@@ -36,6 +44,53 @@ class BuildResult:
     manifest: Path | None = None
     device: str = "cpu"
     seconds: float = 0.0
+
+
+def require_build_extra() -> None:
+    """A clear usage error instead of an ImportError when the [build] extra is not installed."""
+    import importlib.util
+
+    modules = ("torch", "diffusers", "peft", "transformers", "safetensors", "PIL", "filelock")
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(
+            f"this command needs {', '.join(missing)}: install torch for your machine, then "
+            "pip install 'lorarecipe[build]'"
+        )
+
+
+def _resolve_inputs(plan: Plan, state: BuildState, pinned: Mapping[str, ResolvedInput]) -> None:
+    """Every input as a local path (built-in, local, hub download/cache) into ``state.inputs``, and
+    the config folder of a single-file base; ``pinned`` inputs (``--frozen``) are used as given."""
+    options = state.options
+    base = plan.step("base")
+    assert isinstance(base, LoadBase)
+    with state.step(base, "resolve base"):
+        state.inputs["base"] = pinned.get("base") or resolve_base(
+            base.source,
+            options.recipe_root,
+            options.allow_read,
+            variant=base.variant,
+            single_file=base.single_file,
+        )
+        config = pinned.get("base:config")
+        state.config = (
+            config.path
+            if config is not None
+            else resolve_config(base.config, options.recipe_root, options.allow_read)
+        )
+    for step in plan.of_type(LoadAdapter):
+        with state.step(step, f"resolve adapter {step.name}"):
+            state.inputs[step.id] = pinned.get(step.id) or resolve_adapter(
+                step.source, options.recipe_root, options.allow_read
+            )
+
+
+def _step_count(plan: Plan, wanted: set[str]) -> int:
+    from ..plan import MergeAdapters
+
+    adapters = len(plan.of_type(LoadAdapter)) + len(plan.of_type(MergeAdapters))
+    return 1 + adapters + 2 * len(wanted) + 1
 
 
 def run_plan(
@@ -54,8 +109,9 @@ def run_plan(
 ) -> BuildResult:
     """Build ``outputs`` (default: all) of ``plan`` into ``out_root``; returns what was written.
 
-    ``on_success(written)`` runs after the manifest, still under the output root's lock (the
-    incremental-build state is recorded there, so no other build can interleave).
+    ``executor`` is a mode of :data:`~lorarecipe.runner.executor.EXECUTOR_MODES`. ``on_success(written)``
+    runs after the manifest, still under the output root's lock (the incremental-build state is
+    recorded there, so no other build can interleave).
     """
     from filelock import FileLock, Timeout
 
@@ -63,8 +119,7 @@ def run_plan(
 
     quiet_libraries()
     from .device import pick_device
-    from .pipeline_executor import ExecOptions, PipelineRun, resolve_inputs, run_with_pipeline
-    from .stream_route import stream_checkpoints
+    from .executor import executors_for
 
     started = time.perf_counter()
     out_root = Path(os.path.abspath(out_root))  # written paths are absolute; a relative --out must match
@@ -85,35 +140,35 @@ def run_plan(
         except OSError as exc:
             raise BuildError(f"cannot clean {out_root}: {exc.strerror or exc}") from None
         chosen = pick_device(device)
-        wanted = outputs if outputs is not None else {s.output for s in plan.steps if hasattr(s, "output")}
-        total = 1 + len(plan.of_type(LoadAdapter)) + len(plan.of_type(MergeAdapters)) + 2 * len(wanted) + 1
-        reporter.begin(f"build {plan.name}" + (f" [{plan.build}]" if plan.build else ""), total)
-        options = ExecOptions(
+        wanted = [s.output for s in plan.output_steps() if outputs is None or s.output in outputs]
+        reporter.begin(
+            f"build {plan.name}" + (f" [{plan.build}]" if plan.build else ""), _step_count(plan, set(wanted))
+        )
+        options = BuildOptions(
             out_root=out_root,
             recipe_root=recipe_root,
             device=chosen,
             allow_read=tuple(allow_read),
             reporter=reporter,
             provenance=provenance(plan, recipe_text),
-            outputs=set(wanted),
-            resolved=dict(resolved or {}),
         )
         set_aside_manifest(out_root)
-        run = PipelineRun()
-        resolve_inputs(plan, options, run)
-        streamed = stream_checkpoints(plan, options, run, executor)
-        options.outputs -= streamed  # what is left needs the pipeline (grids, LoRA files, fallbacks)
-        run_with_pipeline(plan, options, run)
-        for name in wanted:
-            run.executors.setdefault(name, "diffusers")
-        write_cards(plan, run, out_root, recipe_text)
+        state = BuildState(options)
+        _resolve_inputs(plan, state, resolved or {})
+        left = wanted
+        for runner in executors_for(executor):
+            if not left:
+                break
+            left = runner.build(plan, left, state)
+        if left:
+            raise BuildError(f"internal: no executor built {', '.join(left)}")
+        write_cards(plan, state, recipe_text)
         reporter.step("write manifest")
-        manifest, built = finish_manifest(plan, run, out_root, recipe_text, chosen)
-        result = BuildResult(
-            plan, out_root, outputs=built, written=run.written, manifest=manifest, device=chosen
-        )
+        manifest, built = finish_manifest(plan, state, recipe_text)
+        written = state.files()
+        result = BuildResult(plan, out_root, outputs=built, written=written, manifest=manifest, device=chosen)
         if on_success is not None:
-            on_success(run.written)
+            on_success(written)
         result.seconds = time.perf_counter() - started
         reporter.end()
         return result

@@ -1,6 +1,6 @@
 """What a build records about itself: model cards, the manifest, and provenance metadata.
 
-Run results -> ``README.md`` cards in pipeline/LoRA folders and ``manifest.json``. While a build
+Build state -> ``README.md`` cards in pipeline/LoRA folders and ``manifest.json``. While a build
 replaces outputs, the previous manifest is moved aside (``.lorarecipe/previous-manifest.json``) so
 that a build that fails or is killed half-way never leaves a manifest describing files that are
 gone; the new manifest carries over the entries of outputs that were up to date.
@@ -13,13 +13,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..atomic import fsync_dir
 from ..errors import BuildError
-from ..hashing import sha256_file, sha256_text
-from ..manifest import MANIFEST_NAME, file_entry, library_versions, write_manifest
-from ..plan import MergeAdapters, Plan, RenderGrid, SaveCheckpoint, SaveLora
-from .context import step_context
-from .resolve import ResolvedInput
+from ..fs.atomic import fsync_dir
+from ..fs.hashing import sha256_file, sha256_text
+from ..outputs.manifest import MANIFEST_NAME, file_entry, library_versions, write_manifest
+from ..plan import CheckpointLayout, MergeAdapters, OutputStep, Plan, RenderGrid, SaveCheckpoint, SaveLora
+from .build_state import BuildState
+from .inputs import ResolvedInput
+from .step_context import step_context
 
 __all__ = ["PREVIOUS_MANIFEST", "finish_manifest", "provenance", "set_aside_manifest", "write_cards"]
 
@@ -66,35 +67,35 @@ def _input_doc(step_id: str, resolved: ResolvedInput) -> dict[str, Any]:
     }
 
 
-def write_cards(plan: Plan, run: Any, out_root: Path, recipe_text: str) -> None:
+def write_cards(plan: Plan, state: BuildState, recipe_text: str) -> None:
     """README.md model card (+ the first grid, copied in) for every written pipeline/LoRA folder."""
-    grids = [g for g in plan.of_type(RenderGrid) if g.output in run.grids]
+    grids = [g for g in plan.of_type(RenderGrid) if g.output in state.outputs]
     for step in plan.steps:
         if (
             not isinstance(step, (SaveCheckpoint, SaveLora))
             or not step.card
-            or step.output not in run.written
+            or step.output not in state.outputs
         ):
             continue
-        if isinstance(step, SaveCheckpoint) and step.layout != "diffusers":
+        if isinstance(step, SaveCheckpoint) and step.layout is not CheckpointLayout.DIFFUSERS:
             continue  # a single file has no folder to hold a card
         with step_context(step):  # a disk error here is reported at the output's recipe line
-            _write_card(plan, run, out_root, recipe_text, step, grids[0] if grids else None)
+            _write_card(plan, state, recipe_text, step, grids[0] if grids else None)
 
 
 def _write_card(
     plan: Plan,
-    run: Any,
-    out_root: Path,
+    state: BuildState,
     recipe_text: str,
     step: SaveCheckpoint | SaveLora,
     grid: RenderGrid | None,
 ) -> None:
     from .. import __version__
-    from ..atomic import atomic_write_bytes, atomic_write_text
-    from ..modelcard import CardInput, render_card
-    from ..paths import resolve_output
+    from ..fs.atomic import atomic_write_bytes, atomic_write_text
+    from ..fs.paths import resolve_output
+    from ..outputs.modelcard import CardInput, render_card
 
+    out_root = state.options.out_root
     folder = resolve_output(out_root, step.path)
     meta = dict(plan.meta)
     card = CardInput(
@@ -102,20 +103,18 @@ def _write_card(
         version=__version__,
         description=meta.get("description"),
         license=meta.get("license"),
-        base_commit=run.inputs["base"].commit,
-        adapter_sha256={
-            k.split(":", 1)[1]: sha256_file(v.path) for k, v in run.inputs.items() if k.startswith("adapter:")
-        },
+        base_commit=state.inputs["base"].commit,
+        adapter_sha256={name: sha256_file(path) for name, path in state.adapter_paths().items()},
     )
     if grid is not None:
         image = folder / "images" / Path(grid.path).name
         atomic_write_bytes(image, resolve_output(out_root, grid.path).read_bytes())
         card.grid_path = f"images/{image.name}"
         card.grid_caption = f"Rows: prompt × seed; columns: {', '.join(grid.variants)} ({grid.steps} steps)."
-        run.written[step.output].append(image)
+        state.outputs[step.output].files.append(image)
     readme = folder / "README.md"
     atomic_write_text(readme, render_card(plan, step, card))
-    run.written[step.output].append(readme)
+    state.outputs[step.output].files.append(readme)
 
 
 def _carry_over(out_root: Path, plan: Plan, built: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -124,7 +123,7 @@ def _carry_over(out_root: Path, plan: Plan, built: dict[str, dict[str, Any]]) ->
     Each entry keeps the fingerprint of the plan that built it, so a manifest after an incremental
     build still says which recipe produced every file.
     """
-    wanted = {s.output for s in plan.steps if hasattr(s, "output")}  # type: ignore[attr-defined]
+    wanted = {s.output for s in plan.output_steps()}
     previous: dict[str, Any] = {}
     source = out_root / PREVIOUS_MANIFEST
     if not source.is_file():
@@ -141,9 +140,9 @@ def _carry_over(out_root: Path, plan: Plan, built: dict[str, dict[str, Any]]) ->
     return dict(sorted(merged.items()))
 
 
-def _output_kind(step: Any) -> str:
+def _output_kind(step: OutputStep) -> str:
     if isinstance(step, SaveCheckpoint):
-        return "pipeline" if step.layout == "diffusers" else "single_file"
+        return "pipeline" if step.layout is CheckpointLayout.DIFFUSERS else "single_file"
     if isinstance(step, SaveLora):
         return "lora"
     return "grid"
@@ -161,26 +160,25 @@ def set_aside_manifest(out_root: Path) -> None:
         raise BuildError(f"cannot set aside {current}: {exc.strerror or exc}") from None
 
 
-def finish_manifest(
-    plan: Plan, run: Any, out_root: Path, recipe_text: str, device: str
-) -> tuple[Path, dict[str, Any]]:
+def finish_manifest(plan: Plan, state: BuildState, recipe_text: str) -> tuple[Path, dict[str, Any]]:
     """Hash every written file and write manifest.json (last); returns it and the built outputs."""
+    out_root = state.options.out_root
     try:
         built: dict[str, dict[str, Any]] = {}
-        for step in plan.steps:
-            name = getattr(step, "output", None)
-            if name is None or name not in run.written:
+        for step in plan.output_steps():
+            record = state.outputs.get(step.output)
+            if record is None:
                 continue
             doc: dict[str, Any] = {
                 "kind": _output_kind(step),
-                "executor": run.executors.get(name),
-                "path": step.path,  # type: ignore[attr-defined]
+                "executor": record.executor,
+                "path": step.path,
                 "step": step.key(),
-                "files": [file_entry(p, out_root) for p in run.written[name]],
+                "files": [file_entry(p, out_root) for p in record.files],
             }
-            if isinstance(step, RenderGrid) and name in run.grids:
-                doc["fused_vs_runtime_max_abs_diff"] = run.grids[name].fused_vs_runtime_max_diff
-            built[name] = doc
+            if isinstance(step, RenderGrid):
+                doc["fused_vs_runtime_max_abs_diff"] = record.fused_vs_runtime_max_diff
+            built[step.output] = doc
         seeds: dict[str, Any] = {s.id: s.seed for s in plan.of_type(MergeAdapters)}
         seeds.update({s.id: list(s.seeds) for s in plan.of_type(RenderGrid)})
         manifest = {
@@ -194,27 +192,21 @@ def finish_manifest(
             },
             "plan": plan.to_json(),
             "fingerprint": plan.fingerprint(),
-            "inputs": [_input_doc(k, v) for k, v in run.inputs.items()],
+            "inputs": [_input_doc(k, v) for k, v in state.inputs.items()],
             "outputs": _carry_over(out_root, plan, built),
             "seeds": seeds,
-            "device": device,
-            "dtypes": {"pipeline": run.dtype},
+            "device": state.options.device,
+            "dtypes": {"pipeline": state.dtype},
             "libraries": library_versions(),
             "checks": {
-                "fuse": vars(run.fuse) if run.fuse else None,
-                "streams": {
-                    k: {
-                        "tensors": r.tensors,
-                        "changed": r.changed,
-                        "peak_rss_bytes": r.peak_rss_bytes,
-                        "max_abs_diff_vs_fp32": r.max_abs_diff_vs_fp32,
-                        "lora_factors_from_cache": r.factors_cached,
-                    }
-                    for k, r in run.streams.items()
+                "fuse": {
+                    name: record.fuse.to_json()
+                    for name, record in sorted(state.outputs.items())
+                    if record.fuse is not None
                 },
-                "adapters": {n: a.modules for n, a in run.adapters.items()},
+                "adapters": state.adapters,
             },
-            "timings_seconds": {k: round(v, 3) for k, v in run.timings.items()},
+            "timings_seconds": {k: round(v, 3) for k, v in state.timings.items()},
         }
         path = write_manifest(out_root, manifest)
         (out_root / PREVIOUS_MANIFEST).unlink(missing_ok=True)

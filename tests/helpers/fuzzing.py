@@ -9,9 +9,8 @@ from hypothesis import strategies as st
 
 from lorarecipe.compiler import compile_recipe
 from lorarecipe.errors import LorarecipeError
-from lorarecipe.load import parse_recipe
-
-from .recipes import DEMO_LIKE
+from lorarecipe.recipe.load import parse_recipe
+from tests.helpers.recipes import DEMO_LIKE
 
 SEEDS = [DEMO_LIKE, *(p.read_text() for p in sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml")))]
 

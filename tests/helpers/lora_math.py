@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lorarecipe.safetensors_meta import read_metadata
+from lorarecipe.outputs.safetensors_meta import read_metadata
 
 _PEFT = re.compile(r"^(unet|text_encoder|text_encoder_2|transformer)\.(.+)\.lora_(A|B)\.weight$")
 _OLD = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora\.(down|up)\.weight$")

@@ -375,7 +375,7 @@ def check_header_never_crashes(path: Path) -> str:
 
 def check_load_never_crashes(pipe: Any, name: str, path: Path, cleanup: Callable[[Any, str], None]) -> str:
     """``load_adapter`` into a shared pipeline: loaded or a lorarecipe error, nothing else."""
-    from lorarecipe.runner.adapters import load_adapter
+    from lorarecipe.runner.pipeline.adapters import load_adapter
 
     try:
         load_adapter(pipe, name, path)

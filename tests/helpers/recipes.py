@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from lorarecipe.compiler import compile_recipe
 from lorarecipe.errors import LorarecipeError, Problem
-from lorarecipe.load import load_recipe
 from lorarecipe.plan import Plan
+from lorarecipe.recipe.load import load_recipe
 
 if TYPE_CHECKING:
     from lorarecipe.runner import BuildResult

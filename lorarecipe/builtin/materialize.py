@@ -1,0 +1,354 @@
+"""Build the built-in tiny pipelines and LoRAs from configs, and materialize them in the cache.
+
+Input: a name from :mod:`lorarecipe.builtin.catalog`. Output: a folder that
+``DiffusionPipeline.from_pretrained`` loads (bases) or one ``.safetensors`` file (LoRAs), under
+``cache_root()/builtin/v{BUILTIN_VERSION}/``. Everything is random weights from a fixed seed, built
+offline on CPU in fp32, so the bytes are the same on every run; nothing here may touch the network.
+
+``python -m lorarecipe.builtin.materialize --inventory`` rewrites ``inventory.json`` (tensor names, dtypes
+and shapes of every built-in, read by the torch-free static checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import json
+import struct
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from filelock import FileLock
+
+from ..errors import InputUnavailableError
+from ..fs.atomic import atomic_dir, atomic_file, atomic_write_text, clean_stale_temporaries
+from .catalog import (
+    BUILTIN_BASES,
+    BUILTIN_LORAS,
+    BUILTIN_VERSION,
+    builtin_base_dir,
+    builtin_lora_file,
+    builtin_root,
+    materialized_base,
+    materialized_lora,
+)
+from .loras import canonicalize_safetensors, make_kohya_lora, make_peft_lora
+from .tokenizer import build_clip_tokenizer
+
+__all__ = [
+    "build_base_pipeline",
+    "builtin_base_path",
+    "builtin_lora_path",
+    "builtin_root",
+    "generate_inventory",
+    "main",
+    "materialize_all",
+    "read_safetensors_header",
+]
+
+_BASE_SEED = 0  # per-component seeds are _BASE_SEED + a fixed offset, so components are order-independent
+_INVENTORY = Path(__file__).with_name("inventory.json")
+
+
+def _unknown(kind: str, name: str, known: Sequence[str]) -> InputUnavailableError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+    return InputUnavailableError(f"unknown built-in {kind} {name!r}; {hint}")
+
+
+def _vae() -> AutoencoderKL:
+    """Three blocks: 4× downsampling, so 64 px images are 16×16 latents (a 2-block VAE gives 32×32
+    latents, and 1024-token self-attention made a demo grid take over a minute on 2 CPU cores)."""
+    return AutoencoderKL(
+        block_out_channels=(32, 32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+
+
+def _clip_config(vocab_size: int, tok: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def _build_sd() -> StableDiffusionPipeline:
+    """SD1.5-like: UNet (32, 64) with 1×1-conv transformer projections, one 2-layer CLIP, DDIM."""
+    from transformers import CLIPTextModel
+
+    tok = build_clip_tokenizer()
+    torch.manual_seed(_BASE_SEED + 1)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(_BASE_SEED + 2)
+    vae = _vae()
+    torch.manual_seed(_BASE_SEED + 3)
+    text_encoder = CLIPTextModel(_clip_config(len(tok), tok))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sdxl() -> StableDiffusionXLPipeline:
+    """SDXL-like: text_time UNet with linear projections, CLIP + CLIP-with-projection, Euler."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = build_clip_tokenizer()
+    tok_2 = build_clip_tokenizer()
+    torch.manual_seed(_BASE_SEED + 11)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids × 8 + pooled 32
+        cross_attention_dim=64,  # 32 + 32 (both encoders' hidden states are concatenated)
+        norm_num_groups=32,
+    )
+    torch.manual_seed(_BASE_SEED + 12)
+    vae = _vae()
+    torch.manual_seed(_BASE_SEED + 13)
+    text_encoder = CLIPTextModel(_clip_config(len(tok), tok))
+    torch.manual_seed(_BASE_SEED + 14)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(tok_2), tok_2))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tok,
+        tokenizer_2=tok_2,
+        unet=unet,
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+_BUILDERS = {"sd1": _build_sd, "sdxl": _build_sdxl}
+
+
+def build_base_pipeline(name: str) -> DiffusionPipeline:
+    """Built-in base name -> a fresh in-memory pipeline (fp32, CPU, eval mode), identical on every call.
+
+    The global torch RNG is reseeded per component and restored afterwards, so callers' RNG state is
+    not disturbed.
+    """
+    spec = BUILTIN_BASES.get(name)
+    if spec is None:
+        raise _unknown("base", name, list(BUILTIN_BASES))
+    with torch.random.fork_rng(devices=[]):
+        pipe = _BUILDERS[spec.family]()
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # as after from_pretrained
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _finish_file(path: Path) -> None:
+    """Canonical safetensors header (see ``canonicalize_safetensors``) and ordinary read permissions
+    (safetensors writes 0600 files; a shared cache must be readable by every user of it)."""
+    if path.suffix == ".safetensors":
+        canonicalize_safetensors(path)
+    path.chmod(0o644)
+
+
+def builtin_base_path(name: str) -> Path:
+    """Built-in base name -> its pipeline folder, materialized on first use.
+
+    Built under a file lock (one per built-in root, so parallel processes neither race nor duplicate
+    work) into a temporary folder that is renamed into place whole: a folder at the final path is
+    always complete.
+    """
+    if name not in BUILTIN_BASES:
+        raise _unknown("base", name, list(BUILTIN_BASES))
+    final = builtin_base_dir(name)
+    if materialized_base(name):
+        return final
+    with _build_lock():
+        if not materialized_base(name):
+            pipe = build_base_pipeline(name)
+            with atomic_dir(final) as tmp:
+                pipe.save_pretrained(tmp, safe_serialization=True)
+                for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                    _finish_file(file)
+    return final
+
+
+def builtin_lora_path(name: str) -> Path:
+    """Built-in LoRA name (``"tiny-sd/style"``) -> its ``.safetensors`` file, materialized on first use."""
+    spec = BUILTIN_LORAS.get(name)
+    if spec is None:
+        raise _unknown("LoRA", name, list(BUILTIN_LORAS))
+    final = builtin_lora_file(name)
+    if materialized_lora(name):
+        return final
+    with _build_lock():
+        if not materialized_lora(name):
+            pipe = build_base_pipeline(spec.base)  # only module names and shapes are used
+            writer = make_peft_lora if spec.layout == "peft" else make_kohya_lora
+            with atomic_file(final) as tmp:
+                writer(
+                    pipe,
+                    tmp,
+                    rank=spec.rank,
+                    alpha=spec.alpha,
+                    seed=spec.seed,
+                    text_encoders=spec.text_encoders,
+                )
+                _finish_file(tmp)
+    return final
+
+
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """Hold the per-version build lock; stale temporaries of killed builds are removed once it is held."""
+    root = builtin_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".build.lock")):
+        clean_stale_temporaries(root)
+        yield
+
+
+def materialize_all() -> dict[str, Path]:
+    """Build every base and LoRA that is not cached yet -> {name: path}."""
+    paths = {name: builtin_base_path(name) for name in BUILTIN_BASES}
+    paths.update({name: builtin_lora_path(name) for name in BUILTIN_LORAS})
+    return paths
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """A ``.safetensors`` file -> its JSON header (tensor entries plus ``__metadata__``), no torch needed."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header: dict[str, Any] = json.loads(handle.read(length))
+    return header
+
+
+def _tensor_table(path: Path) -> dict[str, list[Any]]:
+    header = read_safetensors_header(path)
+    return {k: [v["dtype"], list(v["shape"])] for k, v in sorted(header.items()) if k != "__metadata__"}
+
+
+def generate_inventory() -> dict[str, Any]:
+    """Materialize every built-in -> {"version", "bases": {name: {component: {key: [dtype, shape]}}},
+    "loras": {name: {"tensors": {key: [dtype, shape]}, "metadata": {...}}}}, read from the files' headers."""
+    bases: dict[str, Any] = {}
+    for name in BUILTIN_BASES:
+        root = builtin_base_path(name)
+        components: dict[str, Any] = {}
+        for file in sorted(root.glob("*/*.safetensors")):
+            components[file.parent.name] = _tensor_table(file)
+        bases[name] = components
+    loras: dict[str, Any] = {}
+    for name in BUILTIN_LORAS:
+        path = builtin_lora_path(name)
+        metadata = read_safetensors_header(path).get("__metadata__", {})
+        loras[name] = {"tensors": _tensor_table(path), "metadata": dict(sorted(metadata.items()))}
+    return {"version": BUILTIN_VERSION, "bases": bases, "loras": loras}
+
+
+def inventory_text(inventory: dict[str, Any]) -> str:
+    """Inventory -> the exact text committed in ``inventory.json``.
+
+    Sorted keys, nested mappings one entry per line, every leaf (``["F32", [32, 4]]``, a metadata string)
+    on one line, so diffs stay readable.
+    """
+
+    def dump(value: Any, depth: int) -> str:
+        if not isinstance(value, dict) or not value:
+            return json.dumps(value, ensure_ascii=False)
+        pad = " " * (depth + 1)
+        items = [f"{pad}{json.dumps(k)}: {dump(v, depth + 1)}" for k, v in sorted(value.items())]
+        return "{\n" + ",\n".join(items) + "\n" + " " * depth + "}"
+
+    return dump(inventory, 0) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: materialize every built-in (default) or rewrite ``inventory.json`` (``--inventory``)."""
+    parser = argparse.ArgumentParser(prog="python -m lorarecipe.builtin.materialize", description=__doc__)
+    parser.add_argument("--inventory", action="store_true", help=f"rewrite {_INVENTORY}")
+    args = parser.parse_args(argv)
+    if args.inventory:
+        atomic_write_text(_INVENTORY, inventory_text(generate_inventory()))
+        print(f"wrote {_INVENTORY}")
+        return 0
+    for name, path in materialize_all().items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The ``lorarecipe`` command line: the only place that prints and picks exit codes.
+
+Exit codes: 0 ok, 1 recipe or build errors, 2 usage, 3 internal error (a bug), 130 interrupted.
+This module parses arguments and maps exceptions to exit codes; the commands themselves are in
+``commands`` (they call the library and print its results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import LorarecipeError, UsageError
+from ..runner.executor import EXECUTOR_MODES
+from .commands import (
+    EXIT_ERRORS,
+    EXIT_OK,
+    cmd_build,
+    cmd_lock,
+    cmd_plan,
+    cmd_schema,
+    cmd_validate,
+    cmd_verify,
+    print_problems,
+)
+
+__all__ = ["main", "make_parser"]
+
+EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 2, 3, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would sys.exit(2) itself; keep control here
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a recipe variable")
+    p.add_argument(
+        "--allow-read",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="also allow recipes to read inputs from DIR",
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lorarecipe", description="Compile and build YAML merge recipes for diffusion LoRAs."
+    )
+    parser.add_argument("--version", action="version", version=f"lorarecipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("validate", help="check recipes (files or folders) without loading any weight")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--json", action="store_true", help="print a JSON report")
+    p.add_argument(
+        "--format",
+        choices=("text", "github"),
+        default="text",
+        help="'github' prints GitHub Actions ::error annotations",
+    )
+    _common(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="show what a build would load, merge, fuse and write")
+    p.add_argument("recipe")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON, with its fingerprint")
+    _common(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("schema", help="print the recipe JSON Schema")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("build", help="build recipes (a file or a folder of recipes)")
+    p.add_argument("recipes", nargs="+")
+    p.add_argument("--out", type=Path, help="output root (default: build/<recipe name>)")
+    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
+    p.add_argument(
+        "--executor",
+        choices=tuple(EXECUTOR_MODES),
+        default="auto",
+        help="; ".join(f"{k}: {v}" for k, v in EXECUTOR_MODES.items()),
+    )
+    p.add_argument(
+        "--frozen", action="store_true", help="require an up-to-date lock file and verify input hashes"
+    )
+    p.add_argument("--force", action="store_true", help="rebuild every output even if it is up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _common(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("verify", help="recompute the hashes of a build folder against its manifest")
+    p.add_argument("outdir", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("lock", help="pin every input to a hub commit and sha256 (writes RECIPE.lock.json)")
+    p.add_argument("recipe")
+    p.add_argument(
+        "--check", action="store_true", help="exit 1 if the lock is missing or stale; write nothing"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_lock)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (tests call this directly)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    json_mode = "--json" in argv
+    try:
+        args = make_parser().parse_args(argv)
+        code: int = args.func(args)
+        return code
+    except UsageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except LorarecipeError as exc:
+        if json_mode:
+            print(json.dumps({"ok": False, "problems": [p.to_json() for p in exc.problems]}, indent=2))
+        print_problems(exc.problems)
+        return EXIT_ERRORS
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_OK
+    except BaseException:
+        print(
+            "internal error: this is a bug in lorarecipe, please report it with the text below",
+            file=sys.stderr,
+        )
+        traceback.print_exc()
+        return EXIT_BUG
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The commands behind ``lorarecipe <command>``: call the library, print the result, return an exit code.
+
+Each ``cmd_*`` takes the parsed arguments. Library code raises ``LorarecipeError``s; ``main`` (in
+``lorarecipe.cli``) prints those. ``validate``, ``plan``, ``schema``, ``verify`` and ``lock --check``
+never import torch; ``build`` and ``lock`` import the execution side lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..diagnostics import render_github, render_text
+from ..errors import LockError, LorarecipeError, Problem, UsageError
+from ..recipe.load import find_recipe_files, parse_overrides
+
+__all__ = [
+    "EXIT_ERRORS",
+    "EXIT_OK",
+    "cmd_build",
+    "cmd_lock",
+    "cmd_plan",
+    "cmd_schema",
+    "cmd_validate",
+    "cmd_verify",
+    "print_problems",
+]
+
+EXIT_OK, EXIT_ERRORS = 0, 1
+
+
+def _source_text(file: str) -> str | None:
+    try:
+        path = Path(file)
+        if path.is_file() and path.stat().st_size <= 1_000_000:
+            return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return None
+
+
+def print_problems(problems: Sequence[Problem], stream: Any = None) -> None:
+    """Compiler-style text with snippets, grouped by file."""
+    stream = stream or sys.stderr
+    by_file: dict[str | None, list[Problem]] = {}
+    for problem in problems:
+        by_file.setdefault(problem.span.file if problem.span else None, []).append(problem)
+    for file, group in by_file.items():
+        print(render_text(group, _source_text(file) if file else None), file=stream)
+    errors = sum(p.severity == "error" for p in problems)
+    if errors:
+        print(f"{errors} error{'s' if errors != 1 else ''}", file=stream)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ..compiler import compile_recipe_file
+
+    files = find_recipe_files(args.paths)
+    if not files:
+        raise UsageError("no recipe files found (expected .yaml files or folders containing them)")
+    results = []
+    all_problems: list[Problem] = []
+    for path in files:
+        problems: list[Problem] = []
+        try:
+            plans = compile_recipe_file(path, parse_overrides(args.set), args.allow_read)
+            problems = [
+                Problem(c.detail, c.subject, severity="warning")
+                for p in plans[:1]
+                for c in p.checks
+                if c.status == "warning"
+            ]
+        except UsageError:
+            raise
+        except LorarecipeError as exc:
+            problems = exc.problems
+        ok = not any(p.severity == "error" for p in problems)
+        results.append({"path": str(path), "ok": ok, "problems": [p.to_json() for p in problems]})
+        all_problems.extend(problems)
+    failed = [r for r in results if not r["ok"]]
+    if args.json:
+        print(json.dumps({"ok": not failed, "files": results}, indent=2))
+    elif args.format == "github":
+        text = render_github(all_problems)
+        if text:
+            print(text)
+    else:
+        if all_problems:
+            print_problems(all_problems)
+        if not failed:
+            print(f"{len(files)} recipe{'s' if len(files) != 1 else ''} OK", file=sys.stderr)
+    return EXIT_ERRORS if failed else EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ..compiler import compile_recipe_file
+    from ..plan.view import render_plan
+
+    plans = compile_recipe_file(Path(args.recipe), parse_overrides(args.set), args.allow_read)
+    if args.json:
+        if len(plans) == 1:
+            doc: Any = plans[0].to_json()
+        else:
+            doc = {"plan_format": 1, "recipe": plans[0].recipe, "builds": [p.to_json() for p in plans]}
+        print(json.dumps(doc, indent=2, sort_keys=False))
+    else:
+        print("\n\n".join(render_plan(p) for p in plans))
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from ..recipe.schema import recipe_schema_text
+
+    print(recipe_schema_text(), end="")
+    return EXIT_OK
+
+
+def _summary(outcomes: Sequence[Any]) -> str:
+    rows = [("recipe", "build", "result", "time", "output")]
+    for o in outcomes:
+        result = "ok" if o.ok else "FAILED"
+        rows.append((o.recipe, o.build or "-", result, f"{o.seconds:.1f}s", o.out or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from ..gitops.batch import BatchOptions, build_recipes
+    from ..runner.progress import make_reporter
+
+    files = find_recipe_files(args.recipes)
+    if not files:
+        raise UsageError("no recipe files found")
+    several = len(files) > 1 or any(Path(p).is_dir() for p in args.recipes)
+    options = BatchOptions(
+        out=args.out,
+        device=args.device,
+        executor=args.executor,
+        frozen=args.frozen,
+        force=args.force,
+        overrides=parse_overrides(args.set),
+        allow_read=tuple(args.allow_read),
+        reporter=make_reporter(args.quiet or args.json, lines=True),
+    )
+    outcomes = build_recipes(files, options, several)
+    failed = [o for o in outcomes if not o.ok]
+    if args.json:
+        print(json.dumps({"ok": not failed, "builds": [o.to_json() for o in outcomes]}, indent=2))
+    for outcome in failed:
+        print_problems(outcome.problems)
+    if not args.json:
+        print(_summary(outcomes), file=sys.stderr)
+    return EXIT_ERRORS if failed else EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ..outputs.manifest import verify_outdir
+
+    result = verify_outdir(args.outdir)
+    if args.json:
+        doc = {
+            "ok": not result.problems,
+            "checked": result.checked,
+            "problems": [p.to_json() for p in result.problems],
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        for problem in result.problems:
+            print(f"error: {problem.message}", file=sys.stderr)
+        print(f"{result.checked} files checked, {len(result.problems)} problems", file=sys.stderr)
+    return EXIT_ERRORS if result.problems else EXIT_OK
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    """``lock RECIPE``: write the lock (0); ``--check``: it is current (0) or stale (1). Torch-free with
+    ``--check``."""
+    from ..compiler import compile_recipe_file
+    from ..gitops.lock import check_lock_current, create_lock, lock_path, read_lock, write_lock
+
+    recipe = Path(args.recipe)
+    overrides = parse_overrides(args.set)
+    if args.check:  # a missing lock raises LockError: exit 1 with its message
+        plans = compile_recipe_file(recipe, overrides, args.allow_read)
+        reasons = check_lock_current(recipe, read_lock(recipe), plans)
+        if reasons:
+            hint = f"run `lorarecipe lock {recipe}` to update it"
+            problems = [Problem(f"{lock_path(recipe)} is stale: {r}", hint=hint) for r in reasons]
+            raise LockError(problems[0].message, problems)
+        print(f"{lock_path(recipe)} is up to date", file=sys.stderr)
+        return EXIT_OK
+    from ..runner import require_build_extra
+    from ..runner.quiet import quiet_libraries
+
+    require_build_extra()
+    quiet_libraries(load=True)  # diffusers warns "Couldn't connect to the Hub" even when offline on purpose
+    lock = create_lock(recipe, overrides, args.allow_read)
+    path = write_lock(recipe, lock)
+    files = sum(len(i.files) for i in lock.inputs)
+    print(f"wrote {path} ({len(lock.inputs)} inputs, {files} files)", file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,164 @@
+"""Many builds: recipe files (or folders of them) -> one build per recipe × matrix combination.
+
+Each build compiles, then runs in its own output folder (``<out>/<recipe>`` and, with a matrix,
+``<out>/<recipe>/<combination>``), skipping the outputs that are up to date (``incremental``) and,
+with ``frozen``, rehashing every input against the recipe's lock first (``lock``). A failing build
+does not stop the others: each ends in a ``BuildOutcome`` (ok, or its problems). Library code: it
+returns outcomes; the CLI prints them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BuildError, LockError, LorarecipeError, Problem, UsageError
+from ..recipe.load import LoadedRecipe, RecipeBuild, load_recipe
+from ..runner.progress import Reporter
+
+__all__ = ["BatchOptions", "BuildOutcome", "build_recipes"]
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """What ``lorarecipe build`` was asked: output root, device, executor mode, lock and rebuild policy."""
+
+    out: Path | None = None  # None: build/<recipe name>
+    device: str = "auto"
+    executor: str = "auto"
+    frozen: bool = False
+    force: bool = False
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    allow_read: tuple[Path, ...] = ()
+    reporter: Reporter | None = None
+
+
+@dataclass
+class BuildOutcome:
+    recipe: str
+    build: str
+    out: str
+    ok: bool
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    fingerprint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "build": self.build,
+            "out": self.out,
+            "ok": self.ok,
+            "seconds": round(self.seconds, 3),
+            "outputs": self.outputs,
+            "up_to_date": self.skipped,
+            "fingerprint": self.fingerprint,
+            "problems": [p.to_json() for p in self.problems],
+        }
+
+
+def _out_root(options: BatchOptions, name: str, several: bool) -> Path:
+    if options.out is None:
+        return Path("build") / name
+    return options.out / name if several else options.out
+
+
+def _checked_lock(path: Path, loaded: LoadedRecipe, options: BatchOptions) -> Any:
+    """``frozen``: the recipe's lock, refused when missing or stale (LockError naming why)."""
+    from ..compiler import compile_recipe
+    from .lock import check_lock_current, lock_path, read_lock
+
+    lock = read_lock(path)
+    plans = [compile_recipe(loaded, b, allow_read=options.allow_read) for b in loaded.builds]
+    reasons = check_lock_current(path, lock, plans)
+    if reasons:
+        hint = f"run `lorarecipe lock {path}`"
+        problems = [Problem(f"{lock_path(path)} is stale: {r}", hint=hint) for r in reasons]
+        raise LockError(problems[0].message, problems)
+    return lock
+
+
+def _run_build(
+    loaded: LoadedRecipe, build: RecipeBuild, out: Path, options: BatchOptions, lock: Any
+) -> BuildOutcome:
+    """Compile one build, skip the outputs that are up to date, run the rest."""
+    from ..compiler import compile_recipe
+    from .incremental import output_keys, record_state, stale_outputs
+
+    outcome = BuildOutcome(loaded.display, build.label, str(out), False)
+    plan = compile_recipe(loaded, build, allow_read=options.allow_read)
+    outcome.fingerprint = plan.fingerprint()
+    resolved = None
+    if lock is not None:  # every input rehashed against the lock before anything uses it
+        from .lock import resolve_frozen
+
+        resolved = resolve_frozen(plan, lock, loaded.root, options.allow_read)
+    keys = output_keys(plan, loaded.root, options.allow_read)
+    stale = set(keys) if options.force else stale_outputs(out, keys)
+    outcome.skipped = sorted(set(keys) - stale)
+    if stale:  # otherwise nothing to do: no model is loaded, torch is not even imported
+        from ..runner import require_build_extra, run_plan
+
+        require_build_extra()
+
+        def remember(written: dict[str, list[Path]]) -> None:  # runs under the output root's lock
+            try:
+                record_state(out, output_keys(plan, loaded.root, options.allow_read), written)
+            except OSError as exc:
+                raise BuildError(f"cannot record the build state in {out}: {exc.strerror or exc}") from None
+
+        result = run_plan(
+            plan,
+            out_root=out,
+            recipe_root=loaded.root,
+            recipe_text=loaded.text,
+            device=options.device,
+            allow_read=options.allow_read,
+            outputs=stale,
+            resolved=resolved,
+            reporter=options.reporter,
+            on_success=remember,
+            executor=options.executor,
+        )
+        outcome.outputs = sorted(result.outputs)
+    outcome.ok = True
+    return outcome
+
+
+def build_recipe_file(path: Path, options: BatchOptions, several: bool) -> list[BuildOutcome]:
+    """Load (and with ``frozen`` check the lock of) one recipe file, then run each of its builds."""
+    try:
+        loaded = load_recipe(path, dict(options.overrides))
+        lock = _checked_lock(path, loaded, options) if options.frozen else None
+    except UsageError:
+        raise
+    except LorarecipeError as exc:
+        return [BuildOutcome(str(path), "", "", False, problems=exc.problems)]
+    root = Path(os.path.abspath(_out_root(options, loaded.name, several)))
+    outcomes = []
+    for build in loaded.builds:
+        out = root / build.label if build.label else root
+        started = time.perf_counter()
+        try:
+            outcome = _run_build(loaded, build, out, options, lock)
+        except UsageError:
+            raise
+        except LorarecipeError as exc:
+            outcome = BuildOutcome(loaded.display, build.label, str(out), False, problems=exc.problems)
+        outcome.seconds = time.perf_counter() - started
+        outcomes.append(outcome)
+    return outcomes
+
+
+def build_recipes(files: Sequence[Path], options: BatchOptions, several: bool) -> list[BuildOutcome]:
+    """Build every recipe file; ``several`` puts each recipe in ``<out>/<recipe name>``."""
+    outcomes: list[BuildOutcome] = []
+    for path in files:
+        outcomes.extend(build_recipe_file(path, options, several))
+    return outcomes

@@ -1,0 +1,165 @@
+"""Incremental builds: which outputs are already up to date, decided without importing torch.
+
+Plan + inputs on disk -> a build key per output: the sha256 of the output's part of the plan (its
+step and every step it depends on, without source positions), the content hashes of the inputs in
+that part, and the versions of the libraries that compute it. An output whose key and files match
+what the previous build recorded in ``<out>/.lorarecipe/state.json`` is skipped; a rebuild with
+nothing changed loads no model. The recipe text is not part of the key (a comment or another output's
+settings do not rebuild it); the manifest records, per output, which recipe and plan built it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..builtin.catalog import builtin_base_dir, builtin_lora_file
+from ..errors import LorarecipeError
+from ..fs.atomic import atomic_write_text
+from ..fs.hashing import sha256_file
+from ..fs.hubcache import cached_file, cached_snapshot
+from ..fs.paths import resolve_input
+from ..outputs.manifest import library_versions
+from ..plan import LoadAdapter, LoadBase, Plan, Source, canonical_json
+
+__all__ = ["STATE_DIR", "output_keys", "record_state", "stale_outputs"]
+
+STATE_DIR = ".lorarecipe"
+_KEY_LIBRARIES = ("lorarecipe", "torch", "diffusers", "peft", "transformers", "safetensors")
+
+
+@dataclass(frozen=True)
+class InputDigest:
+    """Content hash of one input (a file or every file of a folder)."""
+
+    sha256: str
+    commit: str | None = None
+
+
+def _digest_path(path: Path) -> str | None:
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        entries = []
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            rel = file.relative_to(path)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            entries.append([rel.as_posix(), sha256_file(file)])
+        return canonical_json(entries)
+    return None
+
+
+def _local_path(source: Source, recipe_root: Path, allow_read: Sequence[Path], is_base: bool) -> Path | None:
+    if source.kind == "builtin":
+        path = builtin_base_dir(source.ref) if is_base else builtin_lora_file(source.ref)
+        complete = (path / "model_index.json").is_file() if is_base else path.is_file()
+        return path if complete else None
+    if source.kind == "local":
+        try:
+            return resolve_input(source.ref, recipe_root, allow_read)
+        except LorarecipeError:
+            return None
+    if is_base:
+        found = cached_snapshot(source.ref, source.revision)
+        return found[1] if found else None
+    found_file = cached_file(source.ref, source.filename or "", source.revision)
+    return found_file[1] if found_file else None
+
+
+def input_digest(
+    step: LoadBase | LoadAdapter, recipe_root: Path, allow_read: Sequence[Path] = ()
+) -> InputDigest | None:
+    """The content hash of a base or adapter input, or None if it is not on this machine yet."""
+    path = _local_path(step.source, recipe_root, allow_read, isinstance(step, LoadBase))
+    if path is None:
+        return None
+    digest = _digest_path(path)
+    return InputDigest(digest) if digest is not None else None
+
+
+def output_keys(plan: Plan, recipe_root: Path, allow_read: Sequence[Path] = ()) -> dict[str, str | None]:
+    """Output name -> build key (None when an input is not available locally: must build)."""
+    versions = library_versions()
+    libraries = {k: versions.get(k) for k in _KEY_LIBRARIES}
+    digests: dict[str, InputDigest | None] = {}
+    keys: dict[str, str | None] = {}
+    for step in plan.output_steps():
+        name = step.output
+        part = sorted(plan.dependencies(step.id), key=lambda s: s.id)
+        inputs: dict[str, str | None] = {}
+        for dep in part:
+            if isinstance(dep, (LoadBase, LoadAdapter)):
+                if dep.id not in digests:
+                    digests[dep.id] = input_digest(dep, recipe_root, allow_read)
+                found = digests[dep.id]
+                inputs[dep.id] = found.sha256 if found else None
+        if any(v is None for v in inputs.values()):
+            keys[name] = None
+            continue
+        doc = {"steps": [s.payload() for s in part], "inputs": inputs, "libraries": libraries}
+        import hashlib
+
+        keys[name] = hashlib.sha256(canonical_json(doc).encode()).hexdigest()
+    return keys
+
+
+def _state_path(out_root: Path) -> Path:
+    return out_root / STATE_DIR / "state.json"
+
+
+def _read_state(out_root: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(_state_path(out_root).read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def stale_outputs(out_root: Path, keys: dict[str, str | None]) -> set[str]:
+    """Outputs whose key changed, is unknown, or whose files are gone or touched since recorded."""
+    state = _read_state(out_root).get("outputs", {})
+    stale = set()
+    for name, key in keys.items():
+        entry = state.get(name)
+        if key is None or not isinstance(entry, dict) or entry.get("key") != key:
+            stale.add(name)
+            continue
+        for rel, (size, mtime_ns) in entry.get("files", {}).items():
+            path = out_root / rel
+            try:
+                st = path.stat()
+            except OSError:
+                stale.add(name)
+                break
+            if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                stale.add(name)
+                break
+    return stale
+
+
+def record_state(out_root: Path, keys: dict[str, str | None], written: dict[str, list[Path]]) -> None:
+    """Remember each built output's key and its files' size/mtime (for the next up-to-date check)."""
+    state = _read_state(out_root)
+    outputs: dict[str, Any] = state.get("outputs", {}) if isinstance(state.get("outputs"), dict) else {}
+    outputs = {k: v for k, v in outputs.items() if k in keys}  # outputs dropped from the recipe
+    for name, files in written.items():
+        key = keys.get(name)
+        if key is None:
+            outputs.pop(name, None)
+            continue
+        outputs[name] = {
+            "key": key,
+            "files": {
+                p.relative_to(out_root).as_posix(): [p.stat().st_size, p.stat().st_mtime_ns] for p in files
+            },
+        }
+    path = _state_path(out_root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        path, json.dumps({"state_format": 1, "outputs": outputs}, indent=2, sort_keys=True) + "\n"
+    )

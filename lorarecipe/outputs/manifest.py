@@ -1,0 +1,111 @@
+"""The provenance manifest of a build folder, and ``lorarecipe verify``.
+
+Build facts -> ``manifest.json`` (written last, atomically): the recipe text and sha256, the plan
+fingerprint and steps, every input (source, requested revision, resolved commit, sha256, size),
+every output file (path, sha256, size), seeds, device, dtypes, library versions, step timings.
+``verify`` recomputes every output hash against it. Torch-free (library versions are read from
+package metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from ..errors import IntegrityError, Problem
+from ..fs.atomic import atomic_write_text
+from ..fs.hashing import sha256_file
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "VerifyResult",
+    "file_entry",
+    "library_versions",
+    "verify_outdir",
+    "write_manifest",
+]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+_LIBRARIES = (
+    "lorarecipe",
+    "torch",
+    "diffusers",
+    "peft",
+    "transformers",
+    "safetensors",
+    "huggingface_hub",
+    "accelerate",
+    "pillow",
+    "numpy",
+)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in _LIBRARIES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def file_entry(path: Path, root: Path) -> dict[str, Any]:
+    """{"path": relative posix path, "sha256": …, "size": …} of one output file."""
+    return {
+        "path": path.relative_to(root).as_posix(),
+        "sha256": sha256_file(path, use_cache=False),
+        "size": path.stat().st_size,
+    }
+
+
+def write_manifest(out_root: Path, doc: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically; it is the last file of a build."""
+    path = out_root / MANIFEST_NAME
+    atomic_write_text(
+        path, json.dumps({"lorarecipe_manifest": MANIFEST_FORMAT, **doc}, indent=2, sort_keys=True) + "\n"
+    )
+    return path
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    checked: int
+    problems: list[Problem]
+
+
+def verify_outdir(outdir: Path) -> VerifyResult:
+    """Recompute every output file's sha256 and size against the manifest(s) under ``outdir``."""
+    manifests = sorted(outdir.rglob(MANIFEST_NAME)) if outdir.is_dir() else []
+    if not manifests:
+        raise IntegrityError(f"{outdir}: no {MANIFEST_NAME} found (is this a lorarecipe build folder?)")
+    problems: list[Problem] = []
+    checked = 0
+    for manifest in manifests:
+        root = manifest.parent
+        try:
+            doc = json.loads(manifest.read_text(encoding="utf-8"))
+            outputs = doc["outputs"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems.append(Problem(f"{manifest}: unreadable manifest ({exc})"))
+            continue
+        for output in outputs.values() if isinstance(outputs, dict) else []:
+            for entry in output.get("files", []):
+                checked += 1
+                path = root / entry["path"]
+                shown = path.relative_to(outdir) if path.is_relative_to(outdir) else path
+                if not path.is_file():
+                    problems.append(Problem(f"{shown}: missing"))
+                    continue
+                actual = sha256_file(path, use_cache=False)
+                if actual != entry["sha256"] or path.stat().st_size != entry["size"]:
+                    problems.append(
+                        Problem(f"{shown}: changed (expected sha256 {entry['sha256']}, found {actual})")
+                    )
+    return VerifyResult(checked, problems)

@@ -1,0 +1,490 @@
+"""The recipe schema: pydantic v2 models of what the user writes (``*Spec``).
+
+Plain data -> validated, frozen models. Unknown keys are errors (``extra="forbid"``), validators
+raise ``ValueError`` with a fix-it message, and every field is documented once, in
+``Field(description=…)``, from which ``schemas/recipe.schema.json`` is generated. Cross-references
+between sections (an adapter named in a merge, …) are checked by the compiler, not here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from ..builtin.catalog import BUILTIN_BASES, BUILTIN_LORAS
+from ..diagnostics import did_you_mean
+from .vocabulary import (
+    COMBINATION_TYPES,
+    RESERVED_VARIANTS,
+    CombinationType,
+    Component,
+    DType,
+    Family,
+    SaveDType,
+)
+
+__all__ = [
+    "AdapterSpec",
+    "BaseSpec",
+    "ComponentWeights",
+    "FuseSpec",
+    "GridOutput",
+    "LoraOutput",
+    "MergeSpec",
+    "OutputSpec",
+    "PipelineOutput",
+    "Recipe",
+    "SetAdaptersSpec",
+    "SingleFileOutput",
+    "SweepSpec",
+    "UnetBlockWeights",
+]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+VarName = Annotated[str, StringConstraints(pattern=VAR_PATTERN)]
+Scalar = str | bool | int | float
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+BLOCK_KEY = Annotated[str, StringConstraints(pattern=r"^block_[0-9]{1,3}$")]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _builtin_shorthand(value: Any) -> Any:
+    """``"builtin:tiny-sd"`` -> ``{"builtin": "tiny-sd"}`` (the short form the README shows)."""
+    if isinstance(value, str):
+        if value.startswith("builtin:"):
+            return {"builtin": value[len("builtin:") :]}
+        raise ValueError(
+            f"a source must be a mapping (hub/path/file/builtin), or 'builtin:NAME'; got {value!r}"
+        )
+    return value
+
+
+def _check_hub_id(value: str | None) -> str | None:
+    if value is not None and not HUB_ID.match(value):
+        raise ValueError(f"{value!r} is not a Hugging Face repo id (expected 'org/name')")
+    return value
+
+
+class _SourceSpec(_Spec):
+    """Shared rules of base and adapter sources: the ``builtin:NAME`` short form, hub repo ids and
+    known built-in names (``_builtins`` of the subclass)."""
+
+    _builtins: ClassVar[Mapping[str, object]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return _builtin_shorthand(value)
+
+    @field_validator("hub", check_fields=False)
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        return _check_hub_id(value)
+
+    @field_validator("builtin", check_fields=False)
+    @classmethod
+    def _known_builtin(cls, value: str | None) -> str | None:
+        if value is not None and value not in cls._builtins:
+            kind = "base" if cls._builtins is BUILTIN_BASES else "LoRA"
+            hint = did_you_mean(value, cls._builtins) or f"one of {', '.join(cls._builtins)}"
+            raise ValueError(f"unknown builtin {kind} {value!r} ({hint})")
+        return value
+
+
+class BaseSpec(_SourceSpec):
+    """The base model: exactly one of ``hub``, ``path``, ``file`` or ``builtin``."""
+
+    _builtins: ClassVar[Mapping[str, object]] = BUILTIN_BASES
+
+    hub: str | None = Field(
+        None,
+        description="Hugging Face Hub repo id of a diffusers pipeline, e.g. "
+        "'stabilityai/stable-diffusion-xl-base-1.0'.",
+    )
+    revision: str | None = Field(
+        None,
+        description="Hub branch, tag or commit (pin a 40-hex commit, or "
+        "run `lorarecipe lock`). Default: main.",
+    )
+    path: str | None = Field(None, description="Local diffusers pipeline folder, relative to the recipe.")
+    file: str | None = Field(
+        None,
+        description="Local single-file checkpoint (.safetensors), relative to "
+        "the recipe; loaded with from_single_file.",
+    )
+    builtin: str | None = Field(None, description=f"A built-in tiny pipeline: {', '.join(BUILTIN_BASES)}.")
+    config: str | None = Field(
+        None,
+        description="For `file`: a local diffusers folder (or cached hub id) "
+        "holding the pipeline configs, so single files load offline.",
+    )
+    family: Family = Field("auto", description="Pipeline family; detected from the files when 'auto'.")
+    dtype: DType = Field(
+        "auto",
+        description="Load dtype; 'auto' keeps the stored dtype (an fp16 base is never silently upcast).",
+    )
+    variant: str | None = Field(None, description="diffusers weight variant, e.g. 'fp16'.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BaseSpec:
+        given = [k for k in ("hub", "path", "file", "builtin") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of hub, path, file or builtin"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.revision is not None and self.hub is None:
+            raise ValueError("'revision' only applies to a hub base")
+        if self.config is not None and self.file is None:
+            raise ValueError("'config' only applies to a single-file base ('file')")
+        return self
+
+
+class AdapterSpec(_SourceSpec):
+    """One LoRA file: from the hub (repo + explicit weight_name), a local file, or a built-in."""
+
+    _builtins: ClassVar[Mapping[str, object]] = BUILTIN_LORAS
+
+    hub: str | None = Field(None, description="Hub repo id holding the LoRA.")
+    weight_name: str | None = Field(
+        None,
+        description="File inside the hub repo (required: lorarecipe "
+        "never lets diffusers guess among several files).",
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit. Default: main.")
+    file: str | None = Field(None, description="Local .safetensors file, relative to the recipe.")
+    builtin: str | None = Field(None, description=f"A built-in tiny LoRA: {', '.join(BUILTIN_LORAS)}.")
+    format: Literal["auto", "diffusers", "peft", "kohya"] = Field(
+        "auto",
+        description="Key layout of the file; 'auto' detects it from the safetensors header "
+        "('peft' is the same layout as 'diffusers').",
+    )
+    trigger_words: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Words that activate the LoRA; used in grids and cards.",
+    )
+    description: str | None = Field(None, max_length=2000, description="Free text for the model card.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdapterSpec:
+        given = [k for k in ("hub", "file", "builtin") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of hub, file or builtin" + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.hub is not None and not self.weight_name:
+            raise ValueError("a hub adapter needs 'weight_name': the exact .safetensors file to load")
+        if self.weight_name is not None and self.hub is None:
+            raise ValueError("'weight_name' only applies to a hub adapter")
+        if self.revision is not None and self.hub is None:
+            raise ValueError("'revision' only applies to a hub adapter")
+        return self
+
+
+class UnetBlockWeights(_Spec):
+    """Per-block UNet weights as diffusers accepts them (attention layers only)."""
+
+    down: FiniteFloat | dict[BLOCK_KEY, FiniteFloat | list[FiniteFloat]] | None = Field(
+        None, description="Weight of all down blocks, or per block: {block_1: 0.5} / {block_1: [0.5, 1.0]}."
+    )
+    mid: FiniteFloat | None = Field(None, description="Weight of the mid block.")
+    up: FiniteFloat | dict[BLOCK_KEY, FiniteFloat | list[FiniteFloat]] | None = Field(
+        None, description="Weight of all up blocks, or per block."
+    )
+
+
+class ComponentWeights(_Spec):
+    """Per-component weights of one adapter (diffusers' weight-dict form)."""
+
+    unet: FiniteFloat | UnetBlockWeights | None = None
+    transformer: FiniteFloat | None = Field(
+        None, description="A number: diffusers ignores per-block dicts on transformer models."
+    )
+    text_encoder: FiniteFloat | None = Field(
+        None, description="A number (diffusers silently ignores a dict here, so lorarecipe refuses it)."
+    )
+    text_encoder_2: FiniteFloat | None = None
+    text_encoder_3: FiniteFloat | None = None
+
+
+Weight = FiniteFloat | ComponentWeights
+
+
+class _AdapterWeights(_Spec):
+    """Shared form: ``adapters: [a, b]`` with ``weights: [...]``, or ``adapters: {a: 0.7, b: 0.8}``."""
+
+    adapters: list[Name] | dict[Name, Any] = Field(
+        ..., description="Adapter (or merge) names, or a mapping name -> weight."
+    )
+
+    def pairs(self) -> list[tuple[str, Any]]:
+        """(name, weight) pairs, weights defaulting to 1.0."""
+        if isinstance(self.adapters, dict):
+            return list(self.adapters.items())
+        weights = getattr(self, "weights", None)
+        if weights is None:
+            return [(name, 1.0) for name in self.adapters]
+        if not isinstance(weights, list):
+            return [(name, weights) for name in self.adapters]
+        return list(zip(self.adapters, weights, strict=True))
+
+    def _check_shape(self) -> None:
+        weights = getattr(self, "weights", None)
+        if isinstance(self.adapters, dict):
+            if weights is not None:
+                raise ValueError("give weights either in the 'adapters' mapping or in 'weights', not both")
+            if not self.adapters:
+                raise ValueError("'adapters' is empty")
+        else:
+            if not self.adapters:
+                raise ValueError("'adapters' is empty")
+            if len(set(self.adapters)) != len(self.adapters):
+                raise ValueError("'adapters' lists a name twice")
+            if isinstance(weights, list) and len(weights) != len(self.adapters):
+                raise ValueError(
+                    f"{len(weights)} weights for {len(self.adapters)} adapters: give one weight per adapter"
+                )
+
+
+class MergeSpec(_AdapterWeights):
+    """A PEFT ``add_weighted_adapter`` merge creating a new adapter named by its key."""
+
+    method: CombinationType = Field(..., description="PEFT combination_type: " + ", ".join(COMBINATION_TYPES))
+    adapters: list[Name] | dict[Name, FiniteFloat] = Field(
+        ..., description="Adapters to merge, or name -> weight."
+    )
+    weights: list[FiniteFloat] | None = Field(None, description="One weight per adapter (default 1.0).")
+    density: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Fraction kept (ties, dare_*, magnitude_prune and their _svd forms).",
+    )
+    majority_sign_method: Literal["total", "frequency"] | None = Field(
+        None, description="Sign election for ties / dare_ties (+ _svd). PEFT default: total."
+    )
+    svd_rank: int | None = Field(
+        None, ge=1, le=4096, description="Rank of *_svd results (default: max rank)."
+    )
+    svd_clamp: float | None = Field(None, gt=0.0, le=1.0, description="Quantile clamp of SVD results.")
+    svd_full_matrices: bool = Field(True, description="torch.linalg.svd full_matrices (False is faster).")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of torch's RNG before the merge (DARE draws).")
+    components: list[Component] | None = Field(None, description="Components to merge (default: all).")
+
+    @model_validator(mode="after")
+    def _rules(self) -> MergeSpec:
+        self._check_shape()
+        rule = COMBINATION_TYPES[self.method]
+        if rule.density and self.density is None:
+            raise ValueError(
+                f"method {self.method!r} needs 'density' (the fraction of values kept, e.g. 0.5)"
+            )
+        if not rule.density and self.density is not None:
+            raise ValueError(f"'density' has no effect with method {self.method!r}")
+        if not rule.majority_sign and self.majority_sign_method is not None:
+            raise ValueError(f"'majority_sign_method' has no effect with method {self.method!r}")
+        if not rule.svd and (self.svd_rank is not None or self.svd_clamp is not None):
+            raise ValueError(f"'svd_rank'/'svd_clamp' only apply to svd methods, not {self.method!r}")
+        return self
+
+
+class SetAdaptersSpec(_AdapterWeights):
+    """``pipe.set_adapters(adapters, adapter_weights=weights)``: the runtime mix."""
+
+    adapters: list[Name] | dict[Name, Weight] = Field(..., description="Active adapters, or name -> weight.")
+    weights: Weight | list[Weight] | None = Field(
+        None, description="One weight (number or per-component/per-block dict) per adapter, or one for all."
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> SetAdaptersSpec:
+        self._check_shape()
+        return self
+
+
+class FuseSpec(_Spec):
+    """``pipe.fuse_lora(adapter_names, lora_scale, components)`` into the base weights."""
+
+    adapters: list[Name] | None = Field(None, description="Adapters to fuse (default: the set_adapters mix).")
+    lora_scale: FiniteFloat = Field(1.0, description="Global multiplier of every fused delta.")
+    components: list[Component] | None = Field(None, description="Components to fuse (default: all).")
+
+    @model_validator(mode="after")
+    def _rules(self) -> FuseSpec:
+        if self.adapters is not None and not self.adapters:
+            raise ValueError("'adapters' is empty: nothing to fuse")
+        if self.components is not None and not self.components:
+            raise ValueError("'components' is empty: nothing to fuse")
+        return self
+
+
+RelPath = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+
+
+class PipelineOutput(_Spec):
+    """The fused pipeline as a diffusers folder (safetensors only)."""
+
+    kind: Literal["pipeline"]
+    path: RelPath = Field(..., description="Folder, relative to the output root.")
+    dtype: SaveDType | None = Field(None, description="Save dtype (default: the base dtype).")
+    card: bool = Field(True, description="Write a README.md model card into the folder.")
+
+
+class SingleFileOutput(_Spec):
+    """The fused checkpoint as one .safetensors file (SD1/SD2/SDXL layouts)."""
+
+    kind: Literal["single_file"]
+    path: RelPath = Field(..., description="A .safetensors file, relative to the output root.")
+    dtype: SaveDType | None = Field(None, description="Save dtype (default: the base dtype).")
+
+    @field_validator("path")
+    @classmethod
+    def _suffix(cls, value: str) -> str:
+        if not value.endswith(".safetensors"):
+            raise ValueError("a single-file checkpoint path must end with .safetensors")
+        return value
+
+
+class LoraOutput(_Spec):
+    """One adapter (usually a merge) saved as a LoRA file in a folder, with a model card."""
+
+    kind: Literal["lora"]
+    adapter: Name = Field(..., description="The adapter or merge to save.")
+    path: RelPath = Field(..., description="Folder, relative to the output root.")
+    layout: Literal["diffusers", "kohya"] = Field(
+        "diffusers",
+        description="Key layout: diffusers (with lora_adapter_metadata) or kohya (ComfyUI/A1111).",
+    )
+    weight_name: str | None = Field(
+        None,
+        description="File name (default pytorch_lora_weights.safetensors "
+        "for diffusers, <adapter>.safetensors for kohya).",
+    )
+    dtype: SaveDType | None = Field(None, description="Save dtype (default: as computed).")
+    card: bool = Field(True, description="Write a README.md model card into the folder.")
+
+    @field_validator("weight_name")
+    @classmethod
+    def _weight_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.endswith(".safetensors") or "/" in value or "\\" in value):
+            raise ValueError("weight_name must be a plain file name ending with .safetensors")
+        return value
+
+
+class SweepSpec(_Spec):
+    """An extra grid axis: one adapter's weight, or the fuse lora_scale."""
+
+    adapter: Name | None = Field(None, description="Adapter whose weight is swept (others keep the mix).")
+    weights: list[FiniteFloat] | None = Field(None, min_length=1, max_length=16)
+    lora_scale: list[FiniteFloat] | None = Field(
+        None, min_length=1, max_length=16, description="lora_scale values for the mix."
+    )
+
+    @model_validator(mode="after")
+    def _one_axis(self) -> SweepSpec:
+        if (self.adapter is None) != (self.weights is None):
+            raise ValueError("a weight sweep needs both 'adapter' and 'weights'")
+        if (self.weights is None) == (self.lora_scale is None):
+            raise ValueError("sweep either an adapter's 'weights' or 'lora_scale', exactly one")
+        return self
+
+
+class GridOutput(_Spec):
+    """A labelled PNG grid: rows prompt × seed, columns the variants (× the sweep)."""
+
+    kind: Literal["grid"]
+    path: RelPath = Field(..., description="A .png file, relative to the output root.")
+    prompts: list[Annotated[str, StringConstraints(max_length=1000)]] = Field(
+        ..., min_length=1, max_length=64
+    )
+    negative_prompt: str = Field("", max_length=1000)
+    seeds: list[Annotated[int, Field(ge=0, le=2**63 - 1)]] = Field(
+        default_factory=lambda: [0], min_length=1, max_length=64
+    )
+    steps: int = Field(20, ge=1, le=500)
+    guidance: FiniteFloat = Field(7.5, description="Classifier-free guidance scale.")
+    size: int | list[int] | None = Field(
+        None, description="Image size: N or [width, height] (default: the family's native size)."
+    )
+    variants: list[str] = Field(
+        default_factory=lambda: ["base", "mix"],
+        min_length=1,
+        max_length=32,
+        description="Columns: 'base', 'mix', 'fused', or adapter/merge names.",
+    )
+    sweep: SweepSpec | None = None
+    trigger_words: bool = Field(
+        True, description="Prefix each prompt with the trigger words of the adapters active in the cell."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _suffix(cls, value: str) -> str:
+        if not value.endswith(".png"):
+            raise ValueError("a grid path must end with .png")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: int | list[int] | None) -> int | list[int] | None:
+        sizes = [value] if isinstance(value, int) else (value or [])
+        if isinstance(value, list) and len(value) != 2:
+            raise ValueError("size is N or [width, height]")
+        for s in sizes:
+            if not 8 <= s <= 4096 or s % 8:
+                raise ValueError(f"image size {s} must be a multiple of 8 between 8 and 4096")
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, value: list[str]) -> list[str]:
+        for v in value:
+            if v not in RESERVED_VARIANTS and not re.match(NAME_PATTERN, v):
+                raise ValueError(f"{v!r} is not a variant name")
+        if len(set(value)) != len(value):
+            raise ValueError("a variant is listed twice")
+        return value
+
+
+OutputSpec = Annotated[
+    PipelineOutput | SingleFileOutput | LoraOutput | GridOutput, Field(discriminator="kind")
+]
+
+
+class Recipe(_Spec):
+    """A lorarecipe merge recipe (YAML kept in git)."""
+
+    version: Literal[1] = Field(1, description="Recipe format version.")
+    name: Name | None = Field(None, description="Recipe name (default: the file name without .yaml).")
+    description: str | None = Field(None, max_length=5000)
+    license: str | None = Field(
+        None, max_length=100, description="License id for model cards, e.g. 'openrail++'."
+    )
+    variables: dict[VarName, Scalar] = Field(
+        default_factory=dict,
+        max_length=64,
+        description=("Values usable as {{ name }} in any string; overridable with --set name=value."),
+    )
+    matrix: dict[VarName, list[Scalar]] = Field(
+        default_factory=dict,
+        max_length=8,
+        description=("Variables to sweep: one build per combination, each in its own folder."),
+    )
+    base: BaseSpec
+    adapters: dict[Name, AdapterSpec] = Field(..., min_length=1, max_length=64)
+    merges: dict[Name, MergeSpec] = Field(
+        default_factory=dict, max_length=64, description="New adapters made with add_weighted_adapter."
+    )
+    set_adapters: SetAdaptersSpec | None = Field(None, description="The runtime mix (set_adapters).")
+    fuse: FuseSpec | None = Field(None, description="Bake adapters into the base weights (fuse_lora).")
+    outputs: dict[Name, OutputSpec] = Field(..., min_length=1, max_length=64)

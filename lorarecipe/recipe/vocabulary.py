@@ -1,0 +1,148 @@
+"""The closed vocabularies of a recipe, as literal registries (no import-time magic).
+
+Everything here is data: PEFT combination types and the rules PEFT applies to them, pipeline
+families, LoRA-loadable components, dtypes, and the reserved grid-variant names. The recipe
+schema, the compiler and the runner all read these tables, so a rule lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+__all__ = [
+    "COMBINATION_TYPES",
+    "COMPONENTS",
+    "DTYPES",
+    "FAMILIES",
+    "RESERVED_VARIANTS",
+    "CombinationRule",
+    "FamilyInfo",
+    "ValueEnum",
+]
+
+
+class ValueEnum(str, Enum):
+    """A closed set of strings as an enum that prints, formats and serializes as its value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+@dataclass(frozen=True)
+class CombinationRule:
+    """What PEFT's ``add_weighted_adapter`` requires of one ``combination_type``."""
+
+    equal_ranks: bool  # PEFT raises "All adapters must have the same r value" otherwise
+    density: bool  # density is required (PEFT crashes with a TypeError without it)
+    majority_sign: bool  # majority_sign_method is meaningful
+    svd: bool  # the result is re-factored by SVD (svd_rank, svd_clamp apply)
+    random: bool  # draws from torch's global RNG (DARE): needs a seed
+    description: str
+
+
+COMBINATION_TYPES: dict[str, CombinationRule] = {
+    "linear": CombinationRule(
+        True, False, False, False, False, "weighted sum of the A and B factors separately (equal ranks)"
+    ),
+    "cat": CombinationRule(
+        False,
+        False,
+        False,
+        False,
+        False,
+        "concatenation of the factors: exact weighted sum of deltas, rank = sum of ranks",
+    ),
+    "svd": CombinationRule(
+        False, False, False, True, False, "weighted sum of deltas re-factored by SVD to svd_rank"
+    ),
+    "ties": CombinationRule(
+        True, True, True, False, False, "TIES: trim to density, elect signs, disjoint mean (equal ranks)"
+    ),
+    "ties_svd": CombinationRule(False, True, True, True, False, "TIES on deltas, re-factored by SVD"),
+    "dare_linear": CombinationRule(
+        True, True, False, False, True, "DARE: random drop to density and rescale, then linear (equal ranks)"
+    ),
+    "dare_ties": CombinationRule(
+        True, True, True, False, True, "DARE drop, then TIES sign election (equal ranks)"
+    ),
+    "dare_linear_svd": CombinationRule(
+        False, True, False, True, True, "DARE linear on deltas, SVD re-factored"
+    ),
+    "dare_ties_svd": CombinationRule(False, True, True, True, True, "DARE TIES on deltas, SVD re-factored"),
+    "magnitude_prune": CombinationRule(
+        True,
+        True,
+        False,
+        False,
+        False,
+        "keep the largest-magnitude fraction (density), then sum (equal ranks)",
+    ),
+    "magnitude_prune_svd": CombinationRule(
+        False, True, False, True, False, "magnitude prune on deltas, SVD re-factored"
+    ),
+}
+
+CombinationType = Literal[
+    "linear",
+    "cat",
+    "svd",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+]
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """A pipeline family: its diffusers class and its LoRA-loadable components."""
+
+    label: str
+    pipeline_class: str
+    denoiser: str  # "unet" or "transformer"
+    lora_components: tuple[str, ...]
+    default_size: int
+    single_file: bool  # diffusers can write/read it as one file (we write LDM layout for these)
+
+
+FAMILIES: dict[str, FamilyInfo] = {
+    "sd1": FamilyInfo("SD 1.x", "StableDiffusionPipeline", "unet", ("unet", "text_encoder"), 512, True),
+    "sd2": FamilyInfo("SD 2.x", "StableDiffusionPipeline", "unet", ("unet", "text_encoder"), 768, True),
+    "sdxl": FamilyInfo(
+        "SDXL", "StableDiffusionXLPipeline", "unet", ("unet", "text_encoder", "text_encoder_2"), 1024, True
+    ),
+    "sd3": FamilyInfo(
+        "SD 3",
+        "StableDiffusion3Pipeline",
+        "transformer",
+        ("transformer", "text_encoder", "text_encoder_2"),
+        1024,
+        False,
+    ),
+    "flux": FamilyInfo("FLUX.1", "FluxPipeline", "transformer", ("transformer", "text_encoder"), 1024, False),
+}
+
+Family = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]
+
+COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+Component = Literal["unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"]
+
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+SaveDType = Literal["float32", "float16", "bfloat16"]
+
+#: Grid variants that are not adapter names.
+RESERVED_VARIANTS: dict[str, str] = {
+    "base": "the base model with LoRA disabled",
+    "mix": "the set_adapters mix",
+    "fused": "the fused checkpoint",
+}

@@ -1,0 +1,141 @@
+"""Fuse one tensor: base weight + each adapter's LoRA delta, with PEFT's exact float operations.
+
+LoRA factors of one module (``LoraFactor``) + the weights and ``lora_scale`` of a fuse -> the fused
+weight, in float32. This module is the one home of that arithmetic; every fuse the streaming executor
+writes goes through :func:`fused_weight` (a row chunk of a weight is a slice of the same computation,
+not a second version). PEFT's formulas, in PEFT's order, so a float32 result is bit-identical to
+``fuse_lora`` on a float32 pipeline:
+
+- scaling (``native_scaling``): ``set_scale(w)`` is ``w * alpha / r`` (``/ sqrt(r)`` with rsLoRA),
+  then fuse_lora's ``scale_layer(lora_scale)`` multiplies it when ``lora_scale != 1``;
+- delta (``lora_product``): ``get_delta_weight`` of a Linear (``B @ A``), a 1×1 Conv2d (squeezed
+  matmul) or a k×k Conv2d (``conv2d(A^T, B)^T``), then ``* scaling`` (``scaled_delta``);
+- fused (``fused_weight``): ``W.float() + Σ delta`` in fuse order, as PEFT's safe merge adds them.
+
+``tests/test_streaming_factors.py`` compares each delta and scaling with PEFT's own bit for bit.
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BuildError
+from ..recipe.vocabulary import ValueEnum
+
+__all__ = [
+    "FuseTarget",
+    "FuseTerm",
+    "LayerKind",
+    "LoraFactor",
+    "fused_weight",
+    "lora_product",
+    "native_scaling",
+    "rows_capable",
+    "scaled_delta",
+]
+
+
+class LayerKind(ValueEnum):
+    """The layer a LoRA adapts, which decides PEFT's delta formula."""
+
+    LINEAR = "linear"
+    CONV1X1 = "conv1x1"  # Conv2d with a 1×1 kernel: a matmul over channels
+    CONV = "conv"  # Conv2d with a k×k kernel
+
+
+@dataclass(frozen=True)
+class LoraFactor:
+    """One adapter on one module: float32 ``a`` [r, in(, kh, kw)] and ``b`` [out, r(, 1, 1)]."""
+
+    a: Any
+    b: Any
+    alpha: float
+    r: int
+    rslora: bool
+    kind: LayerKind
+
+
+@dataclass(frozen=True)
+class FuseTerm:
+    """One adapter's contribution to one weight: its factors and its final scaling."""
+
+    adapter: str
+    factor: LoraFactor
+    scaling: float
+
+
+@dataclass(frozen=True)
+class FuseTarget:
+    """One base weight to fuse: its module and the adapters' terms, in fuse order."""
+
+    component: str
+    module_name: str
+    terms: tuple[FuseTerm, ...]
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(t.adapter for t in self.terms)
+
+
+def native_scaling(factor: LoraFactor, weight: float, lora_scale: float) -> float:
+    """PEFT's ``set_scale(weight)`` then ``scale_layer(lora_scale)``, same float operations in order."""
+    if factor.rslora:
+        scaling = weight * factor.alpha / math.sqrt(factor.r)
+    else:
+        scaling = weight * factor.alpha / factor.r
+    if lora_scale != 1:
+        scaling *= lora_scale
+    return scaling
+
+
+def rows_capable(target: FuseTarget | None) -> bool:
+    """Whether a target's delta rows are ``lora_B`` rows @ ``lora_A`` (Linear, 1×1 Conv2d), so a row
+    chunk of the weight can be fused on its own."""
+    return target is None or all(t.factor.kind is not LayerKind.CONV for t in target.terms)
+
+
+def lora_product(factor: LoraFactor, rows: tuple[int, int] | None = None) -> Any:
+    """PEFT's ``get_delta_weight`` before scaling, as a fresh float32 tensor: rows ``rows`` of it
+    (Linear and 1×1 Conv2d only: those rows are the matching rows of ``lora_B`` @ ``lora_A``)."""
+    import torch
+
+    a, b = factor.a, factor.b
+    if rows is not None:
+        if factor.kind is LayerKind.CONV:
+            raise BuildError("internal: a k×k convolution LoRA cannot be fused a row chunk at a time")
+        b = b[rows[0] : rows[1]]
+    if factor.kind is LayerKind.LINEAR:
+        return b @ a
+    if factor.kind is LayerKind.CONV1X1:  # PEFT's Conv2d 1×1 formula
+        return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+    return torch.nn.functional.conv2d(a.transpose(0, 1), b).transpose(0, 1)
+
+
+def scaled_delta(term: FuseTerm, rows: tuple[int, int] | None = None) -> Any:
+    """PEFT's ``get_delta_weight`` of the term (``product * scaling``), or rows ``rows`` of it."""
+    return lora_product(term.factor, rows).mul_(term.scaling)  # in place: same values as product * scaling
+
+
+def fused_weight(base: Any, target: FuseTarget, rows: tuple[int, int] | None = None) -> Any:
+    """float32 ``base`` + each adapter's delta in fuse order, as PEFT's safe merge adds them.
+
+    ``base`` is the whole weight, or its rows ``rows`` (a chunk: each delta row is the same dot
+    product as in the whole tensor, so the chunks concatenate to the whole result bit for bit).
+    Each delta is dropped before the next is computed: peak is base + sum + two delta-sized temporaries.
+    """
+    import torch
+
+    weight = base.to(torch.float32, copy=True)
+    for term in target.terms:
+        delta = scaled_delta(term, rows)
+        if tuple(delta.shape) != tuple(weight.shape):
+            raise BuildError(
+                f"{target.component}.{target.module_name}: LoRA delta {list(delta.shape)} does not fit "
+                f"the base weight {list(weight.shape)}"
+            )
+        weight += delta
+        del delta
+    return weight

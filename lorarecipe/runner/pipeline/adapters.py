@@ -1,0 +1,168 @@
+"""Load one LoRA file into a pipeline, refusing every way it could silently load as nothing.
+
+LoRA file -> adapter ``name`` injected into the pipeline, with every tensor of the file accounted
+for. Before diffusers sees the file: the header is validated, unsupported layouts (cloneofsimo,
+LyCORIS, DoRA, malformed kohya) are refused with the reason, every tensor must be finite, and the
+old attention-processor layout (which diffusers 0.42 loads as nothing) is converted to the PEFT
+layout. After loading, the LoRA modules injected per component must equal the modules in the file.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...errors import BuildError, UnsafeInputError
+from ...inspect import LoraInfo, inspect_lora, read_header
+
+__all__ = ["LoadedAdapter", "load_adapter"]
+
+_ATTN_PROC = re.compile(
+    r"^(?:unet\.)?(?P<module>.+)\.processor\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<which>down|up)\.weight$"
+)
+_ATTN_PROC_TE = re.compile(
+    r"^text_encoder\.(?P<module>.+)\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<which>down|up)\.weight$"
+)
+_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    name: str
+    path: Path
+    info: LoraInfo
+    modules: dict[str, int]  # component -> number of injected LoRA modules
+
+
+def convert_attn_procs(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Old diffusers attention-processor keys -> PEFT keys diffusers loads.
+
+    ``…attn1.processor.to_k_lora.down.weight`` -> ``unet.…attn1.to_k.lora_A.weight`` (``to_out`` ->
+    ``to_out.0``). These files carry no alpha, so alpha = rank, as when they were trained.
+    """
+    out: dict[str, Any] = {}
+    for key, tensor in state_dict.items():
+        te = _ATTN_PROC_TE.match(key)
+        match = te or _ATTN_PROC.match(key)
+        if match is None:
+            raise UnsafeInputError(f"unexpected key {key!r} in an attention-processor LoRA file")
+        which = "lora_A" if match["which"] == "down" else "lora_B"
+        if te is not None:
+            out[f"text_encoder.{te['module']}.{_TE_PROJ[te['proj']]}.{which}.weight"] = tensor
+        else:
+            proj = "to_out.0" if match["proj"] == "to_out" else match["proj"]
+            out[f"unet.{match['module']}.{proj}.{which}.weight"] = tensor
+    return out
+
+
+def _check_finite(state_dict: dict[str, Any], source: str) -> None:
+    import torch
+
+    plain = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            continue
+        values = tensor if tensor.dtype in plain else tensor.float()  # isfinite has no fp8 kernels
+        if not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
+            raise UnsafeInputError(
+                f"{source}: tensor {key!r} contains {bad} NaN/Inf values; refusing to load it"
+            )
+
+
+def injected_modules(model: Any, name: str) -> set[str]:
+    """Names of the modules of ``model`` that carry a LoRA layer for adapter ``name``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {}):
+            found.add(module_name)
+    return found
+
+
+def _normal(name: str) -> str:
+    """Module names in a comparable form (kohya underscores, no ``text_model`` segment)."""
+    flat = name.replace(".", "_")
+    return flat[len("text_model_") :] if flat.startswith("text_model_") else flat
+
+
+def _check_coverage(pipe: Any, name: str, info: LoraInfo, source: str) -> dict[str, int]:
+    expected: dict[str, set[str]] = {}
+    for module in info.modules:
+        expected.setdefault(module.component, set()).add(module.name)
+    counts: dict[str, int] = {}
+    missing: list[str] = []
+    for component, names in expected.items():
+        model = getattr(pipe, component, None)
+        if model is None:
+            missing.extend(f"{component}.{n}" for n in sorted(names)[:5])
+            counts[component] = 0
+            continue
+        got = injected_modules(model, name)
+        counts[component] = len(got)
+        if len(got) < len(names):
+            have = {_normal(g) for g in got}
+            lost = [n for n in sorted(names) if _normal(n) not in have] or sorted(names)[
+                : len(names) - len(got)
+            ]
+            missing.extend(f"{component}.{n}" for n in lost)
+    if missing:
+        total = sum(len(v) for v in expected.values())
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise BuildError(
+            f"{source}: {len(missing)} of {total} LoRA modules were not applied by diffusers (they would be "
+            f"silently ignored): {shown}. Is this LoRA made for this base model?"
+        )
+    return counts
+
+
+def _discard(pipe: Any, name: str) -> None:
+    """Remove whatever part of adapter ``name`` a failed load injected."""
+    import contextlib
+
+    for comp in getattr(pipe, "_lora_loadable_modules", []):
+        model = getattr(pipe, comp, None)
+        if model is not None and name in (getattr(model, "peft_config", None) or {}):
+            with contextlib.suppress(Exception):
+                if hasattr(model, "delete_adapters"):
+                    model.delete_adapters([name])
+                else:
+                    model.delete_adapter(name)
+
+
+def load_adapter(pipe: Any, name: str, path: Path) -> LoadedAdapter:
+    """Validate, convert if needed, load into ``pipe`` as adapter ``name``, and verify coverage."""
+    from safetensors.torch import load_file, save_file
+
+    header = read_header(path)
+    info = inspect_lora(header)
+    if info.unsupported:
+        raise UnsafeInputError(f"{path.name}: cannot load this LoRA: {info.unsupported}")
+    if info.unrecognized_keys:
+        raise UnsafeInputError(
+            f"{path.name}: {len(info.unrecognized_keys)} tensors belong to no LoRA module and would "
+            f"be dropped: {', '.join(info.unrecognized_keys[:5])}"
+        )
+    state_dict = load_file(str(path))
+    _check_finite(state_dict, path.name)
+    with tempfile.TemporaryDirectory(prefix="lorarecipe-adapter-") as tmp:
+        load_path = path
+        if info.format == "attn_procs":
+            load_path = Path(tmp) / "converted.safetensors"
+            save_file(convert_attn_procs(state_dict), str(load_path))
+        del state_dict
+        try:
+            pipe.load_lora_weights(
+                str(load_path), adapter_name=name, use_safetensors=True, local_files_only=True
+            )
+        except Exception as exc:  # a file diffusers cannot read must not leave half an adapter
+            _discard(pipe, name)
+            raise UnsafeInputError(
+                f"{path.name}: diffusers could not load this LoRA: {type(exc).__name__}: {str(exc)[:500]}"
+            ) from None
+    counts = _check_coverage(pipe, name, info, path.name)
+    return LoadedAdapter(name, path, info, counts)

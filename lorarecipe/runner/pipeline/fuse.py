@@ -1,0 +1,107 @@
+"""set_adapters + fuse_lora + unload on a pipeline, then prove the fuse did what it should.
+
+FuseAdapters step + pipeline with adapters -> fused base weights, LoRA layers removed. The weights
+of each fused adapter are set explicitly first (unfuse/set_adapters traps never arise: we never
+unfuse). Afterwards every parameter is compared with a fingerprint taken before: weights must have
+changed exactly where a fused adapter applies with a non-zero scale, nowhere else, and no fused
+weight may be NaN/Inf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import BuildError
+from ...plan import FuseAdapters, thaw_weight
+from .merge import lora_components
+
+__all__ = ["FuseReport", "apply_mix", "fuse_adapters"]
+
+
+@dataclass(frozen=True)
+class FuseReport:
+    changed: int  # base weights that changed
+    expected: int  # base weights a fused adapter applies to with a non-zero scale
+    components: tuple[str, ...]
+
+
+def apply_mix(pipe: Any, adapters: tuple[str, ...], weights: tuple[Any, ...]) -> None:
+    """``pipe.set_adapters(adapters, adapter_weights=weights)`` with plan weights thawed to dicts."""
+    pipe.set_adapters(list(adapters), adapter_weights=[thaw_weight(w) for w in weights])
+
+
+def _base_name(name: str) -> str:
+    return name.replace(".base_layer", "")
+
+
+def _fingerprints(model: Any) -> dict[str, tuple[float, float]]:
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                continue
+            data = param.detach().to(torch.float64)
+            out[_base_name(name)] = (float(data.sum()), float((data * data).sum()))
+    return out
+
+
+def _expected_targets(model: Any, adapters: tuple[str, ...], lora_scale: float) -> set[str]:
+    """Base weights that must change: LoRA layers of fused adapters with non-zero scale and factors."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    targets: set[str] = set()
+    if lora_scale == 0:
+        return targets
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for adapter in adapters:
+            if adapter in getattr(module, "lora_A", {}) and module.scaling.get(adapter, 0) != 0:
+                a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+                if bool(a.abs().sum() > 0) and bool(b.abs().sum() > 0):
+                    targets.add(f"{name}.weight")
+    return targets
+
+
+def fuse_adapters(pipe: Any, step: FuseAdapters) -> FuseReport:
+    """Fuse the step's adapters with its weights and lora_scale, check, and unload all LoRA layers."""
+    import torch
+
+    apply_mix(pipe, step.adapters, step.weights)
+    available = lora_components(pipe)
+    components = [c for c in (step.components or available) if c in available]
+    if not components:
+        raise BuildError("none of the requested components carries a LoRA adapter: nothing to fuse")
+    before = {c: _fingerprints(getattr(pipe, c)) for c in components}
+    expected = {c: _expected_targets(getattr(pipe, c), step.adapters, step.lora_scale) for c in components}
+    pipe.fuse_lora(
+        components=components, lora_scale=step.lora_scale, adapter_names=list(step.adapters), safe_fusing=True
+    )
+    changed_total = expected_total = 0
+    for comp in components:
+        model = getattr(pipe, comp)
+        after = _fingerprints(model)
+        changed = {n for n, fp in after.items() if before[comp].get(n) != fp}
+        unexpected = sorted(changed - expected[comp])
+        missed = sorted(expected[comp] - changed)
+        if unexpected:
+            raise BuildError(
+                f"fuse changed {len(unexpected)} weights of {comp} that no fused adapter targets: "
+                f"{', '.join(unexpected[:5])}"
+            )
+        if missed:
+            raise BuildError(
+                f"fuse left {len(missed)} weights of {comp} unchanged although a fused adapter "
+                f"applies to them: {', '.join(missed[:5])}"
+            )
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if _base_name(name) in changed and not bool(torch.isfinite(param).all()):
+                    raise BuildError(f"fused weight {comp}.{_base_name(name)} contains NaN/Inf")
+        changed_total += len(changed)
+        expected_total += len(expected[comp])
+    pipe.unload_lora_weights()
+    return FuseReport(changed_total, expected_total, tuple(components))

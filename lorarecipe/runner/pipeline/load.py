@@ -1,0 +1,101 @@
+"""Load the base model as a diffusers pipeline, safely and without silent dtype changes.
+
+Resolved base (folder or single file) -> pipeline on the chosen device. The pipeline class comes
+from the family (never from code in the model folder), ``model_index.json`` may only name
+diffusers/transformers classes (it is untrusted: diffusers imports whatever library it names),
+weights are safetensors only, and ``dtype: auto`` keeps the stored dtype (diffusers would upcast an
+fp16 checkpoint to fp32 without ``dtype``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...errors import BuildError
+from ...inspect import read_header
+from ...inspect.base_model import check_model_index
+from ...plan import LoadBase
+from ...recipe.vocabulary import FAMILIES
+
+__all__ = ["load_dtype", "load_pipeline"]
+
+_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def stored_dtype(folder: Path, denoiser: str, variant: str | None) -> str | None:
+    """The floating dtype of the stored denoiser weights (majority of tensors)."""
+    names = [f"diffusion_pytorch_model.{variant}.safetensors"] if variant else []
+    names.append("diffusion_pytorch_model.safetensors")
+    for name in names:
+        path = folder / denoiser / name
+        if path.is_file():
+            counts: dict[str, int] = {}
+            for info in read_header(path).tensors.values():
+                if info.dtype in _DTYPE:
+                    counts[info.dtype] = counts.get(info.dtype, 0) + 1
+            if counts:
+                return _DTYPE[max(counts, key=lambda k: counts[k])]
+    index = (
+        sorted((folder / denoiser).glob("*.safetensors.index.json")) if (folder / denoiser).is_dir() else []
+    )
+    if index:
+        shards = sorted((folder / denoiser).glob("*.safetensors"))
+        if shards:
+            return stored_dtype_of_file(shards[0])
+    return None
+
+
+def stored_dtype_of_file(path: Path) -> str | None:
+    counts: dict[str, int] = {}
+    for info in read_header(path).tensors.values():
+        if info.dtype in _DTYPE:
+            counts[info.dtype] = counts.get(info.dtype, 0) + 1
+    return _DTYPE[max(counts, key=lambda k: counts[k])] if counts else None
+
+
+def load_dtype(step: LoadBase, path: Path) -> str:
+    """The dtype a base is loaded in, by both executors: the recipe's, else the stored dtype of the
+    denoiser (majority of its tensors), else float32. Header-only."""
+    if step.dtype != "auto":
+        return step.dtype
+    if step.single_file:
+        return stored_dtype_of_file(path) or "float32"
+    index = check_model_index(path)
+    denoiser = "unet" if "unet" in index else "transformer"
+    return stored_dtype(path, denoiser, step.variant) or "float32"
+
+
+def load_pipeline(step: LoadBase, path: Path, config: Path | None, device: str) -> tuple[Any, str]:
+    """Load the base; returns (pipeline, dtype name actually used)."""
+    import diffusers
+
+    from .save import torch_dtype
+
+    family = step.family
+    dtype = load_dtype(step, path)
+    if step.single_file:
+        if family is None:
+            raise BuildError("a single-file base needs 'family' (it cannot be detected from this file)")
+        cls = getattr(diffusers, FAMILIES[family].pipeline_class)
+        kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype), "local_files_only": True}
+        if config is not None:
+            check_model_index(config)
+            kwargs["config"] = str(config)
+        pipe = cls.from_single_file(str(path), **kwargs)
+    else:
+        index = check_model_index(path)
+        cls_name = index["_class_name"]
+        if family is not None and FAMILIES[family].pipeline_class != cls_name:
+            raise BuildError(f"the base folder holds a {cls_name}, but the recipe's family is {family}")
+        cls = getattr(diffusers, cls_name)
+        pipe = cls.from_pretrained(
+            str(path),
+            dtype=torch_dtype(dtype),
+            variant=step.variant,
+            use_safetensors=True,
+            local_files_only=True,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    return pipe, dtype

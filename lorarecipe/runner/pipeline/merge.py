@@ -1,0 +1,104 @@
+"""PEFT ``add_weighted_adapter`` on a diffusers pipeline, with the traps the guides leave to users.
+
+MergeAdapters step + pipeline -> a new adapter in every component that has any of its inputs.
+Handled here, not passed on: weights set by ``set_adapters`` multiply into the merge (reset to 1.0
+first); an existing name makes PEFT silently do nothing (refused); DARE draws from torch's global
+RNG (seeded from the recipe before each component); an adapter absent from a component (a UNet-only
+LoRA in a text-encoder merge) is left out of that component's merge instead of failing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import BuildError
+from ...plan import MergeAdapters
+
+__all__ = ["lora_components", "merge_adapters"]
+
+
+def as_lora_model(model: Any) -> Any:
+    """A PEFT ``LoraModel`` view of an already-injected model: no re-injection, no copy.
+
+    diffusers injects adapters with ``inject_adapter_in_model`` and keeps ``peft_config`` on the
+    model, but has no ``add_weighted_adapter``; wrapping with ``LoraModel(model, …)`` would
+    re-initialise the adapter's weights. This view shares ``peft_config``, so the merged adapter is
+    visible to ``set_adapters`` at once. Relies on peft 0.21's ``BaseTuner`` attributes (pinned;
+    ``tests/test_runner_outputs.py`` checks a merge against the deltas PEFT's own layers compute).
+    """
+    import torch
+    from peft.tuners.lora import LoraModel
+
+    view = LoraModel.__new__(LoraModel)
+    torch.nn.Module.__init__(view)
+    view.model = model
+    view.peft_config = model.peft_config
+    view.targeted_module_names = []
+    view.targeted_parameter_names = []
+    view.active_adapter = next(iter(model.peft_config))
+    return view
+
+
+def lora_components(pipe: Any) -> list[str]:
+    """The pipeline's LoRA-loadable components that exist and carry adapters."""
+    names = []
+    for comp in getattr(pipe, "_lora_loadable_modules", []):
+        model = getattr(pipe, comp, None)
+        if model is not None and getattr(model, "peft_config", None):
+            names.append(comp)
+    return names
+
+
+def reset_weights(pipe: Any) -> None:
+    """Every adapter's set_adapters weight back to 1.0 (scaling = alpha / r)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for comp in lora_components(pipe):
+        for module in getattr(pipe, comp).modules():
+            if isinstance(module, BaseTunerLayer):
+                for adapter in list(module.scaling):
+                    module.set_scale(adapter, 1.0)
+
+
+def merge_adapters(pipe: Any, step: MergeAdapters) -> list[str]:
+    """Run one merge in every component that has at least one input; returns those components."""
+    import torch
+
+    components = [c for c in lora_components(pipe) if step.components is None or c in step.components]
+    done = []
+    for comp in components:
+        model = getattr(pipe, comp)
+        if step.name in model.peft_config:
+            raise BuildError(
+                f"an adapter named {step.name!r} already exists in {comp}; PEFT would silently skip the merge"
+            )
+        present = [(n, w) for n, w in zip(step.adapters, step.weights, strict=True) if n in model.peft_config]
+        if not present:
+            continue
+        reset_weights(pipe)
+        torch.manual_seed(step.seed)
+        view = as_lora_model(model)
+        kwargs: dict[str, Any] = {
+            "combination_type": step.method,
+            "svd_full_matrices": step.svd_full_matrices,
+        }
+        if step.svd_rank is not None:
+            kwargs["svd_rank"] = step.svd_rank
+        if step.svd_clamp is not None:
+            kwargs["svd_clamp"] = step.svd_clamp
+        if step.density is not None:
+            kwargs["density"] = step.density
+        if step.majority_sign_method is not None:
+            kwargs["majority_sign_method"] = step.majority_sign_method
+        view.add_weighted_adapter(
+            [n for n, _ in present], [float(w) for _, w in present], step.name, **kwargs
+        )
+        if step.name not in model.peft_config:
+            raise BuildError(f"PEFT did not create the merged adapter {step.name!r} in {comp}")
+        done.append(comp)
+    if not done:
+        raise BuildError(
+            f"merge {step.name!r}: none of its adapters is loaded in the components "
+            f"{', '.join(components) or '(none)'}"
+        )
+    return done

@@ -1,0 +1,153 @@
+"""Write pipeline-route outputs atomically: fused diffusers folder, single file, LoRA files.
+
+Pipeline (+ adapter name) -> files at their final paths, each written to a temporary sibling and
+renamed into place, safetensors only, with provenance in every file's ``__metadata__``. LoRA files
+in diffusers layout go through diffusers' ``save_lora_weights`` (with ``lora_adapter_metadata`` so
+alpha survives); kohya layout is written from the PEFT layers themselves, with each module's own
+alpha (diffusers' ``convert_state_dict_to_kohya`` assumes alpha = rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ...errors import BuildError
+from ...fs.atomic import atomic_dir, atomic_file
+from ...outputs.safetensors_meta import add_metadata, canonicalize_header, jsonable
+
+__all__ = ["save_lora", "save_pipeline", "save_single_file", "torch_dtype"]
+
+_KOHYA_TE_PREFIX = {
+    "sd1": {"text_encoder": "lora_te"},
+    "sd2": {"text_encoder": "lora_te"},
+    "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+}
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _stamp_folder(folder: Path, metadata: Mapping[str, str]) -> None:
+    for file in sorted(folder.rglob("*")):
+        if file.suffix in (".bin", ".pt", ".ckpt", ".pth"):
+            raise BuildError(f"refusing to publish a pickle file: {file.name}")
+        if file.suffix == ".safetensors":
+            add_metadata(file, metadata)
+
+
+def _scrub_configs(folder: Path, name: str | None) -> None:
+    """Replace the machine-specific ``_name_or_path`` (a cache path) in saved configs.
+
+    diffusers records the folder a model was loaded from; keeping it would make two machines'
+    builds differ. It becomes the base's hub id when there is one, and is dropped otherwise.
+    """
+    import json
+
+    for file in sorted(folder.rglob("*.json")):
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or "_name_or_path" not in data:
+            continue
+        if name:
+            data["_name_or_path"] = name
+        else:
+            del data["_name_or_path"]
+        file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_pipeline(pipe: Any, final: Path, metadata: Mapping[str, str], name: str | None = None) -> None:
+    """``save_pretrained`` (safetensors only) into a temporary folder that replaces ``final``."""
+    with atomic_dir(final) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        _scrub_configs(tmp, name)
+        _stamp_folder(tmp, metadata)
+
+
+def _config_dict(model: Any) -> dict[str, Any]:
+    config = model.config
+    return dict(config.to_dict() if hasattr(config, "to_dict") else config)
+
+
+def save_single_file(pipe: Any, family: str, final: Path, metadata: Mapping[str, str]) -> None:
+    """The fused pipeline as one LDM/SGM-layout .safetensors file (SD 1.x, SD 2.x, SDXL)."""
+    from safetensors.torch import save_file
+
+    from ...outputs.singlefile import to_single_file_state_dict
+
+    components = ("unet", "vae", "text_encoder", "text_encoder_2")
+    state_dicts = {c: getattr(pipe, c).state_dict() for c in components if getattr(pipe, c, None) is not None}
+    configs = {c: _config_dict(getattr(pipe, c)) for c in state_dicts}
+    tensors = to_single_file_state_dict(family, state_dicts, configs)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    with atomic_file(final) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+        canonicalize_header(tmp)
+
+
+def kohya_state_dict(pipe: Any, adapter: str, family: str | None) -> dict[str, Any]:
+    """An adapter's PEFT layers -> kohya/A1111 keys (``lora_unet_…``, ``lora_te…``) with per-module alpha."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out: dict[str, Any] = {}
+    prefixes = {"unet": "lora_unet", **_KOHYA_TE_PREFIX.get(family or "sd1", _KOHYA_TE_PREFIX["sd1"])}
+    for comp, prefix in prefixes.items():
+        model = getattr(pipe, comp, None)
+        if model is None:
+            continue
+        for name, module in model.named_modules():
+            if not isinstance(module, BaseTunerLayer) or adapter not in getattr(module, "lora_A", {}):
+                continue
+            module_name = name if comp == "unet" or name.startswith("text_model.") else f"text_model.{name}"
+            key = f"{prefix}_{module_name.replace('.', '_')}"
+            out[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().clone()
+            out[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().clone()
+            out[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha[adapter]))
+    if not out:
+        raise BuildError(f"adapter {adapter!r} has no LoRA layers to export in kohya layout")
+    return out
+
+
+def save_lora(
+    pipe: Any,
+    adapter: str,
+    layout: str,
+    final_dir: Path,
+    weight_name: str,
+    family: str | None,
+    metadata: Mapping[str, str],
+    dtype: str | None = None,
+) -> Path:
+    """Save one adapter as ``final_dir/weight_name``; returns the file path."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    cast = torch_dtype(dtype) if dtype else None
+    with atomic_dir(final_dir) as tmp:
+        target = tmp / weight_name
+        if layout == "kohya":
+            tensors = kohya_state_dict(pipe, adapter, family)
+            if cast is not None:
+                tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in tensors.items()}
+            save_file(tensors, str(target), metadata={"format": "pt", **metadata})
+            canonicalize_header(target)
+        else:
+            kwargs: dict[str, Any] = {}
+            for comp in getattr(pipe, "_lora_loadable_modules", []):
+                model = getattr(pipe, comp, None)
+                if model is None or adapter not in (getattr(model, "peft_config", None) or {}):
+                    continue
+                layers = get_peft_model_state_dict(model, adapter_name=adapter)
+                if cast is not None:
+                    layers = {k: v.to(cast) for k, v in layers.items()}
+                kwargs[f"{comp}_lora_layers"] = layers
+                kwargs[f"{comp}_lora_adapter_metadata"] = jsonable(model.peft_config[adapter].to_dict())
+            if not kwargs:
+                raise BuildError(f"adapter {adapter!r} is not loaded in any component")
+            type(pipe).save_lora_weights(str(tmp), weight_name=weight_name, safe_serialization=True, **kwargs)
+            add_metadata(target, metadata)
+    return final_dir / weight_name

@@ -1,0 +1,316 @@
+"""Stream one fused checkpoint: fuse + save without building the pipeline, in memory bounded by the
+largest tensor, with the pipeline route's result.
+
+Plan (LoadBase, LoadAdapter, MergeAdapters, FuseAdapters) + one SaveCheckpoint -> a diffusers folder
+or an LDM/SGM single file at ``final``, written atomically. What to add where is decided by diffusers
+and PEFT themselves, on a weightless skeleton of the pipeline (``skeleton``): diffusers'
+LoRA conversion and loading, PEFT merges, ``set_adapters`` with per-block weights, ``lora_scale``.
+What they decide is kept as LoRA factors per module (``factors``) and cached per adapter
+(``factor_cache``): a later fuse of the same LoRA files, with any scalar weights, ``lora_scale`` or
+components, imports torch but neither diffusers, transformers nor PEFT.
+The base is never loaded: each tensor is read with a positional read (no mmap), fused in float32
+and rounded once to the output dtype, and written at an offset fixed by a header computed up front;
+untouched tensors are copied by the kernel, starting before diffusers is even imported. In float32
+the result is bit-identical to the pipeline route (``tests/test_streaming.py``); in float16/bfloat16
+it is within half an ulp of the exact value, while the pipeline route rounds each adapter's delta and
+each partial sum (the two differ by at most 2 ulps of the largest operand when the LoRA files have the
+base's dtype). Must not import torch, diffusers or peft at module import (a test checks).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import BuildError, StreamingUnsupported
+from ...fs.atomic import atomic_dir, atomic_file
+from ...plan import CheckpointLayout, FuseAdapters, LoadBase, Plan, SaveCheckpoint
+from ...recipe.vocabulary import FAMILIES
+from ..fuse_math import FuseTarget
+from ..pipeline.load import load_dtype
+from .factor_cache import FactorCache
+from .factors import scalar_weights, targets_from_factors
+from .positional_io import PositionalReader
+from .skeleton import Architecture, build_skeleton, fuse_targets, prepare_adapters
+from .sources import (
+    FLOAT_DTYPES,
+    FolderBase,
+    OutFile,
+    Part,
+    folder_parts,
+    folder_to_folder,
+    read_folder_base,
+    resolve_key,
+    shard_index,
+    single_file_parts,
+    to_folder,
+    to_single_file,
+)
+from .writer import StreamWriter, WriteStats
+
+__all__ = ["StreamReport", "peak_rss_bytes", "stream_fuse"]
+
+
+@dataclass
+class StreamReport:
+    """What the stream did: tensors written, tensors a fused adapter changed, this process's peak RSS
+    (bytes, None where unknown), wall time, and for float16/bfloat16 outputs the largest rounding
+    difference of a fused tensor from its exact float32 value (0.0 for float32 outputs)."""
+
+    tensors: int
+    changed: int
+    targets: int  # base weights a fused adapter applies to (each was fused)
+    components: tuple[str, ...]  # the components those weights belong to
+    peak_rss_bytes: int | None
+    seconds: float
+    max_abs_diff_vs_fp32: float | None = None
+    factors_cached: bool = False  # the LoRA factors came from the cache: diffusers/PEFT not imported
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size so far, in bytes, or None where unknown.
+
+    Linux: ``VmHWM`` (``ru_maxrss`` also counts the parent's memory when the process was forked from
+    a large one before exec); elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _rekey(targets: dict[tuple[str, str], FuseTarget], base: FolderBase) -> dict[tuple[str, str], FuseTarget]:
+    """Targets keyed by the model's state-dict keys -> by the keys the base files store them under."""
+    out: dict[tuple[str, str], FuseTarget] = {}
+    for (component, key), target in targets.items():
+        found = resolve_key(base.keys(component), key)
+        if found is None:
+            raise BuildError(
+                f"{component}: the base stores no weight {key!r} for LoRA module {target.module_name}"
+            )
+        out[(component, found)] = target
+    return out
+
+
+def _check_all_used(targets: Mapping[tuple[str, str], FuseTarget], stats: WriteStats) -> None:
+    unused = sorted(f"{c}.{k}" for c, k in targets if (c, k) not in stats.used)
+    if unused:
+        raise BuildError(
+            f"{len(unused)} fused LoRA modules map to no tensor of the output (they would be dropped): "
+            + ", ".join(unused[:5])
+        )
+
+
+def _plan_outputs(
+    save: SaveCheckpoint,
+    family: str,
+    base_path: Path,
+    folder: FolderBase | None,
+    arch: Architecture,
+    out_dtype: Callable[[str], str],
+) -> list[OutFile]:
+    """The output files of every layout but folder -> folder (which needs no shapes or configs)."""
+    parts: dict[tuple[str, str], Part]
+    if folder is not None:
+        parts = folder_parts(folder, arch.shapes)
+    else:
+        parts = single_file_parts(base_path, family, arch.shapes, arch.configs)
+        if save.layout is CheckpointLayout.DIFFUSERS:
+            return to_folder(arch.shapes, arch.libraries, parts, out_dtype)
+    return [to_single_file(family, arch.shapes, arch.configs, parts, out_dtype)]
+
+
+def _copy_files(root: Path, folder: FolderBase | None, config_path: Path | None, outs: list[OutFile]) -> None:
+    """Non-weight files (model_index.json, configs, tokenizers, scheduler) of the base or config folder."""
+    if folder is not None:
+        copies = folder.copies
+        for component in folder.files:
+            written = shard_index(folder, component, outs)
+            if written is not None:
+                (root / written[0]).parent.mkdir(parents=True, exist_ok=True)
+                (root / written[0]).write_text(written[1], encoding="utf-8")
+    else:
+        assert config_path is not None
+        copies = read_folder_base(config_path, None).copies
+    for source, rel in copies:
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
+# Components a single-file layout needs besides the LoRA-loadable ones (their shapes and configs).
+_SINGLE_FILE_EXTRA = ("vae", "text_encoder", "text_encoder_2")
+
+
+class _Stream:
+    """One streamed checkpoint: the base, what to add where, and the files being written.
+
+    ``write(root)`` runs the two halves in an order that overlaps them: for a folder -> folder fuse
+    the output headers are known from the base's headers alone, so the verbatim copy starts at once;
+    then the fuse targets come from the factor cache, or from diffusers and PEFT on the skeleton (the
+    architecture a single-file layout needs comes the same way); then every tensor a target touches
+    is computed and written.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        save: SaveCheckpoint,
+        base_path: Path,
+        config_path: Path | None,
+        adapter_paths: Mapping[str, Path],
+        metadata: Mapping[str, str],
+    ) -> None:
+        base = plan.step("base")
+        fuses = plan.of_type(FuseAdapters)
+        if not isinstance(base, LoadBase) or not fuses:
+            raise BuildError("internal: the plan has no base or no fuse step to stream")
+        self.plan, self.save, self.fuse = plan, save, fuses[0]
+        self.base_path, self.config_path, self.adapter_paths = base_path, config_path, adapter_paths
+        self.family = plan.family or "sd1"
+        self.folder: FolderBase | None = None
+        self.pipeline_class: str | None = None  # None: the one model_index.json names
+        if base.single_file:
+            if config_path is None:
+                raise StreamingUnsupported(
+                    "a single-file base needs its diffusers config folder ('config') to stream"
+                )
+            self.config_root, self.pipeline_class = config_path, FAMILIES[self.family].pipeline_class
+        else:
+            self.folder = read_folder_base(base_path, base.variant)
+            self.config_root, self.pipeline_class = base_path, None
+        self.dtype = save.dtype or load_dtype(base, base_path)
+        # folder -> folder needs no architecture: every output tensor is a base tensor, same key
+        self.folder_to_folder = self.folder is not None and save.layout is CheckpointLayout.DIFFUSERS
+        self.metadata = {"format": "pt", **metadata}
+        self.reader = PositionalReader()
+        self.stats = WriteStats()
+        self.outs: list[OutFile] = []
+        self.from_cache = False
+        self._storing: list[threading.Thread] = []
+
+    def out_dtype(self, stored: str) -> str:
+        return FLOAT_DTYPES[self.dtype] if stored in FLOAT_DTYPES.values() else stored
+
+    def write(self, root: Path) -> None:
+        """Write the output files under ``root`` (a temporary folder, or the temporary file)."""
+        writer: StreamWriter | None = None
+        try:
+            if self.folder_to_folder:
+                assert self.folder is not None
+                writer = self._start_writer(root, folder_to_folder(self.folder, self.out_dtype))
+            targets, arch = self._targets()
+            if writer is None:
+                assert arch is not None
+                outs = _plan_outputs(
+                    self.save, self.family, self.base_path, self.folder, arch, self.out_dtype
+                )
+                writer = self._start_writer(root, outs)
+            if self.folder_to_folder:
+                assert self.folder is not None
+                targets = _rekey(targets, self.folder)
+            writer.finish(targets, self.stats)
+            _check_all_used(targets, self.stats)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+
+    def _outputs(self, arch: Architecture) -> list[OutFile]:
+        return _plan_outputs(self.save, self.family, self.base_path, self.folder, arch, self.out_dtype)
+
+    def _start_writer(self, root: Path, outs: list[OutFile]) -> StreamWriter:
+        self.outs = outs
+        writer = StreamWriter(root, outs, self.reader, self.metadata)
+        writer.start_copier()
+        return writer
+
+    def _targets(self) -> tuple[dict[tuple[str, str], FuseTarget], Architecture | None]:
+        """The fuse targets (from cached factors, or decided by diffusers/PEFT on the skeleton, whose
+        factors are then cached in the background), and the architecture unless folder -> folder."""
+        extra = () if self.folder_to_folder else _SINGLE_FILE_EXTRA
+        cache = FactorCache(self.plan, self.fuse, self.adapter_paths, self.config_root, self.pipeline_class)
+        factors = cache.load(self.fuse.adapters) if scalar_weights(self.fuse) else None
+        arch = None if self.folder_to_folder else cache.load_architecture(extra)
+        needs_arch = arch is None and not self.folder_to_folder
+        if factors is not None and not needs_arch:
+            self.from_cache = True
+            return targets_from_factors(factors, self.fuse), arch
+        from ..quiet import quiet_libraries
+
+        quiet_libraries(load=True)
+        skeleton = build_skeleton(self.config_root, self.pipeline_class, extra)
+        if needs_arch:
+            arch = skeleton.arch
+            cache.store_architecture(extra, arch)
+        if factors is not None:
+            self.from_cache = True
+            return targets_from_factors(factors, self.fuse), arch
+        prepare_adapters(skeleton, self.plan, self.fuse, self.adapter_paths)
+        targets, found = fuse_targets(skeleton, self.fuse)
+        # written (with fsync) while the tensors stream; best effort, joined by close()
+        self._storing.append(threading.Thread(target=cache.store, args=(found,), daemon=True))
+        self._storing[-1].start()
+        return targets, arch
+
+    def close(self) -> None:
+        for thread in self._storing:
+            thread.join()
+        self.reader.close()
+
+
+def stream_fuse(
+    plan: Plan,
+    save: SaveCheckpoint,
+    *,
+    base_path: Path,
+    config_path: Path | None,
+    adapter_paths: Mapping[str, Path],
+    final: Path,
+    metadata: Mapping[str, str],
+) -> StreamReport:
+    """Fuse the plan's FuseAdapters step into the base and write ``save``'s output at ``final``.
+
+    ``base_path`` is the base diffusers folder, or the single file when LoadBase.single_file (then
+    ``config_path`` is its diffusers config folder); ``adapter_paths`` maps adapter names to LoRA
+    files; ``metadata`` goes into every safetensors file written. Raises ``StreamingUnsupported`` for
+    what the stream cannot reproduce exactly (LoRA bias, DoRA, unreadable single-file layouts), and
+    ``BuildError`` for what no route could build (NaN/Inf, a LoRA that fits no base weight).
+    """
+    started = time.perf_counter()
+    stream = _Stream(plan, save, base_path, config_path, adapter_paths, metadata)
+    try:
+        if save.layout is CheckpointLayout.DIFFUSERS:
+            with atomic_dir(final) as tmp:
+                stream.write(tmp)
+                _copy_files(tmp, stream.folder, config_path, stream.outs)
+        else:
+            with atomic_file(final) as tmp:
+                stream.write(tmp)
+    finally:
+        stream.close()
+    stats = stream.stats
+    return StreamReport(
+        tensors=stats.tensors,
+        changed=stats.changed,
+        targets=len(stats.used),
+        components=tuple(sorted({component for component, _ in stats.used})),
+        peak_rss_bytes=peak_rss_bytes(),
+        seconds=time.perf_counter() - started,
+        max_abs_diff_vs_fp32=stats.max_abs_diff_vs_fp32,
+        factors_cached=stream.from_cache,
+    )

@@ -1,0 +1,198 @@
+"""One output tensor's bytes: base rows read positionally, fused in float32 (``fuse_math``), rounded once.
+
+OutTensor + its fuse targets -> bytes in the output dtype and stored form. A whole tensor is fused with
+:func:`~lorarecipe.runner.fuse_math.fused_weight` (peak: about four float32 copies of the tensor). A
+tensor whose output is not float32 (a dtype conversion, or a fuse rounded to float16 or bfloat16) and
+that is larger than one chunk goes through in row chunks of about 4 MiB of float32 instead: read,
+fused (the same function on the chunk's rows) and written a chunk at a time, in 64-row blocks, which
+sum exactly as one big GEMM does (a test checks). Peak: a few chunks. NaN/Inf in a fused weight is
+refused, as PEFT's safe merge refuses it; an overflow of the output dtype too.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...errors import BuildError, StreamingUnsupported
+from ...outputs.singlefile import apply_transform
+from ...outputs.singlefile_names import StoredForm
+from ..fuse_math import FuseTarget, fused_weight, rows_capable
+from .positional_io import PositionalReader, SafetensorsWriter, WriteBehind
+from .sources import SAME_BYTES_FORMS, OutTensor, Part
+
+__all__ = ["WriteStats", "as_bytes", "chunk_rows", "compute", "write_chunked"]
+
+_CHUNK_ELEMENTS = 1024 * 1024  # elements per row chunk: 4 MiB of float32 per temporary
+
+
+@dataclass
+class WriteStats:
+    """Counts over all files written, and the targets consumed (each must be used exactly once)."""
+
+    tensors: int = 0
+    changed: int = 0
+    max_abs_diff_vs_fp32: float = 0.0
+    used: set[tuple[str, str]] = field(default_factory=set)
+
+
+def torch_dtype_of(name: str) -> Any:
+    """safetensors dtype name -> torch dtype."""
+    import torch
+
+    table = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+    if name not in table:
+        raise StreamingUnsupported(f"the streaming fuser cannot convert tensors of dtype {name}")
+    return table[name]
+
+
+def _load_part(reader: PositionalReader, part: Part) -> Any:
+    """A part's stored bytes -> a tensor in its diffusers shape (stored dtype, no copy beyond the read)."""
+    import torch
+
+    dtype = torch_dtype_of(part.tensor.dtype)
+    offset, length = part.byte_range
+    if length == 0:
+        tensor = torch.empty(part.stored_shape, dtype=dtype)
+    else:
+        tensor = torch.frombuffer(reader.read(part.path, offset, length), dtype=dtype).reshape(
+            part.stored_shape
+        )
+    if part.stored is StoredForm.CONV1X1:
+        return tensor.reshape(tensor.shape[:-2])
+    if part.stored is StoredForm.TRANSPOSE:
+        return tensor.t()
+    return tensor
+
+
+def _check_rounding(fused: Any, rounded: Any, target: FuseTarget, stats: WriteStats) -> None:
+    """Refuse NaN/Inf (PEFT's safe merge does) and record the rounding error; ``fused`` is consumed.
+
+    One ``aminmax`` pass (much faster than ``isfinite().all()`` on CPU) does both: its extremes are
+    NaN or infinite exactly when a value is; below float32 it runs over ``fused - rounded``, which is
+    also NaN or infinite when the rounding overflowed the output dtype.
+    """
+    import torch
+
+    if not fused.numel():
+        return
+    if rounded.dtype == torch.float32:
+        low, high = torch.aminmax(fused)
+        bad = not (math.isfinite(float(low)) and math.isfinite(float(high)))
+    else:
+        low, high = torch.aminmax(fused.sub_(rounded.float()))  # in place: fused is not needed any more
+        diff = max(-float(low), float(high))
+        bad = not (math.isfinite(float(low)) and math.isfinite(float(high)))
+        if not bad:
+            stats.max_abs_diff_vs_fp32 = max(stats.max_abs_diff_vs_fp32, diff)
+    if bad:
+        raise BuildError(f"fused weight {target.component}.{target.module_name} contains NaN/Inf")
+
+
+def compute(
+    reader: PositionalReader,
+    tensor: OutTensor,
+    targets: Mapping[tuple[str, str], FuseTarget],
+    stats: WriteStats,
+) -> Any:
+    import torch
+
+    out_dtype = torch_dtype_of(tensor.dtype)
+    pieces = []
+    for part in tensor.parts:
+        base = _load_part(reader, part)
+        target = targets.get((part.component, part.key))
+        if target is None:
+            pieces.append(base.to(out_dtype))
+            continue
+        stats.used.add((part.component, part.key))
+        fused = fused_weight(base, target)
+        rounded = fused.to(out_dtype)
+        _check_rounding(fused, rounded, target, stats)
+        if not torch.equal(rounded, base.to(out_dtype)):
+            stats.changed += 1
+        pieces.append(rounded)
+        del fused, base
+    joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+    result = apply_transform(joined, tensor.transform).contiguous()
+    if tuple(result.shape) != tensor.shape:
+        raise BuildError(f"{tensor.key}: computed shape {list(result.shape)}, planned {list(tensor.shape)}")
+    return result
+
+
+def as_bytes(tensor: Any) -> memoryview:
+    import torch
+
+    flat = tensor.reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def chunk_rows(row_elements: int) -> int:
+    """Rows per chunk: about ``_CHUNK_ELEMENTS`` elements, a multiple of 64 rows when that many fit
+    (whole GEMM row blocks, so each delta row is summed exactly as in one big GEMM)."""
+    step = max(1, _CHUNK_ELEMENTS // max(row_elements, 1))
+    return step - step % 64 if step >= 64 else step
+
+
+def write_chunked(
+    reader: PositionalReader,
+    writer: SafetensorsWriter,
+    tensor: OutTensor,
+    targets: Mapping[tuple[str, str], FuseTarget],
+    stats: WriteStats,
+    behind: WriteBehind,
+) -> bool:
+    """Write ``tensor`` in row chunks; False (nothing written) when it must go through ``compute``."""
+    import torch
+
+    if len(tensor.parts) != 1 or tensor.dtype == "F32" or tensor.transform not in SAME_BYTES_FORMS:
+        return False
+    part = tensor.parts[0]
+    target = targets.get((part.component, part.key))
+    shape = part.stored_shape
+    if part.stored not in SAME_BYTES_FORMS or not shape or not shape[0] or not rows_capable(target):
+        return False
+    row_elements = math.prod(shape[1:])
+    if row_elements * shape[0] <= _CHUNK_ELEMENTS:
+        return False  # small: the whole-tensor path is as cheap
+    stored, out_dtype = torch_dtype_of(part.tensor.dtype), torch_dtype_of(tensor.dtype)
+    diffusers_shape = shape[:-2] if part.stored is StoredForm.CONV1X1 else shape
+    offset, length = part.byte_range
+    stored_row, out_row = length // shape[0], tensor.entry.nbytes // shape[0]
+    step = chunk_rows(row_elements)
+    changed = False
+    for start in range(0, shape[0], step):
+        stop = min(shape[0], start + step)
+        data = reader.read(part.path, offset + start * stored_row, (stop - start) * stored_row)
+        base = torch.frombuffer(data, dtype=stored).reshape((stop - start, *diffusers_shape[1:]))
+        if target is None:
+            out = base.to(out_dtype)
+        else:
+            fused = fused_weight(base, target, (start, stop))
+            out = fused.to(out_dtype)
+            _check_rounding(fused, out, target, stats)
+            changed = changed or not torch.equal(out, base.to(out_dtype))
+            del fused
+        data_out = as_bytes(out)
+        behind.submit(
+            functools.partial(writer.write_part, tensor.key, start * out_row, data_out), data_out.nbytes
+        )
+        del out, base, data, data_out
+    if target is not None:
+        stats.used.add((part.component, part.key))
+        stats.changed += int(changed)
+    return True
