@@ -8,8 +8,9 @@ An oracle for lorarecipe's ``merges:``: it shares no code with lorarecipe's runn
   rank is Σ rᵢ of the adapters present in the component (modules lacking one are zero-padded).
 - factor methods (``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, equal
   ranks): the method runs on the A factors and on the B factors separately. The weight is split
-  as aᵢ = sign(cᵢ)·√|cᵢ| on A and bᵢ = √|cᵢ| on B, so linear gives B'A' = Σᵢⱼ √|cᵢ||cⱼ|… (cross
-  terms: only an approximation of Σ cᵢBᵢAᵢ).
+  as aᵢ = sign(cᵢ)·√|cᵢ| on A and bᵢ = √|cᵢ| on B, so linear gives B'A' = Σᵢ Σⱼ bᵢaⱼ·BᵢAⱼ (the
+  i ≠ j cross terms make it only an approximation of Σ cᵢBᵢAᵢ), and TIES / DARE / magnitude pruning
+  act on factors, not on deltas.
 - SVD methods (``svd`` = linear, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``,
   ``magnitude_prune_svd``): the method runs on the deltas Dᵢ = αᵢ/rᵢ·BᵢAᵢ with weights wᵢ, then
   D' ≈ U·S·Vh truncated to ``svd_rank`` (default: the largest rank present); B' = U·S, A' = Vh; with
@@ -23,8 +24,9 @@ An oracle for lorarecipe's ``merges:``: it shares no code with lorarecipe's runn
   Σ wᵢ·drop(tᵢ); dare_ties = disjoint mean of dropped.
 - the merged adapter has lora_alpha = r in every module (scale 1): its delta is B'A'.
 - PEFT switches to ``linear`` when it is given one adapter. lorarecipe passes, per component, only
-  the adapters present in it, so a component where one of the merge's adapters is present gets
-  the plain weighted copy w·α/r·BA whatever the method.
+  the adapters present in it, so a component where only one of the merge's adapters is present
+  gets the plain weighted copy w·α/r·BA at that adapter's rank, whatever the method, density and
+  svd_rank.
 
 DARE's mask comes from torch's global RNG, and to compare a built file with this oracle the oracle
 must draw the *same* mask. What is reproduced, per component (lorarecipe seeds the RNG with the
@@ -38,7 +40,8 @@ its B; for SVD methods one per present adapter over its delta (base-weight shape
 *position and call shapes* are reproduced; everything the mask is used for (rescaling, sign
 election, disjoint mean, weights, SVD) is computed here independently, so a swapped method, a
 wrong rescale or a mask applied to the wrong tensor still shows. A wrong replay fails loudly (every
-DARE module differs), it cannot make a wrong merge pass.
+DARE module differs), it cannot make a wrong merge pass. (The replay ties the oracle to PEFT 0.21.2's
+layer construction: a PEFT upgrade that draws differently there breaks the DARE cases first.)
 
 The module order comes from instantiating the base's UNet / text encoder classes on the meta device
 (what PEFT iterates); no weights are loaded.
