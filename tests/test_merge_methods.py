@@ -72,7 +72,7 @@ MAX_RELATIVE_TOL = 0.05
 # fuser's own float32 B@A (same bound as ABS_TOL).
 FUSED_EXTRA = 1e-5
 # A swapped method must be farther from the built result than this many tolerances (the closest
-# alternative is measured at ≥ ~1000).
+# alternative over all cases is measured 2,291 tolerances away: magnitude_prune_svd for svd).
 SWAP_FACTOR = 100.0
 
 
