@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,10 +65,28 @@ def _base_key(component_keys: Iterable[str], module: str, flat: bool) -> str | N
     return None
 
 
-def lora_deltas(
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module of a LoRA file as stored: ``down`` (A) ``[r, in]`` or ``[r, in, 1, 1]``, ``up`` (B)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    rank: int
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """alpha / rank · up @ down in float64, shaped like the base weight."""
+        return (self.scale * (self.up.double().flatten(1) @ self.down.double().flatten(1))).reshape(shape)
+
+
+def lora_factors(
     path: Path, base: Mapping[str, Mapping[str, torch.Tensor]]
-) -> dict[tuple[str, str], torch.Tensor]:
-    """(component, base weight key) -> float64 delta of one LoRA file at weight 1."""
+) -> dict[tuple[str, str], LoraFactors]:
+    """(component, base weight key) -> the file's factors and alpha, for the components in ``base``."""
     tensors = load_file(str(path))
     meta = read_metadata(path)
     peft_meta = json.loads(meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in meta else {}
@@ -85,7 +104,7 @@ def lora_deltas(
             parts.setdefault((_KOHYA_COMPONENT[m[1]], m[2], True), {})[role] = tensor
         else:
             raise AssertionError(f"unexpected key {key}")
-    deltas: dict[tuple[str, str], torch.Tensor] = {}
+    factors: dict[tuple[str, str], LoraFactors] = {}
     for (component, module, flat), p in parts.items():
         if component not in base:
             continue  # the caller only checks some components
@@ -103,10 +122,15 @@ def lora_deltas(
             alpha = float(rank)
         key = _base_key(base[component].keys(), module, flat)
         assert key is not None, f"{path.name}: no base weight for {component}.{module}"
-        target = base[component][key]
-        delta = p["up"].double().flatten(1) @ p["down"].double().flatten(1)
-        deltas[(component, key)] = (alpha / rank) * delta.reshape(target.shape)
-    return deltas
+        factors[(component, key)] = LoraFactors(p["down"], p["up"], alpha, rank)
+    return factors
+
+
+def lora_deltas(
+    path: Path, base: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[tuple[str, str], torch.Tensor]:
+    """(component, base weight key) -> float64 delta of one LoRA file at weight 1."""
+    return {key: f.delta(base[key[0]][key[1]].shape) for key, f in lora_factors(path, base).items()}
 
 
 def expected_fused(

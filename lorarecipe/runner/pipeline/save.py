@@ -104,8 +104,9 @@ def kohya_state_dict(pipe: Any, adapter: str, family: str | None) -> dict[str, A
                 continue
             module_name = name if comp == "unet" or name.startswith("text_model.") else f"text_model.{name}"
             key = f"{prefix}_{module_name.replace('.', '_')}"
-            out[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().clone()
-            out[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().clone()
+            # SVD merges leave non-contiguous factors, which clone() keeps and save_file refuses
+            out[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().contiguous().clone()
+            out[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().contiguous().clone()
             out[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha[adapter]))
     if not out:
         raise BuildError(f"adapter {adapter!r} has no LoRA layers to export in kohya layout")
@@ -142,6 +143,7 @@ def save_lora(
                 if model is None or adapter not in (getattr(model, "peft_config", None) or {}):
                     continue
                 layers = get_peft_model_state_dict(model, adapter_name=adapter)
+                layers = {k: v.contiguous() for k, v in layers.items()}  # SVD merges: non-contiguous
                 if cast is not None:
                     layers = {k: v.to(cast) for k, v in layers.items()}
                 kwargs[f"{comp}_lora_layers"] = layers

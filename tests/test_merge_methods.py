@@ -1,0 +1,406 @@
+"""Every PEFT merge method lorarecipe offers, checked against an independent recomputation.
+
+For each combination type (both sign elections, ``svd_rank`` and ``svd_clamp`` where they apply)
+a recipe on the built-in tiny models merges the built-in LoRAs and writes the merged adapter as a
+LoRA file in both layouts and fused into a pipeline. ``tests/helpers/merge_oracle.py`` recomputes
+the merge from the LoRA files with plain torch in float64, and each test checks
+
+- (a) both files' per-module delta α/r·B@A against the oracle (deltas, not factors: an SVD's factors
+  are only defined up to sign/rotation), and the merged adapter's convention (α = r, the rank PEFT
+  allocates);
+- (b) the fused weights against base + lora_scale·(oracle delta), and that nothing else changed;
+- (c) that the *other* plausible merges (every other method valid for these ranks, the other sign
+  election, another density, svd without rank/clamp, another seed) differ from the built result
+  by at least ``SWAP_FACTOR`` times the tolerance: the test fails if a method is swapped.
+
+Adapters: EQUAL (style r4 α8 PEFT, toy r4 α4 UNet only, pixel r4 α1 kohya with 1×1 conv proj)
+for the equal-rank methods; UNEQUAL (style r4, detail r8 α4 kohya with 1×1 convs, pixel r4) for
+cat / svd / *_svd. Both sets reach the text encoder (style, detail, pixel) and 1×1 convs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lorarecipe.builtin.build import builtin_base_path, builtin_lora_path
+from tests.helpers.lora_math import LoraFactors, lora_factors, read_component_weights
+from tests.helpers.merge_oracle import (
+    COMBINATION_TYPES,
+    COMPONENTS,
+    DENSITY_METHODS,
+    FACTOR_METHODS,
+    RANDOM_METHODS,
+    SIGN_METHODS,
+    SVD_METHODS,
+    MergeParams,
+    OracleMerge,
+    merge_oracle,
+)
+from tests.helpers.recipes import build_text
+
+Module = tuple[str, str]
+Base = dict[str, dict[str, torch.Tensor]]  # component -> base weight key -> tensor
+
+EQUAL = (("style", 0.8), ("toy", 0.6), ("pixel", -0.5))  # all r4; a negative weight on purpose
+UNEQUAL = (("style", 0.7), ("detail", 0.5), ("pixel", -0.4))  # r4 + r8 + r4
+LORA_SCALE = 0.8
+
+EPS32 = float(torch.finfo(torch.float32).eps)
+# Non-SVD methods: PEFT works on float32 factors (exact copies of the files' values; TIES/magnitude
+# selections see the same numbers as the oracle) and sums ≤ 3 weighted terms, then the delta is
+# B'@A' over rank ≤ 16; |values| ≤ ~2. The float32 rounding of that is ≲ 16·2·eps32 ≈ 4e-6 in the worst
+# case; measured ≤ 3e-7. 1e-5 is the bound.
+ABS_TOL = 1e-5
+# SVD methods: a float32 SVD is backward stable (the exact SVD of a matrix E away, ‖E‖ ~ c(n)·eps32·σ₁)
+# and the rank-r truncation moves by ~‖E‖·(1 + σᵣ/(σᵣ − σᵣ₊₁)) to first order (the kept subspace turns
+# by ~‖E‖/gap): tolerance SVD_FACTOR·eps32·σ₁(1 + σᵣ/gap) per module (``OracleMerge.conditioning``).
+# Measured error / (eps32·conditioning): ≤ 0.6 without svd_clamp, ≤ 6 with it (the clamp threshold is a
+# quantile of float32 values and moves by the same order). 32 leaves room for other LAPACK builds.
+SVD_FACTOR = 32.0
+# A near-degenerate truncation (σᵣ ≈ σᵣ₊₁) makes that tolerance loose: refuse cases where it exceeds this
+# fraction of the module's largest delta value. The loosest module here (σᵣ − σᵣ₊₁ = 1e-4·σ₁ after a
+# DARE-TIES drop) gets 4.5%, all others < 1%; the elementwise error measured there is 3.8e-5.
+MAX_RELATIVE_TOL = 0.05
+# Fused weights: W + lora_scale·ΔW rounded to float32 once more (|W + ΔW| ≤ ~2: ≤ 2.4e-7), plus the
+# fuser's own float32 B@A (same bound as ABS_TOL).
+FUSED_EXTRA = 1e-5
+# A swapped method must be farther from the built result than this many tolerances (the closest
+# alternative over all cases is measured 2,291 tolerances away: magnitude_prune_svd for svd).
+SWAP_FACTOR = 100.0
+
+
+@dataclass(frozen=True)
+class Case:
+    params: MergeParams
+    adapters: tuple[tuple[str, float], ...]
+
+    @property
+    def id(self) -> str:
+        p = self.params
+        parts = [p.method]
+        if p.method in SIGN_METHODS:
+            parts.append(p.majority_sign_method)
+        if p.svd_rank is not None:
+            parts.append(f"rank{p.svd_rank}")
+        if p.svd_clamp is not None:
+            parts.append(f"clamp{p.svd_clamp}")
+        if self.adapters not in (EQUAL, UNEQUAL):
+            parts.append("+".join(name for name, _ in self.adapters))
+        return "-".join(parts)
+
+    def loras(self) -> list[tuple[Path, float]]:
+        return [(builtin_lora_path(f"tiny-sd/{name}"), weight) for name, weight in self.adapters]
+
+
+def _case(method: str, adapters: tuple[tuple[str, float], ...] | None = None, **params: Any) -> Case:
+    if adapters is None:
+        adapters = EQUAL if method in FACTOR_METHODS else UNEQUAL
+    return Case(MergeParams(method, **params), adapters)
+
+
+CASES = [
+    _case("linear"),
+    _case("cat"),
+    _case("svd"),
+    _case("svd", svd_rank=6),
+    _case("svd", svd_clamp=0.9),
+    _case("ties", density=0.5, majority_sign_method="total"),
+    _case("ties", density=0.5, majority_sign_method="frequency"),
+    _case("ties_svd", density=0.5, majority_sign_method="total"),
+    _case("ties_svd", density=0.5, majority_sign_method="frequency"),
+    _case("ties_svd", density=0.5, majority_sign_method="frequency", svd_rank=6, svd_clamp=0.95),
+    _case("dare_linear", density=0.7, seed=3),
+    _case("dare_ties", density=0.7, seed=3, majority_sign_method="total"),
+    _case("dare_ties", density=0.7, seed=3, majority_sign_method="frequency"),
+    _case("dare_linear_svd", density=0.7, seed=4),
+    _case("dare_linear_svd", density=0.7, seed=4, svd_rank=6, svd_clamp=0.95),
+    _case("dare_ties_svd", density=0.7, seed=4, majority_sign_method="total"),
+    _case("dare_ties_svd", density=0.7, seed=4, majority_sign_method="frequency"),
+    _case("dare_ties_svd", density=0.7, seed=4, majority_sign_method="total", svd_rank=6, svd_clamp=0.95),
+    _case("magnitude_prune", density=0.4),
+    _case("magnitude_prune_svd", density=0.4),
+    _case("magnitude_prune_svd", density=0.4, svd_rank=6, svd_clamp=0.95),
+    # toy has no text-encoder layers: the text encoder gets style alone, which PEFT merges linearly
+    _case("ties", (("style", 0.8), ("toy", 0.6)), density=0.5, majority_sign_method="total"),
+]
+
+
+def merge_yaml(name: str, case: Case) -> str:
+    p = case.params
+    lines = [
+        f"  {name}:",
+        f"    method: {p.method}",
+        "    adapters: {" + ", ".join(f"{a}: {w}" for a, w in case.adapters) + "}",
+    ]
+    if p.density is not None:
+        lines.append(f"    density: {p.density}")
+    if p.method in SIGN_METHODS:
+        lines.append(f"    majority_sign_method: {p.majority_sign_method}")
+    if p.svd_rank is not None:
+        lines.append(f"    svd_rank: {p.svd_rank}")
+    if p.svd_clamp is not None:
+        lines.append(f"    svd_clamp: {p.svd_clamp}")
+    if p.method in RANDOM_METHODS:
+        lines.append(f"    seed: {p.seed}")
+    return "\n".join(lines) + "\n"
+
+
+def recipe(merges: Mapping[str, Case], outputs: str) -> str:
+    names = sorted({a for case in merges.values() for a, _ in case.adapters})
+    return (
+        "base: builtin:tiny-sd\nadapters:\n"
+        + "".join(f"  {n}: builtin:tiny-sd/{n}\n" for n in names)
+        + "merges:\n"
+        + "".join(merge_yaml(name, case) for name, case in merges.items())
+        + outputs
+    )
+
+
+def one_merge_recipe(case: Case) -> str:
+    return recipe(
+        {"merged": case},
+        f"fuse: {{adapters: [merged], lora_scale: {LORA_SCALE}}}\n"
+        "outputs:\n"
+        "  lora: {kind: lora, adapter: merged, path: lora, layout: diffusers}\n"
+        "  lora-kohya: {kind: lora, adapter: merged, path: lora-kohya, layout: kohya}\n"
+        "  fused: {kind: pipeline, path: fused, card: false}\n",
+    )
+
+
+@pytest.fixture(scope="module")
+def base_dir() -> Path:
+    return builtin_base_path("tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def base(base_dir: Path) -> Base:
+    return {c: read_component_weights(base_dir, c) for c in COMPONENTS}
+
+
+def tolerances(oracle: OracleMerge) -> dict[Module, float]:
+    """Per-module tolerance of a float32 build against the float64 oracle (see the constants)."""
+    tol = {}
+    for module, delta in oracle.deltas.items():
+        tol[module] = max(ABS_TOL, SVD_FACTOR * EPS32 * oracle.conditioning.get(module, 0.0))
+        assert tol[module] <= MAX_RELATIVE_TOL * delta.abs().max().item(), f"ill-conditioned: {module}"
+    return tol
+
+
+def worst(got: Mapping[Module, torch.Tensor], want: Mapping[Module, torch.Tensor]) -> float:
+    assert got.keys() == want.keys()
+    return max((got[k] - want[k]).abs().max().item() for k in got)
+
+
+def alternatives(case: Case) -> list[MergeParams]:
+    """The merges a mix-up could have produced instead: every other combination type PEFT accepts
+    for these ranks (each sign election), the other sign election, another density, the SVD
+    without svd_rank / svd_clamp, another seed."""
+    p = case.params
+    equal_ranks = case.adapters != UNEQUAL
+    density = p.density or 0.5
+    out: list[MergeParams] = []
+    for method in COMBINATION_TYPES:
+        if method in FACTOR_METHODS and not equal_ranks:
+            continue  # PEFT refuses unequal ranks for these
+        svd = method in SVD_METHODS
+        for sign in ("total", "frequency") if method in SIGN_METHODS else ("total",):
+            out.append(
+                MergeParams(
+                    method,
+                    density=density if method in DENSITY_METHODS else None,
+                    majority_sign_method=sign,
+                    svd_rank=p.svd_rank if svd else None,
+                    svd_clamp=p.svd_clamp if svd else None,
+                    seed=p.seed,
+                )
+            )
+    if p.density is not None:
+        out.append(replace(p, density=min(1.0, p.density + 0.2)))
+    if p.svd_rank is not None:
+        out.append(replace(p, svd_rank=None))
+    if p.svd_clamp is not None:
+        out.append(replace(p, svd_clamp=None))
+    if p.method in RANDOM_METHODS:
+        out.append(replace(p, seed=p.seed + 1))
+    return [alt for alt in out if alt != p]
+
+
+def distance(
+    got: Mapping[Module, torch.Tensor], other: Mapping[Module, torch.Tensor], tol: Mapping[Module, float]
+) -> float:
+    """How many tolerances apart two merges are at their farthest module (inf if the modules differ)."""
+    if got.keys() != other.keys():
+        return float("inf")
+    return max((got[k] - other[k]).abs().max().item() / tol[k] for k in got)
+
+
+def deltas_of(factors: Mapping[Module, LoraFactors], base: Base) -> dict[Module, torch.Tensor]:
+    return {k: f.delta(base[k[0]][k[1]].shape) for k, f in factors.items()}
+
+
+def lora_files(out: Path) -> dict[str, Path]:
+    return {
+        "diffusers": out / "lora" / "pytorch_lora_weights.safetensors",
+        "kohya": out / "lora-kohya" / "merged.safetensors",
+    }
+
+
+def check_lora_file(
+    file: Path, oracle: OracleMerge, tol: Mapping[Module, float], base: Base
+) -> dict[Module, float]:
+    """(a): the file's per-module delta is the oracle's, and its α = r convention; returns the errors."""
+    factors = lora_factors(file, base)
+    assert factors.keys() == oracle.deltas.keys(), file.name
+    errors = {}
+    for module, f in factors.items():
+        # PEFT's merged adapter: lora_alpha = r everywhere (scale 1), at the rank the method allocates
+        assert f.down.shape[0] == f.rank == f.alpha == oracle.ranks[module], (file.name, module)
+        errors[module] = (f.delta(oracle.deltas[module].shape) - oracle.deltas[module]).abs().max().item()
+        assert errors[module] <= tol[module], (file.name, module, errors[module], tol[module])
+    return errors
+
+
+def check_fused(folder: Path, oracle: OracleMerge, tol: Mapping[Module, float], base: Base) -> float:
+    """(b): fused = base + lora_scale·ΔW where the merge has a module, untouched elsewhere; the error."""
+    fused = {c: read_component_weights(folder, c) for c in COMPONENTS}
+    changed = {(c, k) for c in COMPONENTS for k, v in fused[c].items() if not torch.equal(v, base[c][k])}
+    assert changed == oracle.deltas.keys()
+    error = 0.0
+    for (c, k), delta in oracle.deltas.items():
+        here = (fused[c][k].double() - (base[c][k].double() + LORA_SCALE * delta)).abs().max().item()
+        assert here <= LORA_SCALE * tol[(c, k)] + FUSED_EXTRA, ((c, k), here)
+        error = max(error, here)
+    return error
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_merge_matches_the_oracle(
+    case: Case, base_dir: Path, base: Base, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    build_text(tmp_path, one_merge_recipe(case))
+    files = lora_files(tmp_path / "out")
+    built = lora_factors(files["diffusers"], base)
+    gauge = {k: (f.up, f.down) for k, f in built.items()}
+    oracle = merge_oracle(base_dir, base, case.loras(), case.params, gauge)
+    tol = tolerances(oracle)
+    # the case reaches the text encoder, and 1×1 convolutions when pixel or detail takes part
+    assert any(c == "text_encoder" for c, _ in oracle.deltas)
+    if {"pixel", "detail"} & {name for name, _ in case.adapters}:
+        assert any(d.dim() == 4 for d in oracle.deltas.values())
+
+    errors = {layout: check_lora_file(file, oracle, tol, base) for layout, file in files.items()}
+    fused_error = check_fused(tmp_path / "out" / "fused", oracle, tol, base)
+
+    # (c) a swapped method would not pass
+    got = deltas_of(built, base)
+    distances = {
+        alt: distance(got, merge_oracle(base_dir, base, case.loras(), alt, gauge).deltas, tol)
+        for alt in alternatives(case)
+    }
+    closest = min(distances, key=distances.__getitem__)
+    assert distances[closest] >= SWAP_FACTOR, f"{closest} is as close to the build as the oracle"
+
+    if case.adapters == (("style", 0.8), ("toy", 0.6)):
+        # PEFT merges a lone adapter linearly: the text encoder holds 0.8·ΔW_style, untrimmed
+        assert oracle.methods == {"unet": "ties", "text_encoder": "linear"}
+        style = lora_factors(builtin_lora_path("tiny-sd/style"), base)
+        for k in [k for k in got if k[0] == "text_encoder"]:
+            assert (got[k] - 0.8 * style[k].delta(got[k].shape)).abs().max().item() <= ABS_TOL
+
+    # the measured margins, for calibrating the tolerances (kept by pytest --junitxml=… -o junit_family=legacy)
+    record_property("lora_error", max(max(e.values()) for e in errors.values()))
+    record_property("fused_error", fused_error)
+    record_property("max_tolerance", max(tol.values()))
+    svd = [
+        e[m] / (EPS32 * oracle.conditioning[m])
+        for e in errors.values()
+        for m in e
+        if m in oracle.conditioning
+    ]
+    record_property("svd_error_over_eps_conditioning", max([0.0, *svd]))
+    record_property("closest_swap", f"{closest} at {distances[closest]:.0f} tolerances")
+
+
+ON_BOTH_EXECUTORS = ("dare_ties-frequency", "dare_ties_svd-total-rank6-clamp0.95")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ON_BOTH_EXECUTORS], ids=lambda c: c.id)
+def test_the_diffusers_executor_fuses_the_same_merge(
+    case: Case, base_dir: Path, base: Base, tmp_path: Path
+) -> None:
+    """The fused output above came from the streaming fuser (its own weightless skeleton and RNG
+    draws); the diffusers pipeline executor must fuse the same merge."""
+    build_text(tmp_path, one_merge_recipe(case), executor="diffusers")
+    built = lora_factors(lora_files(tmp_path / "out")["diffusers"], base)
+    gauge = {k: (f.up, f.down) for k, f in built.items()}
+    oracle = merge_oracle(base_dir, base, case.loras(), case.params, gauge)
+    check_fused(tmp_path / "out" / "fused", oracle, tolerances(oracle), base)
+
+
+def test_svd_rank_at_the_total_rank_is_the_exact_sum(base_dir: Path, base: Base, tmp_path: Path) -> None:
+    """svd with svd_rank ≥ Σ rᵢ (4 + 8 + 4) keeps every singular value: the file holds Σ wᵢΔWᵢ."""
+    case = _case("svd", svd_rank=16)
+    build_text(tmp_path, one_merge_recipe(case))
+    got = deltas_of(lora_factors(tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors", base), base)
+    exact = merge_oracle(base_dir, base, case.loras(), MergeParams("cat")).deltas
+    # SVD of an exactly rank-16 matrix in float32: the 16 kept singular values carry it all, and what is
+    # left is the float32 backward error, ~√n·eps32·σ₁ ≤ 7e-6 (n ≤ 128, σ₁ ≤ 5.2); measured 7e-7
+    assert worst(got, exact) <= 5e-5
+
+
+DARE_PAIR = {
+    "dl": _case("dare_linear", density=0.6, seed=11),
+    "dts": _case("dare_ties_svd", density=0.6, seed=12, majority_sign_method="frequency", svd_clamp=0.95),
+}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_dare_builds_are_byte_identical(tmp_path: Path) -> None:
+    text = recipe(
+        DARE_PAIR,
+        "outputs:\n"
+        + "".join(
+            f"  {m}-{layout}: {{kind: lora, adapter: {m}, path: {m}-{layout}, layout: {layout}}}\n"
+            for m in DARE_PAIR
+            for layout in ("diffusers", "kohya")
+        ),
+    )
+    build_text(tmp_path, text, out="first")
+    build_text(tmp_path, text, out="second")
+    files = sorted(p.relative_to(tmp_path / "first") for p in (tmp_path / "first").rglob("*.safetensors"))
+    assert len(files) == 4
+    for file in files:
+        assert _sha256(tmp_path / "first" / file) == _sha256(tmp_path / "second" / file), file
+
+
+def test_dare_seed_belongs_to_its_merge(base_dir: Path, base: Base, tmp_path: Path) -> None:
+    """Two merges differing only in seed differ; a DARE merge added before another leaves it unchanged."""
+    late = _case("dare_linear", density=0.6, seed=5)
+    alone = {"late": late, "other": replace(late, params=replace(late.params, seed=6))}
+    # early comes first in the recipe (and in the plan) and draws from the RNG before the others
+    crowded = {"early": _case("dare_ties", density=0.3, seed=99, majority_sign_method="total"), **alone}
+    for folder, merges in (("alone", alone), ("crowded", crowded)):
+        outputs = "".join(f"  {m}: {{kind: lora, adapter: {m}, path: {m}}}\n" for m in merges)
+        (tmp_path / folder).mkdir()
+        build_text(tmp_path / folder, recipe(merges, "outputs:\n" + outputs))
+
+    def read(folder: str, merge: str) -> dict[Module, torch.Tensor]:
+        path = tmp_path / folder / "out" / merge / "pytorch_lora_weights.safetensors"
+        return deltas_of(lora_factors(path, base), base)
+
+    assert worst(read("alone", "late"), read("crowded", "late")) == 0.0
+    assert worst(read("alone", "other"), read("crowded", "other")) == 0.0
+    assert worst(read("alone", "late"), read("alone", "other")) > 1e-2
+    for merge, case in alone.items():
+        oracle = merge_oracle(base_dir, base, case.loras(), case.params)
+        assert worst(read("crowded", merge), oracle.deltas) <= ABS_TOL
