@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import torch
 
-from lorarecipe.builtin.build import builtin_base_path, builtin_lora_path
+from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from tests.helpers.lora_math import LoraFactors, lora_factors, read_component_weights
 from tests.helpers.merge_oracle import (
     COMBINATION_TYPES,
