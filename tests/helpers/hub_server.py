@@ -17,7 +17,8 @@ real client requests for ``lorarecipe.publish`` (read from ``hf_api.py`` and ``_
 
 Anything else answers 501 and is listed in ``unexpected``. It keeps real git-like state (commits
 with full trees, branches, tags), records every request and commit, and can simulate a rejected
-token (``reject_token``), a missing write permission (``forbid_create``), a parent-commit race.
+token (``reject_token``), a missing write permission (``forbid_create``), a parent-commit race
+(``race_commit``) or any failing answer (``fail_with``).
 Answering "regular" skips the LFS/xet paths on purpose: they need a storage backend.
 """
 
@@ -107,6 +108,7 @@ class MockHub:
         self.reject_token = False  # every request: 401 "Invalid credentials in Authorization header"
         self.forbid_create = False  # POST /api/repos/create: 403
         self.race_commit = False  # next commit: 412, as if someone pushed since the client looked
+        self.fail_with: tuple[int, str] | None = None  # every request: this status and error message
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
@@ -378,7 +380,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().strip() or b"0", 16)
                 if size == 0:
@@ -399,6 +401,8 @@ class _Handler(BaseHTTPRequestHandler):
         with hub._lock:
             hub.requests.append(Request(self.command, url.path, auth))
             try:
+                if hub.fail_with is not None:
+                    raise _HubError(*hub.fail_with)
                 if hub.reject_token or auth != f"Bearer {hub.token}":
                     raise _HubError(401, "Invalid credentials in Authorization header")
                 status, doc = hub.handle(self.command, url.path, parse_qs(url.query), body)
@@ -432,7 +436,7 @@ def loopback_allowed(port: int) -> Iterator[None]:
             return _socket.socket.connect(self, address)
         return blocked(self, address)
 
-    socket.socket.connect = connect  # type: ignore[method-assign]
+    socket.socket.connect = connect  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
