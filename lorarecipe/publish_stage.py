@@ -165,7 +165,8 @@ def _listed_files(
             continue
         local, in_repo = out_root / path, path.relative_to(base).as_posix()
         if local.is_symlink() or not local.is_file():
-            problems.append(Problem(f"{path}: missing", path=where, hint="rebuild this output"))
+            what = "a symlink; builds never write one" if local.is_symlink() else "missing"
+            problems.append(Problem(f"{path}: {what}", path=where, hint="rebuild this output"))
             continue
         actual, size = sha256_file(local, use_cache=False), local.stat().st_size
         if actual != item.get("sha256") or size != item.get("size"):
@@ -207,7 +208,9 @@ def _stage(out_root: Path, doc: dict[str, Any], output: str) -> tuple[StagedOutp
     rel, listed = entry.get("path"), entry.get("files")
     if not isinstance(rel, str) or not isinstance(listed, list) or not listed:
         return None, [Problem(f"{MANIFEST_NAME} lists no files for this output", path=where)]
-    folder = (out_root / rel).is_dir() and not (out_root / rel).is_symlink()
+    if (out_root / rel).is_symlink():
+        return None, [Problem(f"{rel}: a symlink; builds never write one", path=where, hint="rebuild")]
+    folder = (out_root / rel).is_dir()
     base = PurePosixPath(rel) if folder else PurePosixPath(rel).parent
     files, problems = _listed_files(out_root, base, listed, where)
     roots = {out_root / base} if folder else {out_root / base / p.split("/")[0] for p in files if "/" in p}

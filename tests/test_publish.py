@@ -387,6 +387,12 @@ def _leftover(root: Path) -> str:
     return "lora/.lorarecipe-tmp-0123456789ab-README.md: temporary file of an unfinished build"
 
 
+def _symlinked_output(root: Path) -> str:
+    (root / "lora").rename(root / "elsewhere")
+    (root / "lora").symlink_to(root / "elsewhere", target_is_directory=True)
+    return "lora: a symlink; builds never write one"
+
+
 @pytest.mark.parametrize(
     "tamper",
     [
@@ -397,6 +403,7 @@ def _leftover(root: Path) -> str:
         _missing_manifest,
         _build_interrupted,
         _leftover,
+        _symlinked_output,
     ],
 )
 def test_an_unverified_build_is_refused_before_any_request(
