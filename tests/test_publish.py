@@ -506,15 +506,6 @@ def test_result_fields() -> None:
     ]
 
 
-def test_lock_and_set_aside_names_match_the_runner() -> None:
-    from lorarecipe import publish_stage
-    from lorarecipe.runner import LOCK_NAME
-    from lorarecipe.runner.records import PREVIOUS_MANIFEST
-
-    assert publish_stage.BUILD_LOCK == LOCK_NAME
-    assert publish_stage._SET_ASIDE == PREVIOUS_MANIFEST
-
-
 def test_importing_publish_is_light() -> None:
     code = "import sys, lorarecipe.publish; print(sorted({'torch', 'huggingface_hub'} & set(sys.modules)))"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

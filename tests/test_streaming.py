@@ -399,8 +399,7 @@ def test_row_chunks_give_the_whole_tensor_deltas() -> None:
         with torch.no_grad():
             whole = fused_weight(base, target)
             rows = [
-                fused_weight(base[i : i + step], target, (i, i + step))
-                for i in range(0, base.shape[0], step)
+                fused_weight(base[i : i + step], target, (i, i + step)) for i in range(0, base.shape[0], step)
             ]
         assert torch.equal(torch.cat(rows), whole), name
 
@@ -412,9 +411,7 @@ def test_light_import_and_lora_mixin_table() -> None:
 
     from lorarecipe.runner.streaming.skeleton import LORA_MIXINS, lora_mixin
 
-    code = (
-        "import sys, lorarecipe.runner.streaming.stream; print([m for m in ('torch', 'peft') if m in sys.modules])"
-    )
+    code = "import sys, lorarecipe.runner.streaming.stream; print([m for m in ('torch', 'peft') if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.stdout.strip() == "[]", result.stderr
     for pipeline, mixin in LORA_MIXINS.items():

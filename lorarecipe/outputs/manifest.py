@@ -21,8 +21,10 @@ from ..fs.atomic import atomic_write_text
 from ..fs.hashing import sha256_file
 
 __all__ = [
+    "BUILD_LOCK",
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
+    "PREVIOUS_MANIFEST",
     "VerifyResult",
     "file_entry",
     "library_versions",
@@ -31,6 +33,10 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
+#: The output root's build lock: held by a build while it writes, and by ``publish`` while it reads.
+BUILD_LOCK = ".lorarecipe/build.lock"
+#: Where a build moves manifest.json while it replaces outputs (restored or replaced when it ends).
+PREVIOUS_MANIFEST = ".lorarecipe/previous-manifest.json"
 MANIFEST_FORMAT = 1
 _LIBRARIES = (
     "lorarecipe",

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import BuildError, LockError, UsageError
 from ..fs.atomic import clean_stale_temporaries
+from ..outputs.manifest import BUILD_LOCK
 from ..plan import LoadAdapter, LoadBase, Plan
 from .build_state import BuildOptions, BuildState
 from .inputs import ResolvedInput, resolve_adapter, resolve_base, resolve_config
@@ -32,7 +33,7 @@ from .records import finish_manifest, provenance, set_aside_manifest, write_card
 
 __all__ = ["LOCK_NAME", "BuildResult", "require_build_extra", "run_plan"]
 
-LOCK_NAME = ".lorarecipe/build.lock"
+LOCK_NAME = BUILD_LOCK  # the output root's lock, relative to the root
 
 
 @dataclass

@@ -16,15 +16,13 @@ from typing import Any
 from ..errors import BuildError
 from ..fs.atomic import fsync_dir
 from ..fs.hashing import sha256_file, sha256_text
-from ..outputs.manifest import MANIFEST_NAME, file_entry, library_versions, write_manifest
+from ..outputs.manifest import MANIFEST_NAME, PREVIOUS_MANIFEST, file_entry, library_versions, write_manifest
 from ..plan import CheckpointLayout, MergeAdapters, OutputStep, Plan, RenderGrid, SaveCheckpoint, SaveLora
 from .build_state import BuildState
 from .inputs import ResolvedInput
 from .step_context import step_context
 
-__all__ = ["PREVIOUS_MANIFEST", "finish_manifest", "provenance", "set_aside_manifest", "write_cards"]
-
-PREVIOUS_MANIFEST = ".lorarecipe/previous-manifest.json"
+__all__ = ["finish_manifest", "provenance", "set_aside_manifest", "write_cards"]
 
 
 def provenance(plan: Plan, recipe_text: str) -> dict[str, str]:

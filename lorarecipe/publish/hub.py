@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
 from huggingface_hub import errors as hf
 
-from .errors import BuildError, InputUnavailableError, IntegrityError, LorarecipeError, Problem, UsageError
-from .publish_stage import StagedOutput
+from ..errors import BuildError, InputUnavailableError, IntegrityError, LorarecipeError, Problem, UsageError
+from .stage import StagedOutput
 
 if TYPE_CHECKING:
-    from .publish import PublishResult, PublishSpec, Status
+    from . import PublishResult, PublishSpec, Status
 
 __all__ = ["OFFLINE_MESSAGE", "TOKEN_HINT", "client_and_token", "push"]
 
@@ -54,7 +54,7 @@ def client_and_token(api: HfApi | None) -> tuple[HfApi, str]:
     """(client, token): the token of ``HfApi(token=…)``, else HF's own (``HF_TOKEN``, `hf auth login`)."""
     if _is_offline():
         raise UsageError(OFFLINE_MESSAGE)
-    from . import __version__
+    from .. import __version__
 
     client = api if api is not None else HfApi(library_name="lorarecipe", library_version=__version__)
     token = client.token if client.token is not None else get_token()
@@ -147,7 +147,7 @@ def push(api: HfApi, spec: PublishSpec, staged: StagedOutput, token: str) -> Pub
     so the branch equals the output; ``parent_commit`` turns a push by someone else in between
     into a conflict instead of a silent overwrite. The tag is added if the repo lacks it.
     """
-    from .publish import PublishResult
+    from . import PublishResult
 
     repo, branch, tag, where = spec.repo, spec.revision, staged.tag, f"publish.{staged.output}"
 

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .atomic import TMP_PREFIX
-from .diagnostics import did_you_mean
-from .errors import IntegrityError, LockError, Problem, UsageError
-from .hashing import sha256_file
-from .manifest import MANIFEST_NAME
+from ..diagnostics import did_you_mean
+from ..errors import IntegrityError, LockError, Problem, UsageError
+from ..fs.atomic import TMP_PREFIX
+from ..fs.hashing import sha256_file
+from ..outputs.manifest import BUILD_LOCK, MANIFEST_NAME, PREVIOUS_MANIFEST
 
 __all__ = [
-    "BUILD_LOCK",
     "MANIFEST_IN_REPO",
     "TAG_PREFIX",
     "PublishFile",
@@ -37,8 +36,6 @@ __all__ = [
 
 MANIFEST_IN_REPO = "lorarecipe-manifest.json"  # the build's manifest.json, renamed so it clashes with nothing
 TAG_PREFIX = "lorarecipe-"
-BUILD_LOCK = ".lorarecipe/build.lock"  # the runner's LOCK_NAME, held while a build writes the folder
-_SET_ASIDE = ".lorarecipe/previous-manifest.json"  # where a running (or killed) build put manifest.json
 _IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(<?([^)\s>]+)")
 
 
@@ -117,7 +114,7 @@ def _read_manifest(out_root: Path) -> dict[str, Any]:
     if not path.is_file():
         why = (
             "a build is running there or was interrupted; let `lorarecipe build` finish"
-            if (out_root / _SET_ASIDE).is_file()
+            if (out_root / PREVIOUS_MANIFEST).is_file()
             else "is this a lorarecipe build folder? build it first"
         )
         raise IntegrityError(f"{out_root}: no {MANIFEST_NAME} ({why})")

@@ -4,8 +4,8 @@ Build folder + {output: :class:`PublishSpec`} -> one :class:`PublishResult` per 
 whose tree equals the output (its files, model card and card images, plus the build's manifest as
 ``lorarecipe-manifest.json``), tagged ``lorarecipe-<digest>``; or "unchanged" when that tag already
 marks the branch head. Anything but a finished build whose files re-hash equal to its manifest is
-refused before the first request (``publish_stage``). Torch-free; huggingface_hub is imported only to
-publish for real (``publish_hub``), a dry run makes no request. Never prints, never shows the token.
+refused before the first request (``stage``). Torch-free; huggingface_hub is imported only to
+publish for real (``hub``), a dry run makes no request. Never prints, never shows the token.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import UsageError
-from .publish_stage import (
+from ..errors import UsageError
+from .stage import (
     MANIFEST_IN_REPO,
     TAG_PREFIX,
     PublishFile,
@@ -174,7 +174,7 @@ def publish_build(
         if dry_run:
             return [_dry_run(s, specs[s.output], api) for s in staged]
         try:
-            from .publish_hub import client_and_token, push
+            from .hub import client_and_token, push
         except ModuleNotFoundError as exc:
             if exc.name != "huggingface_hub":
                 raise
