@@ -21,7 +21,7 @@ from ..fs.paths import check_output_root
 from ..recipe.load import LoadedRecipe, RecipeBuild, load_recipe
 from ..runner.progress import Reporter
 
-__all__ = ["BatchOptions", "BuildOutcome", "build_recipes"]
+__all__ = ["BatchOptions", "BuildOutcome", "build_recipes", "out_root_for"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,9 @@ class BuildOutcome:
         }
 
 
-def _out_root(options: BatchOptions, name: str, several: bool) -> Path:
+def out_root_for(options: BatchOptions, name: str, several: bool) -> Path:
+    """Where a recipe's builds go: ``--out`` itself for one recipe, ``--out/<name>`` for several, else
+    ``build/<name>``."""
     if options.out is None:
         return Path("build") / name
     return options.out / name if several else options.out
@@ -144,7 +146,7 @@ def build_recipe_file(path: Path, options: BatchOptions, several: bool) -> list[
         raise
     except LorarecipeError as exc:
         return [BuildOutcome(str(path), "", "", False, problems=exc.problems)]
-    root = Path(os.path.abspath(_out_root(options, loaded.name, several)))
+    root = Path(os.path.abspath(out_root_for(options, loaded.name, several)))
     outcomes = []
     for build in loaded.builds:
         out = root / build.label if build.label else root
