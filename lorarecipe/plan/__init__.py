@@ -139,10 +139,11 @@ class Step:
     origin: Origin | None = field(default=None, compare=False, hash=False)
 
     def payload(self) -> dict[str, Any]:
-        """Canonical content of the step (everything but the origin)."""
+        """Canonical content of the step: every field but those left out of comparisons (the origin,
+        execution choices)."""
         doc: dict[str, Any] = {"op": self.op, "produces": self.produces.value}
         for f in fields(self):
-            if f.name != "origin":
+            if f.compare:
                 doc[f.name] = _jsonable(getattr(self, f.name))
         return doc
 
@@ -265,6 +266,9 @@ class RenderGrid(OutputStep):
     sweep_weights: tuple[float, ...] | None = None
     sweep_lora_scale: tuple[float, ...] | None = None
     trigger_words: tuple[tuple[str, tuple[str, ...]], ...] = ()  # adapter -> words, for prompts
+    #: how to render (``none``/``regional``; None: as the build is told). An execution choice like
+    #: the device, so not part of the step's key or the plan's fingerprint (``compare=False``).
+    compile: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -450,6 +450,13 @@ class GridOutput(_Spec):
     trigger_words: bool = Field(
         True, description="Prefix each prompt with the trigger words of the adapters active in the cell."
     )
+    compile: Literal["none", "regional"] | None = Field(
+        None,
+        description="'regional': render through a copy of the denoiser whose repeated blocks are "
+        "compiled once per worker (torch.compile), each variant's weights copied into it; 'none': eager. "
+        "Default: the build's --compile. An execution choice (like --device): not part of the plan's "
+        "fingerprint; the manifest records it.",
+    )
     publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
 
     @field_validator("path")

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BuildError, LockError, UsageError
 from ..fs.atomic import clean_stale_temporaries
@@ -34,6 +34,10 @@ from .journal import ManifestJournal
 from .progress import Reporter, make_reporter
 from .records import finish_manifest, output_entry, provenance
 from .step_context import step_context
+from .worker import worker_identity, worker_label
+
+if TYPE_CHECKING:
+    from .pipeline.warm import WarmPipelines
 
 __all__ = ["LOCK_NAME", "BuildResult", "require_build_extra", "run_plan"]
 
@@ -49,6 +53,7 @@ class BuildResult:
     manifest: Path | None = None
     device: str = "cpu"
     seconds: float = 0.0
+    worker: dict[str, Any] = field(default_factory=dict)  # who built it (manifest ``worker``)
 
 
 def require_build_extra() -> None:
@@ -112,13 +117,15 @@ def run_plan(
     on_success: Callable[[dict[str, list[Path]]], None] | None = None,
     executor: str = "auto",
     protected: Sequence[Path] = (),
+    pipelines: WarmPipelines | None = None,
 ) -> BuildResult:
     """Build ``outputs`` (default: all) of ``plan`` into ``out_root``; returns what was written.
 
     ``executor`` is a mode of :data:`~lorarecipe.runner.executor.EXECUTOR_MODES`. ``on_success(written)``
     runs after the manifest, still under the output root's lock (the incremental-build state is
     recorded there, so no other build can interleave). ``protected``: files no output may replace or
-    contain besides the inputs (the recipe, its lock).
+    contain besides the inputs (the recipe, its lock). ``pipelines``: the worker's warm pipeline cache
+    (a batch passes one so that builds of the same base share one load); default: load afresh.
     """
     from filelock import FileLock, Timeout
 
@@ -127,6 +134,11 @@ def run_plan(
     quiet_libraries()
     from .device import pick_device
     from .executor import executors_for
+    from .pipeline.warm import WarmPipelines
+
+    pool = pipelines or WarmPipelines(keep=False)
+    loads, reuses = pool.loads, pool.reuses
+    identity = worker_identity()
 
     started = time.perf_counter()
     check_output_root(out_root)
@@ -173,12 +185,13 @@ def run_plan(
 
         def record(name: str, built: OutputRecord) -> None:
             entry = output_entry(plan, plan.output_step(name), built)
+            entry["worker"] = worker_label(identity)
             journal.record(name, entry, built.files)
 
         state.on_output = record
         state.card_writer = card_writer(plan, state, recipe_text)
         left = wanted
-        for runner in executors_for(executor):
+        for runner in executors_for(executor, pool):
             if not left:
                 break
             left = runner.build(plan, left, state)
@@ -186,9 +199,13 @@ def run_plan(
             raise BuildError(f"internal: no executor built {', '.join(left)}")
         add_grid_to_cards(plan, state, recipe_text, journal)
         reporter.step("write manifest")
-        manifest, built = finish_manifest(plan, state, recipe_text, journal)
+        usage = {"loaded": pool.loads - loads, "reused": pool.reuses - reuses, "worker_loads": pool.loads}
+        worker = {**identity, "pipeline": usage}
+        manifest, built = finish_manifest(plan, state, recipe_text, journal, worker)
         written = state.files()
-        result = BuildResult(plan, out_root, outputs=built, written=written, manifest=manifest, device=chosen)
+        result = BuildResult(
+            plan, out_root, outputs=built, written=written, manifest=manifest, device=chosen, worker=worker
+        )
         if on_success is not None:
             on_success(written)
         result.seconds = time.perf_counter() - started

@@ -69,6 +69,7 @@ class OutputRecord:
     files: list[Path]
     fuse: FuseCheck | None = None
     fused_vs_runtime_max_diff: float | None = None  # grids that show ``fused``
+    compiled: str | None = None  # grids rendered through a compiled denoiser: the compile mode
 
 
 @dataclass

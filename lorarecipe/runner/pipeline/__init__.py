@@ -5,16 +5,20 @@ pipeline's state: load base, load adapters, merges, LoRA files (before anything 
 that need LoRA layers, set_adapters + fuse + unload, grid cells of the fused model, then checkpoints.
 Each step runs in ``step_context`` so a failure names its recipe line. One pipeline load per build:
 grid variants switch with set_adapters / disable_lora, never by reloading. It builds every output
-kind, so it is the last executor of every mode.
+kind, so it is the last executor of every mode. The pipeline comes from a ``WarmPipelines`` (``warm``):
+a fresh load, or the batch's warm pipeline made pristine again; grids whose ``compile`` mode is
+``regional`` render through that cache's compiled copy of the denoiser (``compiled``).
 
 The package: ``load`` (the base, safely), ``adapters`` (one LoRA file, refusing silent drops),
 ``merge`` (PEFT ``add_weighted_adapter``), ``fuse`` (``fuse_lora`` + post-fuse check), ``save``
-(folders, single files, LoRA files), ``grids`` (sample grids).
+(folders, single files, LoRA files), ``grids`` (sample grids), ``warm`` (the pipeline cache),
+``compiled`` (the compiled render copy of the denoiser).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ...fs.paths import resolve_output
 from ...plan import (
@@ -30,6 +34,9 @@ from ...plan import (
 )
 from ..build_state import BuildState, FuseCheck, OutputRecord
 
+if TYPE_CHECKING:
+    from .warm import WarmPipelines
+
 __all__ = ["PipelineExecutor"]
 
 # highest precision first, so casting for a later output never degrades an earlier one
@@ -41,12 +48,16 @@ class PipelineExecutor:
 
     name = "diffusers"
 
+    def __init__(self, pipelines: WarmPipelines | None = None) -> None:
+        from .warm import WarmPipelines
+
+        self.pipelines = pipelines or WarmPipelines(keep=False)
+
     def build(self, plan: Plan, outputs: Sequence[str], state: BuildState) -> list[str]:
         from ..quiet import quiet_libraries
         from .adapters import load_adapter
         from .fuse import fuse_adapters
         from .grids import GridRenderer
-        from .load import load_pipeline
         from .merge import merge_adapters
         from .save import cast_pipeline, save_lora, save_pipeline, save_single_file
 
@@ -58,7 +69,16 @@ class PipelineExecutor:
         assert isinstance(base, LoadBase)
         quiet_libraries(load=True)
         with state.step(base, "load base"):
-            pipe, state.dtype = load_pipeline(base, state.inputs["base"].path, state.config, options.device)
+            pipe, state.dtype = self.pipelines.acquire(
+                base, state.inputs["base"].path, state.config, options.device
+            )
+        grids = [g for g in plan.of_type(RenderGrid) if g.output in wanted]
+        modes = {g.output: g.compile or self.pipelines.compile for g in grids}
+        compiled: dict[str, Any] = {}
+        for grid in grids:
+            if modes[grid.output] != "none":
+                with state.step(grid, f"compile the denoiser ({modes[grid.output]})"):
+                    compiled[grid.output] = self.pipelines.compiled_denoiser(pipe, modes[grid.output])
         for step in plan.of_type(LoadAdapter):
             with state.step(step, f"load adapter {step.name}"):
                 loaded = load_adapter(pipe, step.name, state.inputs[step.id].path)
@@ -84,8 +104,9 @@ class PipelineExecutor:
                 )
                 files = sorted(p for p in file.parent.rglob("*") if p.is_file())
                 state.add_output(step.output, OutputRecord(self.name, files))
-        grids = [g for g in plan.of_type(RenderGrid) if g.output in wanted]
         renderers = {g.output: GridRenderer(pipe, plan, g, options.device) for g in grids}
+        for output, denoiser in compiled.items():
+            renderers[output].compiled = denoiser
         for grid in grids:
             with state.step(grid, f"sample {grid.path}"):
                 renderers[grid.output].render_unfused()
@@ -107,7 +128,13 @@ class PipelineExecutor:
                 files = [final, *result.extra_files]
                 difference = result.fused_vs_runtime_max_diff
                 state.add_output(
-                    grid.output, OutputRecord(self.name, files, fused_vs_runtime_max_diff=difference)
+                    grid.output,
+                    OutputRecord(
+                        self.name,
+                        files,
+                        fused_vs_runtime_max_diff=difference,
+                        compiled=modes[grid.output] if grid.output in compiled else None,
+                    ),
                 )
         for step in sorted(checkpoints, key=lambda s: _SAVE_ORDER.get(s.dtype, 1)):
             with state.step(step, f"write {step.path}"):

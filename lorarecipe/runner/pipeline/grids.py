@@ -6,10 +6,13 @@ are rendered before the fuse, ``fused`` cells after it, on the same pipeline. Wh
 ``fused``, the runtime equivalent (set_adapters with the fused weights and ``scale=lora_scale``) is
 also rendered and the largest pixel difference is reported, so a user sees that fusing changed
 nothing but speed. Seeds use CPU generators, so the same recipe gives the same bytes on CPU.
+With ``compiled`` set (grid ``compile: regional``), each column renders through that compiled copy
+of the denoiser, its weights copied in for the column (``compiled``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +75,7 @@ class GridRenderer:
         self.columns = self._columns()
         self.rows = [(p, s) for p in step.prompts for s in step.seeds]
         self.images: dict[int, list[Any]] = {}
+        self.compiled: Any = None  # a CompiledDenoiser: render through it (see ``compiled``)
 
     # -- layout -------------------------------------------------------------------------------
     def _words(self, adapters: tuple[str, ...]) -> tuple[str, ...]:
@@ -189,10 +193,19 @@ class GridRenderer:
         return {key: {"scale": col.scale}}
 
     def _render(self, col: Column) -> list[Any]:
+        extra = self._configure(col)
+        compiled = self.compiled
+        denoiser = compiled.rendering(self.pipe, col.scale) if compiled else contextlib.nullcontext()
+        with denoiser:
+            out = self._calls(col, extra)
+        if col.variant == "base" and getattr(self.pipe, "get_list_adapters", lambda: {})():
+            self.pipe.enable_lora()
+        return out
+
+    def _calls(self, col: Column, extra: dict[str, Any]) -> list[Any]:
         import torch
 
         step, out = self.step, []
-        extra = self._configure(col)
         for start in range(0, len(self.rows), BATCH):
             chunk = self.rows[start : start + BATCH]
             prompts = [(", ".join(col.words) + ", " + p) if col.words else p for p, _ in chunk]
@@ -209,8 +222,6 @@ class GridRenderer:
                 **extra,
             )
             out.extend(list(result.images))
-        if col.variant == "base" and getattr(self.pipe, "get_list_adapters", lambda: {})():
-            self.pipe.enable_lora()
         return out
 
     def render_unfused(self) -> None:
