@@ -17,26 +17,17 @@ import pytest
 from lorarecipe.gitops.batch import BatchOptions, build_recipes, plan_jobs
 from lorarecipe.gitops.jobs import BuildJob, run_job
 from lorarecipe.recipe.load import find_recipe_files
-from tests.helpers.batch_builds import FOLDERS, assert_same_builds, build_cold, write_batch
-
-
-@pytest.fixture(scope="module")
-def batch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The batch's recipes and its cold reference builds (shared with the Ray tests' module)."""
-    root = tmp_path_factory.mktemp("batch")
-    recipes = write_batch(root / "recipes")
-    build_cold(recipes, root / "cold")
-    return {"recipes": recipes, "cold": root / "cold"}
+from tests.helpers.batch_builds import FOLDERS, assert_same_builds
 
 
 @pytest.mark.slow
-def test_warm_batch_is_byte_identical_to_each_build_alone(batch: dict[str, Path], tmp_path: Path) -> None:
+def test_warm_batch_is_byte_identical_to_each_build_alone(cold_batch: dict[str, Path], tmp_path: Path) -> None:
     options = BatchOptions(out=tmp_path / "warm", executor="diffusers")
-    outcomes = build_recipes(find_recipe_files([str(batch["recipes"])]), options, several=True)
+    outcomes = build_recipes(find_recipe_files([str(cold_batch["recipes"])]), options, several=True)
     assert [o.ok for o in outcomes] == [True] * 4, [o.problems for o in outcomes]
     # one pipeline load for the whole batch: every later build reused it
     assert [o.worker["pipeline"]["loaded"] for o in outcomes if o.worker] == [1, 0, 0, 0]
-    assert_same_builds(batch["cold"], tmp_path / "warm")
+    assert_same_builds(cold_batch["cold"], tmp_path / "warm")
     for folder in FOLDERS:
         manifest = json.loads((tmp_path / "warm" / folder / "manifest.json").read_text())
         assert manifest["worker"]["pipeline"]["reused"] == (0 if folder == "mix" else 1)
@@ -52,7 +43,7 @@ def _fresh(pipe_path: Path) -> Any:
 
 
 @pytest.mark.slow
-def test_warm_pipeline_after_a_build_equals_a_fresh_load(batch: dict[str, Path], tmp_path: Path) -> None:
+def test_warm_pipeline_after_a_build_equals_a_fresh_load(cold_batch: dict[str, Path], tmp_path: Path) -> None:
     """After a build that loaded, merged, mixed, fused and rendered, the warm pipeline handed to the
     next build equals a pipeline loaded afresh: same tensors bit for bit, no PEFT layer or config,
     the same module attributes and hooks, the same scheduler (config and state)."""
@@ -64,7 +55,7 @@ def test_warm_pipeline_after_a_build_equals_a_fresh_load(batch: dict[str, Path],
     from lorarecipe.runner.pipeline.warm import WarmPipelines
 
     options = BatchOptions(out=tmp_path / "out", executor="diffusers")
-    (job,) = plan_jobs([batch["recipes"] / "mix.yaml"], options, False)
+    (job,) = plan_jobs([cold_batch["recipes"] / "mix.yaml"], options, False)
     assert isinstance(job, BuildJob)
     pipelines = WarmPipelines()
     assert run_job(job, options.settings, pipelines).ok

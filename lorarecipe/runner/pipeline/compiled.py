@@ -61,6 +61,8 @@ class CompiledDenoiser:
                 f"compile: regional needs a denoiser with repeated blocks; {type(model).__name__} "
                 f"({family}) declares none in this diffusers version"
             )
+        if getattr(model, "peft_config", None):
+            raise BuildError("internal: the compiled copy must be made before any adapter is loaded")
         self.model = copy.deepcopy(model)
         self.model.compile_repeated_blocks(backend=backend, fullgraph=True)
 
