@@ -63,7 +63,9 @@ def test_variants_and_builds_copy_weights_into_one_compiled_denoiser(tmp_path: P
 
     counter = CompileCounter()
     pipelines = WarmPipelines(compile_backend=counter)
-    first = _build(tmp_path / "a", RECIPE.format(first="style", second="detail", compile="regional"), pipelines)
+    first = _build(
+        tmp_path / "a", RECIPE.format(first="style", second="detail", compile="regional"), pipelines
+    )
     frames = counter.frame_count
     assert frames > 0
     second = _build(tmp_path / "b", RECIPE.format(first="toy", second="pixel", compile="regional"), pipelines)
@@ -88,8 +90,11 @@ def test_compiled_cells_equal_an_eager_render_of_the_same_weights(tmp_path: Path
     from lorarecipe.runner.pipeline.warm import WarmPipelines
 
     compiled = _cells(
-        _build(tmp_path / "c", RECIPE.format(first="style", second="detail", compile="regional"),
-               WarmPipelines(compile_backend=CompileCounter()))
+        _build(
+            tmp_path / "c",
+            RECIPE.format(first="style", second="detail", compile="regional"),
+            WarmPipelines(compile_backend=CompileCounter()),
+        )
     )
     eager = _cells(_build(tmp_path / "e", RECIPE.format(first="style", second="detail", compile="none")))
     for name in compiled:
@@ -97,7 +102,9 @@ def test_compiled_cells_equal_an_eager_render_of_the_same_weights(tmp_path: Path
             assert np.array_equal(compiled[name], eager[name]), name
 
     def oracle(scale: float) -> list[Any]:
-        pipe = StableDiffusionPipeline.from_pretrained(str(builtin_base_path("tiny-sd")), local_files_only=True)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(builtin_base_path("tiny-sd")), local_files_only=True
+        )
         pipe.set_progress_bar_config(disable=True)
         pipe.load_lora_weights(str(builtin_lora_path("tiny-sd/style")), adapter_name="first")
         pipe.load_lora_weights(str(builtin_lora_path("tiny-sd/detail")), adapter_name="second")

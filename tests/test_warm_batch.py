@@ -21,7 +21,9 @@ from tests.helpers.batch_builds import FOLDERS, assert_same_builds
 
 
 @pytest.mark.slow
-def test_warm_batch_is_byte_identical_to_each_build_alone(cold_batch: dict[str, Path], tmp_path: Path) -> None:
+def test_warm_batch_is_byte_identical_to_each_build_alone(
+    cold_batch: dict[str, Path], tmp_path: Path
+) -> None:
     options = BatchOptions(out=tmp_path / "warm", executor="diffusers")
     outcomes = build_recipes(find_recipe_files([str(cold_batch["recipes"])]), options, several=True)
     assert [o.ok for o in outcomes] == [True] * 4, [o.problems for o in outcomes]

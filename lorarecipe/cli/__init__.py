@@ -114,7 +114,8 @@ def make_parser() -> argparse.ArgumentParser:
         const="",
         metavar="ADDRESS",
         help="build on a Ray cluster: one actor per GPU (or per --worker-cpus CPUs) keeps a base warm; "
-        "ADDRESS is host:6379, ray://host:10001 or auto (default: RAY_ADDRESS, else a local cluster)",
+        "ADDRESS is host:6379, ray://host:10001 or auto (default: RAY_ADDRESS, else the cluster `ray start` "
+        "started on this machine, else a new local cluster)",
     )
     p.add_argument("--workers", type=int, metavar="N", help="with --ray: number of actors")
     p.add_argument(

@@ -42,7 +42,7 @@ class BatchOptions:
     allow_read: tuple[Path, ...] = ()
     reporter: Reporter | None = None
     compile: str = "none"  # grids whose recipe does not say: "none" or "regional"
-    ray: str | None = None  # None: build here; "": Ray's default (RAY_ADDRESS or a new local cluster)
+    ray: str | None = None  # None: build here; "": Ray's default (RAY_ADDRESS, this node's, or a new one)
     workers: int | None = None  # Ray actors (default: one per GPU, else one per worker_cpus CPUs)
     worker_cpus: float = 1.0  # CPUs each Ray actor reserves (its torch threads)
     retries: int = 2  # times a build is retried after its Ray worker died
@@ -75,7 +75,9 @@ def _checked_lock(path: Path, loaded: LoadedRecipe, options: BatchOptions) -> An
     return lock
 
 
-def _plan_file(path: Path, options: BatchOptions, several: bool, first: int) -> list[BuildJob | BuildOutcome]:
+def _plan_file(
+    path: Path, options: BatchOptions, several: bool, first: int
+) -> list[BuildJob | BuildOutcome]:
     """Load (and with ``frozen`` check the lock of) one recipe file and compile each of its builds:
     a job per build, or the outcome of a build that failed to compile."""
     from ..compiler import compile_recipe
@@ -105,7 +107,9 @@ def _plan_file(path: Path, options: BatchOptions, several: bool, first: int) -> 
         protected = (loaded.path, lock_path(loaded.path))
         seconds = time.perf_counter() - started
         index = first + len(planned)
-        job = BuildJob(index, loaded.display, build.label, out, plan, loaded.root, loaded.text, protected, lock, seconds)
+        job = BuildJob(
+            index, loaded.display, build.label, out, plan, loaded.root, loaded.text, protected, lock, seconds
+        )
         planned.append(job)
     return planned
 

@@ -13,6 +13,13 @@ that dies (killed, out of memory, node lost) is replaced by a fresh actor and it
 at most ``retries`` times; an exception from a bug in lorarecipe is that build's failure, reported
 with the worker's traceback. None of them stops the other builds.
 
+Why a batch scheduler here and not a Ray ``Executor`` in ``runner/``: an executor builds some
+outputs of one plan inside ``run_plan``, which holds the output root's lock and the manifest journal
+in its process and hands executors a live ``BuildState`` (callbacks, reporter). The unit worth
+distributing is a whole build (plan -> output root), which is exactly ``run_plan``; running it inside
+the actor keeps the lock, the journal and the atomic writes where the files are written, and every
+executor (streaming, pipeline, later ones) works on Ray unchanged.
+
 What the cluster needs: every node has the same lorarecipe and libraries, the recipes' inputs at the
 same paths (or hub access / the same HF cache) and the output root at the same path on a shared POSIX
 filesystem (atomic rename within a folder, ``flock`` for the output root's lock: NFSv4, CephFS, Lustre
@@ -72,8 +79,9 @@ def _probe(address: str) -> None:
 
 
 def connect(address: str) -> Any:
-    """``ray``, connected: to ``address`` (``""``: RAY_ADDRESS, else a new local cluster; ``auto``:
-    the cluster running on this node). Reuses an existing connection (a notebook, tests)."""
+    """``ray``, connected: to ``address`` (``""``: RAY_ADDRESS, else the cluster ``ray start`` started
+    on this machine, else a new local cluster; ``auto``: RAY_ADDRESS or the cluster on this machine,
+    an error if none). Reuses an existing connection (a notebook, tests)."""
     import logging
 
     try:
@@ -90,7 +98,7 @@ def connect(address: str) -> Any:
         else:
             ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"at {address}" if address else "(RAY_ADDRESS, or a new local cluster)"
+        where = f"at {address}" if address else "(RAY_ADDRESS, the one on this machine, or a new one)"
         raise UsageError(f"--ray: cannot connect to a Ray cluster {where}: {exc}") from None
     return ray
 
@@ -116,7 +124,9 @@ class _Slot:
     """One actor and what it last built (its warm base)."""
 
     def __init__(self, actor: Any) -> None:
-        self.actor, self.group, self.busy = actor, None, False
+        self.actor = actor
+        self.group: tuple[Any, ...] | None = None
+        self.busy = False
 
 
 def _pick(pending: deque[BuildJob], slot: _Slot, slots: Sequence[_Slot], roots: set[str]) -> BuildJob | None:
@@ -173,11 +183,11 @@ def run_on_ray(jobs: Sequence[BuildJob], options: BatchOptions) -> dict[int, Bui
         while pending or running:
             for slot in slots:
                 if not slot.busy and pending:
-                    job = _pick(pending, slot, slots, roots)
-                    if job is not None:
-                        slot.busy, slot.group = True, job.group
-                        roots.add(str(job.out))
-                        running[slot.actor.build.remote(job)] = (slot, job, time.perf_counter())
+                    picked = _pick(pending, slot, slots, roots)
+                    if picked is not None:
+                        slot.busy, slot.group = True, picked.group
+                        roots.add(str(picked.out))
+                        running[slot.actor.build.remote(picked)] = (slot, picked, time.perf_counter())
             ready, _ = ray.wait(list(running), num_returns=1)
             ref = ready[0]
             slot, job, started = running.pop(ref)
@@ -224,11 +234,13 @@ def _collect(
                 Problem(f"the Ray worker building it died {attempts[job.index]} times: {type(exc).__name__}")
             ]
             return failed
-        failed.problems = [Problem(f"internal error (a bug in lorarecipe) on a Ray worker: {_last_lines(exc)}")]
+        failed.problems = [
+            Problem(f"internal error (a bug in lorarecipe) on a Ray worker: {_last_lines(exc)}")
+        ]
         return failed
     if usage is not None:
         raise UsageError(usage)
-    assert outcome is not None
+    assert isinstance(outcome, BuildOutcome)
     return outcome
 
 

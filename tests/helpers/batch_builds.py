@@ -101,10 +101,13 @@ def build_cold(recipes: Path, out: Path, executor: str = "diffusers") -> None:
     """Each build of the batch in its own fresh Python process (two at a time), into ``out``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     pending = [
-        [sys.executable, "-c", _COLD, str(recipes / name), str(out), label, executor] for name, label in BUILDS
+        [sys.executable, "-c", _COLD, str(recipes / name), str(out), label, executor]
+        for name, label in BUILDS
     ]
     while pending:
-        running = [subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True) for cmd in pending[:2]]
+        running = [
+            subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True) for cmd in pending[:2]
+        ]
         pending = pending[2:]
         for process in running:
             _, err = process.communicate(timeout=600)
@@ -140,4 +143,6 @@ def assert_same_builds(a: Path, b: Path) -> None:
     assert hashes == file_hashes(b)
     for folder in FOLDERS:
         assert any(k.startswith(folder + "/") for k in hashes), folder
-        assert comparable_manifest(a / folder / "manifest.json") == comparable_manifest(b / folder / "manifest.json")
+        assert comparable_manifest(a / folder / "manifest.json") == comparable_manifest(
+            b / folder / "manifest.json"
+        )

@@ -56,7 +56,9 @@ class CompiledDenoiser:
         self.component = denoiser_name(pipe)
         model = getattr(pipe, self.component)
         if not getattr(model, "_repeated_blocks", None):
-            family = next((f for f, spec in FAMILIES.items() if spec.pipeline_class == type(pipe).__name__), "?")
+            family = next(
+                (f for f, spec in FAMILIES.items() if spec.pipeline_class == type(pipe).__name__), "?"
+            )
             raise BuildError(
                 f"compile: regional needs a denoiser with repeated blocks; {type(model).__name__} "
                 f"({family}) declares none in this diffusers version"
@@ -110,7 +112,9 @@ def _column_weights(eager: Any, scale: float | None) -> dict[str, Any]:
         try:
             factors = factors_from_model("denoiser", _Single(name, module), active)
         except StreamingUnsupported as exc:
-            raise BuildError(f"compile: regional cannot render this grid by weight copy: {exc.message}") from None
+            raise BuildError(
+                f"compile: regional cannot render this grid by weight copy: {exc.message}"
+            ) from None
         terms = []
         for adapter in active:
             scaling = module.scaling[adapter]

@@ -112,7 +112,9 @@ class WarmPipelines:
     ``compile_backend``: torch.compile's backend (tests pass a counting backend).
     """
 
-    def __init__(self, *, keep: bool = True, compile: str = "none", compile_backend: Any = "inductor") -> None:
+    def __init__(
+        self, *, keep: bool = True, compile: str = "none", compile_backend: Any = "inductor"
+    ) -> None:
         self.keep = keep
         self.compile = compile
         self.compile_backend = compile_backend
