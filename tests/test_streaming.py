@@ -417,3 +417,42 @@ def test_light_import_and_lora_mixin_table() -> None:
     for pipeline, mixin in LORA_MIXINS.items():
         assert lora_mixin(pipeline).__name__ == mixin
         assert lora_mixin(pipeline) in getattr(diffusers, pipeline).__mro__
+
+
+def test_streamed_files_are_hashed_while_written_not_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest's sha256 of a streamed safetensors file comes from the stream (the file is not
+    read again to hash it), and equals the file's real sha256 (verify)."""
+    import hashlib
+
+    from lorarecipe.cli import main
+    from lorarecipe.outputs import manifest
+
+    hashed: list[str] = []
+    real = manifest.sha256_file
+
+    def spy(path: Path, *, use_cache: bool = True) -> str:
+        hashed.append(path.name)
+        return real(path, use_cache=use_cache)
+
+    monkeypatch.setattr(manifest, "sha256_file", spy)
+    recipe = write_recipe(
+        tmp_path,
+        """\
+base: builtin:tiny-sd
+adapters:
+  a: builtin:tiny-sd/style
+fuse: {adapters: [a], lora_scale: 0.5}
+outputs:
+  fused: {kind: pipeline, path: fused, dtype: float16}
+  ckpt: {kind: single_file, path: x.safetensors}
+""",
+    )
+    assert main(["build", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert not [name for name in hashed if name.endswith(".safetensors")], hashed
+    doc = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    for output in doc["outputs"].values():
+        for entry in output["files"]:
+            data = (tmp_path / "out" / entry["path"]).read_bytes()
+            assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["size"] == len(data)

@@ -173,7 +173,7 @@ def run_plan(
 
         def record(name: str, built: OutputRecord) -> None:
             entry = output_entry(plan, plan.output_step(name), built)
-            journal.record(name, entry, built.files)
+            journal.record(name, entry, built.files, built.hashes)
 
         state.on_output = record
         state.card_writer = card_writer(plan, state, recipe_text)
