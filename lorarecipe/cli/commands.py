@@ -137,6 +137,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         overrides=parse_overrides(args.set),
         allow_read=tuple(args.allow_read),
         reporter=make_reporter(args.quiet or args.json, lines=True),
+        threads=args.threads,
     )
     outcomes = build_recipes(files, options, several)
     failed = [o for o in outcomes if not o.ok]

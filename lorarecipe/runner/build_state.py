@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..plan import OutputStep, Step
+from .device import ThreadPolicy
 from .inputs import ResolvedInput
 from .progress import Reporter
 from .step_context import step_context
@@ -33,6 +34,7 @@ class BuildOptions:
     allow_read: tuple[Path, ...]
     reporter: Reporter
     provenance: dict[str, str]  # metadata stamped into every safetensors file and PNG
+    threads: ThreadPolicy | None = None  # torch intra-op threads (recorded in the manifest)
 
     def stamp(self, output: str) -> dict[str, str]:
         """The provenance metadata of one output's files."""
