@@ -97,6 +97,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="rebuild every output even if it is up to date")
     p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: LORARECIPE_THREADS, else the available cores minus one)",
+    )
+    p.add_argument(
         "--publish",
         action="store_true",
         help="then publish the outputs that have a 'publish' section (only if every build succeeded)",

@@ -142,6 +142,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         workers=args.workers,
         worker_cpus=args.worker_cpus,
         retries=args.retries,
+        threads=args.threads,
     )
     if args.ray is None and (args.workers is not None or args.retries != 2 or args.worker_cpus != 1.0):
         raise UsageError("--workers, --worker-cpus and --retries apply to --ray builds only")

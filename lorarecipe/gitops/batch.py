@@ -41,6 +41,7 @@ class BatchOptions:
     overrides: Mapping[str, str] = field(default_factory=dict)
     allow_read: tuple[Path, ...] = ()
     reporter: Reporter | None = None
+    threads: int | None = None  # torch intra-op threads (None: the runner's policy; Ray: worker_cpus)
     compile: str = "none"  # grids whose recipe does not say: "none" or "regional"
     ray: str | None = None  # None: build here; "": Ray's default (RAY_ADDRESS, this node's, or a new one)
     workers: int | None = None  # Ray actors (default: one per GPU, else one per worker_cpus CPUs)
@@ -49,7 +50,7 @@ class BatchOptions:
 
     @property
     def settings(self) -> JobSettings:
-        return JobSettings(self.device, self.executor, self.allow_read, self.force)
+        return JobSettings(self.device, self.executor, self.allow_read, self.force, self.threads)
 
 
 def out_root_for(options: BatchOptions, name: str, several: bool) -> Path:

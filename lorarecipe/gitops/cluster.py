@@ -48,10 +48,15 @@ __all__ = ["BuildWorker", "connect", "run_on_ray"]
 class BuildWorker:
     """A Ray actor: builds jobs on one warm pipeline (one per GPU, or per ``worker_cpus`` CPUs)."""
 
-    def __init__(self, settings: JobSettings, compile: str) -> None:
+    def __init__(self, settings: JobSettings, compile: str, cpus: float) -> None:
+        import dataclasses
+
         from ..runner.pipeline.warm import WarmPipelines
 
-        self.settings = settings
+        # an actor's torch threads are the CPUs it reserved (not the node's cores minus one: several
+        # actors share a node), unless --threads says otherwise
+        threads = settings.threads or max(1, int(cpus))
+        self.settings = dataclasses.replace(settings, threads=threads)
         self.pipelines = WarmPipelines(keep=True, compile=compile)
 
     def build(self, job: BuildJob) -> tuple[BuildOutcome | None, str | None]:
@@ -172,7 +177,7 @@ def run_on_ray(jobs: Sequence[BuildJob], options: BatchOptions) -> dict[int, Bui
     worker = ray.remote(BuildWorker).options(**resources)
 
     def start() -> _Slot:
-        return _Slot(worker.remote(settings, options.compile))
+        return _Slot(worker.remote(settings, options.compile, options.worker_cpus))
 
     slots = [start() for _ in range(count)]
     pending: deque[BuildJob] = deque(by_base(todo))

@@ -10,10 +10,13 @@ lock, record the incremental state. The batch runs jobs in this process (``batch
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import BuildError, LorarecipeError, Problem, UsageError
 from ..fs.paths import check_output_root
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
     from ..runner.progress import Reporter
 
 __all__ = ["BuildJob", "BuildOutcome", "JobSettings", "group_key", "run_job", "stale_of"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -62,6 +67,7 @@ class JobSettings:
     executor: str = "auto"
     allow_read: tuple[Path, ...] = ()
     force: bool = False
+    threads: int | None = None  # torch intra-op threads (None: the runner's policy)
 
 
 @dataclass(frozen=True)
@@ -102,13 +108,34 @@ def group_key(plan: Plan) -> tuple[Any, ...]:
     )
 
 
-def stale_of(job: BuildJob, settings: JobSettings) -> tuple[set[str], dict[str, str | None]]:
-    """(outputs to build, every output's key): all with ``force``, else those not up to date."""
-    from .incremental import output_keys, stale_outputs
+def _in_background(function: Callable[..., T], *args: Any) -> Future[T]:
+    """``function(*args)`` in a daemon thread; its result (or exception) through the future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="lorarecipe-build-keys", daemon=True).start()
+    return future
+
+
+def stale_of(job: BuildJob, settings: JobSettings) -> tuple[set[str], Future[dict[str, str | None]]]:
+    """(outputs to build, every output's key): all with ``force`` or in a root without a recorded
+    state, else those not up to date. When everything is built anyway, the keys (content hashes of
+    every input: a full read of a multi-GB base the first time) are computed in the background while
+    the build streams the same files; they are only needed to record the state afterwards."""
+    from .incremental import has_state, output_keys, stale_outputs
 
     check_output_root(job.out)  # its state is read here: never through a symlink
-    keys = output_keys(job.plan, job.recipe_root, settings.allow_read)
-    return (set(keys) if settings.force else stale_outputs(job.out, keys)), keys
+    outputs = {s.output for s in job.plan.output_steps()}
+    if settings.force or not has_state(job.out):
+        return outputs, _in_background(output_keys, job.plan, job.recipe_root, settings.allow_read)
+    keys: Future[dict[str, str | None]] = Future()
+    keys.set_result(output_keys(job.plan, job.recipe_root, settings.allow_read))
+    return stale_outputs(job.out, keys.result()), keys
 
 
 def run_job(
@@ -142,7 +169,7 @@ def _run(
     reporter: Reporter | None,
     outcome: BuildOutcome,
 ) -> None:
-    from .incremental import output_keys, record_state
+    from .incremental import record_state
 
     resolved = None
     if job.lock is not None:  # every input rehashed against the lock before anything uses it
@@ -150,7 +177,7 @@ def _run(
 
         resolved = resolve_frozen(job.plan, job.lock, job.recipe_root, settings.allow_read)
     stale, keys = stale_of(job, settings)
-    outcome.skipped = sorted(set(keys) - stale)
+    outcome.skipped = sorted({s.output for s in job.plan.output_steps()} - stale)
     if not stale:  # nothing to do: no model is loaded, torch is not even imported
         return
     from ..runner import require_build_extra, run_plan
@@ -159,7 +186,7 @@ def _run(
 
     def remember(written: dict[str, list[Path]]) -> None:  # runs under the output root's lock
         try:
-            record_state(job.out, output_keys(job.plan, job.recipe_root, settings.allow_read), written)
+            record_state(job.out, keys.result(), written)
         except OSError as exc:
             raise BuildError(f"cannot record the build state in {job.out}: {exc.strerror or exc}") from None
 
@@ -176,6 +203,7 @@ def _run(
         on_success=remember,
         executor=settings.executor,
         protected=job.protected,
+        threads=settings.threads,
         pipelines=pipelines,
     )
     outcome.outputs = sorted(result.outputs)

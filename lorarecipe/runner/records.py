@@ -111,6 +111,7 @@ def finish_manifest(
         "inputs": [_input_doc(k, v) for k, v in state.inputs.items()],
         "seeds": seeds,
         "device": state.options.device,
+        "threads": state.options.threads.to_json() if state.options.threads else None,
         "dtypes": {"pipeline": state.dtype},
         "libraries": library_versions(),
         "checks": {

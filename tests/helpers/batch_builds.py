@@ -125,10 +125,12 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 def comparable_manifest(path: Path) -> dict[str, Any]:
     """A manifest without what differs between any two runs: timings, the worker (host, pid, Ray ids,
-    pipeline loaded or reused) and the streaming fuser's measurements (peak RSS, factor-cache hit)."""
+    pipeline loaded or reused, its torch thread setting: a Ray actor uses the CPUs it reserved) and
+    the streaming fuser's measurements (peak RSS, factor-cache hit)."""
     doc: dict[str, Any] = json.loads(path.read_text())
     doc.pop("timings_seconds")
     doc.pop("worker")
+    doc.pop("threads")
     for entry in doc["outputs"].values():
         entry.pop("worker")
     for check in doc["checks"]["fuse"].values():
