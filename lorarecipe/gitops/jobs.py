@@ -169,7 +169,7 @@ def _run(
     reporter: Reporter | None,
     outcome: BuildOutcome,
 ) -> None:
-    from .incremental import record_state
+    from .incremental import output_keys, record_state
 
     resolved = None
     if job.lock is not None:  # every input rehashed against the lock before anything uses it
@@ -186,7 +186,12 @@ def _run(
 
     def remember(written: dict[str, list[Path]]) -> None:  # runs under the output root's lock
         try:
-            record_state(job.out, keys.result(), written)
+            found = keys.result()
+            if any(key is None for key in found.values()):
+                # an input was not local yet when the keys were computed beside the build (a
+                # built-in materialized, a hub file downloaded by it): it is now
+                found = output_keys(job.plan, job.recipe_root, settings.allow_read)
+            record_state(job.out, found, written)
         except OSError as exc:
             raise BuildError(f"cannot record the build state in {job.out}: {exc.strerror or exc}") from None
 
