@@ -22,8 +22,8 @@ def kill_once() -> None:
     record = journal.ManifestJournal.record
     seen: list[str] = []
 
-    def record_then_die(self: Any, name: str, entry: dict[str, Any], files: Any) -> None:
-        record(self, name, entry, files)
+    def record_then_die(self: Any, name: str, *args: Any, **kwargs: Any) -> None:
+        record(self, name, *args, **kwargs)
         if str(self.out_root).endswith(os.environ["LORARECIPE_TEST_KILL_BUILD"]):
             seen.append(name)
             if len(seen) == 2 and not os.path.exists(marker):
