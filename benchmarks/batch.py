@@ -160,7 +160,12 @@ def main() -> int:
             f"| {name} | {wall:.1f} s | {wall / args.builds:.2f} s | {loads:g} | {wall / first:.2f}× "
             f"| {wall / base:.2f}× | {loadavg} |"
         )
-    print(f"\ndriver planning (load + compile, no torch): {plan / args.builds * 1000:.0f} ms per build")
+    ratios = [f"{b[0] / a[0]:.2f}" for a, b in zip(results["a"], results["b"], strict=True)]
+    print(f"\n(b)/(a) per round: {', '.join(ratios)}")
+    if "c" in results:
+        ratios = [f"{c[0] / b[0]:.2f}" for b, c in zip(results["b"], results["c"], strict=True)]
+        print(f"(c)/(b) per round: {', '.join(ratios)}")
+    print(f"driver planning (load + compile, no torch): {plan / args.builds * 1000:.0f} ms per build")
     if "c" in results:
         overhead = statistics.median(r[3] for r in results["c"])
         print(f"Ray overhead (wall - busiest actor's build time): {overhead:.1f} s per run")
