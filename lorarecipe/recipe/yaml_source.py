@@ -18,7 +18,16 @@ import yaml
 
 from ..errors import Problem, RecipeSyntaxError, SourceSpan
 
-__all__ = ["LIMITS", "Limits", "PathKey", "PositionMap", "YamlDocument", "load_yaml", "parse_yaml"]
+__all__ = [
+    "LIMITS",
+    "Limits",
+    "PathKey",
+    "PositionMap",
+    "YamlDocument",
+    "load_yaml",
+    "parse_yaml",
+    "path_text",
+]
 
 PathKey = tuple[str | int, ...]
 
@@ -140,7 +149,7 @@ class _Converter:
         self.problems: list[Problem] = []
 
     def fail(self, message: str, node: yaml.Node, path: PathKey, hint: str | None = None) -> None:
-        self.problems.append(Problem(message, _path_text(path), _span(self.file, node), hint))
+        self.problems.append(Problem(message, path_text(path), _span(self.file, node), hint))
 
     def convert(self, node: yaml.Node, path: PathKey, depth: int) -> Any:
         self.count += 1
@@ -220,7 +229,8 @@ class _LimitExceeded(Exception):
         self.node = node
 
 
-def _path_text(path: PathKey) -> str:
+def path_text(path: PathKey) -> str:
+    """('merges', 'style-mix', 'method') -> 'merges.style-mix.method'; indices as [i]."""
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))

@@ -1,0 +1,192 @@
+"""Issue 12: a pull request must not be able to exhaust, crash, confuse or inject through lorarecipe.
+
+Every case runs through the command line (``lorarecipe.cli.main`` or a subprocess) and asserts the
+exact outcome: the exit code, the location (``file:line:col`` of the offending value, or the file and
+key) and the limit named. Resource attacks are measured in a fresh process: peak RSS and CPU time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from lorarecipe.cli import main
+from lorarecipe.recipe.template_limits import MAX_VALUE_CHARS
+from tests.helpers.measure import measure_cli
+
+
+class Cli:
+    """Runs the CLI in-process and keeps what it printed."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str], folder: Path) -> None:
+        self.capsys, self.folder = capsys, folder
+        self.out = self.err = ""
+
+    def __call__(self, *argv: str) -> int:
+        self.capsys.readouterr()
+        code = main(list(argv))
+        self.out, self.err = self.capsys.readouterr()
+        return code
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+    def write(self, text: str, name: str = "recipe.yaml") -> Path:
+        path = self.folder / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def refused(self, code: int, *needles: str) -> None:
+        assert code == 1, self.text
+        assert "Traceback" not in self.text and "internal error" not in self.text, self.text
+        for needle in needles:
+            assert needle in self.text, f"{needle!r} not in:\n{self.text}"
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Cli:
+    return Cli(capsys, tmp_path)
+
+
+def recipe_with(description: str, extra: str = "") -> str:
+    """A valid recipe (built-in inputs, nothing to download) whose line 2 holds ``description``."""
+    return (
+        "base: builtin:tiny-sd\n"
+        f"description: {json.dumps(description)}\n"
+        "adapters:\n"
+        "  style: builtin:tiny-sd/style\n"
+        "outputs:\n"
+        "  lora: {kind: lora, adapter: style, path: lora}\n" + extra
+    )
+
+
+# ---- 1. templates: bounded size of every value, bounded work ----------------------------------------
+
+TEMPLATE_ATTACKS = {
+    "str.format width": ('{{ "{:99999999}".format(1) }}', "width 99999999 is larger than 10000"),
+    "nested format width": ('{{ "{0:{1}}".format(1, 99999999) }}', "width 99999999"),
+    "%-format width": ('{{ "%99999999d" % 1 }}', "width 99999999 is larger than 10000"),
+    "%-format precision": ('{{ "%.99999999f" % 1.5 }}', "width 99999999"),
+    "format filter": ('{{ "%s%s"|format("a" * 9000, "b" * 9000) }}', "18000 characters"),
+    "repetition": ("{{ 'x' * 100000000 }}", "100000000 characters"),
+    "list repetition": ("{{ [1, 2] * 100000000 }}", "limit: 10000 characters per value"),
+    "replace amplification": ("{{ ('a' * 9999)|replace('a', 'a' * 9999) }}", "99980001 characters"),
+    "str.replace amplification": ("{{ ('a' * 9999).replace('a', 'a' * 9999) }}", "99980001 characters"),
+    "join amplification": ("{{ ('a' * 9999)|join('b' * 9999) }}", "characters long (limit: 10000"),
+    "concatenation": ("{{ ('a' * 9000) ~ ('b' * 9000) ~ ('c' * 9000) }}", "27000 characters"),
+    "plus concatenation": ("{{ ('a' * 9000) + ('b' * 9000) }}", "18000 characters"),
+    "padding": ("{{ 'a'.center(99999999) }}", "pad to 99999999 characters"),
+    "zfill": ("{{ 'a'.zfill(99999999) }}", "pad to 99999999 characters"),
+    "expandtabs": ("{{ ('\\t' * 9999).expandtabs(9999) }}", "99990000 characters"),
+    "power tower": ("{{ 9 ** 9 ** 9 ** 9 ** 9 }}", "exceed 4096 bits (limit)"),
+    "big exponent": ("{{ 2 ** 10000000 }}", "exponent 10000000 is too large (limit: 64)"),
+    "product chain": ("{{ (10 ** 60) ** 60 * (10 ** 60) ** 60 * (10 ** 60) ** 60 }}", "4096 bits"),
+    "nested loops": (
+        "{% for i in 'a' * 9999 %}{% for j in 'a' * 9999 %}x{% endfor %}{% endfor %}",
+        "'for' is not allowed",
+    ),
+    "assignment chain": ("{% set a = 'a' * 9999 %}{% set b = a ~ a ~ a %}{{ b }}", "'assign' is not allowed"),
+    "recursive macro": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "'macro' is not allowed"),
+    "range": ("{{ range(100000000) }}", "'range' is undefined"),
+    "bytes": ("{{ (1).to_bytes(999999999, 'big') }}", "attribute 'to_bytes' of 'int' object is unsafe"),
+    "many parts": ("{{ " + " ~ ".join(["'a'"] * 300) + " }}", "more than 256 parts (limit)"),
+}
+
+
+def _value_location(text: str, key: str = "description") -> str:
+    """``recipe.yaml:LINE:COL`` of the value of ``key`` (computed from the text, not by lorarecipe)."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith(f"{key}: "):
+            return f"recipe.yaml:{number}:{len(key) + 3}"
+    raise AssertionError(f"{key} not in the recipe")
+
+
+@pytest.mark.parametrize("attack", list(TEMPLATE_ATTACKS))
+def test_template_attacks_are_refused_at_the_value_with_the_limit_named(cli: Cli, attack: str) -> None:
+    template, limit = TEMPLATE_ATTACKS[attack]
+    text = recipe_with(template)
+    code = cli("validate", str(cli.write(text)))
+    cli.refused(code, f"{_value_location(text)}: error: description: template ", limit)
+
+
+def test_templates_that_stay_small_still_render(cli: Cli) -> None:
+    text = recipe_with(
+        "{{ '%5.2f'|format(w) }}|{{ '{:>6}'.format(s) }}|{{ s.upper() ~ '-' ~ ('ab' * 3) }}|"
+        "{% if w > 0.5 %}strong{% else %}soft{% endif %}|{{ ['a', 'b']|join('+') }}",
+        "variables: {w: 0.75, s: ink}\n",
+    )
+    assert cli("plan", str(cli.write(text)), "--json") == 0, cli.text
+    description = json.loads(cli.out)["recipe_description"] if "recipe_description" in cli.out else None
+    assert description is None or description.startswith(" 0.75")
+    assert " 0.75|   ink|INK-ababab|strong|a+b" in cli.out
+
+
+def _alias_amplified(template: str, axis: int) -> str:
+    """~11,000 copies of one templated string through YAML aliases, times a matrix of ``axis``² builds."""
+    lines = [f"t0: &t0 {json.dumps(template)}"]
+    lines += [f"t{i}: &t{i} [" + ", ".join([f"*t{i - 1}"] * 10) + "]" for i in range(1, 5)]
+    values = ", ".join(str(v) for v in range(axis))
+    matrix = f"{{m: [{values}], n: [{values}]}}"
+    return "\n".join(lines) + "\n" + recipe_with("x", f"variables: {{x: 1}}\nmatrix: {matrix}\n")
+
+
+MEASURED_ATTACKS = {
+    "str.format width": recipe_with('{{ "{:99999999}".format(1) }}'),
+    "%-format width": recipe_with('{{ "%99999999d" % 1 }}'),
+    "replace amplification": recipe_with("{{ ('a' * 9999)|replace('a', 'a' * 9999) }}"),
+    "join amplification": recipe_with("{{ ('a' * 9999)|join('b' * 9999) }}"),
+    "concatenation": recipe_with("{{ ('a' * 9999) ~ ('a' * 9999) ~ ('a' * 9999) ~ ('a' * 9999) }}"),
+    "nested loops": recipe_with("{% for i in 'a' * 9999 %}{% for j in 'a' * 9999 %}{% endfor %}{% endfor %}"),
+    "power tower": recipe_with("{{ 9 ** 9 ** 9 ** 9 ** 9 }}"),
+    "alias x matrix x template": _alias_amplified("{{ '%5.2f'|format(x) ~ m }}", 16),
+    "alias x smaller matrix": _alias_amplified("{{ '%5.2f'|format(x) ~ m ~ n }}", 4),
+}
+
+
+@pytest.mark.parametrize("attack", list(MEASURED_ATTACKS))
+def test_template_attacks_stay_under_100_mb_and_2_cpu_seconds(tmp_path: Path, attack: str) -> None:
+    text = MEASURED_ATTACKS[attack]
+    assert len(text.encode()) < 600  # "a recipe under a few hundred bytes"
+    (tmp_path / "recipe.yaml").write_text(text)
+    measured = measure_cli("validate", "recipe.yaml", folder=tmp_path)
+    print(
+        f"{attack}: {measured.rss_mb:.0f} MB, {measured.cpu_seconds:.2f} s CPU, {measured.wall_seconds:.2f} s"
+    )
+    assert measured.code == 1, measured.output
+    assert "Traceback" not in measured.output
+    assert re.search(r"recipe\.yaml:\d+:\d+: error: ", measured.output), measured.output
+    assert measured.rss_mb < 100, f"{attack}: peak RSS {measured.rss_mb:.0f} MB"
+    assert measured.cpu_seconds < 2, f"{attack}: {measured.cpu_seconds:.2f} s of CPU"
+
+
+def test_a_value_at_the_limit_renders_and_one_past_it_is_refused(cli: Cli) -> None:
+    text = recipe_with(f"{{{{ ('a' * {MAX_VALUE_CHARS})|length }}}} chars")
+    assert cli("validate", str(cli.write(text))) == 0, cli.text
+    text = recipe_with(f"{{{{ ('a' * {MAX_VALUE_CHARS + 1})|length }}}} chars")
+    cli.refused(cli("validate", str(cli.write(text))), f"{MAX_VALUE_CHARS + 1} characters")
+
+
+def test_many_distinct_templates_times_a_matrix_hit_the_render_budget(tmp_path: Path) -> None:
+    """Distinct templated strings cannot share renders: the per-recipe budget stops them, located."""
+    words = "\n".join(f"    - '{{{{ m ~ n ~ {i} }}}}'" for i in range(120))
+    text = recipe_with(
+        "x", "matrix: {m: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], n: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}\n"
+    )
+    text = text.replace(
+        "  style: builtin:tiny-sd/style\n",
+        f"  style:\n    builtin: tiny-sd/style\n    trigger_words:\n{words}\n",
+    )
+    (tmp_path / "recipe.yaml").write_text(text)
+    measured = measure_cli("validate", "recipe.yaml", folder=tmp_path)
+    print(f"render budget: {measured.rss_mb:.0f} MB, {measured.cpu_seconds:.2f} s CPU")
+    assert measured.code == 1, measured.output
+    assert re.search(
+        r"recipe\.yaml:\d+:\d+: error: adapters\.style\.trigger_words\[\d+\]: template refused: more than "
+        r"10000 templated values to render \(limit per recipe\)",
+        measured.output,
+    ), measured.output
+    assert measured.cpu_seconds < 3
