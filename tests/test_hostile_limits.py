@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 
 import pytest
 
 from lorarecipe.cli import main
+from lorarecipe.inspect.safetensors_header import MAX_HEADER_BYTES
 from lorarecipe.recipe.template_limits import MAX_VALUE_CHARS
 from tests.helpers.measure import measure_cli
 
@@ -190,3 +192,59 @@ def test_many_distinct_templates_times_a_matrix_hit_the_render_budget(tmp_path: 
         measured.output,
     ), measured.output
     assert measured.cpu_seconds < 3
+
+
+# ---- 2. safetensors headers and JSON files: bounded size and depth, named errors ---------------------
+
+LORA_RECIPE = """\
+base: builtin:tiny-sd
+adapters:
+  evil: {file: evil.safetensors}
+outputs:
+  lora: {kind: lora, adapter: evil, path: lora}
+"""
+
+
+def _safetensors(path: Path, header: bytes, claimed: int | None = None) -> Path:
+    """A file whose 8-byte length claims ``claimed`` (default: the header's length), then the header."""
+    path.write_bytes(struct.pack("<Q", len(header) if claimed is None else claimed) + header)
+    return path
+
+
+def _junk_headers() -> dict[str, bytes]:
+    """Headers a pull request could commit: 50 MB (over the limit) and just under the 8 MiB limit."""
+    mib, cap = 1024 * 1024, MAX_HEADER_BYTES
+    entry = b'"t%08d":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}'
+    long_entry = '"' + "x" * 300 + '%07d":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}'
+    return {
+        "50 MB of junk": b"{" + b"\x00junk" * (10 * mib),
+        "50 MB valid JSON of tiny values": b'{"a":[' + b"[]," * (50 * mib // 3) + b"[]]}",
+        "8 MiB of tiny values": b'{"a":[' + b"{}," * (cap // 3 - 4) + b"{}]}",
+        "8 MiB of zero-size tensors": b"{" + b",".join(entry % i for i in range(cap // 60)) + b"}",
+        "8 MiB metadata string with an astral character": (
+            b'{"__metadata__":{"k":"\xf0\x9f\x98\x80' + b"a" * (cap - 40) + b'"}}'
+        ),
+        "7.5 MiB of long tensor names": (
+            "{" + ",".join(long_entry % i for i in range(22_000)) + "}"
+        ).encode(),
+        "deep nesting": b'{"a":' + b"[" * (cap // 2 - 8) + b"]" * (cap // 2 - 8) + b"}",
+    }
+
+
+@pytest.mark.parametrize("junk", list(_junk_headers()))
+def test_junk_safetensors_headers_are_refused_in_bounded_memory(tmp_path: Path, junk: str) -> None:
+    header = _junk_headers()[junk]
+    _safetensors(tmp_path / "evil.safetensors", header)
+    (tmp_path / "recipe.yaml").write_text(LORA_RECIPE)
+    measured = measure_cli("validate", "recipe.yaml", folder=tmp_path)
+    print(
+        f"{junk} ({len(header) / 2**20:.0f} MiB): {measured.rss_mb:.0f} MB, {measured.cpu_seconds:.2f} s CPU"
+    )
+    assert measured.code == 1, measured.output
+    assert "Traceback" not in measured.output and "RecursionError" not in measured.output
+    assert "recipe.yaml:3:" in measured.output and "evil.safetensors" in measured.output, measured.output
+    within_limits = "long tensor names" in junk or "metadata string" in junk  # valid JSON, not a LoRA
+    refusal = "no LoRA weights recognized" if within_limits else "limit"
+    assert refusal in measured.output, measured.output
+    assert measured.rss_mb < 200, f"{junk}: peak RSS {measured.rss_mb:.0f} MB"
+    assert measured.cpu_seconds < 3, f"{junk}: {measured.cpu_seconds:.2f} s of CPU"

@@ -20,6 +20,7 @@ from ..errors import InputUnavailableError, IntegrityError, LockError, Problem
 from ..fs.atomic import atomic_write_text
 from ..fs.hashing import sha256_file
 from ..fs.hubcache import cached_file, cached_snapshot
+from ..fs.json_files import read_json
 from ..plan import LoadAdapter, LoadBase, Plan, Source
 from ..runner.inputs import ResolvedInput, fetch_hint, hub_error, resolve_adapter, resolve_base
 
@@ -200,11 +201,10 @@ def _pipeline_files(folder: Path, variant: str | None, *, weights: bool) -> list
     from diffusers.pipelines.pipeline_loading_utils import variant_compatible_siblings
 
     where = f"{folder.parent.parent.name} @ {folder.name}"
-    try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputUnavailableError(f"{where}: unreadable model_index.json ({exc})") from None
-    components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
+    index = read_json(
+        folder / "model_index.json", error=InputUnavailableError, shown=f"{where}: model_index.json"
+    )
+    components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]}
     inside = [f for f in _visible_files(folder) if "/" in f and f.split("/")[0] in components]
     chosen = {"model_index.json", *(f for f in inside if not _WEIGHT.search(f))}
     if weights:

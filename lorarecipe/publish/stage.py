@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,6 +21,7 @@ from ..diagnostics import did_you_mean
 from ..errors import IntegrityError, LockError, Problem, UsageError
 from ..fs.atomic import TMP_PREFIX
 from ..fs.hashing import sha256_file
+from ..fs.json_files import read_json
 from ..outputs.manifest import BUILD_LOCK, MANIFEST_NAME, PREVIOUS_MANIFEST
 
 __all__ = [
@@ -119,7 +119,7 @@ def _read_manifest(out_root: Path) -> dict[str, Any]:
         )
         raise IntegrityError(f"{out_root}: no {MANIFEST_NAME} ({why})")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = read_json(path, expect=None)
         if not isinstance(doc, dict) or not isinstance(doc["outputs"], dict):
             raise TypeError("no outputs table")
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -8,7 +8,6 @@ gone; the new manifest carries over the entries of outputs that were up to date.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from ..errors import BuildError
 from ..fs.atomic import fsync_dir
 from ..fs.hashing import sha256_file, sha256_text
+from ..fs.json_files import read_json
 from ..outputs.manifest import MANIFEST_NAME, PREVIOUS_MANIFEST, file_entry, library_versions, write_manifest
 from ..plan import CheckpointLayout, MergeAdapters, OutputStep, Plan, RenderGrid, SaveCheckpoint, SaveLora
 from .build_state import BuildState
@@ -127,7 +127,7 @@ def _carry_over(out_root: Path, plan: Plan, built: dict[str, dict[str, Any]]) ->
     if not source.is_file():
         source = out_root / MANIFEST_NAME
     try:
-        doc = json.loads(source.read_text(encoding="utf-8"))
+        doc = read_json(source, expect=None)  # JsonFileError is a ValueError: unreadable, as before
         previous = doc.get("outputs", {}) if isinstance(doc, dict) else {}
     except (OSError, ValueError):
         previous = {}

@@ -1,7 +1,7 @@
 """Run the lorarecipe CLI in a fresh Python process and measure it: exit code, output, peak RSS, CPU.
 
-The child measures itself (``resource.getrusage(RUSAGE_SELF)`` after ``main`` returns) and writes the
-numbers to a file, so the peak RSS is that of one command, not of earlier children of the test run.
+The child measures itself after ``main`` returns (peak RSS from ``/proc/self/status`` ``VmHWM``, CPU
+from ``getrusage``) and writes the numbers to a file: the peak is that of this one command.
 """
 
 from __future__ import annotations
@@ -17,12 +17,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 _CHILD = """
-import json, resource, sys
+import json, re, resource, sys
 from lorarecipe.cli import main
 code = main(sys.argv[2:])
 usage = resource.getrusage(resource.RUSAGE_SELF)
+try:  # this process's own peak (ru_maxrss keeps the forking parent's peak across exec on Linux)
+    with open("/proc/self/status") as status:
+        rss_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read()).group(1))
+except OSError:
+    rss_kb = usage.ru_maxrss
 with open(sys.argv[1], "w") as handle:
-    json.dump({"code": code, "rss_kb": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}, handle)
+    json.dump({"code": code, "rss_kb": rss_kb, "cpu": usage.ru_utime + usage.ru_stime}, handle)
 """
 
 

@@ -1,0 +1,124 @@
+"""JSON that lorarecipe reads from disk (or from a file's metadata) -> data, bounded and located.
+
+Every JSON document lorarecipe parses comes from a file a pull request may have written: a pipeline's
+``model_index.json`` and configs, shard indexes, lock files, manifests, build state, cache metadata,
+a LoRA's ``lora_adapter_metadata``. ``read_json``/``parse_json`` cap its size (read at most the limit
+plus one byte) and its nesting depth (also what keeps ``json`` from a ``RecursionError``), refuse
+text that is not UTF-8, and raise a lorarecipe error naming the file; never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import LorarecipeError, UnsafeInputError
+
+__all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "JsonFileError",
+    "JsonProblem",
+    "json_depth_exceeds",
+    "parse_json",
+    "read_json",
+]
+
+MAX_JSON_BYTES = 16 * 1024 * 1024
+#: Real configs, locks and manifests nest a handful of levels; 64 leaves room and stays far below
+#: the interpreter's recursion limit for everything that walks the data afterwards.
+MAX_JSON_DEPTH = 64
+
+
+class JsonProblem(ValueError):
+    """Why a text is not acceptable JSON (without the file name: callers add it)."""
+
+
+class JsonFileError(UnsafeInputError, ValueError):
+    """A JSON file (or value) refused, naming it. Also a ``ValueError``, so code that treated invalid
+    JSON as "unreadable" (``except ValueError``) still does."""
+
+
+def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether containers nest deeper than ``limit`` in parsed JSON (iterative: no recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _loads(text: str | bytes, max_depth: int, **options: Any) -> Any:
+    """``json.loads`` with its failures as :class:`JsonProblem`; errors raised by ``options`` hooks
+    propagate unchanged."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise JsonProblem(f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        value = json.loads(text, **options)
+    except RecursionError:
+        raise JsonProblem(f"nested deeper than {max_depth} levels (limit)") from None
+    except json.JSONDecodeError as exc:
+        raise JsonProblem(f"not valid JSON ({str(exc)[:120]})") from None
+    if json_depth_exceeds(value, max_depth):
+        raise JsonProblem(f"nested deeper than {max_depth} levels (limit)")
+    return value
+
+
+def parse_json(
+    text: str | bytes,
+    source: str,
+    *,
+    error: type[LorarecipeError] = JsonFileError,
+    max_bytes: int = MAX_JSON_BYTES,
+    max_depth: int = MAX_JSON_DEPTH,
+    expect: type | None = None,
+    **options: Any,
+) -> Any:
+    """JSON text -> data; ``error("<source>: <why>")`` when too long, too deep, invalid or (with
+    ``expect``) of another top-level type. ``options`` go to :func:`json.loads` (hooks)."""
+    if len(text) > max_bytes:
+        raise error(f"{source}: larger than {max_bytes} bytes (limit)")
+    try:
+        value = _loads(text, max_depth, **options)
+    except JsonProblem as exc:
+        raise error(f"{source}: {exc}") from None
+    if expect is not None and not isinstance(value, expect):
+        wanted = "a JSON object" if expect is dict else f"a JSON {expect.__name__}"
+        raise error(f"{source}: not {wanted} (found {_kind(value)})")
+    return value
+
+
+def read_json(
+    path: Path,
+    *,
+    error: type[LorarecipeError] = JsonFileError,
+    max_bytes: int = MAX_JSON_BYTES,
+    max_depth: int = MAX_JSON_DEPTH,
+    expect: type | None = dict,
+    shown: str | None = None,
+) -> Any:
+    """A JSON file -> data (by default it must be an object); reads at most ``max_bytes + 1`` bytes.
+    A missing or unreadable file is ``error`` too, naming it."""
+    where = shown or str(path)
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise error(f"{where}: file not found") from None
+    except OSError as exc:
+        raise error(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    return parse_json(raw, where, error=error, max_bytes=max_bytes, max_depth=max_depth, expect=expect)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
+        type(value), "null" if value is None else "a number"
+    )
