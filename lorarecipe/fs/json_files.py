@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from ..errors import LorarecipeError, UnsafeInputError
+from pydantic import BaseModel, ValidationError
+
+from ..errors import LorarecipeError, Problem, UnsafeInputError
 
 __all__ = [
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
     "JsonFileError",
     "JsonProblem",
+    "check_shape",
     "json_depth_exceeds",
     "parse_json",
     "read_json",
+    "shape_problems",
 ]
 
 MAX_JSON_BYTES = 16 * 1024 * 1024
@@ -122,3 +126,56 @@ def _kind(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
         type(value), "null" if value is None else "a number"
     )
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+_WANTED = {
+    "model_type": "expected an object",
+    "model_attributes_type": "expected an object",
+    "dict_type": "expected an object",
+    "list_type": "expected a list",
+    "string_type": "expected a string",
+    "int_type": "expected an integer",
+    "bool_type": "expected true or false",
+    "float_type": "expected a number",
+}
+
+
+def shape_problems(model: type[BaseModel], value: Any) -> list[str]:
+    """``value`` checked against ``model`` (strictly: no ``"1"`` for 1, no ``true`` for 1) -> one
+    ``key.path: what is wrong`` line per problem; empty when it has the shape."""
+    try:
+        model.model_validate(value, strict=True)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_url=False):
+            found = error.get("input")
+            shown = repr(found) if not isinstance(found, (dict, list)) else _kind(found)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            wanted = _WANTED.get(error["type"])
+            if error["type"] == "missing":
+                detail = "missing"
+            elif error["type"] == "extra_forbidden":
+                detail = "unknown key"
+            else:
+                detail = f"{wanted or error['msg'].lower()}, found {shown}"
+            lines.append(f"{_location(tuple(error['loc']))}: {detail}")
+        return lines
+    return []
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def check_shape(model: type[_Model], value: Any, source: str, error: type[LorarecipeError]) -> _Model:
+    """``value`` as ``model``; ``error("<source>: <key>: <why>")`` with every problem otherwise."""
+    lines = shape_problems(model, value)
+    if lines:
+        raise error(f"{source}: {lines[0]}", [Problem(f"{source}: {line}") for line in lines])
+    return model.model_validate(value, strict=True)

@@ -14,13 +14,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputUnavailableError, IntegrityError, LockError, Problem
 from ..fs.atomic import atomic_write_text
 from ..fs.hashing import sha256_file
 from ..fs.hubcache import cached_file, cached_snapshot
-from ..fs.json_files import read_json
+from ..fs.json_files import check_shape, read_json, shape_problems
 from ..plan import LoadAdapter, LoadBase, Plan, Source
 from ..runner.inputs import ResolvedInput, fetch_hint, hub_error, resolve_adapter, resolve_base
 
@@ -96,14 +98,43 @@ class LockFile:
         return {"lorarecipe_lock": LOCK_FORMAT, **asdict(self)}
 
     @classmethod
-    def from_json(cls, doc: Any) -> LockFile:
-        """Parsed JSON -> LockFile; ValueError, KeyError or TypeError when it has another shape."""
-        if doc.get("lorarecipe_lock") != LOCK_FORMAT:
-            raise ValueError(f"lock format {doc.get('lorarecipe_lock')!r} is not {LOCK_FORMAT}")
+    def from_json(cls, doc: Any, source: str = "lock file") -> LockFile:
+        """Parsed JSON -> LockFile; ``LockError`` naming ``source`` and each key of another shape."""
+        shape = check_shape(_LockDoc, doc, source, LockError)
         inputs = tuple(
-            LockedInput(**{**i, "files": tuple(LockedFile(**f) for f in i["files"])}) for i in doc["inputs"]
+            LockedInput(**{**i.model_dump(), "files": tuple(LockedFile(**f.model_dump()) for f in i.files)})
+            for i in shape.inputs
         )
-        return cls(str(doc["recipe_sha256"]), tuple(map(str, doc["plan_fingerprints"])), inputs)
+        return cls(shape.recipe_sha256, tuple(shape.plan_fingerprints), inputs)
+
+
+class _LockedFileDoc(BaseModel):
+    """The shape of a lock file, checked before anything reads it (one place for the format)."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class _LockedInputDoc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    step: str
+    kind: str
+    ref: str
+    filename: str | None
+    requested_revision: str | None
+    commit: str | None
+    files: list[_LockedFileDoc]
+    variant: str | None = None
+
+
+class _LockDoc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lorarecipe_lock: Literal[1]
+    recipe_sha256: str
+    plan_fingerprints: list[str]
+    inputs: list[_LockedInputDoc]
 
 
 @dataclass(frozen=True)
@@ -282,9 +313,14 @@ def read_lock(recipe: Path) -> LockFile:
     if not path.is_file():
         raise LockError(f"{path}: no lock file for {recipe}; {fix}")
     try:
-        return LockFile.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LockError(f"{path}: unreadable lock file ({type(exc).__name__}: {exc}); {fix}") from None
+        doc = read_json(path, error=LockError, expect=None)
+        lines = shape_problems(_LockDoc, doc)
+    except LockError as exc:
+        doc, lines = None, [exc.message.removeprefix(f"{path}: ")]
+    if lines:
+        problems = [Problem(f"{path}: unreadable lock file ({line}); {fix}") for line in lines]
+        raise LockError(problems[0].message, problems)
+    return LockFile.from_json(doc, str(path))
 
 
 def check_lock_current(recipe: Path, lock: LockFile, plans: Sequence[Plan]) -> list[str]:

@@ -16,9 +16,12 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from ..errors import IntegrityError, Problem
 from ..fs.atomic import atomic_write_text
 from ..fs.hashing import sha256_file
+from ..fs.json_files import check_shape, read_json
 
 __all__ = [
     "BUILD_LOCK",
@@ -28,6 +31,7 @@ __all__ = [
     "VerifyResult",
     "file_entry",
     "library_versions",
+    "read_manifest",
     "verify_outdir",
     "write_manifest",
 ]
@@ -38,6 +42,8 @@ BUILD_LOCK = ".lorarecipe/build.lock"
 #: Where a build moves manifest.json while it replaces outputs (restored or replaced when it ends).
 PREVIOUS_MANIFEST = ".lorarecipe/previous-manifest.json"
 MANIFEST_FORMAT = 1
+#: A manifest holds the recipe text (at most 1 MB, up to 6x when JSON-escaped) and the file lists.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _LIBRARIES = (
     "lorarecipe",
     "torch",
@@ -80,6 +86,35 @@ def write_manifest(out_root: Path, doc: dict[str, Any]) -> Path:
     return path
 
 
+class _FileDoc(BaseModel):
+    """The parts of a manifest that lorarecipe reads back (verify, publish, incremental builds), checked
+    before they are used: one place for the format. Other keys are provenance for people."""
+
+    model_config = ConfigDict(extra="allow")
+    path: str
+    sha256: str
+    size: int = Field(ge=0)
+
+
+class _OutputDoc(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    files: list[_FileDoc] = []
+
+
+class _ManifestDoc(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    outputs: dict[str, _OutputDoc]
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A ``manifest.json`` -> its document, with ``outputs.<name>.files[i]`` checked to be ``{path,
+    sha256, size}``; ``IntegrityError`` naming the file and each wrong key (exit 1, never a traceback)."""
+    where = f"{path}: unreadable manifest"
+    doc: dict[str, Any] = read_json(path, error=IntegrityError, max_bytes=MAX_MANIFEST_BYTES, shown=where)
+    check_shape(_ManifestDoc, doc, where, IntegrityError)
+    return doc
+
+
 @dataclass(frozen=True)
 class VerifyResult:
     checked: int
@@ -96,12 +131,11 @@ def verify_outdir(outdir: Path) -> VerifyResult:
     for manifest in manifests:
         root = manifest.parent
         try:
-            doc = json.loads(manifest.read_text(encoding="utf-8"))
-            outputs = doc["outputs"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            problems.append(Problem(f"{manifest}: unreadable manifest ({exc})"))
+            outputs = read_manifest(manifest)["outputs"]
+        except IntegrityError as exc:
+            problems.extend(exc.problems)
             continue
-        for output in outputs.values() if isinstance(outputs, dict) else []:
+        for output in outputs.values():
             for entry in output.get("files", []):
                 checked += 1
                 path = root / entry["path"]

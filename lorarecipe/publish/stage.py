@@ -21,8 +21,7 @@ from ..diagnostics import did_you_mean
 from ..errors import IntegrityError, LockError, Problem, UsageError
 from ..fs.atomic import TMP_PREFIX
 from ..fs.hashing import sha256_file
-from ..fs.json_files import read_json
-from ..outputs.manifest import BUILD_LOCK, MANIFEST_NAME, PREVIOUS_MANIFEST
+from ..outputs.manifest import BUILD_LOCK, MANIFEST_NAME, PREVIOUS_MANIFEST, read_manifest
 
 __all__ = [
     "MANIFEST_IN_REPO",
@@ -119,12 +118,9 @@ def _read_manifest(out_root: Path) -> dict[str, Any]:
         )
         raise IntegrityError(f"{out_root}: no {MANIFEST_NAME} ({why})")
     try:
-        doc = read_json(path, expect=None)
-        if not isinstance(doc, dict) or not isinstance(doc["outputs"], dict):
-            raise TypeError("no outputs table")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(f"{path}: unreadable manifest ({exc}); rebuild the folder") from None
-    return doc
+        return read_manifest(path)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{exc.message}; rebuild the folder", exc.problems) from None
 
 
 def _leftovers(out_root: Path) -> list[Problem]:

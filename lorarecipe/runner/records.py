@@ -128,7 +128,7 @@ def _carry_over(out_root: Path, plan: Plan, built: dict[str, dict[str, Any]]) ->
         source = out_root / MANIFEST_NAME
     try:
         doc = read_json(source, expect=None)  # JsonFileError is a ValueError: unreadable, as before
-        previous = doc.get("outputs", {}) if isinstance(doc, dict) else {}
+        previous = doc["outputs"] if isinstance(doc, dict) and isinstance(doc.get("outputs"), dict) else {}
     except (OSError, ValueError):
         previous = {}
     merged = {k: v for k, v in previous.items() if k in wanted and k not in built and isinstance(v, dict)}
