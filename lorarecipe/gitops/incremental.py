@@ -10,6 +10,7 @@ settings do not rebuild it); the manifest records, per output, which recipe and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from ..fs.hashing import sha256_file
 from ..fs.hubcache import cached_file, cached_snapshot
 from ..fs.json_files import check_shape, read_json
 from ..fs.paths import resolve_input
-from ..outputs.manifest import library_versions
+from ..outputs.manifest import MANIFEST_NAME, library_versions
 from ..plan import LoadAdapter, LoadBase, Plan, Source, canonical_json
 
 __all__ = ["STATE_DIR", "output_keys", "record_state", "stale_outputs"]
@@ -139,13 +140,27 @@ def _read_state(out_root: Path) -> dict[str, _StateOutput]:
     return doc.outputs
 
 
+def _listed_outputs(out_root: Path) -> set[str]:
+    """The outputs manifest.json lists (an interrupted build unlists what it was replacing)."""
+    path = out_root / MANIFEST_NAME
+    if path.is_symlink():
+        return set()
+    with contextlib.suppress(OSError, ValueError, RecursionError):
+        doc = read_json(path, expect=None)
+        if isinstance(doc, dict) and isinstance(doc.get("outputs"), dict):
+            return {str(k) for k in doc["outputs"]}
+    return set()
+
+
 def stale_outputs(out_root: Path, keys: dict[str, str | None]) -> set[str]:
-    """Outputs whose key changed, is unknown, or whose files are gone or touched since recorded."""
+    """Outputs whose key changed, is unknown, that the manifest does not list, or whose files are
+    gone or touched since recorded."""
     state = _read_state(out_root)
+    listed = _listed_outputs(out_root)
     stale = set()
     for name, key in keys.items():
         entry = state.get(name)
-        if key is None or entry is None or entry.key != key:
+        if key is None or entry is None or entry.key != key or name not in listed:
             stale.add(name)
             continue
         for rel, (size, mtime_ns) in entry.files.items():
