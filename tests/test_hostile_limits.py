@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
+from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from lorarecipe.cli import main
 from lorarecipe.inspect.safetensors_header import MAX_HEADER_BYTES
 from lorarecipe.recipe.template_limits import MAX_VALUE_CHARS
@@ -248,3 +250,63 @@ def test_junk_safetensors_headers_are_refused_in_bounded_memory(tmp_path: Path, 
     assert refusal in measured.output, measured.output
     assert measured.rss_mb < 200, f"{junk}: peak RSS {measured.rss_mb:.0f} MB"
     assert measured.cpu_seconds < 3, f"{junk}: {measured.cpu_seconds:.2f} s of CPU"
+
+
+def _base_folder(folder: Path) -> Path:
+    """A private copy of the built-in tiny SD base as a local diffusers folder."""
+    target = folder / "base"
+    shutil.copytree(builtin_base_path("tiny-sd"), target)
+    return target
+
+
+LOCAL_BASE = """\
+base: {path: base}
+adapters:
+  style: builtin:tiny-sd/style
+outputs:
+  lora: {kind: lora, adapter: style, path: lora}
+"""
+DEEP = "[" * 5000 + "]" * 5000  # deeper than json's recursion allows
+DEEPISH = '{"a": ' * 100 + "1" + "}" * 100  # parses, but deeper than any real file
+
+
+@pytest.mark.parametrize("nesting", [DEEP, DEEPISH])
+@pytest.mark.parametrize("where", ["model_index.json", "unet/config.json"])
+def test_deep_json_in_a_base_folder_is_a_named_error(cli: Cli, where: str, nesting: str) -> None:
+    base = _base_folder(cli.folder)
+    doc = json.loads((base / where).read_text())
+    (base / where).write_text(json.dumps(doc)[:-1] + ', "deep": ' + nesting + "}")
+    code = cli("validate", str(cli.write(LOCAL_BASE)))
+    cli.refused(code, f"{where}: nested deeper than 64 levels (limit)", "recipe.yaml:1:")
+    assert "RecursionError" not in cli.text
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        (DEEP, "nested deeper than 64 levels (limit)"),
+        ('{"weight_map": 123}', "no 'weight_map' object"),
+        ('{"weight_map": {"a": 1}}', "weight_map names '1', not a .safetensors file"),
+        ("[1]", "not a JSON object (found an array)"),
+    ],
+)
+def test_a_malformed_shard_index_is_a_named_error(cli: Cli, index: str, message: str) -> None:
+    base = _base_folder(cli.folder)
+    (base / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(index)
+    cli.refused(
+        cli("validate", str(cli.write(LOCAL_BASE))), "diffusion_pytorch_model.safetensors.index.json", message
+    )
+
+
+def test_deep_lora_adapter_metadata_never_crashes(cli: Cli) -> None:
+    source = builtin_lora_path("tiny-sd/style").read_bytes()
+    (length,) = struct.unpack("<Q", source[:8])
+    header = json.loads(source[8 : 8 + length])
+    header["__metadata__"] = {**header.get("__metadata__", {}), "lora_adapter_metadata": DEEP}
+    encoded = json.dumps(header).encode()
+    (cli.folder / "evil.safetensors").write_bytes(
+        struct.pack("<Q", len(encoded)) + encoded + source[8 + length :]
+    )
+    code = cli("validate", str(cli.write(LORA_RECIPE)))
+    assert code in (0, 1), cli.text
+    assert "Traceback" not in cli.text and "RecursionError" not in cli.text
