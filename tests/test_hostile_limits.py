@@ -8,10 +8,15 @@ key) and the limit named. Resource attacks are measured in a fresh process: peak
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +24,7 @@ from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from lorarecipe.cli import main
 from lorarecipe.inspect.safetensors_header import MAX_HEADER_BYTES
 from lorarecipe.recipe.template_limits import MAX_VALUE_CHARS
-from tests.helpers.measure import measure_cli
+from tests.helpers.measure import REPO, measure_cli
 
 
 class Cli:
@@ -310,3 +315,205 @@ def test_deep_lora_adapter_metadata_never_crashes(cli: Cli) -> None:
     code = cli("validate", str(cli.write(LORA_RECIPE)))
     assert code in (0, 1), cli.text
     assert "Traceback" not in cli.text and "RecursionError" not in cli.text
+
+
+# ---- 3. malformed lock files, manifests and build state: exit 1 naming the file and the key --------
+
+BUILT_RECIPE = """\
+base: builtin:tiny-sd
+adapters:
+  style: builtin:tiny-sd/style
+outputs:
+  lora: {kind: lora, adapter: style, path: lora, card: false}
+"""
+
+
+@pytest.fixture(scope="module")
+def built_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A recipe, its lock and its build folder (made once; each test edits a copy)."""
+    folder = tmp_path_factory.mktemp("built")
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(BUILT_RECIPE)
+    assert main(["lock", str(recipe)]) == 0
+    assert main(["build", str(recipe), "--out", str(folder / "out"), "--quiet"]) == 0
+    return folder
+
+
+@pytest.fixture
+def built(built_once: Path, tmp_path: Path) -> Path:
+    shutil.copytree(built_once, tmp_path / "p", symlinks=True)
+    return tmp_path / "p"
+
+
+def _edit_json(path: Path, edit: Callable[[Any], Any]) -> None:
+    """Replace a JSON file's document with ``edit(document)``."""
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+_DROP = object()
+
+
+def _at(*keys: str | int, value: Any = _DROP) -> Callable[[Any], Any]:
+    """An edit that sets (or drops) the value at ``keys`` and returns the document."""
+
+    def edit(doc: Any) -> Any:
+        node = doc
+        for key in keys[:-1]:
+            node = node[key]
+        if value is _DROP:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+        return doc
+
+    return edit
+
+
+_FILE0 = ("inputs", 0, "files", 0)
+
+
+LOCK_DAMAGE: dict[str, tuple[Callable[[Any], Any] | bytes, str]] = {
+    "path is a number": (
+        _at(*_FILE0, "path", value=123),
+        "inputs[0].files[0].path: expected a string, found 123",
+    ),
+    "sha256 missing": (_at(*_FILE0, "sha256"), "inputs[0].files[0].sha256: missing"),
+    "size is a boolean": (
+        _at(*_FILE0, "size", value=True),
+        "inputs[0].files[0].size: expected an integer, found True",
+    ),
+    "files is an object": (
+        _at("inputs", 0, "files", value={}),
+        "inputs[0].files: expected a list, found an object",
+    ),
+    "inputs is a string": (_at("inputs", value="oops"), "inputs: expected a list, found 'oops'"),
+    "unknown key": (_at("inputs", 0, "surprise", value=1), "inputs[0].surprise: unknown key"),
+    "another format": (_at("lorarecipe_lock", value=2), "lorarecipe_lock: input should be 1, found 2"),
+    "top level is a list": (lambda d: [d], "(top level): expected an object, found an array"),
+    "deep nesting": (DEEP.encode(), "nested deeper than 64 levels (limit)"),
+    "not JSON": (b"{", "not valid JSON"),
+    "not UTF-8": (b'{"a": "\xff"}', "not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("damage", list(LOCK_DAMAGE))
+def test_a_malformed_lock_file_is_exit_1_naming_the_file_and_key(cli: Cli, built: Path, damage: str) -> None:
+    edit, expected = LOCK_DAMAGE[damage]
+    lock = built / "recipe.lock.json"
+    if isinstance(edit, bytes):
+        lock.write_bytes(edit)
+    else:
+        _edit_json(lock, edit)
+    recipe = str(built / "recipe.yaml")
+    message = f"recipe.lock.json: unreadable lock file ({expected}"
+    cli.refused(cli("lock", "--check", recipe), message)
+    cli.refused(cli("build", recipe, "--frozen", "--out", str(built / "o2"), "--quiet"), message)
+    assert not (built / "o2" / "lora").exists()
+
+
+MANIFEST_DAMAGE: dict[str, tuple[Callable[[Any], Any] | bytes, str]] = {
+    "outputs is a list": (_at("outputs", value=[]), "outputs: expected an object, found an array"),
+    "files is an object": (_at("outputs", "lora", "files", value={}), "outputs.lora.files: expected a list"),
+    "files missing": (_at("outputs", "lora", "files"), "outputs.lora.files: missing"),
+    "path is a number": (
+        _at("outputs", "lora", "files", 0, "path", value=123),
+        "outputs.lora.files[0].path: expected a string, found 123",
+    ),
+    "sha256 missing": (_at("outputs", "lora", "files", 0, "sha256"), "outputs.lora.files[0].sha256: missing"),
+    "size is a string": (
+        _at("outputs", "lora", "files", 0, "size", value="12"),
+        "outputs.lora.files[0].size: expected an integer, found '12'",
+    ),
+    "top level is a list": (lambda d: [d], "not a JSON object (found an array)"),
+    "deep nesting": (DEEP.encode(), "nested deeper than 64 levels (limit)"),
+}
+
+
+@pytest.mark.parametrize("damage", list(MANIFEST_DAMAGE))
+def test_a_malformed_manifest_is_exit_1_naming_the_file_and_key(cli: Cli, built: Path, damage: str) -> None:
+    edit, expected = MANIFEST_DAMAGE[damage]
+    manifest = built / "out" / "manifest.json"
+    if isinstance(edit, bytes):
+        manifest.write_bytes(edit)
+    else:
+        _edit_json(manifest, edit)
+    cli.refused(cli("verify", str(built / "out")), f"manifest.json: unreadable manifest: {expected}")
+    assert cli("verify", str(built / "out"), "--json") == 1
+    problems = json.loads(cli.out)["problems"]
+    assert any(f"manifest.json: unreadable manifest: {expected}" in p["message"] for p in problems), problems
+
+
+STATE_DAMAGE: dict[str, tuple[Callable[[Any], Any] | bytes, str]] = {
+    "outputs is a list": (_at("outputs", value=[]), "outputs: expected an object, found an array"),
+    "key is a number": (
+        _at("outputs", "lora", "key", value=5),
+        "outputs.lora.key: expected a string, found 5",
+    ),
+    "files is a list": (_at("outputs", "lora", "files", value=[]), "outputs.lora.files: expected an object"),
+    "a file entry is a string": (
+        _at("outputs", "lora", "files", "x", value="big"),
+        "outputs.lora.files.x: expected a list, found 'big'",
+    ),
+    "deep nesting": (DEEP.encode(), "nested deeper than 64 levels (limit)"),
+}
+
+
+@pytest.mark.parametrize("damage", list(STATE_DAMAGE))
+def test_a_malformed_build_state_is_exit_1_naming_the_file_and_key(
+    cli: Cli, built: Path, damage: str
+) -> None:
+    edit, expected = STATE_DAMAGE[damage]
+    state = built / "out" / ".lorarecipe" / "state.json"
+    if isinstance(edit, bytes):
+        state.write_bytes(edit)
+    else:
+        _edit_json(state, edit)
+    recipe = str(built / "recipe.yaml")
+    code = cli("build", recipe, "--out", str(built / "out"), "--quiet")
+    cli.refused(code, "state.json (build state; delete it to rebuild everything)", expected)
+    assert cli("build", recipe, "--out", str(built / "out"), "--quiet", "--force") == 0, cli.text
+    assert cli("build", recipe, "--out", str(built / "out"), "--quiet") == 0, (
+        cli.text
+    )  # the state was rewritten
+
+
+# ---- 4. a closed stdout is not a crash ------------------------------------------------------------
+
+
+def _with_stdout_closed(argv: list[str], cwd: Path) -> tuple[int, str]:
+    """Run ``lorarecipe ARGV`` with its stdout's reader gone before it writes (``| head -c0``)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "lorarecipe", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=env,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # the reader leaves before the command prints anything
+    stderr = child.stderr.read().decode()
+    return child.wait(timeout=300), stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["validate", "--json", "recipe.yaml"],
+        ["validate", "--json", "broken.yaml"],
+        ["plan", "--json", "broken.yaml"],
+        ["plan", "recipe.yaml"],
+        ["plan", "--json", "recipe.yaml"],
+        ["schema"],
+        ["verify", "--json", "out"],
+        ["build", "--json", "recipe.yaml", "--out", "out2", "--quiet"],
+    ],
+)
+def test_a_closed_stdout_is_not_a_crash(built: Path, argv: list[str]) -> None:
+    (built / "broken.yaml").write_text("base: [\n")
+    code, stderr = _with_stdout_closed(argv, built)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert "BrokenPipeError" not in stderr and "internal error" not in stderr, stderr
+    assert code == 141, (code, stderr)  # 128 + SIGPIPE, what `set -o pipefail` sees from `cat | head`
+    if argv[:3] == ["plan", "--json", "broken.yaml"]:
+        assert "broken.yaml:1:" in stderr  # the problems still reach stderr
