@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..diagnostics import printable
 from ..errors import LorarecipeError, UsageError
 from ..runner.executor import EXECUTOR_MODES
 from .commands import (
@@ -151,7 +152,7 @@ def _run(argv: list[str]) -> int:
     except BrokenPipeError:
         raise
     except UsageError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error: {printable(exc.message)}", file=sys.stderr)
         return EXIT_USAGE
     except LorarecipeError as exc:
         print_problems(exc.problems)  # stderr first: it stays readable when stdout's reader is gone
