@@ -517,3 +517,80 @@ def test_a_closed_stdout_is_not_a_crash(built: Path, argv: list[str]) -> None:
     assert code == 141, (code, stderr)  # 128 + SIGPIPE, what `set -o pipefail` sees from `cat | head`
     if argv[:3] == ["plan", "--json", "broken.yaml"]:
         assert "broken.yaml:2:1: error: invalid YAML" in stderr  # the problems still reach stderr
+
+
+# ---- 5-6. text output: nothing from an input can start a log line, a command or an escape ------------
+
+HOSTILE = "x\n::error file=a.py,line=1::pwned\r\n::stop-commands::tok\x1b[2J\x1b]0;title\x07\u202e"
+
+
+def _assert_log_safe(text: str, github: bool = False) -> None:
+    """No ESC or bell, and no line (after indentation) that GitHub Actions reads as a command other
+    than lorarecipe's own annotations."""
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text, repr(text)
+    for line in re.split(r"\r\n|[\n\r]", text):
+        stripped = line.lstrip()
+        if github and re.match(r"::(error|warning) [^\n]*title=lorarecipe::", line):
+            continue  # lorarecipe's own annotation; what follows its '::' is message data on one line
+        assert not stripped.startswith(("::", "##[")), f"a workflow command in the log: {line!r}"
+
+
+def _lora_with_extra_tensor(path: Path, name: str) -> Path:
+    """The built-in style LoRA plus one zero-size tensor called ``name``."""
+    source = builtin_lora_path("tiny-sd/style").read_bytes()
+    (length,) = struct.unpack("<Q", source[:8])
+    header = json.loads(source[8 : 8 + length])
+    data_end = max(e["data_offsets"][1] for k, e in header.items() if k != "__metadata__")
+    header[name] = {"dtype": "F32", "shape": [0], "data_offsets": [data_end, data_end]}
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + source[8 + length :])
+    return path
+
+
+@pytest.mark.parametrize("format_", ["text", "github", "json"])
+def test_a_hostile_tensor_name_cannot_inject_into_the_log(cli: Cli, format_: str) -> None:
+    _lora_with_extra_tensor(cli.folder / "evil.safetensors", "unet.a.lora_A.weight" + HOSTILE)
+    args = ["--json"] if format_ == "json" else ["--format", format_]
+    code = cli("validate", str(cli.write(LORA_RECIPE)), *args)
+    assert code in (0, 1) and "Traceback" not in cli.text, cli.text
+    assert "pwned" in cli.text  # the name is reported, escaped
+    _assert_log_safe(cli.text, github=format_ == "github")
+
+
+@pytest.mark.parametrize("format_", ["text", "github"])
+def test_a_hostile_file_name_cannot_inject_into_the_log(cli: Cli, format_: str) -> None:
+    text = LORA_RECIPE.replace(
+        "{file: evil.safetensors}", "{file: " + json.dumps(HOSTILE + ".safetensors") + "}"
+    )
+    cli.refused(cli("validate", str(cli.write(text)), "--format", format_), "pwned")
+    _assert_log_safe(cli.text, github=format_ == "github")
+
+
+def test_a_hostile_recipe_value_and_snippet_cannot_inject_into_the_log(cli: Cli) -> None:
+    text = (
+        recipe_with("ok").replace("path: lora}", "path: lora, kind2: 1}")
+        + f"description: {json.dumps(HOSTILE)}\n"
+    )
+    text = text.replace('description: "ok"\n', "") + "# ::error::in a comment\n"
+    text = text.replace("style: builtin:tiny-sd/style", "style: builtin:tiny-sd/style  # ::warning::x")
+    text += "name: 'ok\u202e\u2066evil ::error::x'\n"  # raw bidi controls in the YAML line itself
+    cli.refused(cli("validate", str(cli.write(text))), "unknown key 'kind2'", "invalid name", r"\u202e")
+    _assert_log_safe(cli.text)
+
+
+def test_a_recipe_file_named_like_a_workflow_command_cannot_inject(cli: Cli) -> None:
+    path = cli.write(recipe_with("{{ nope }}"), name="::error file=a::pwned.yaml")
+    for format_ in ("text", "github"):
+        cli.refused(cli("validate", str(path), "--format", format_), "pwned.yaml")
+        _assert_log_safe(cli.text, github=format_ == "github")
+    cli.refused(cli("build", str(path), "--out", str(cli.folder / "out")), "pwned.yaml")
+    _assert_log_safe(cli.text)
+
+
+def test_snippets_quote_one_line_windowed_and_escaped(cli: Cli) -> None:
+    long_line = "description: " + json.dumps("a" * 3000 + "\x1b[2J{{ nope }}" + "b" * 3000) + "\n"
+    text = recipe_with("ok").replace('description: "ok"\n', long_line)
+    cli.refused(cli("validate", str(cli.write(text))), "'nope' is undefined")
+    _assert_log_safe(cli.text)
+    snippet = [line for line in cli.text.splitlines() if re.match(r"\s+2 \| ", line)]
+    assert len(snippet) == 1 and len(snippet[0]) < 200, snippet
