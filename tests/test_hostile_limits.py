@@ -594,3 +594,60 @@ def test_snippets_quote_one_line_windowed_and_escaped(cli: Cli) -> None:
     _assert_log_safe(cli.text)
     snippet = [line for line in cli.text.splitlines() if re.match(r"\s+2 \| ", line)]
     assert len(snippet) == 1 and len(snippet[0]) < 200, snippet
+
+
+# ---- 7. YAML tags refused everywhere, keys included; booleans are not numbers -------------------------
+
+KEY_TAGS = {
+    "python object key": ("!!python/object:os.system foo: 1\n", "1:1", "tag:yaml.org,2002:python/object:os.system"),
+    "explicit binary key": ("? !!binary aGVsbG8=\n: 1\n", "1:3", "tag:yaml.org,2002:binary"),
+    "nested key": ("x:\n  y: {!!python/name:os.system b: 1}\n", "2:7", "tag:yaml.org,2002:python/name:os.system"),
+    "key in a list item": ("x:\n  - {a: 1, !!int 5: 2}\n", "2:12", "tag:yaml.org,2002:int"),
+    "anchored key": ("x: {&k !!python/tuple t: 1}\n", "1:5", "tag:yaml.org,2002:python/tuple"),
+}
+
+
+@pytest.mark.parametrize("case", list(KEY_TAGS))
+def test_yaml_tags_on_keys_are_refused_at_the_key(cli: Cli, case: str) -> None:
+    text, where, tag = KEY_TAGS[case]
+    code = cli("validate", str(cli.write(text + recipe_with("ok"))))
+    cli.refused(code, f"recipe.yaml:{where}: error: ", f"YAML tag '{tag}", "is not allowed in a recipe")
+
+
+BOOLEANS = {
+    "weight": ("set_adapters: {adapters: {style: true}}\n", "set_adapters.adapters.style", "true"),
+    "lora_scale": ("fuse: {adapters: [style], lora_scale: false}\n", "fuse.lora_scale", "false"),
+    "density": (
+        "merges: {m: {method: ties, adapters: [style], density: false}}\n",
+        "merges.m.density",
+        "false",
+    ),
+    "seeds": (
+        "  grid: {kind: grid, path: g.png, prompts: [a], seeds: [1, true]}\n",
+        "outputs.grid.seeds[1]",
+        "true",
+    ),
+    "steps": ("  grid: {kind: grid, path: g.png, prompts: [a], steps: true}\n", "outputs.grid.steps", "true"),
+    "svd_rank": (
+        "merges: {m: {method: ties_svd, adapters: [style], density: 0.5, svd_rank: true}}\n",
+        "merges.m.svd_rank",
+        "true",
+    ),
+}
+
+
+@pytest.mark.parametrize("field", list(BOOLEANS))
+def test_booleans_are_not_numbers(cli: Cli, field: str) -> None:
+    extra, path, word = BOOLEANS[field]
+    text = recipe_with("ok") + extra
+    if extra.startswith("  grid"):
+        text = recipe_with("ok").replace("outputs:\n", "outputs:\n" + extra)
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if word in t and ("true" in t or "false" in t))
+    col = text.splitlines()[line - 1].rindex(word) + 1
+    code = cli("validate", str(cli.write(text)))
+    cli.refused(code, f"recipe.yaml:{line}:{col}: error: {path}: expected a number, got {word} (a boolean)")
+
+
+def test_yes_and_no_stay_strings_and_are_not_numbers(cli: Cli) -> None:
+    text = recipe_with("ok") + "fuse: {adapters: [style], lora_scale: yes}\n"
+    cli.refused(cli("validate", str(cli.write(text))), "fuse.lora_scale: expected a number, got 'yes'")

@@ -200,6 +200,10 @@ class _Converter:
             if not isinstance(key_node, yaml.ScalarNode):
                 self.fail("mapping keys must be plain strings", key_node, path)
                 continue
+            if key_node.tag != _STR:  # ``!!python/object:x key:`` and ``? !!binary …`` keys too
+                message = f"YAML tag {key_node.tag!r} is not allowed in a recipe, not even on a key"
+                self.fail(message, key_node, path, "remove the tag")
+                continue
             key = key_node.value
             if key in first_seen:
                 line = first_seen[key].start_mark.line + 1
