@@ -67,10 +67,11 @@ def _not_a_boolean(value: Any) -> Any:
     return value
 
 
-#: Numbers as a recipe writes them: ``weight: true`` or ``steps: false`` is an error, not 1 or 0.
-Number = Annotated[float, BeforeValidator(_not_a_boolean)]
-Integer = Annotated[int, BeforeValidator(_not_a_boolean)]
-FiniteFloat = Annotated[Number, Field(allow_inf_nan=False, ge=-1e6, le=1e6)]
+#: Numbers as a recipe writes them: ``weight: true`` or ``steps: false`` is an error, not 1 or 0. (The
+#: validator comes after each type's own constraints, which then stay in the JSON Schema.)
+_NO_BOOL = BeforeValidator(_not_a_boolean)
+Integer = Annotated[int, _NO_BOOL]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6), _NO_BOOL]
 
 
 class _Spec(BaseModel):
@@ -284,22 +285,22 @@ class MergeSpec(_AdapterWeights):
         ..., description="Adapters to merge, or name -> weight."
     )
     weights: list[FiniteFloat] | None = Field(None, description="One weight per adapter (default 1.0).")
-    density: Number | None = Field(
+    density: Annotated[float, Field(gt=0.0, le=1.0), _NO_BOOL] | None = Field(
         None,
-        gt=0.0,
-        le=1.0,
         description="Fraction kept (ties, dare_*, magnitude_prune and their _svd forms).",
     )
     majority_sign_method: Literal["total", "frequency"] | None = Field(
         None, description="Sign election for ties / dare_ties (+ _svd). PEFT default: total."
     )
-    svd_rank: Integer | None = Field(
-        None, ge=1, le=4096, description="Rank of *_svd results (default: max rank)."
+    svd_rank: Annotated[int, Field(ge=1, le=4096), _NO_BOOL] | None = Field(
+        None, description="Rank of *_svd results (default: max rank)."
     )
-    svd_clamp: Number | None = Field(None, gt=0.0, le=1.0, description="Quantile clamp of SVD results.")
+    svd_clamp: Annotated[float, Field(gt=0.0, le=1.0), _NO_BOOL] | None = Field(
+        None, description="Quantile clamp of SVD results."
+    )
     svd_full_matrices: bool = Field(True, description="torch.linalg.svd full_matrices (False is faster).")
-    seed: Integer = Field(
-        0, ge=0, le=2**63 - 1, description="Seed of torch's RNG before the merge (DARE draws)."
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1), _NO_BOOL] = Field(
+        0, description="Seed of torch's RNG before the merge (DARE draws)."
     )
     components: list[Component] | None = Field(None, description="Components to merge (default: all).")
 
@@ -430,10 +431,10 @@ class GridOutput(_Spec):
         ..., min_length=1, max_length=64
     )
     negative_prompt: str = Field("", max_length=1000)
-    seeds: list[Annotated[Integer, Field(ge=0, le=2**63 - 1)]] = Field(
+    seeds: list[Annotated[int, Field(ge=0, le=2**63 - 1), _NO_BOOL]] = Field(
         default_factory=lambda: [0], min_length=1, max_length=64
     )
-    steps: Integer = Field(20, ge=1, le=500)
+    steps: Annotated[int, Field(ge=1, le=500), _NO_BOOL] = 20
     guidance: FiniteFloat = Field(7.5, description="Classifier-free guidance scale.")
     size: Integer | list[Integer] | None = Field(
         None, description="Image size: N or [width, height] (default: the family's native size)."
