@@ -8,6 +8,7 @@ key) and the limit named. Resource attacks are measured in a fresh process: peak
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -19,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from lorarecipe.cli import main
 from lorarecipe.inspect.safetensors_header import MAX_HEADER_BYTES
+from lorarecipe.recipe.matrix import build_label
 from lorarecipe.recipe.template_limits import MAX_VALUE_CHARS
 from tests.helpers.measure import REPO, measure_cli
 
@@ -599,9 +603,17 @@ def test_snippets_quote_one_line_windowed_and_escaped(cli: Cli) -> None:
 # ---- 7. YAML tags refused everywhere, keys included; booleans are not numbers -------------------------
 
 KEY_TAGS = {
-    "python object key": ("!!python/object:os.system foo: 1\n", "1:1", "tag:yaml.org,2002:python/object:os.system"),
+    "python object key": (
+        "!!python/object:os.system foo: 1\n",
+        "1:1",
+        "tag:yaml.org,2002:python/object:os.system",
+    ),
     "explicit binary key": ("? !!binary aGVsbG8=\n: 1\n", "1:3", "tag:yaml.org,2002:binary"),
-    "nested key": ("x:\n  y: {!!python/name:os.system b: 1}\n", "2:7", "tag:yaml.org,2002:python/name:os.system"),
+    "nested key": (
+        "x:\n  y: {!!python/name:os.system b: 1}\n",
+        "2:7",
+        "tag:yaml.org,2002:python/name:os.system",
+    ),
     "key in a list item": ("x:\n  - {a: 1, !!int 5: 2}\n", "2:12", "tag:yaml.org,2002:int"),
     "anchored key": ("x: {&k !!python/tuple t: 1}\n", "1:5", "tag:yaml.org,2002:python/tuple"),
 }
@@ -651,3 +663,90 @@ def test_booleans_are_not_numbers(cli: Cli, field: str) -> None:
 def test_yes_and_no_stay_strings_and_are_not_numbers(cli: Cli) -> None:
     text = recipe_with("ok") + "fuse: {adapters: [style], lora_scale: yes}\n"
     cli.refused(cli("validate", str(cli.write(text))), "fuse.lora_scale: expected a number, got 'yes'")
+
+
+# ---- 8. matrix combinations land in distinct folders by construction ----------------------------------
+
+_axis_values = st.one_of(
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=False, width=64),
+    st.text(max_size=150),
+    st.sampled_from(["1", "1.0", "true", "True", "a/b", "a_b", "a b", "a-b", "", ".", "..", "x" * 200]),
+)
+
+
+def _identity(value: Any) -> tuple[str, str]:
+    return (type(value).__name__, repr(value))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_axis_values, min_size=2, max_size=6), st.lists(_axis_values, min_size=1, max_size=3))
+def test_distinct_matrix_combinations_get_distinct_folder_names(first: list[Any], second: list[Any]) -> None:
+    first = list({_identity(v): v for v in first}.values())
+    second = list({_identity(v): v for v in second}.values())
+    labels = {}
+    for a in first:
+        for b in second:
+            label = build_label({"w": a, "style_2": b})
+            assert label not in labels, f"{(a, b)} and {labels[label]} share the folder {label!r}"
+            labels[label] = (a, b)
+            assert re.fullmatch(r"[A-Za-z0-9._=-]{1,120}", label), label
+            assert label not in (".", "..")
+
+
+def test_simple_labels_stay_readable_and_collisions_get_a_hash(cli: Cli) -> None:
+    text = recipe_with("w {{ w }}") + "matrix: {w: [0.5, 1, '1', a/b, a_b, 'x' , true, 'true']}\n"
+    assert cli("plan", str(cli.write(text)), "--json") == 0, cli.text
+    labels = [b["build"] for b in json.loads(cli.out)["builds"]]
+    assert labels[:2] == ["w-0.5", "w-1"] and labels[4] == "w-a_b=" + labels[4].split("=")[1]
+    assert len(set(labels)) == len(labels) == 8, labels
+    assert labels[5] == "w-x" and labels[6] == "w-True"
+
+
+def test_a_value_listed_twice_on_an_axis_is_refused_at_the_repeat(cli: Cli) -> None:
+    text = recipe_with("{{ w }}") + "matrix: {w: [0.5, 0.7, 0.5]}\n"
+    line = len(text.splitlines())
+    cli.refused(
+        cli("validate", str(cli.write(text))),
+        f"recipe.yaml:{line}:",
+        "matrix.w[2]: matrix axis 'w' lists 0.5 twice",
+    )
+
+
+# ---- 9. sizes from a recipe checked against the model's real dimensions --------------------------------
+
+
+def _smallest_module_size(*files: Path) -> int:
+    """min(out, in * kernel) over every LoRA module of the files, read from their headers directly."""
+    sizes = []
+    for file in files:
+        raw = file.read_bytes()
+        (length,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + length])
+        for name, entry in header.items():
+            if name.endswith((".lora_A.weight", ".lora_down.weight")):
+                _rank, inputs, *kernel = entry["shape"]
+                up = name.replace("lora_A", "lora_B").replace("lora_down", "lora_up")
+                out = header[up]["shape"][0]
+                sizes.append(min(out, inputs * math.prod(kernel)))
+    return min(sizes)
+
+
+def test_svd_rank_larger_than_the_merged_modules_is_refused_at_the_value(cli: Cli) -> None:
+    limit = _smallest_module_size(builtin_lora_path("tiny-sd/style"), builtin_lora_path("tiny-sd/detail"))
+    merge = "merges:\n  m:\n    method: ties_svd\n    adapters: [style, detail]\n    density: 0.5\n    svd_rank: {}\n"
+    base = recipe_with("ok").replace(
+        "  style: builtin:tiny-sd/style\n",
+        "  style: builtin:tiny-sd/style\n  detail: builtin:tiny-sd/detail\n",
+    )
+    text = base + merge.format(limit + 1)
+    line = len(text.splitlines())
+    code = cli("validate", str(cli.write(text)))
+    cli.refused(
+        code,
+        f"recipe.yaml:{line}:15: error: merges.m.svd_rank: svd_rank {limit + 1} is larger than module ",
+        f"(min(out, in) = {limit};",
+        f"use svd_rank <= {limit}",
+    )
+    assert cli("validate", str(cli.write(base + merge.format(limit)))) == 0, cli.text
