@@ -15,12 +15,13 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
@@ -28,6 +29,14 @@ from lorarecipe.cli import main
 from lorarecipe.inspect.safetensors_header import MAX_HEADER_BYTES
 from lorarecipe.recipe.matrix import build_label
 from lorarecipe.recipe.template_limits import MAX_VALUE_CHARS
+from tests.helpers.fuzz_files import (
+    base_folder_damage,
+    check_cli_never_crashes,
+    damaged_copy,
+    mutated_json,
+    replace_file,
+    seed_base_folder,
+)
 from tests.helpers.measure import REPO, measure_cli
 
 
@@ -750,3 +759,30 @@ def test_svd_rank_larger_than_the_merged_modules_is_refused_at_the_value(cli: Cl
         f"use svd_rank <= {limit}",
     )
     assert cli("validate", str(cli.write(base + merge.format(limit)))) == 0, cli.text
+
+
+# ---- 10. fuzzing: lock files, manifests, model_index.json and base-folder layouts ---------------------
+# (fuzz/run.py runs the same properties for thousands of examples)
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzzed_lock_files_and_manifests_never_crash(built_once: Path, data: st.DataObject) -> None:
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(shutil.copytree(built_once, Path(work) / "p", symlinks=True))
+        lock, manifest = folder / "recipe.lock.json", folder / "out" / "manifest.json"
+        replace_file(lock, data.draw(mutated_json(json.loads(lock.read_text()))))
+        replace_file(manifest, data.draw(mutated_json(json.loads(manifest.read_text()))))
+        check_cli_never_crashes("lock", "--check", str(folder / "recipe.yaml"))
+        check_cli_never_crashes("verify", str(folder / "out"))
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzzed_base_folders_never_crash(data: st.DataObject) -> None:
+    with tempfile.TemporaryDirectory() as work:
+        seed = Path(work) / "seed"
+        files, index = seed_base_folder(builtin_base_path("tiny-sd"), seed)
+        damaged_copy(seed, Path(work) / "base", data.draw(base_folder_damage(files, index)))
+        (Path(work) / "recipe.yaml").write_text(LOCAL_BASE)
+        check_cli_never_crashes("validate", str(Path(work) / "recipe.yaml"))
