@@ -118,9 +118,15 @@ def _read_manifest(out_root: Path) -> dict[str, Any]:
         )
         raise IntegrityError(f"{out_root}: no {MANIFEST_NAME} ({why})")
     try:
-        return read_manifest(path)
+        doc = read_manifest(path)
     except IntegrityError as exc:
         raise IntegrityError(f"{exc.message}; rebuild the folder", exc.problems) from None
+    if doc.get("build_complete") is False:
+        raise IntegrityError(
+            f"{out_root}: the last build into this folder did not finish (a build is running there or "
+            "was interrupted); let `lorarecipe build` finish"
+        )
+    return doc
 
 
 def _leftovers(out_root: Path) -> list[Problem]:

@@ -140,6 +140,14 @@ def _variables(doc: YamlDocument, overrides: dict[str, str]) -> tuple[dict[str, 
     return values, axes
 
 
+def _untemplated(path: PathKey, key: object) -> bool:
+    """Keys rendered elsewhere: ``variables``/``matrix`` (they are the values), and each output's
+    ``publish`` (the compiler renders it with ``name``, ``build`` and ``output`` too)."""
+    if not path:
+        return key in _UNTEMPLATED
+    return len(path) == 2 and path[0] == "outputs" and key == "publish"
+
+
 class _Renderer:
     """Renders the ``{{ }}`` strings of one build; a string repeated (YAML aliases) renders once, and
     every render of the file shares one template :class:`~lorarecipe.recipe.templating.Budget`."""
@@ -151,9 +159,7 @@ class _Renderer:
 
     def tree(self, data: Any, path: PathKey) -> Any:
         if isinstance(data, dict):
-            return {
-                k: v if not path and k in _UNTEMPLATED else self.tree(v, (*path, k)) for k, v in data.items()
-            }
+            return {k: v if _untemplated(path, k) else self.tree(v, (*path, k)) for k, v in data.items()}
         if isinstance(data, list):
             return [self.tree(v, (*path, i)) for i, v in enumerate(data)]
         if isinstance(data, str) and any(marker in data for marker in ("{{", "{%", "{#")):
