@@ -786,3 +786,14 @@ def test_fuzzed_base_folders_never_crash(data: st.DataObject) -> None:
         damaged_copy(seed, Path(work) / "base", data.draw(base_folder_damage(files, index)))
         (Path(work) / "recipe.yaml").write_text(LOCAL_BASE)
         check_cli_never_crashes("validate", str(Path(work) / "recipe.yaml"))
+
+
+@pytest.mark.parametrize("entry", [[[None], None], [{"a": 1}, "X"], ["diffusers", 5], ["diffusers"]])
+def test_a_model_index_entry_of_another_shape_is_refused(cli: Cli, entry: list[Any]) -> None:
+    """Found by fuzzing: ``[[null], null]`` reached a set lookup and crashed (exit 3)."""
+    base = _base_folder(cli.folder)
+    index = json.loads((base / "model_index.json").read_text())
+    index["image_encoder"] = entry
+    (base / "model_index.json").write_text(json.dumps(index))
+    code = cli("validate", str(cli.write(LOCAL_BASE)))
+    cli.refused(code, "model_index.json: component 'image_encoder' has an unexpected entry")

@@ -409,8 +409,12 @@ def check_model_index(folder: Path) -> dict[str, Any]:
     for key, value in index.items():
         if key.startswith("_") or value is None or isinstance(value, (bool, int, float, str)):
             continue  # plain config values (e.g. requires_safety_checker) are not components
-        if not (isinstance(value, list) and len(value) == 2):
-            raise UnsafeInputError(f"{index_path}: component {key!r} has an unexpected entry {value!r}")
+        shape_ok = isinstance(value, list) and len(value) == 2
+        if not shape_ok or not all(part is None or isinstance(part, str) for part in value):
+            raise UnsafeInputError(
+                f"{index_path}: component {key[:80]!r} has an unexpected entry {str(value)[:120]} "
+                "(expected [library, class name])"
+            )
         if not _COMPONENT_NAME.match(key):
             raise UnsafeInputError(
                 f"{index_path}: component name {key[:80]!r} is not a plain folder name (components are "
