@@ -402,6 +402,10 @@ LOCK_DAMAGE: dict[str, tuple[Callable[[Any], Any] | bytes, str]] = {
     "inputs is a string": (_at("inputs", value="oops"), "inputs: expected a list, found 'oops'"),
     "unknown key": (_at("inputs", 0, "surprise", value=1), "inputs[0].surprise: unknown key"),
     "another format": (_at("lorarecipe_lock", value=2), "lorarecipe_lock: input should be 1, found 2"),
+    "path part too long": (
+        _at(*_FILE0, "path", value="a/" + "x" * 300),
+        "inputs[0].files[0].path: value error, a path part longer than 255 bytes",
+    ),
     "top level is a list": (lambda d: [d], "(top level): expected an object, found an array"),
     "deep nesting": (DEEP.encode(), "nested deeper than 64 levels (limit)"),
     "not JSON": (b"{", "not valid JSON"),
@@ -436,6 +440,10 @@ MANIFEST_DAMAGE: dict[str, tuple[Callable[[Any], Any] | bytes, str]] = {
     "size is a string": (
         _at("outputs", "lora", "files", 0, "size", value="12"),
         "outputs.lora.files[0].size: expected an integer, found '12'",
+    ),
+    "path too long (found by fuzzing)": (
+        _at("outputs", "lora", "files", 0, "path", value="x" * 5000),
+        "outputs.lora.files[0].path: value error, a path longer than 4096 bytes",
     ),
     "top level is a list": (lambda d: [d], "not a JSON object (found an array)"),
     "deep nesting": (DEEP.encode(), "nested deeper than 64 levels (limit)"),
@@ -786,6 +794,16 @@ def test_fuzzed_base_folders_never_crash(data: st.DataObject) -> None:
         damaged_copy(seed, Path(work) / "base", data.draw(base_folder_damage(files, index)))
         (Path(work) / "recipe.yaml").write_text(LOCAL_BASE)
         check_cli_never_crashes("validate", str(Path(work) / "recipe.yaml"))
+
+
+def test_a_pipeline_class_of_another_type_is_refused(cli: Cli) -> None:
+    """Found by fuzzing: ``"_class_name": ["StableDiffusionPipeline"]`` reached a set lookup (exit 3)."""
+    base = _base_folder(cli.folder)
+    _edit_json(base / "model_index.json", _at("_class_name", value=["StableDiffusionPipeline"]))
+    code = cli("validate", str(cli.write(LOCAL_BASE)))
+    cli.refused(
+        code, "model_index.json: pipeline class ['StableDiffusionPipeline'] is not one lorarecipe loads"
+    )
 
 
 @pytest.mark.parametrize("entry", [[[None], None], [{"a": 1}, "X"], ["diffusers", 5], ["diffusers"]])

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
 
 from ..errors import LorarecipeError, Problem, UnsafeInputError
 
 __all__ = [
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
+    "FilePath",
     "JsonFileError",
     "JsonProblem",
     "check_shape",
@@ -179,3 +180,17 @@ def check_shape(model: type[_Model], value: Any, source: str, error: type[Lorare
     if lines:
         raise error(f"{source}: {lines[0]}", [Problem(f"{source}: {line}") for line in lines])
     return model.model_validate(value, strict=True)
+
+
+def _file_path(value: str) -> str:
+    """A relative path a lock or manifest lists: at most 4096 bytes, parts at most 255 (longer ones
+    make every ``stat`` fail with ENAMETOOLONG)."""
+    if len(value.encode("utf-8", "surrogatepass")) > 4096:
+        raise ValueError("a path longer than 4096 bytes")
+    if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in value.split("/")):
+        raise ValueError("a path part longer than 255 bytes")
+    return value
+
+
+#: The type of a file path inside a lock file or manifest (checked for length before any ``stat``).
+FilePath = Annotated[str, AfterValidator(_file_path)]

@@ -23,7 +23,7 @@ from ..errors import InputUnavailableError, IntegrityError, LockError, Problem
 from ..fs.atomic import atomic_write_text
 from ..fs.hashing import sha256_file
 from ..fs.hubcache import cached_file, cached_snapshot
-from ..fs.json_files import check_shape, read_json, shape_problems
+from ..fs.json_files import FilePath, check_shape, read_json, shape_problems
 from ..fs.paths import check_input_file, confined_path, input_roots
 from ..plan import LoadAdapter, LoadBase, Plan, Source
 from ..runner.inputs import ResolvedInput, fetch_hint, hub_error, resolve_adapter, resolve_base
@@ -114,7 +114,7 @@ class _LockedFileDoc(BaseModel):
     """The shape of a lock file, checked before anything reads it (one place for the format)."""
 
     model_config = ConfigDict(extra="forbid")
-    path: str
+    path: FilePath
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
 

@@ -401,7 +401,7 @@ def check_model_index(folder: Path) -> dict[str, Any]:
         raise InputUnavailableError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     index: dict[str, Any] = read_json(index_path, max_bytes=MAX_CONFIG_BYTES)
     cls = index.get("_class_name")
-    if cls not in _KNOWN_PIPELINES:
+    if not isinstance(cls, str) or cls not in _KNOWN_PIPELINES:
         raise UnsafeInputError(
             f"{index_path}: pipeline class {cls!r} is not one lorarecipe loads "
             f"({', '.join(sorted(_KNOWN_PIPELINES))})"

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import IntegrityError, LorarecipeError, Problem
 from ..fs.atomic import atomic_write_text
 from ..fs.hashing import sha256_file
-from ..fs.json_files import check_shape, read_json
+from ..fs.json_files import FilePath, check_shape, read_json
 
 __all__ = [
     "BUILD_LOCK",
@@ -91,7 +91,7 @@ class _FileDoc(BaseModel):
     before they are used: one place for the format. Other keys are provenance for people."""
 
     model_config = ConfigDict(extra="allow")
-    path: str
+    path: FilePath
     sha256: str
     size: int = Field(ge=0)
 
