@@ -445,6 +445,10 @@ MANIFEST_DAMAGE: dict[str, tuple[Callable[[Any], Any] | bytes, str]] = {
         _at("outputs", "lora", "files", 0, "path", value="x" * 5000),
         "outputs.lora.files[0].path: value error, a path longer than 4096 bytes",
     ),
+    "output path too long (found by fuzzing)": (
+        _at("outputs", "lora", "path", value="x" * 300),
+        "outputs.lora.path: value error, a path part longer than 255 bytes",
+    ),
     "top level is a list": (lambda d: [d], "not a JSON object (found an array)"),
     "deep nesting": (DEEP.encode(), "nested deeper than 64 levels (limit)"),
 }

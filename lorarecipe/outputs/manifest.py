@@ -98,6 +98,7 @@ class _FileDoc(BaseModel):
 
 class _OutputDoc(BaseModel):
     model_config = ConfigDict(extra="allow")
+    path: FilePath | None = None
     files: list[_FileDoc]
 
 
