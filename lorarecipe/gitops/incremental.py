@@ -142,8 +142,7 @@ def _read_state(out_root: Path) -> dict[str, _StateOutput]:
 
 def has_state(out_root: Path) -> bool:
     """Whether a build recorded any output in this root (else every output is to be built)."""
-    outputs = _read_state(out_root).get("outputs")
-    return isinstance(outputs, dict) and bool(outputs)
+    return bool(_read_state(out_root))
 
 
 def _listed_outputs(out_root: Path) -> set[str]:
