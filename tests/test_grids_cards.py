@@ -17,6 +17,7 @@ from lorarecipe.compiler import compile_recipe
 from lorarecipe.outputs.modelcard import CardInput, render_card
 from lorarecipe.plan import SaveCheckpoint, SaveLora
 from lorarecipe.recipe.load import load_recipe
+from tests.helpers.golden import assert_golden
 from tests.helpers.recipes import build_text, write_recipe
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -149,7 +150,4 @@ def test_model_card_golden(tmp_path: Path) -> None:
         if isinstance(step, (SaveCheckpoint, SaveLora)):
             texts.append(render_card(plan, step, facts).replace(str(tmp_path), "<tmp>"))
     text = "\n\n=====\n\n".join(texts)
-    golden = GOLDEN / "model_cards.md"
-    if not golden.exists():  # pragma: no cover - first run writes it; review and commit
-        golden.write_text(text)
-    assert text == golden.read_text()
+    assert_golden(text, GOLDEN / "model_cards.md")
