@@ -92,6 +92,63 @@ def test_internal_errors_exit_3(
     assert "this is a bug" in capsys.readouterr().err
 
 
+MERGE_ONLY = """\
+base: builtin:tiny-sd
+adapters:
+  style: builtin:tiny-sd/style
+  detail: builtin:tiny-sd/detail
+merges:
+  both:
+    method: cat
+    adapters: [style, detail]
+outputs:
+  lora: {kind: lora, adapter: both, path: lora}
+"""
+
+
+@pytest.mark.parametrize(
+    ("failure", "code", "expected"),
+    [
+        (
+            RuntimeError("index out of range in a helper"),
+            3,
+            "internal error in step merge:both: RuntimeError",
+        ),
+        (OSError(28, "No space left on device"), 1, "step merge:both failed: OSError: [Errno 28] No space"),
+        (MemoryError(), 1, "step merge:both failed: out of memory"),
+        (
+            RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"),
+            1,
+            "step merge:both failed: RuntimeError",
+        ),
+    ],
+    ids=["bug", "disk-full", "memory", "device-oom"],
+)
+def test_a_failure_inside_a_step_is_a_bug_unless_the_user_can_act_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    failure: BaseException,
+    code: int,
+    expected: str,
+) -> None:
+    """An unexpected exception in a step exits 3 asking for a report, located at the step's recipe
+    line (``merges.both`` is on line 6); a full disk or an out-of-memory is the user's to fix: exit 1."""
+    import lorarecipe.runner.pipeline.merge
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(lorarecipe.runner.pipeline.merge, "merge_adapters", fail)
+    recipe = write_recipe(tmp_path, MERGE_ONLY)
+    assert main(["build", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == code
+    err = capsys.readouterr().err
+    assert expected in err
+    assert f"{recipe}:6:3: error: merges.both: " in err.replace(str(Path.cwd()) + "/", "")
+    assert ("this is a bug in lorarecipe, please report it" in err) == (code == 3)
+    assert not (tmp_path / "out" / "lora").exists()
+
+
 def test_schema_file_is_in_sync(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema"]) == 0
     assert capsys.readouterr().out == (REPO / "schemas" / "recipe.schema.json").read_text()
@@ -118,6 +175,7 @@ def test_public_api_is_pinned() -> None:
             "ExecutorRefusal",
             "InputUnavailableError",
             "IntegrityError",
+            "InternalError",
             "LockError",
             "LorarecipeError",
             "Problem",

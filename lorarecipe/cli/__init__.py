@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import LorarecipeError, UsageError
+from ..errors import InternalError, LorarecipeError, UsageError
 from ..runner.executor import EXECUTOR_MODES
 from .commands import (
+    BUG_BANNER,
+    EXIT_BUG,
     EXIT_ERRORS,
     EXIT_OK,
     cmd_build,
@@ -32,7 +34,7 @@ from .commands import (
 
 __all__ = ["main", "make_parser"]
 
-EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,6 +127,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
+    except InternalError as exc:
+        if json_mode:
+            print(
+                json.dumps(
+                    {"ok": False, "internal_error": True, "problems": [p.to_json() for p in exc.problems]}
+                )
+            )
+        print(BUG_BANNER, file=sys.stderr)
+        print(exc.traceback, file=sys.stderr, end="")
+        print_problems(exc.problems)
+        return EXIT_BUG
     except LorarecipeError as exc:
         if json_mode:
             print(json.dumps({"ok": False, "problems": [p.to_json() for p in exc.problems]}, indent=2))
@@ -136,10 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_OK
     except BaseException:
-        print(
-            "internal error: this is a bug in lorarecipe, please report it with the text below",
-            file=sys.stderr,
-        )
+        print(BUG_BANNER, file=sys.stderr)
         traceback.print_exc()
         return EXIT_BUG
 

@@ -19,6 +19,7 @@ from ..errors import LockError, LorarecipeError, Problem, UsageError
 from ..recipe.load import find_recipe_files, parse_overrides
 
 __all__ = [
+    "EXIT_BUG",
     "EXIT_ERRORS",
     "EXIT_OK",
     "cmd_build",
@@ -30,7 +31,8 @@ __all__ = [
     "print_problems",
 ]
 
-EXIT_OK, EXIT_ERRORS = 0, 1
+EXIT_OK, EXIT_ERRORS, EXIT_BUG = 0, 1, 3
+BUG_BANNER = "internal error: this is a bug in lorarecipe, please report it with the text below"
 
 
 def _source_text(file: str) -> str | None:
@@ -151,9 +153,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": not failed, "builds": [o.to_json() for o in outcomes]}, indent=2))
     for outcome in failed:
+        if outcome.internal:
+            print(BUG_BANNER, file=sys.stderr)
+            print(outcome.traceback, file=sys.stderr, end="")
         print_problems(outcome.problems)
     if not args.json:
         print(_summary(outcomes), file=sys.stderr)
+    if any(o.internal for o in failed):
+        return EXIT_BUG
     return EXIT_ERRORS if failed else EXIT_OK
 
 

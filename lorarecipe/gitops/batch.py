@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BuildError, LockError, LorarecipeError, Problem, UsageError
+from ..errors import BuildError, InternalError, LockError, LorarecipeError, Problem, UsageError
 from ..recipe.load import LoadedRecipe, RecipeBuild, load_recipe
 from ..runner.progress import Reporter
 
@@ -48,6 +48,8 @@ class BuildOutcome:
     skipped: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     fingerprint: str | None = None
+    internal: bool = False  # failed on a bug in lorarecipe (InternalError), not on the user's input
+    traceback: str = ""  # with ``internal``: where the bug surfaced, for the report
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class BuildOutcome:
             "outputs": self.outputs,
             "up_to_date": self.skipped,
             "fingerprint": self.fingerprint,
+            "internal_error": self.internal,
             "problems": [p.to_json() for p in self.problems],
         }
 
@@ -151,6 +154,8 @@ def build_recipe_file(path: Path, options: BatchOptions, several: bool) -> list[
             raise
         except LorarecipeError as exc:
             outcome = BuildOutcome(loaded.display, build.label, str(out), False, problems=exc.problems)
+            if isinstance(exc, InternalError):
+                outcome.internal, outcome.traceback = True, exc.traceback
         outcome.seconds = time.perf_counter() - started
         outcomes.append(outcome)
     return outcomes
