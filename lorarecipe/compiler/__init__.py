@@ -110,6 +110,7 @@ def _steps(
                 svd_rank=merge.svd_rank,
                 svd_clamp=merge.svd_clamp,
                 svd_full_matrices=merge.svd_full_matrices,
+                svd_driver=merge.svd_driver,
                 seed=merge.seed,
                 components=tuple(merge.components) if merge.components else None,
             )

@@ -56,7 +56,7 @@ def strategy_lines(plan: Plan, adapters: list[str] | None = None, fused: bool = 
         parts = ", ".join(f"{n} × {w:g}" for n, w in zip(merge.adapters, merge.weights, strict=True))
         opts = [
             f"{k} {getattr(merge, k)}"
-            for k in ("density", "majority_sign_method", "svd_rank", "svd_clamp")
+            for k in ("density", "majority_sign_method", "svd_rank", "svd_clamp", "svd_driver")
             if getattr(merge, k) is not None
         ]
         if COMBINATION_TYPES[merge.method].random:

@@ -193,6 +193,7 @@ class MergeAdapters(Step):
     svd_rank: int | None = None
     svd_clamp: float | None = None
     svd_full_matrices: bool = True
+    svd_driver: str | None = None
     seed: int = 0
     components: tuple[str, ...] | None = None
 

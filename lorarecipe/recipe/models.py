@@ -51,6 +51,8 @@ Scalar = str | bool | int | float
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 BLOCK_KEY = Annotated[str, StringConstraints(pattern=r"^block_[0-9]{1,3}$")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6)]
+SvdDriver = Literal["gesvd", "gesvdj", "gesvda"]  # torch.linalg.svd's cuSOLVER drivers (CUDA only)
+SVD_CLAMP_MIN = 0.5  # PEFT's clamp quantile must lie above the median, see MergeSpec._clamp_above_the_median
 
 
 class _Spec(BaseModel):
@@ -276,8 +278,20 @@ class MergeSpec(_AdapterWeights):
     svd_rank: int | None = Field(
         None, ge=1, le=4096, description="Rank of *_svd results (default: max rank)."
     )
-    svd_clamp: float | None = Field(None, gt=0.0, le=1.0, description="Quantile clamp of SVD results.")
+    svd_clamp: float | None = Field(
+        None,
+        le=1.0,
+        json_schema_extra={"exclusiveMinimum": SVD_CLAMP_MIN},
+        description="Quantile clamp of SVD results: both factors are clamped to ±(this quantile of their "
+        "entries), e.g. 0.99. Must be above 0.5: at or below the median the quantile is ≤ 0 and every "
+        "entry becomes one constant.",
+    )
     svd_full_matrices: bool = Field(True, description="torch.linalg.svd full_matrices (False is faster).")
+    svd_driver: SvdDriver | None = Field(
+        None,
+        description="torch.linalg.svd driver for svd methods (cuSOLVER: gesvd, gesvdj, gesvda). Only on "
+        "CUDA builds; default: torch's choice.",
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of torch's RNG before the merge (DARE draws).")
     components: list[Component] | None = Field(None, description="Components to merge (default: all).")
 
@@ -293,9 +307,28 @@ class MergeSpec(_AdapterWeights):
             raise ValueError(f"'density' has no effect with method {self.method!r}")
         if not rule.majority_sign and self.majority_sign_method is not None:
             raise ValueError(f"'majority_sign_method' has no effect with method {self.method!r}")
-        if not rule.svd and (self.svd_rank is not None or self.svd_clamp is not None):
-            raise ValueError(f"'svd_rank'/'svd_clamp' only apply to svd methods, not {self.method!r}")
+        if not rule.svd and (
+            self.svd_rank is not None or self.svd_clamp is not None or self.svd_driver is not None
+        ):
+            raise ValueError(
+                f"'svd_rank'/'svd_clamp'/'svd_driver' only apply to svd methods, not {self.method!r}"
+            )
         return self
+
+    @field_validator("svd_clamp")
+    @classmethod
+    def _clamp_above_the_median(cls, value: float | None) -> float | None:
+        """PEFT clamps U·S and Vh to [-q, q] with q = quantile(entries, svd_clamp)
+        (``_svd_generalized_task_arithmetic_weighted_adapter``). SVD factors carry arbitrary signs per
+        singular pair, so their entries are balanced around 0: at or below the median q ≤ 0, and
+        ``clamp(min=-q, max=q)`` with min ≥ max sets every entry to q — the adapter is destroyed."""
+        if value is not None and value <= SVD_CLAMP_MIN:
+            raise ValueError(
+                f"svd_clamp {value} cannot work: PEFT clamps the SVD factors to ±(the {value} quantile of "
+                "their entries), which is ≤ 0 at or below 0.5 (the factors' entries are balanced around "
+                "0), and then sets every entry to one constant; use a value above 0.5, typically 0.99"
+            )
+        return value
 
 
 class SetAdaptersSpec(_AdapterWeights):

@@ -7,6 +7,12 @@ Each step runs in ``step_context`` so a failure names its recipe line. One pipel
 grid variants switch with set_adapters / disable_lora, never by reloading. It builds every output
 kind, so it is the last executor of every mode.
 
+An output ``dtype`` other than the base's means one thing on both executors: fused in float32 and
+rounded once to that dtype. For a float32 base that is fuse, then cast; for a half-precision base the
+checkpoints in another dtype are built first on a second, float32 load of the base (the LoRA factors
+then stay float32 too, as in the streaming fuser), while grids and the base-dtype checkpoints use the
+base-dtype pipeline.
+
 The package: ``load`` (the base, safely), ``adapters`` (one LoRA file, refusing silent drops),
 ``merge`` (PEFT ``add_weighted_adapter``), ``fuse`` (``fuse_lora`` + post-fuse check), ``save``
 (folders, single files, LoRA files), ``grids`` (sample grids).
@@ -14,6 +20,7 @@ The package: ``load`` (the base, safely), ``adapters`` (one LoRA file, refusing 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from ...fs.paths import resolve_output
@@ -56,6 +63,14 @@ class PipelineExecutor:
         options = state.options
         base = plan.step("base")
         assert isinstance(base, LoadBase)
+        rounded_once = self._other_dtype_checkpoints(plan, base, wanted, state)
+        if rounded_once:
+            pipeline_dtype = state.dtype
+            self.build(_loaded_in_float32(plan), rounded_once, state)
+            state.dtype = pipeline_dtype
+            wanted -= set(rounded_once)
+            if not wanted:
+                return []
         quiet_libraries(load=True)
         with state.step(base, "load base"):
             pipe, state.dtype = load_pipeline(base, state.inputs["base"].path, state.config, options.device)
@@ -122,3 +137,27 @@ class PipelineExecutor:
                     files = [final]
                 state.outputs[step.output] = OutputRecord(self.name, files, fuse=check)
         return []
+
+    @staticmethod
+    def _other_dtype_checkpoints(
+        plan: Plan, base: LoadBase, wanted: set[str], state: BuildState
+    ) -> list[str]:
+        """Checkpoints asked in a dtype other than a half-precision base's: fused on a float32 load."""
+        from .load import load_dtype
+
+        stored = load_dtype(base, state.inputs["base"].path)
+        if stored == "float32":
+            return []
+        return [
+            s.output
+            for s in plan.of_type(SaveCheckpoint)
+            if s.output in wanted and s.dtype is not None and s.dtype != stored
+        ]
+
+
+def _loaded_in_float32(plan: Plan) -> Plan:
+    """The same plan with the base loaded in float32 (an exact upcast of a half-precision base)."""
+    steps = tuple(
+        dataclasses.replace(s, dtype="float32") if isinstance(s, LoadBase) else s for s in plan.steps
+    )
+    return dataclasses.replace(plan, steps=steps)

@@ -4,7 +4,9 @@ MergeAdapters step + pipeline -> a new adapter in every component that has any o
 Handled here, not passed on: weights set by ``set_adapters`` multiply into the merge (reset to 1.0
 first); an existing name makes PEFT silently do nothing (refused); DARE draws from torch's global
 RNG (seeded from the recipe before each component); an adapter absent from a component (a UNet-only
-LoRA in a text-encoder merge) is left out of that component's merge instead of failing.
+LoRA in a text-encoder merge) is left out of that component's merge instead of failing — unless only
+one adapter is left and PEFT's lone-adapter ``linear`` is not the method's result (the compiler refuses
+that from headers; refused here too, never merged silently); ``svd_driver`` only on CUDA.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from ...errors import BuildError
 from ...plan import MergeAdapters
+from ...recipe.vocabulary import lone_adapter_merge_is_exact
 
 __all__ = ["lora_components", "merge_adapters"]
 
@@ -60,6 +63,19 @@ def reset_weights(pipe: Any) -> None:
                     module.set_scale(adapter, 1.0)
 
 
+def svd_driver_here(model: Any, step: MergeAdapters) -> str:
+    """The merge's ``svd_driver``, refused where torch cannot use it: ``torch.linalg.svd(driver=…)``
+    only works on CUDA tensors (cuSOLVER); on CPU and MPS it raises for every driver."""
+    device = next(iter(model.parameters())).device
+    if device.type != "cuda":
+        raise BuildError(
+            f"merge {step.name!r}: svd_driver {step.svd_driver!r} only works on CUDA (cuSOLVER), "
+            f"but this merge runs on {device.type}; remove svd_driver or build with --device cuda"
+        )
+    assert step.svd_driver is not None
+    return step.svd_driver
+
+
 def merge_adapters(pipe: Any, step: MergeAdapters) -> list[str]:
     """Run one merge in every component that has at least one input; returns those components."""
     import torch
@@ -75,6 +91,14 @@ def merge_adapters(pipe: Any, step: MergeAdapters) -> list[str]:
         present = [(n, w) for n, w in zip(step.adapters, step.weights, strict=True) if n in model.peft_config]
         if not present:
             continue
+        if len(present) == 1:
+            config = model.peft_config[present[0][0]]
+            rank = max([config.r, *config.rank_pattern.values()])
+            if not lone_adapter_merge_is_exact(step.method, step.svd_rank, step.svd_clamp, rank):
+                raise BuildError(
+                    f"merge {step.name!r}: only {present[0][0]!r} has {comp} layers; PEFT would merge it "
+                    f"alone with 'linear', ignoring method {step.method!r}",
+                )
         reset_weights(pipe)
         torch.manual_seed(step.seed)
         view = as_lora_model(model)
@@ -90,6 +114,8 @@ def merge_adapters(pipe: Any, step: MergeAdapters) -> list[str]:
             kwargs["density"] = step.density
         if step.majority_sign_method is not None:
             kwargs["majority_sign_method"] = step.majority_sign_method
+        if step.svd_driver is not None:
+            kwargs["svd_driver"] = svd_driver_here(model, step)
         view.add_weighted_adapter(
             [n for n, _ in present], [float(w) for _, w in present], step.name, **kwargs
         )
