@@ -222,6 +222,7 @@ def _grid_step(ctx: CompileContext, name: str, out: GridOutput, path: str, famil
         sweep_weights=tuple(out.sweep.weights) if out.sweep and out.sweep.weights else None,
         sweep_lora_scale=tuple(out.sweep.lora_scale) if out.sweep and out.sweep.lora_scale else None,
         trigger_words=words if out.trigger_words else (),
+        threads=out.threads,
     )
 
 

@@ -265,6 +265,7 @@ class RenderGrid(OutputStep):
     sweep_weights: tuple[float, ...] | None = None
     sweep_lora_scale: tuple[float, ...] | None = None
     trigger_words: tuple[tuple[str, tuple[str, ...]], ...] = ()  # adapter -> words, for prompts
+    threads: int = 1  # torch intra-op threads while rendering: images depend on it on CPU
 
 
 @dataclass(frozen=True)

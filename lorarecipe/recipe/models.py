@@ -456,6 +456,15 @@ class GridOutput(_Spec):
         description="Columns: 'base', 'mix', 'fused', or adapter/merge names.",
     )
     sweep: SweepSpec | None = None
+    threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="torch intra-op threads while rendering (the setting is restored afterwards). A "
+        "fixed count makes CPU images byte-identical on any machine (results depend on how sums are "
+        "split between threads); 1 is fastest for the built-in tiny models, raise it for real models "
+        "on CPU. No effect on GPU kernels.",
+    )
     trigger_words: bool = Field(
         True, description="Prefix each prompt with the trigger words of the adapters active in the cell."
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ...fs.paths import resolve_output
 from ...plan import (
@@ -36,6 +37,9 @@ from ...plan import (
     SaveLora,
 )
 from ..build_state import BuildState, FuseCheck, OutputRecord
+
+if TYPE_CHECKING:
+    from .grids import GridRenderer
 
 __all__ = ["PipelineExecutor"]
 
@@ -71,6 +75,14 @@ class PipelineExecutor:
             wanted -= set(rounded_once)
             if not wanted:
                 return []
+        grids = [g for g in plan.of_type(RenderGrid) if g.output in wanted]
+        facts = _grid_facts(plan, base, state)
+        renderers = {g.output: GridRenderer(plan, g, facts) for g in grids}
+        if wanted == {g.output for g in grids} and not any(r.needs_pipeline for r in renderers.values()):
+            state.dtype = state.dtype or facts["dtype"]
+            for grid in grids:  # every cell is in the cell cache: no pipeline to load
+                self._write_grid(grid, renderers[grid.output], state)
+            return []
         quiet_libraries(load=True)
         with state.step(base, "load base"):
             pipe, state.dtype = load_pipeline(base, state.inputs["base"].path, state.config, options.device)
@@ -97,11 +109,11 @@ class PipelineExecutor:
                     step.dtype,
                 )
                 state.outputs[step.output] = OutputRecord(self.name, [file])
-        grids = [g for g in plan.of_type(RenderGrid) if g.output in wanted]
-        renderers = {g.output: GridRenderer(pipe, plan, g, options.device) for g in grids}
         for grid in grids:
-            with state.step(grid, f"sample {grid.path}"):
-                renderers[grid.output].render_unfused()
+            renderers[grid.output].attach(pipe)
+            if renderers[grid.output].needs_pipeline:
+                with state.step(grid, f"sample {grid.path}"):
+                    renderers[grid.output].render_unfused()
         fuse_steps = plan.of_type(FuseAdapters)
         checkpoints = [s for s in plan.of_type(SaveCheckpoint) if s.output in wanted]
         check: FuseCheck | None = None
@@ -111,17 +123,11 @@ class PipelineExecutor:
                 report = fuse_adapters(pipe, fuse)
             check = FuseCheck(report.changed, report.expected, report.components)
             for grid in grids:
-                with state.step(grid, f"sample {grid.path} (fused)"):
-                    renderers[grid.output].render_fused()
+                if renderers[grid.output].needs_fused:
+                    with state.step(grid, f"sample {grid.path} (fused)"):
+                        renderers[grid.output].render_fused()
         for grid in grids:
-            with state.step(grid, f"write {grid.path}"):
-                final = resolve_output(options.out_root, grid.path)
-                result = renderers[grid.output].write(final, options.stamp(grid.output))
-                state.outputs[grid.output] = OutputRecord(
-                    self.name,
-                    [final, *result.extra_files],
-                    fused_vs_runtime_max_diff=result.fused_vs_runtime_max_diff,
-                )
+            self._write_grid(grid, renderers[grid.output], state)
         for step in sorted(checkpoints, key=lambda s: _SAVE_ORDER.get(s.dtype, 1)):
             with state.step(step, f"write {step.path}"):
                 if step.dtype and step.dtype != state.dtype:
@@ -137,6 +143,18 @@ class PipelineExecutor:
                     files = [final]
                 state.outputs[step.output] = OutputRecord(self.name, files, fuse=check)
         return []
+
+    def _write_grid(self, grid: RenderGrid, renderer: GridRenderer, state: BuildState) -> None:
+        cached = sum(len(v) for v in renderer.images.values()) - renderer.rendered
+        label = f"write {grid.path}" + (f" ({cached} cells from the cell cache)" if cached else "")
+        with state.step(grid, label):
+            final = resolve_output(state.options.out_root, grid.path)
+            result = renderer.write(final, state.options.stamp(grid.output))
+            state.outputs[grid.output] = OutputRecord(
+                self.name,
+                [final, *result.extra_files],
+                fused_vs_runtime_max_diff=result.fused_vs_runtime_max_diff,
+            )
 
     @staticmethod
     def _other_dtype_checkpoints(
@@ -161,3 +179,20 @@ def _loaded_in_float32(plan: Plan) -> Plan:
         dataclasses.replace(s, dtype="float32") if isinstance(s, LoadBase) else s for s in plan.steps
     )
     return dataclasses.replace(plan, steps=steps)
+
+
+def _grid_facts(plan: Plan, base: LoadBase, state: BuildState) -> dict[str, Any]:
+    """What grid cell keys need from the build: the pipeline's dtype and device, and the content hash of
+    every base/adapter input (and of a single-file base's config folder)."""
+    from ...fs.hashing import content_digest
+    from .load import load_dtype
+
+    digests: dict[str, str | None] = {
+        s.id: content_digest(state.inputs[s.id].path)
+        for s in plan.steps
+        if isinstance(s, (LoadBase, LoadAdapter)) and s.id in state.inputs
+    }
+    if state.config is not None:
+        digests["config"] = content_digest(state.config)
+    dtype = load_dtype(base, state.inputs["base"].path)
+    return {"dtype": dtype, "device": state.options.device, "digests": digests}
