@@ -194,3 +194,34 @@ def test_public_api_is_pinned() -> None:
         ]
     )
     assert callable(lorarecipe.load_recipe) and callable(lorarecipe.compile_recipe)
+
+
+def test_text_mode_says_what_was_rebuilt_and_counts_the_steps_it_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --json: the closing line counts the step lines printed, and the summary names the outputs
+    rebuilt and those up to date (no empty matrix 'build' column for a recipe without a matrix)."""
+    from lorarecipe.runner.progress import LineReporter
+
+    monkeypatch.setattr("lorarecipe.runner.progress.make_reporter", lambda quiet, lines=False: LineReporter())
+    recipe = write_recipe(
+        tmp_path, MERGE_ONLY + "  fused: {kind: pipeline, path: fused}\nfuse: {adapters: [style]}\n"
+    )
+    out = str(tmp_path / "out")
+    assert main(["build", str(recipe), "--out", out]) == 0
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    title = lines.index("build recipe")
+    done = next(i for i, line in enumerate(lines) if line.startswith("build recipe: done, "))
+    steps = [line for line in lines[title + 1 : done] if line.startswith("  ") and ": " not in line]
+    assert lines[done] == f"build recipe: done, {len(steps)} steps"
+    header, row = lines[done + 1], lines[done + 2]
+    assert header.split() == ["recipe", "result", "time", "rebuilt", "up", "to", "date", "output"]
+    assert "fused, lora" in row and row.split()[-1] == out
+
+    # only the LoRA output's merge changes: the fused pipeline is up to date
+    recipe.write_text(recipe.read_text().replace("method: cat", "method: svd"))
+    assert main(["build", str(recipe), "--out", out]) == 0
+    row = capsys.readouterr().err.splitlines()[-1]
+    cells = row.split()
+    assert cells[cells.index("ok") + 2 : cells.index("ok") + 4] == ["lora", "fused"]

@@ -84,7 +84,14 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="build recipes (a file or a folder of recipes)")
     p.add_argument("recipes", nargs="+")
-    p.add_argument("--out", type=Path, help="output root (default: build/<recipe name>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="one recipe file: its output folder (a matrix builds each combination into DIR/<combination>); "
+        "several recipes or a folder: the parent, each recipe builds into DIR/<recipe name>. "
+        "Default: build/<recipe name> for each recipe",
+    )
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
     p.add_argument(
         "--executor",

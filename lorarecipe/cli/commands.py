@@ -122,11 +122,25 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _summary(outcomes: Sequence[Any]) -> str:
-    rows = [("recipe", "build", "result", "time", "output")]
+    """One row per build: recipe, matrix build (only when a recipe has a matrix), result, time, the
+    outputs rebuilt and those up to date, the output folder."""
+    matrix = any(o.build for o in outcomes)
+    rows = [("recipe", *(("build",) if matrix else ()), "result", "time", "rebuilt", "up to date", "output")]
     for o in outcomes:
         result = "ok" if o.ok else "FAILED"
-        rows.append((o.recipe, o.build or "-", result, f"{o.seconds:.1f}s", o.out or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        rebuilt = ", ".join(o.outputs) or "-"
+        fresh = ", ".join(o.skipped) or "-"
+        row = (
+            o.recipe,
+            *((o.build or "-",) if matrix else ()),
+            result,
+            f"{o.seconds:.1f}s",
+            rebuilt,
+            fresh,
+            o.out or "-",
+        )
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
 
 
