@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 import lorarecipe.runner.pipeline.grid_cache as grid_cache
+from lorarecipe.plan.view import describe_weight
 from lorarecipe.runner.pipeline import load as pipeline_load
-from lorarecipe.runner.pipeline.grids import GridRenderer, describe_weight
+from lorarecipe.runner.pipeline.grids import GridRenderer
 from tests.helpers.recipes import build_text
 
 REPO = Path(__file__).resolve().parents[1]

@@ -108,11 +108,25 @@ def _write_card(
         image = folder / "images" / Path(grid.path).name
         atomic_write_bytes(image, resolve_output(out_root, grid.path).read_bytes())
         card.grid_path = f"images/{image.name}"
-        card.grid_caption = f"Rows: prompt × seed; columns: {', '.join(grid.variants)} ({grid.steps} steps)."
+        card.grid_caption = grid_caption(grid)
         state.outputs[step.output].files.append(image)
     readme = folder / "README.md"
     atomic_write_text(readme, render_card(plan, step, card))
     state.outputs[step.output].files.append(readme)
+
+
+def grid_caption(grid: RenderGrid) -> str:
+    """The card's line under the sample grid: its rows, every column (the sweep's too) and settings."""
+    columns = list(grid.variants)
+    if grid.sweep_adapter and grid.sweep_weights:
+        columns += [f"{grid.sweep_adapter} = {w:g}" for w in grid.sweep_weights]
+    if grid.sweep_lora_scale:
+        columns += [f"lora_scale = {s:g}" for s in grid.sweep_lora_scale]
+    size = f", {grid.width}×{grid.height}" if grid.width and grid.height else ""
+    return (
+        f"Rows: prompt × seed; columns: {', '.join(columns)} "
+        f"({grid.steps} steps, guidance {grid.guidance:g}{size})."
+    )
 
 
 def _carry_over(out_root: Path, plan: Plan, built: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

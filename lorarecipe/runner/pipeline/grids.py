@@ -33,10 +33,11 @@ from ...plan import (
     SetAdapters,
     thaw_weight,
 )
+from ...plan.view import describe_weight
 from ...recipe.vocabulary import FAMILIES
 from .grid_cache import CachedBatch, CellCache, batch_key
 
-__all__ = ["GridRenderer", "GridResult", "describe_weight"]
+__all__ = ["GridRenderer", "GridResult"]
 
 BATCH = 4
 
@@ -65,32 +66,6 @@ class GridResult:
     extra_files: list[Path] = field(default_factory=list)
     cells: list[dict[str, Any]] = field(default_factory=list)
     fused_vs_runtime_max_diff: float | None = None
-
-
-def describe_weight(weight: Any) -> str:
-    """A set_adapters weight as short readable text: ``0.7``, or per component and block
-    ``unet(down 0.9, up block_1 0.6/1) text_encoder 0.8``."""
-
-    def number(value: Any) -> str:
-        if isinstance(value, list):
-            return "/".join(number(v) for v in value)
-        return f"{value:g}" if isinstance(value, (int, float)) else str(value)
-
-    def blocks(value: Any) -> str:
-        if isinstance(value, dict):
-            return " ".join(f"{k} {number(v)}" for k, v in value.items())
-        return number(value)
-
-    value = thaw_weight(weight)
-    if not isinstance(value, dict):
-        return number(value)
-    parts = []
-    for component, part in value.items():
-        if isinstance(part, dict):
-            parts.append(f"{component}({', '.join(f'{k} {blocks(v)}' for k, v in part.items())})")
-        else:
-            parts.append(f"{component} {number(part)}")
-    return " ".join(parts)
 
 
 def _zero_unfused(weight: Any, components: tuple[str, ...] | None, all_components: list[str]) -> Any:
