@@ -17,6 +17,7 @@ from typing import Any
 from ..diagnostics import render_github, render_text
 from ..errors import LockError, LorarecipeError, Problem, UsageError
 from ..recipe.load import find_recipe_files, parse_overrides
+from ..recipe.yaml_source import recipe_text
 
 __all__ = [
     "EXIT_BUG",
@@ -35,16 +36,6 @@ EXIT_OK, EXIT_ERRORS, EXIT_BUG = 0, 1, 3
 BUG_BANNER = "internal error: this is a bug in lorarecipe, please report it with the text below"
 
 
-def _source_text(file: str) -> str | None:
-    try:
-        path = Path(file)
-        if path.is_file() and path.stat().st_size <= 1_000_000:
-            return path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    return None
-
-
 def print_problems(problems: Sequence[Problem], stream: Any = None) -> None:
     """Compiler-style text with snippets, grouped by file."""
     stream = stream or sys.stderr
@@ -52,7 +43,7 @@ def print_problems(problems: Sequence[Problem], stream: Any = None) -> None:
     for problem in problems:
         by_file.setdefault(problem.span.file if problem.span else None, []).append(problem)
     for file, group in by_file.items():
-        print(render_text(group, _source_text(file) if file else None), file=stream)
+        print(render_text(group, recipe_text(file) if file else None), file=stream)
     errors = sum(p.severity == "error" for p in problems)
     if errors:
         print(f"{errors} error{'s' if errors != 1 else ''}", file=stream)

@@ -16,7 +16,7 @@ from ..builtin.catalog import BUILTIN_BASES, BUILTIN_LORAS, builtin_inventory
 from ..diagnostics import did_you_mean
 from ..errors import LorarecipeError
 from ..fs.hubcache import cached_file, cached_snapshot
-from ..fs.paths import resolve_input
+from ..fs.paths import check_input, resolve_input
 from ..inspect import (
     BaseInfo,
     ComponentInfo,
@@ -31,6 +31,7 @@ from ..inspect import (
 )
 from ..inspect.base_model import check_model_index
 from ..plan import Check, Source
+from ..recipe.load import path_text
 from ..recipe.vocabulary import FAMILIES
 from .context import CompileContext
 
@@ -99,6 +100,16 @@ def _builtin_base_info(name: str) -> BaseInfo:
     )
 
 
+def _confined(ctx: CompileContext, path: tuple[Any, ...], found: Path, kind: str) -> bool:
+    """Whether an input passes the read confinement (reported at ``path`` when it does not)."""
+    try:
+        check_input(found, kind, ctx.root, ctx.allow_read, path_text(path))
+    except LorarecipeError as exc:
+        ctx.error(path, exc.message)
+        return False
+    return True
+
+
 def _local(ctx: CompileContext, path: tuple[Any, ...], ref: str, want_dir: bool) -> Path | None:
     """Resolve a recipe-relative path; report confinement, absence and file/folder mix-ups."""
     try:
@@ -125,7 +136,7 @@ def _local(ctx: CompileContext, path: tuple[Any, ...], ref: str, want_dir: bool)
             "name the exact .safetensors file inside it",
         )
         return None
-    return resolved
+    return resolved if _confined(ctx, path, resolved, "local") else None
 
 
 def _check_base(ctx: CompileContext) -> InputFacts:
@@ -151,7 +162,7 @@ def _check_base(ctx: CompileContext) -> InputFacts:
                     f"{source.describe()}: not in the local Hugging Face cache; unchecked until fetched",
                 )
             )
-        else:
+        elif _confined(ctx, ("base", "hub"), cached[1], "hub"):
             base_path = cached[1]
             info = _inspect(ctx, ("base", "hub"), lambda: inspect_diffusers_folder(cached[1], spec.variant))
     else:
@@ -239,6 +250,8 @@ def _adapter_header(ctx: CompileContext, name: str, spec: Any) -> AdapterFacts:
                     "Hugging Face cache; unchecked until fetched",
                 )
             )
+            return facts
+        if not _confined(ctx, (*where, "hub"), cached[1], "hub"):
             return facts
         facts.path = cached[1]
     else:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError, InternalError, LockError, LorarecipeError, Problem, UsageError
+from ..fs.paths import check_output_root
 from ..recipe.load import LoadedRecipe, RecipeBuild, load_recipe
 from ..runner.progress import Reporter
 
@@ -93,6 +94,7 @@ def _run_build(
     """Compile one build, skip the outputs that are up to date, run the rest."""
     from ..compiler import compile_recipe
     from .incremental import output_keys, record_state, stale_outputs
+    from .lock import lock_path
 
     outcome = BuildOutcome(loaded.display, build.label, str(out), False)
     plan = compile_recipe(loaded, build, allow_read=options.allow_read)
@@ -102,6 +104,7 @@ def _run_build(
         from .lock import resolve_frozen
 
         resolved = resolve_frozen(plan, lock, loaded.root, options.allow_read)
+    check_output_root(out)  # its state is read below: never through a symlink
     keys = output_keys(plan, loaded.root, options.allow_read)
     stale = set(keys) if options.force else stale_outputs(out, keys)
     outcome.skipped = sorted(set(keys) - stale)
@@ -128,6 +131,7 @@ def _run_build(
             reporter=options.reporter,
             on_success=remember,
             executor=options.executor,
+            protected=(loaded.path, lock_path(loaded.path)),
         )
         outcome.outputs = sorted(result.outputs)
     outcome.ok = True

@@ -488,7 +488,7 @@ def find_recipe_files(paths: Sequence[str | Path]) -> list[Path]:
                 p
                 for p in path.rglob("*")
                 if p.suffix in (".yaml", ".yml")
-                and p.is_file()
+                and (p.is_file() or p.is_symlink())  # a symlink is reported when read, never skipped
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             files.extend(found)

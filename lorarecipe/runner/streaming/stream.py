@@ -322,12 +322,14 @@ def stream_fuse(
     adapter_paths: Mapping[str, Path],
     final: Path,
     metadata: Mapping[str, str],
+    before_swap: Callable[[Path], None] | None = None,
 ) -> StreamReport:
     """Fuse the plan's FuseAdapters step into the base and write ``save``'s output at ``final``.
 
     ``base_path`` is the base diffusers folder, or the single file when LoadBase.single_file (then
     ``config_path`` is its diffusers config folder); ``adapter_paths`` maps adapter names to LoRA
-    files; ``metadata`` goes into every safetensors file written. Raises ``StreamingUnsupported`` for
+    files; ``metadata`` goes into every safetensors file written; ``before_swap(folder)`` completes a
+    folder output (its model card) before it replaces the final one. Raises ``StreamingUnsupported`` for
     what the stream cannot reproduce exactly (LoRA bias, DoRA, unreadable single-file layouts), and
     ``BuildError`` for what no route could build (NaN/Inf, a LoRA that fits no base weight).
     """
@@ -338,6 +340,8 @@ def stream_fuse(
             with atomic_dir(final) as tmp:
                 stream.write(tmp)
                 _copy_files(tmp, stream.folder, config_path, stream.outs, stream.dtype)
+                if before_swap is not None:
+                    before_swap(tmp)
         else:
             with atomic_file(final) as tmp:
                 stream.write(tmp)

@@ -100,7 +100,35 @@ def _check_rounding(fused: Any, rounded: Any, target: FuseTarget, stats: WriteSt
         if not bad:
             stats.max_abs_diff_vs_fp32 = max(stats.max_abs_diff_vs_fp32, diff)
     if bad:
-        raise BuildError(f"fused weight {target.component}.{target.module_name} contains NaN/Inf")
+        name = f"{target.component}.{target.module_name}"
+        if (
+            rounded.dtype != torch.float32
+            and bool(torch.isinf(rounded).any())
+            and not bool(rounded.isnan().any())
+        ):
+            raise BuildError(_overflow_message(f"fused weight {name}", rounded.dtype))
+        raise BuildError(f"fused weight {name} contains NaN/Inf")
+
+
+def _overflow_message(what: str, dtype: Any) -> str:
+    import torch
+
+    largest = torch.finfo(dtype).max
+    return (
+        f"{what} overflows {str(dtype).removeprefix('torch.')}: values beyond ±{largest:.6g} would become "
+        "Inf; save this output in a wider dtype (dtype: float32 or bfloat16) or lower the weights"
+    )
+
+
+def convert(base: Any, out_dtype: Any, name: str) -> Any:
+    """An untouched tensor in the output dtype; refused when narrowing it overflows (finite -> Inf)."""
+    import torch
+
+    out = base.to(out_dtype)
+    narrower = out.is_floating_point() and torch.finfo(out.dtype).max < torch.finfo(base.dtype).max
+    if narrower and bool(torch.isinf(out).any()) and not bool(torch.isinf(base).any()):
+        raise BuildError(_overflow_message(f"weight {name}", out_dtype))
+    return out
 
 
 def compute(
@@ -117,7 +145,7 @@ def compute(
         base = _load_part(reader, part)
         target = targets.get((part.component, part.key))
         if target is None:
-            pieces.append(base.to(out_dtype))
+            pieces.append(convert(base, out_dtype, f"{part.component}.{part.key}"))
             continue
         stats.used.add((part.component, part.key))
         fused = fused_weight(base, target)
@@ -180,7 +208,7 @@ def write_chunked(
         data = reader.read(part.path, offset + start * stored_row, (stop - start) * stored_row)
         base = torch.frombuffer(data, dtype=stored).reshape((stop - start, *diffusers_shape[1:]))
         if target is None:
-            out = base.to(out_dtype)
+            out = convert(base, out_dtype, f"{part.component}.{part.key}")
         else:
             fused = fused_weight(base, target, (start, stop))
             out = fused.to(out_dtype)
