@@ -8,13 +8,13 @@ Library code raises these; only ``cli.py`` prints them and picks an exit code::
     │   ├── RecipeValidationError        YAML fine, schema violated (pydantic)
     │   └── RecipeCompileError           schema fine, references/files/ranks/paths wrong
     ├── UsageError                       bad command line (unknown --set name, ...) -> exit 2
-    ├── InternalError                    a bug in lorarecipe surfaced inside a plan step -> exit 3
     └── BuildError                       something failed while building     -> exit 1
         ├── InputUnavailableError        model/file not present (offline, not cached)
         ├── UnsafeInputError             pickle, path escape, NaN/Inf, oversized header
         ├── IntegrityError               a hash does not match the lock/manifest
         ├── LockError                    lock missing or stale with --frozen; output root busy
         ├── StepFailedError              a plan step failed; carries the step and recipe location
+        ├── InternalError                a bug surfaced inside a plan step (located)    -> exit 3
         └── ExecutorRefusal              an executor cannot build an output; the next one may
             └── StreamingUnsupported     the streaming fuser cannot reproduce this exactly
 
@@ -109,28 +109,6 @@ class UsageError(LorarecipeError):
     """The command line is wrong (exit code 2)."""
 
 
-@dataclass
-class InternalError(LorarecipeError):
-    """An unexpected exception inside a plan step: not something the user can fix in the recipe or on
-    the machine, but a bug in lorarecipe (or in a library it drives). Still located at the step and
-    its recipe line, so the report says where; the CLI exits 3 and asks for a report."""
-
-    step_id: str
-    cause: str
-    span: SourceSpan | None = None
-    path: str = ""
-    traceback: str = ""  # the original exception's traceback, for the bug report
-    problems: list[Problem] = field(init=False)
-
-    def __post_init__(self) -> None:
-        message = f"internal error in step {self.step_id}: {self.cause}"
-        hint = "this is a bug in lorarecipe, please report it (with the recipe and the output of --version)"
-        LorarecipeError.__init__(self, message, [Problem(message, path=self.path, span=self.span, hint=hint)])
-
-    def __str__(self) -> str:
-        return self.message
-
-
 class BuildError(LorarecipeError):
     """Building failed."""
 
@@ -167,6 +145,28 @@ class StepFailedError(BuildError):
         LorarecipeError.__init__(
             self, message, [Problem(message, path=self.path, span=self.span, hint=self.hint)]
         )
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class InternalError(BuildError):
+    """An unexpected exception inside a plan step: not something the user can fix in the recipe or on
+    the machine, but a bug in lorarecipe (or in a library it drives). Still located at the step and
+    its recipe line, so the report says where; the CLI exits 3 and asks for a report."""
+
+    step_id: str
+    cause: str
+    span: SourceSpan | None = None
+    path: str = ""
+    traceback: str = ""  # the original exception's traceback, for the bug report
+    problems: list[Problem] = field(init=False)
+
+    def __post_init__(self) -> None:
+        message = f"internal error in step {self.step_id}: {self.cause}"
+        hint = "this is a bug in lorarecipe, please report it (with the recipe and the output of --version)"
+        LorarecipeError.__init__(self, message, [Problem(message, path=self.path, span=self.span, hint=hint)])
 
     def __str__(self) -> str:
         return self.message
