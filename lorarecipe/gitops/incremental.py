@@ -26,7 +26,7 @@ from ..fs.paths import resolve_input
 from ..outputs.manifest import MANIFEST_NAME, library_versions
 from ..plan import LoadAdapter, LoadBase, Plan, Source, canonical_json
 
-__all__ = ["STATE_DIR", "output_keys", "record_state", "stale_outputs"]
+__all__ = ["STATE_DIR", "has_state", "output_keys", "record_state", "stale_outputs"]
 
 STATE_DIR = ".lorarecipe"
 _KEY_LIBRARIES = ("lorarecipe", "torch", "diffusers", "peft", "transformers", "safetensors")
@@ -104,6 +104,12 @@ def _read_state(out_root: Path) -> dict[str, Any]:
         if isinstance(data, dict):
             return data
     return {}
+
+
+def has_state(out_root: Path) -> bool:
+    """Whether a build recorded any output in this root (else every output is to be built)."""
+    outputs = _read_state(out_root).get("outputs")
+    return isinstance(outputs, dict) and bool(outputs)
 
 
 def _listed_outputs(out_root: Path) -> set[str]:

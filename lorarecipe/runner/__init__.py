@@ -15,9 +15,10 @@ formula), ``pipeline/`` and ``streaming/`` (the two executors), ``records``, and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,19 @@ class BuildResult:
     manifest: Path | None = None
     device: str = "cpu"
     seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count for the executors, restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def require_build_extra() -> None:
@@ -105,20 +119,22 @@ def run_plan(
     on_success: Callable[[dict[str, list[Path]]], None] | None = None,
     executor: str = "auto",
     protected: Sequence[Path] = (),
+    threads: int | None = None,
 ) -> BuildResult:
     """Build ``outputs`` (default: all) of ``plan`` into ``out_root``; returns what was written.
 
     ``executor`` is a mode of :data:`~lorarecipe.runner.executor.EXECUTOR_MODES`. ``on_success(written)``
     runs after the manifest, still under the output root's lock (the incremental-build state is
     recorded there, so no other build can interleave). ``protected``: files no output may replace or
-    contain besides the inputs (the recipe, its lock).
+    contain besides the inputs (the recipe, its lock). ``threads``: torch's intra-op threads
+    (default: :func:`~lorarecipe.runner.device.thread_policy`), recorded in the manifest.
     """
     from filelock import FileLock, Timeout
 
     from .quiet import quiet_libraries
 
     quiet_libraries()
-    from .device import pick_device
+    from .device import pick_device, thread_policy
     from .executor import executors_for
 
     started = time.perf_counter()
@@ -141,6 +157,7 @@ def run_plan(
         except OSError as exc:
             raise BuildError(f"cannot clean {out_root}: {exc.strerror or exc}") from None
         chosen = pick_device(device)
+        policy = thread_policy(threads)
         wanted = [s.output for s in plan.output_steps() if outputs is None or s.output in outputs]
         reporter.begin(f"build {plan.name}" + (f" [{plan.build}]" if plan.build else ""))
         options = BuildOptions(
@@ -150,6 +167,7 @@ def run_plan(
             allow_read=tuple(allow_read),
             reporter=reporter,
             provenance=provenance(plan, recipe_text),
+            threads=policy,
         )
         state = BuildState(options)
         _resolve_inputs(plan, state, resolved or {})
@@ -164,15 +182,16 @@ def run_plan(
 
         def record(name: str, built: OutputRecord) -> None:
             entry = output_entry(plan, plan.output_step(name), built)
-            journal.record(name, entry, built.files)
+            journal.record(name, entry, built.files, built.hashes)
 
         state.on_output = record
         state.card_writer = card_writer(plan, state, recipe_text)
         left = wanted
-        for runner in executors_for(executor):
-            if not left:
-                break
-            left = runner.build(plan, left, state)
+        with _torch_threads(policy.threads):
+            for runner in executors_for(executor):
+                if not left:
+                    break
+                left = runner.build(plan, left, state)
         if left:
             raise BuildError(f"internal: no executor built {', '.join(left)}")
         add_grid_to_cards(plan, state, recipe_text, journal)

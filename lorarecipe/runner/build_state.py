@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..plan import OutputStep, Step
+from .device import ThreadPolicy
 from .inputs import ResolvedInput
 from .progress import Reporter
 from .step_context import step_context
@@ -33,6 +34,7 @@ class BuildOptions:
     allow_read: tuple[Path, ...]
     reporter: Reporter
     provenance: dict[str, str]  # metadata stamped into every safetensors file and PNG
+    threads: ThreadPolicy | None = None  # torch intra-op threads (recorded in the manifest)
 
     def stamp(self, output: str) -> dict[str, str]:
         """The provenance metadata of one output's files."""
@@ -69,6 +71,8 @@ class OutputRecord:
     files: list[Path]
     fuse: FuseCheck | None = None
     fused_vs_runtime_max_diff: float | None = None  # grids that show ``fused``
+    #: sha256 and size of files the executor hashed while writing them (not read again)
+    hashes: dict[Path, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -15,7 +15,7 @@ built; a root a killed old build left that way is read from there once.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +62,23 @@ class ManifestJournal:
         if gone or not (self.out_root / MANIFEST_NAME).is_file():
             self._write()
 
-    def record(self, name: str, entry: dict[str, Any], files: Iterable[Path]) -> None:
-        """List a complete output: ``entry`` (kind, path, executor, …) plus every file's hash."""
-        self.outputs[name] = {**entry, "files": [file_entry(p, self.out_root) for p in files]}
+    def record(
+        self,
+        name: str,
+        entry: dict[str, Any],
+        files: Iterable[Path],
+        known: Mapping[Path, tuple[str, int]] | None = None,
+    ) -> None:
+        """List a complete output: ``entry`` (kind, path, executor, …) plus every file's hash (``known``:
+        hashes computed while writing, used when the file's size still matches)."""
+        self.outputs[name] = {**entry, "files": [self._entry(p, known or {}) for p in files]}
         self._write()
+
+    def _entry(self, path: Path, known: Mapping[Path, tuple[str, int]]) -> dict[str, Any]:
+        found = known.get(path)
+        if found is not None and path.stat().st_size == found[1]:
+            return {"path": path.relative_to(self.out_root).as_posix(), "sha256": found[0], "size": found[1]}
+        return file_entry(path, self.out_root)
 
     def unlist(self, name: str) -> dict[str, Any]:
         """Unlist a listed output whose files are about to change; returns its entry for ``relist``."""

@@ -69,13 +69,14 @@ def _output_kind(step: OutputStep) -> str:
 
 
 def output_entry(plan: Plan, step: OutputStep, record: OutputRecord) -> dict[str, Any]:
-    """An output's manifest entry (without its files): kind, executor, path, the step's key, and the
-    fingerprint of the plan that built it."""
+    """An output's manifest entry (without its files): kind, executor, path, the step's key, the key of
+    its part of the plan (``lorarecipe publish`` checks it), and the fingerprint of the plan that built it."""
     entry: dict[str, Any] = {
         "kind": _output_kind(step),
         "executor": record.executor,
         "path": step.path,
         "step": step.key(),
+        "plan_part": plan.part_key(step.id),
         "built_by_fingerprint": plan.fingerprint(),
     }
     if isinstance(step, RenderGrid):
@@ -104,6 +105,7 @@ def finish_manifest(
         "inputs": [_input_doc(k, v) for k, v in state.inputs.items()],
         "seeds": seeds,
         "device": state.options.device,
+        "threads": state.options.threads.to_json() if state.options.threads else None,
         "dtypes": {"pipeline": state.dtype},
         "libraries": library_versions(),
         "checks": {

@@ -77,5 +77,6 @@ class StreamingExecutor:
                 peak_rss_bytes=report.peak_rss_bytes,
                 lora_factors_from_cache=report.factors_cached,
             )
-            state.add_output(name, OutputRecord(self.name, files, fuse=check))
+            hashes = {(final / rel if rel else final): digest for rel, digest in report.file_hashes.items()}
+            state.add_output(name, OutputRecord(self.name, files, fuse=check, hashes=hashes))
         return left

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ class StreamReport:
     seconds: float
     max_abs_diff_vs_fp32: float | None = None
     factors_cached: bool = False  # the LoRA factors came from the cache: diffusers/PEFT not imported
+    #: sha256 and size of each safetensors file written, by path relative to the output ("" for a
+    #: single file), computed while writing
+    file_hashes: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 def peak_rss_bytes() -> int | None:
@@ -241,6 +244,7 @@ class _Stream:
         self.stats = WriteStats()
         self.outs: list[OutFile] = []
         self.from_cache = False
+        self.hashes: dict[str, tuple[str, int]] = {}  # sha256 and size per output file (relative path)
         self._storing: list[threading.Thread] = []
 
     def out_dtype(self, stored: str) -> str:
@@ -265,6 +269,10 @@ class _Stream:
                 targets = _rekey(targets, self.folder)
             writer.finish(targets, self.stats)
             _check_all_used(targets, self.stats)
+            self.hashes = {
+                (path.relative_to(root).as_posix() if path != root else ""): digest
+                for path, digest in writer.hashes.items()
+            }
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -357,4 +365,5 @@ def stream_fuse(
         seconds=time.perf_counter() - started,
         max_abs_diff_vs_fp32=stats.max_abs_diff_vs_fp32,
         factors_cached=stream.from_cache,
+        file_hashes=stream.hashes,
     )
