@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .atomic import atomic_write_text, cache_root
 
-__all__ = ["content_digest", "sha256_file", "sha256_text"]
+__all__ = ["path_digest", "sha256_file", "sha256_text"]
 
 _CHUNK = 4 * 1024 * 1024
 _memory: dict[str, str] = {}
@@ -95,7 +95,7 @@ def _hash_and_remember(path: Path, key: str) -> str:
     return value
 
 
-def content_digest(path: Path) -> str | None:
+def path_digest(path: Path) -> str | None:
     """The content hash of a file (its sha256) or of a folder (the sorted list of every visible file's
     relative path and sha256, as canonical JSON); None when the path does not exist."""
     if path.is_file():

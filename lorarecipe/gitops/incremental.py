@@ -20,7 +20,7 @@ from typing import Any
 from ..builtin.catalog import builtin_base_dir, builtin_lora_file
 from ..errors import LorarecipeError
 from ..fs.atomic import atomic_write_text
-from ..fs.hashing import content_digest
+from ..fs.hashing import path_digest
 from ..fs.hubcache import cached_file, cached_snapshot
 from ..fs.paths import resolve_input
 from ..outputs.manifest import MANIFEST_NAME, library_versions
@@ -64,7 +64,7 @@ def input_digest(
     path = _local_path(step.source, recipe_root, allow_read, isinstance(step, LoadBase))
     if path is None:
         return None
-    digest = content_digest(path)
+    digest = path_digest(path)
     return InputDigest(digest) if digest is not None else None
 
 

@@ -186,15 +186,15 @@ def _loaded_in_float32(plan: Plan) -> Plan:
 def _grid_facts(plan: Plan, base: LoadBase, state: BuildState) -> dict[str, Any]:
     """What grid cell keys need from the build: the pipeline's dtype and device, and the content hash of
     every base/adapter input (and of a single-file base's config folder)."""
-    from ...fs.hashing import content_digest
+    from ...fs.hashing import path_digest
     from .load import load_dtype
 
     digests: dict[str, str | None] = {
-        s.id: content_digest(state.inputs[s.id].path)
+        s.id: path_digest(state.inputs[s.id].path)
         for s in plan.steps
         if isinstance(s, (LoadBase, LoadAdapter)) and s.id in state.inputs
     }
     if state.config is not None:
-        digests["config"] = content_digest(state.config)
+        digests["config"] = path_digest(state.config)
     dtype = load_dtype(base, state.inputs["base"].path)
     return {"dtype": dtype, "device": state.options.device, "digests": digests}
