@@ -202,3 +202,16 @@ def test_relative_output_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert main(["build", "recipe.yaml", "--quiet"]) == 0  # the default root, build/<name>, is relative too
     assert (tmp_path / "build" / "inc" / "manifest.json").is_file()
     assert recipe.is_file()
+
+
+def test_a_first_build_on_an_empty_cache_is_up_to_date_afterwards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The built-in models are made during the first build: its state must still record their
+    hashes, or the second build rebuilds everything."""
+    monkeypatch.setenv("LORARECIPE_CACHE", str(tmp_path / "empty-cache"))
+    recipe = write_recipe(tmp_path, RECIPE)
+    first = _build(recipe, tmp_path / "out", capsys=capsys)
+    assert first["outputs"] == ["fused", "grid", "lora"]
+    again = _build(recipe, tmp_path / "out", capsys=capsys)
+    assert again["outputs"] == [] and again["up_to_date"] == ["fused", "grid", "lora"]

@@ -145,8 +145,11 @@ def _run_build(
         require_build_extra()
 
         def remember(written: dict[str, list[Path]]) -> None:  # runs under the output root's lock
+            found = keys.result()
+            if any(key is None for key in found.values()):  # an input appeared during the build (a
+                found = output_keys(plan, loaded.root, options.allow_read)  # built-in model made, a download)
             try:
-                record_state(out, keys.result(), written)
+                record_state(out, found, written)
             except OSError as exc:
                 raise BuildError(f"cannot record the build state in {out}: {exc.strerror or exc}") from None
 
