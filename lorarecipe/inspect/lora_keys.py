@@ -8,13 +8,13 @@ load the file (or would silently load nothing) and lorarecipe does not convert i
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..fs.json_files import JsonFileError, parse_json
 from .safetensors_header import SafetensorsHeader, TensorInfo
 
 __all__ = ["COMPONENT_ORDER", "LoraInfo", "LoraModule", "inspect_lora"]
@@ -256,9 +256,9 @@ def _group_keys(header: SafetensorsHeader) -> tuple[dict[tuple[str, str], _Group
 
 def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, Any]:
     """diffusers' ``lora_adapter_metadata``: a JSON object of '<component>.<LoraConfig field>'."""
-    try:
-        parsed = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    except (ValueError, RecursionError):
+    try:  # invalid metadata is ignored here; loading the file refuses it (diffusers parses it too)
+        parsed = parse_json(metadata.get("lora_adapter_metadata", "{}"), "lora_adapter_metadata")
+    except JsonFileError:
         return {}
     return parsed if isinstance(parsed, dict) else {}
 
