@@ -20,6 +20,7 @@ from PIL import Image
 from lorarecipe.compiler import compile_recipe
 from lorarecipe.recipe.load import load_recipe
 from lorarecipe.runner import run_plan
+from tests.helpers.batch_builds import forget_rendered_cells
 from tests.helpers.recipes import write_recipe
 
 pytestmark = pytest.mark.slow
@@ -36,6 +37,11 @@ outputs:
   grid: {{kind: grid, path: grid.png, prompts: [a cat], seeds: [0, 1], steps: 2,
          variants: [base, first, mix, fused], sweep: {{lora_scale: [1.5]}}, compile: {compile}}}
 """
+
+
+@pytest.fixture(autouse=True)
+def _render_every_cell() -> None:
+    forget_rendered_cells()
 
 
 def _build(folder: Path, text: str, pipelines: Any = None) -> Path:

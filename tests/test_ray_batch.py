@@ -18,7 +18,7 @@ import pytest
 
 from lorarecipe.gitops.batch import BatchOptions, build_recipes
 from lorarecipe.recipe.load import find_recipe_files
-from tests.helpers.batch_builds import FOLDERS, REPO, assert_same_builds, write_batch
+from tests.helpers.batch_builds import FOLDERS, REPO, assert_same_builds, forget_rendered_cells, write_batch
 from tests.helpers.recipes import write_recipe
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'lorarecipe[ray]')")
@@ -53,6 +53,7 @@ def test_ray_batch_equals_each_build_alone_even_after_a_worker_dies(
     recipes = cold_batch["recipes"]
     broken = _recipe_with_a_nan_lora(tmp_path / "broken")
     options = BatchOptions(out=tmp_path / "ray", executor="diffusers", ray="", workers=2)
+    forget_rendered_cells()
     outcomes = build_recipes([*find_recipe_files([str(recipes)]), broken], options, several=True)
     assert [o.ok for o in outcomes] == [True] * 4 + [False], [o.problems for o in outcomes]
     # a build that fails on its worker is reported, located, and stops nothing

@@ -17,7 +17,7 @@ import pytest
 from lorarecipe.gitops.batch import BatchOptions, build_recipes, plan_jobs
 from lorarecipe.gitops.jobs import BuildJob, run_job
 from lorarecipe.recipe.load import find_recipe_files
-from tests.helpers.batch_builds import FOLDERS, assert_same_builds
+from tests.helpers.batch_builds import FOLDERS, assert_same_builds, forget_rendered_cells
 
 
 @pytest.mark.slow
@@ -25,6 +25,7 @@ def test_warm_batch_is_byte_identical_to_each_build_alone(
     cold_batch: dict[str, Path], tmp_path: Path
 ) -> None:
     options = BatchOptions(out=tmp_path / "warm", executor="diffusers")
+    forget_rendered_cells()
     outcomes = build_recipes(find_recipe_files([str(cold_batch["recipes"])]), options, several=True)
     assert [o.ok for o in outcomes] == [True] * 4, [o.problems for o in outcomes]
     # one pipeline load for the whole batch: every later build reused it

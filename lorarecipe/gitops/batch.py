@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import LockError, LorarecipeError, Problem, UsageError
+from ..errors import InternalError, LockError, LorarecipeError, Problem, UsageError
 from ..recipe.load import LoadedRecipe, load_recipe
 from ..runner.progress import Reporter
 from .jobs import BuildJob, BuildOutcome, JobSettings, run_job
@@ -102,6 +102,8 @@ def _plan_file(
             raise
         except LorarecipeError as exc:
             failed = BuildOutcome(loaded.display, build.label, str(out), False, problems=exc.problems)
+            if isinstance(exc, InternalError):
+                failed.internal, failed.traceback = True, exc.traceback
             failed.seconds = time.perf_counter() - started
             planned.append(failed)
             continue

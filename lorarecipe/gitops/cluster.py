@@ -11,7 +11,7 @@ once.
 Failures: a recipe or build error is that build's outcome (no retry: it would fail again); a worker
 that dies (killed, out of memory, node lost) is replaced by a fresh actor and its build is retried,
 at most ``retries`` times; an exception from a bug in lorarecipe is that build's failure, reported
-with the worker's traceback. None of them stops the other builds.
+with the worker's traceback (exit 3, as locally). None of them stops the other builds.
 
 Why a batch scheduler here and not a Ray ``Executor`` in ``runner/``: an executor builds some
 outputs of one plan inside ``run_plan``, which holds the output root's lock and the manifest journal
@@ -239,9 +239,10 @@ def _collect(
                 Problem(f"the Ray worker building it died {attempts[job.index]} times: {type(exc).__name__}")
             ]
             return failed
-        failed.problems = [
-            Problem(f"internal error (a bug in lorarecipe) on a Ray worker: {_last_lines(exc)}")
-        ]
+        message = f"internal error on a Ray worker: {type(exc).__name__}"
+        hint = "this is a bug in lorarecipe, please report it (with the recipe and the output of --version)"
+        failed.problems = [Problem(message, hint=hint)]
+        failed.internal, failed.traceback = True, str(exc).rstrip() + "\n"
         return failed
     if usage is not None:
         raise UsageError(usage)
@@ -249,6 +250,3 @@ def _collect(
     return outcome
 
 
-def _last_lines(exc: BaseException, lines: int = 12) -> str:
-    text = str(exc).strip().splitlines()
-    return "\n".join(text[-lines:])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import BuildError, LorarecipeError, Problem, UsageError
+from ..errors import BuildError, InternalError, LorarecipeError, Problem, UsageError
 from ..fs.paths import check_output_root
 from ..plan import LoadBase, Plan
 
@@ -42,6 +42,8 @@ class BuildOutcome:
     skipped: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     fingerprint: str | None = None
+    internal: bool = False  # failed on a bug in lorarecipe (InternalError), not on the user's input
+    traceback: str = ""  # with ``internal``: where the bug surfaced, for the report
     worker: dict[str, Any] | None = None  # who ran it (host, pid, Ray ids, pipeline loaded/reused)
 
     def to_json(self) -> dict[str, Any]:
@@ -54,6 +56,7 @@ class BuildOutcome:
             "outputs": self.outputs,
             "up_to_date": self.skipped,
             "fingerprint": self.fingerprint,
+            "internal_error": self.internal,
             "problems": [p.to_json() for p in self.problems],
             "worker": self.worker,
         }
@@ -156,6 +159,8 @@ def run_job(
         raise
     except LorarecipeError as exc:
         outcome.problems = exc.problems
+        if isinstance(exc, InternalError):
+            outcome.internal, outcome.traceback = True, exc.traceback
         if pipelines is not None:
             pipelines.discard()
     outcome.seconds = time.perf_counter() - started

@@ -195,6 +195,7 @@ class MergeAdapters(Step):
     svd_rank: int | None = None
     svd_clamp: float | None = None
     svd_full_matrices: bool = True
+    svd_driver: str | None = None
     seed: int = 0
     components: tuple[str, ...] | None = None
 
@@ -266,6 +267,7 @@ class RenderGrid(OutputStep):
     sweep_weights: tuple[float, ...] | None = None
     sweep_lora_scale: tuple[float, ...] | None = None
     trigger_words: tuple[tuple[str, tuple[str, ...]], ...] = ()  # adapter -> words, for prompts
+    threads: int = 1  # torch intra-op threads while rendering: images depend on it on CPU
     #: how to render (``none``/``regional``; None: as the build is told). An execution choice like
     #: the device, so not part of the step's key or the plan's fingerprint (``compare=False``).
     compile: str | None = field(default=None, compare=False)

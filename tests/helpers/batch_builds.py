@@ -76,6 +76,16 @@ BUILDS = [("mix.yaml", ""), ("ties.yaml", ""), ("sweep.yaml", "s-0.5"), ("sweep.
 FOLDERS = ["mix", "ties", "sweep/s-0.5", "sweep/s-1.0"]
 
 
+def forget_rendered_cells() -> None:
+    """Empty the grid cell cache, so that the next build renders every cell on its own pipeline
+    (a comparison with cells the reference build cached would prove nothing)."""
+    import shutil
+
+    from lorarecipe.fs.atomic import cache_root
+
+    shutil.rmtree(cache_root() / "grid-cells", ignore_errors=True)
+
+
 def write_batch(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in RECIPES.items():

@@ -158,6 +158,14 @@ class WarmPipelines:
             made[mode] = CompiledDenoiser(pipe, mode, self.compile_backend)
         return made[mode]
 
+    def compile_key(self, mode: str) -> str | None:
+        """What a grid's cell keys record of how it renders: None for eager, else the mode and the
+        backend (compiled pixels may differ from eager ones, and between backends, by rounding)."""
+        if mode == "none":
+            return None
+        backend = self.compile_backend
+        return f"{mode}:{backend if isinstance(backend, str) else type(backend).__qualname__}"
+
     def discard(self) -> None:
         """Forget the warm pipeline (after a failed build, or to free its memory)."""
         self._entry = None
