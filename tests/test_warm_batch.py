@@ -85,6 +85,8 @@ def test_warm_pipeline_after_a_build_equals_a_fresh_load(cold_batch: dict[str, P
     assert sorted(vars(warm.scheduler)) == sorted(vars(fresh.scheduler))
     assert torch.equal(warm.scheduler.timesteps, fresh.scheduler.timesteps)
     assert warm.get_list_adapters() == {} and not getattr(warm, "_merged_adapters", set())
+    # a fast tokenizer keeps the last call's padding/truncation: it must be the loaded one again
+    assert warm.tokenizer.backend_tokenizer.to_str() == fresh.tokenizer.backend_tokenizer.to_str()
 
 
 @pytest.mark.slow
@@ -110,3 +112,28 @@ def test_a_warm_pipeline_that_cannot_be_proven_pristine_is_reloaded(tmp_path: Pa
     assert first is second and pipelines.reuses == 1
     first.to(dtype=torch.float16)  # a cast: a different pipeline now
     assert pipelines.acquire(base, path, None, "cpu")[0] is not first and pipelines.loads == 3
+
+
+@pytest.mark.slow
+def test_a_saved_pipeline_does_not_depend_on_whether_its_grid_was_rendered(tmp_path: Path) -> None:
+    """The grid's calls leave padding/truncation on the fast tokenizer, which save_pretrained writes
+    into tokenizer.json; with every cell cached the grid makes no call. The saved pipeline holds the
+    tokenizer as loaded either way."""
+    from lorarecipe.cli import main
+    from tests.helpers.recipes import DEMO_LIKE, write_recipe
+
+    text = (
+        DEMO_LIKE
+        + "  grid: {kind: grid, path: grid.png, prompts: [a cat], seeds: [0], steps: 2, variants: [mix]}\n"
+    )
+    recipe = write_recipe(tmp_path, text)
+    forget_rendered_cells()
+    for out in ("rendered", "cached"):
+        assert (
+            main(["build", str(recipe), "--out", str(tmp_path / out), "--executor", "diffusers", "--quiet"])
+            == 0
+        )
+    manifest = json.loads((tmp_path / "cached" / "manifest.json").read_text())
+    assert manifest["outputs"]["grid"]["files"]  # built from cached cells: no pipeline call at all
+    tokenizer = "fused/tokenizer/tokenizer.json"
+    assert (tmp_path / "rendered" / tokenizer).read_bytes() == (tmp_path / "cached" / tokenizer).read_bytes()

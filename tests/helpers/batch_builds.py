@@ -44,7 +44,7 @@ RECIPES = {
           toy: builtin:tiny-sd/toy
           pixel: builtin:tiny-sd/pixel
         merges:
-          toy-pixel: {method: ties, density: 0.5, adapters: {toy: 1.0, pixel: 0.8}}
+          toy-pixel: {method: ties, density: 0.5, adapters: {toy: 1.0, pixel: 0.8}, components: [unet]}
         set_adapters:
           adapters: {toy: 0.8, pixel: 0.6}
         outputs:

@@ -68,6 +68,7 @@ class PipelineExecutor:
         from .grids import GridRenderer
         from .merge import merge_adapters
         from .save import cast_pipeline, save_lora, save_pipeline, save_single_file
+        from .warm import processors, restore_processors
 
         wanted = set(outputs)
         if not wanted:
@@ -100,6 +101,7 @@ class PipelineExecutor:
             pipe, state.dtype = self.pipelines.acquire(
                 base, state.inputs["base"].path, state.config, options.device
             )
+            as_loaded = processors(pipe)  # tokenizers and scheduler as loaded, for saved pipelines
         for grid in grids:  # before any adapter: the compiled copy never carries a PEFT layer
             if modes[grid.output] != "none" and renderers[grid.output].needs_pipeline:
                 with state.step(grid, f"compile the denoiser ({modes[grid.output]})"):
@@ -156,6 +158,9 @@ class PipelineExecutor:
                     state.dtype = step.dtype
                 final = resolve_output(options.out_root, step.path)
                 if step.layout is CheckpointLayout.DIFFUSERS:
+                    # a fast tokenizer keeps the last grid call's padding/truncation and would write
+                    # it into tokenizer.json: a saved pipeline holds them as loaded, grid or not
+                    restore_processors(pipe, as_loaded)
                     hub_id = base.source.ref if base.source.kind == "hub" else None
                     save_pipeline(pipe, final, options.stamp(step.output), hub_id, state.before_swap(step))
                     files = sorted(p for p in final.rglob("*") if p.is_file())

@@ -13,7 +13,9 @@ Before a reused pipeline is handed out it is made pristine again, never by arith
   hook some library left);
 - every tensor is copied back in place from a pristine copy taken right after the load
   (``tensor.copy_(pristine)``: never ``unfuse_lora``, which drifts, and never a new ``Parameter``,
-  so a compiled denoiser stays valid), and the scheduler is a fresh copy of the loaded one.
+  so a compiled denoiser stays valid), and every component that is not a torch module (scheduler,
+  tokenizers, feature extractors) is a fresh copy of the loaded one: a fast tokenizer keeps the last
+  call's padding and truncation and writes them into a saved ``tokenizer.json`` (``processors``).
 
 The pristine copy lives in host memory (the size of the base's weights). ``keep=False`` (one build
 alone) keeps nothing and costs nothing. One base at a time: a new base evicts the old one.
@@ -29,7 +31,7 @@ from typing import Any
 
 from ...plan import LoadBase
 
-__all__ = ["BaseKey", "WarmPipelines", "base_key"]
+__all__ = ["BaseKey", "WarmPipelines", "base_key", "processors", "restore_processors"]
 
 BaseKey = tuple[Any, ...]
 
@@ -87,6 +89,25 @@ def signature(pipe: Any) -> tuple[Any, ...]:
     return (tuple(modules), tuple(tensors), type(getattr(pipe, "scheduler", None)).__qualname__)
 
 
+def processors(pipe: Any) -> dict[str, Any]:
+    """Copies of the pipeline's components that are not torch modules (scheduler, tokenizers, feature
+    extractors), as they are now: their runtime state changes with every call."""
+    import torch
+
+    return {
+        name: copy.deepcopy(component)
+        for name, component in pipe.components.items()
+        if component is not None and not isinstance(component, torch.nn.Module)
+    }
+
+
+def restore_processors(pipe: Any, saved: dict[str, Any]) -> None:
+    """Put fresh copies of ``saved`` (``processors``) back into the pipeline (the pipeline's config
+    keeps the same library and class entries)."""
+    for name, component in saved.items():
+        setattr(pipe, name, copy.deepcopy(component))
+
+
 def _has_lora(pipe: Any) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -101,7 +122,7 @@ class _Entry:
     pristine: dict[str, Any]  # tensor name -> host copy
     attributes: dict[str, frozenset[str]]
     signature: tuple[Any, ...]
-    scheduler: Any
+    processors: dict[str, Any]  # scheduler, tokenizers, …: copies as loaded
     compiled: dict[str, Any] = field(default_factory=dict)  # compile mode -> CompiledDenoiser
 
 
@@ -179,8 +200,7 @@ class WarmPipelines:
 
         with torch.no_grad():
             pristine = {k: t.detach().to("cpu", copy=True) for k, t in _tensors(pipe)}
-        scheduler = copy.deepcopy(getattr(pipe, "scheduler", None))
-        return _Entry(key, pipe, dtype, pristine, _attributes(pipe), signature(pipe), scheduler)
+        return _Entry(key, pipe, dtype, pristine, _attributes(pipe), signature(pipe), processors(pipe))
 
     @staticmethod
     def _restore(entry: _Entry) -> bool:
@@ -196,8 +216,7 @@ class WarmPipelines:
         with torch.no_grad():
             for key, tensor in _tensors(pipe):
                 tensor.copy_(entry.pristine[key])
-        if entry.scheduler is not None:
-            pipe.scheduler = copy.deepcopy(entry.scheduler)
+        restore_processors(pipe, entry.processors)
         return True
 
 
