@@ -15,11 +15,13 @@ so that all three configurations build the very same recipes:
     each keeping the base warm.
 
 Each configuration runs ``--rounds`` times, interleaved (a, b, c, a, b, c, …), with ``--force`` into
-empty folders, OMP_NUM_THREADS=1 and HF_HUB_OFFLINE=1, after one unmeasured warm-up build (so the
-built-ins and the LoRA factor cache exist for all). Reported: the median wall time, per build, the
-pipeline loads (summed from the manifests' ``worker.pipeline.loaded``), and the 1-minute load average
-before each run (the machine is shared). For (c) also the driver's planning time per build (load and
-compile, measured in-process) and the Ray overhead: wall time minus the busiest actor's build time.
+empty folders and an empty grid cell cache (within a run, later builds reuse the cells that do not
+depend on ``style_weight``, in every configuration alike), OMP_NUM_THREADS=1 and HF_HUB_OFFLINE=1,
+after one unmeasured warm-up build (so the built-ins and the LoRA factor cache exist for all).
+Reported: the median wall time, per build, the pipeline loads (summed from the manifests'
+``worker.pipeline.loaded``), and the 1-minute load average before each run (the machine is shared).
+For (c) also the driver's planning time per build (load and compile, measured in-process) and the
+Ray overhead: wall time minus the busiest actor's build time.
 Prints a markdown table for the README.
 """
 
@@ -126,11 +128,16 @@ def main() -> int:
         print(f"ray start: {time.perf_counter() - started:.1f} s", file=sys.stderr)
         configs["c"] = "(c) --ray auto, 2 actors"
     results: dict[str, list[tuple[float, int, float, float]]] = {k: [] for k in configs}
+    sys.path.insert(0, str(REPO))
+    from lorarecipe.fs.atomic import cache_root
+
+    cells = cache_root() / "grid-cells"
     try:
         for round_ in range(args.rounds):
             for key in configs:
                 out = work / f"out-{key}-{round_}"
                 shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(cells, ignore_errors=True)  # every run renders its cells itself
                 load = os.getloadavg()[0]
                 if key == "a":
                     wall, loads, docs = separate(files, out)
