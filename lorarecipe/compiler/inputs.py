@@ -15,6 +15,7 @@ from typing import Any
 from ..builtin.catalog import BUILTIN_BASES, BUILTIN_LORAS, builtin_inventory
 from ..diagnostics import did_you_mean
 from ..errors import LorarecipeError
+from ..families import family_label
 from ..fs.hubcache import cached_file, cached_snapshot
 from ..fs.paths import resolve_input
 from ..inspect import (
@@ -252,6 +253,15 @@ def _adapter_header(ctx: CompileContext, name: str, spec: Any) -> AdapterFacts:
     return facts
 
 
+def _family_mismatch(info: LoraInfo, inputs: InputFacts) -> str:
+    base = inputs.base_info
+    evidence = f" ({base.family_evidence})" if base is not None and base.family == inputs.family else ""
+    return (
+        f"this is a {family_label(info.family)} LoRA ({info.family_evidence}) but the base is "
+        f"{family_label(inputs.family)}{evidence}"
+    )
+
+
 def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any) -> None:
     where = ("adapters", name)
     facts = _adapter_header(ctx, name, spec)
@@ -269,6 +279,9 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
         )
         return
     if info is None:
+        return
+    if info.unsupported and info.family and inputs.family and info.family != inputs.family:
+        ctx.error(where, _family_mismatch(info, inputs), on_key=True)  # the more basic problem
         return
     if info.unsupported:
         ctx.error(where, f"cannot load this LoRA: {info.unsupported}", on_key=True)
@@ -318,12 +331,7 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
                 on_key=True,
             )
     elif info.family and inputs.family and info.family != inputs.family:
-        ctx.error(
-            where,
-            f"this is a {FAMILIES[info.family].label} LoRA ({info.family_evidence}) but the base is "
-            f"{FAMILIES[inputs.family].label}",
-            on_key=True,
-        )
+        ctx.error(where, _family_mismatch(info, inputs), on_key=True)
         compat_ok = False
     if compat_ok:
         ctx.checks.append(

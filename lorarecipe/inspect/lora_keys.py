@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..families import FAMILIES, family_label
+from ..families.original_names import match_lora_module
 from .safetensors_header import SafetensorsHeader, TensorInfo
 
 __all__ = ["COMPONENT_ORDER", "LoraInfo", "LoraModule", "inspect_lora"]
@@ -62,7 +64,6 @@ _DIT_HEADS = (
     "final_layer",
 )
 _KOHYA_STARTS = tuple(prefix for prefix, _ in _KOHYA_PREFIXES)
-_FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3", "flux": "FLUX.1"}
 _CROSS_WIDTHS = {
     768: ("sd1", "SD 1.x text encoder"),
     1024: ("sd2", "SD 2.x text encoder"),
@@ -326,7 +327,8 @@ def _prefix_problem(kind: str, stems: list[str], control: bool) -> str | None:
             "raw PEFT adapter keys ('base_model.model.' prefix): diffusers 0.42 misreads them "
             "(Flux fails, SD loads nothing); re-save with the pipeline's save_lora_weights"
         )
-    if kind == "peft" and any(s.startswith("diffusion_model.") for s in stems):
+    converted = _original_names(stems)
+    if kind == "peft" and any(s.startswith("diffusion_model.") for s in stems) and not converted:
         return (
             "'diffusion_model.' prefix with original (BFL/LDM) block names, as ai-toolkit writes: "
             "diffusers 0.42's Flux/SD loaders return it unchanged and load nothing"
@@ -337,7 +339,9 @@ def _prefix_problem(kind: str, stems: list[str], control: bool) -> str | None:
             "'lora_te_' prefixes: diffusers' SD/SDXL/Flux loaders do not read this layout"
         )
     prefixed = any(s.split(".", 1)[0] in COMPONENT_ORDER for s in stems)
-    if kind in ("peft", "diffusers_old") and not prefixed and not control:  # BFL control LoRAs are converted
+    if (
+        kind in ("peft", "diffusers_old") and not prefixed and not control and not converted
+    ):  # BFL control: converted
         return (
             "module names carry no component prefix ('unet.', 'transformer.', 'text_encoder.'): "
             "diffusers 0.42 would silently load nothing from this file"
@@ -346,6 +350,18 @@ def _prefix_problem(kind: str, stems: list[str], control: bool) -> str | None:
 
 
 _FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def _original_names(stems: list[str]) -> bool:
+    """Whether every stem is ``diffusion_model.`` + a module of a family whose original-layout LoRAs
+    lorarecipe converts itself (ai-toolkit's FLUX.1 files)."""
+    for family in FAMILIES.values():
+        if family.converts_original_loras and all(
+            s.startswith("diffusion_model.") and match_lora_module(family, s[len("diffusion_model.") :])
+            for s in stems
+        ):
+            return True
+    return False
 
 
 def _non_float_weights(header: SafetensorsHeader) -> str | None:
@@ -436,18 +452,51 @@ def detect_family(
     if (single_te or unet) and len(te_width) == 1 and next(iter(te_width)) in (768, 1024):
         width = next(iter(te_width))
         family = "sd1" if width == 768 else "sd2"
-        return family, f"single text encoder of width {width} ({_FAMILY_LABELS[family]})"
+        return family, f"single text encoder of width {width} ({family_label(family)})"
     return None, "no shape evidence for a known family (e.g. a tiny test model or another architecture)"
+
+
+_FLUX2 = re.compile(r"to_qkv_mlp_proj|ff(?:_context)?_linear_(?:in|out)|(?:double|single)_stream_modulation")
+_QWEN = re.compile(r"transformer_blocks_\d+_(?:img|txt)_(?:mlp|mod)")
+_BFL_MLP = re.compile(r"(?:double_blocks_\d+_(?:img|txt)_mlp_0|single_blocks_\d+_linear1)$")
+
+
+def _bfl_mlp_family(dit: list[tuple[LoraModule, str]]) -> tuple[str, str] | None:
+    """FLUX.1 and FLUX.2 share BFL module names; their MLP widths differ (GELU ×4 vs SwiGLU 2×3):
+    ``img_mlp.0`` is 4× (FLUX.1) or 6× (FLUX.2) its input, ``linear1`` is 3+4 = 7× or 3+6 = 9×."""
+    for module, flat in dit:
+        if not _BFL_MLP.search(flat) or module.in_features <= 0:
+            continue
+        ratio = module.out_features / module.in_features
+        linear1 = flat.endswith("linear1")
+        if ratio == (7 if linear1 else 4):
+            return "flux", f"'{module.name}' {module.in_features}→{module.out_features} (FLUX.1 MLP ratio)"
+        if ratio == (9 if linear1 else 6):
+            return "flux2", f"'{module.name}' {module.in_features}→{module.out_features} (FLUX.2 SwiGLU MLP)"
+    return None
 
 
 def _dit_family(dit: list[tuple[LoraModule, str]]) -> tuple[str | None, str]:
     widths = {w for m, _ in dit for w in (m.in_features, m.out_features)}
     heads = {re.split(r"_\d", f, maxsplit=1)[0] for _, f in dit}
-    qwen = any(re.match(r"transformer_blocks_\d+_(img|txt)_(mlp|mod)", f) for _, f in dit)
     flux_blocks = heads & {"single_transformer_blocks", "double_blocks", "single_blocks"}
+    flux2 = next((m.name for m, f in dit if _FLUX2.search(f)), None)
+    if flux2 is not None:
+        return "flux2", f"'{flux2}' (a FLUX.2 module: fused single-block projection or SwiGLU feed-forward)"
+    qwen = next((m.name for m, f in dit if _QWEN.match(f)), None)
+    last_joint = max(
+        (int(f.split("_")[2]) for _, f in dit if re.match(r"transformer_blocks_\d+_", f)), default=-1
+    )
+    if qwen is None and 3072 in widths and last_joint >= 19 and not flux_blocks:
+        qwen = next(m.name for m, f in dit if f.startswith(f"transformer_blocks_{last_joint}_"))
+    if qwen is not None:
+        return "qwen_image", f"'{qwen}' (Qwen-Image: 60 joint blocks with image/text MLPs; FLUX.1 has 19)"
+    by_mlp = _bfl_mlp_family(dit) if heads & {"double_blocks", "single_blocks"} else None
+    if by_mlp is not None:
+        return by_mlp
     joint = any(re.search(r"add_[qkv]_proj|to_add_out|ff_context|norm1_context", f) for _, f in dit)
     example = next((m.name for m, f in dit if f.startswith(tuple(flux_blocks or heads))), dit[0][0].name)
-    if 3072 in widths and not qwen and (flux_blocks or ("transformer_blocks" in heads and joint)):
+    if 3072 in widths and (flux_blocks or ("transformer_blocks" in heads and joint)):
         return "flux", f"'{example}' with hidden width 3072 (FLUX.1)"
     sd3_width = widths & {1536, 2432}
     mmdit = ("transformer_blocks" in heads and joint) or "joint_blocks" in heads

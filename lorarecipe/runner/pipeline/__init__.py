@@ -61,7 +61,7 @@ class PipelineExecutor:
             pipe, state.dtype = load_pipeline(base, state.inputs["base"].path, state.config, options.device)
         for step in plan.of_type(LoadAdapter):
             with state.step(step, f"load adapter {step.name}"):
-                loaded = load_adapter(pipe, step.name, state.inputs[step.id].path)
+                loaded = load_adapter(pipe, step.name, state.inputs[step.id].path, plan.family)
                 state.adapters[step.name] = loaded.modules
         for step in plan.of_type(MergeAdapters):
             with state.step(step, f"merge {step.name}"):

@@ -164,7 +164,7 @@ def prepare_adapters(
     for step in loads:
         if step.name not in adapter_paths:
             raise BuildError(f"no file for adapter {step.name!r}")
-        load_adapter(skeleton.pipe, step.name, Path(adapter_paths[step.name]))
+        load_adapter(skeleton.pipe, step.name, Path(adapter_paths[step.name]), plan.family)
     for merge in merges:
         merge_adapters(skeleton.pipe, merge)
 
