@@ -201,10 +201,16 @@ def canonical_block_spec(weights: BlockWeights) -> dict[str, Any]:
 
 
 def block_counts_from_keys(family: Family, keys: Iterable[str]) -> dict[str, int]:
-    """Denoiser state-dict keys (diffusers names) -> {group: number of blocks} (highest index + 1)."""
+    """Denoiser state-dict keys, diffusers (``transformer_blocks.3.…``) or original names
+    (``double_blocks.3.…``) -> {group: number of blocks} (highest index + 1)."""
     counts = {g.name: 0 for g in family.block_groups}
     for key in keys:
         place = block_of(family, key)
+        for group in family.block_groups if place is None else ():
+            index = key[len(group.name) + 1 :].split(".", 1)[0] if key.startswith(group.name + ".") else ""
+            place = (group, int(index)) if index.isdigit() else None
+            if place is not None:
+                break
         if place is not None:
             counts[place[0].name] = max(counts[place[0].name], place[1] + 1)
     return counts

@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 PLAN_FORMAT = 1
+OPTIONAL = "lorarecipe.optional"  # field metadata: omitted from the payload while at its default
 
 
 class Kind(ValueEnum):
@@ -138,11 +139,15 @@ class Step:
     origin: Origin | None = field(default=None, compare=False, hash=False)
 
     def payload(self) -> dict[str, Any]:
-        """Canonical content of the step (everything but the origin)."""
+        """Canonical content of the step (everything but the origin). A field added after plans were
+        first fingerprinted (metadata ``OPTIONAL``) is left out while it has its default, so the
+        steps that do not use it keep their keys."""
         doc: dict[str, Any] = {"op": self.op, "produces": self.produces.value}
         for f in fields(self):
-            if f.name != "origin":
-                doc[f.name] = _jsonable(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if f.name == "origin" or (f.metadata.get(OPTIONAL) and value == f.default):
+                continue
+            doc[f.name] = _jsonable(value)
         return doc
 
     def to_json(self) -> dict[str, Any]:
@@ -264,6 +269,7 @@ class RenderGrid(OutputStep):
     sweep_weights: tuple[float, ...] | None = None
     sweep_lora_scale: tuple[float, ...] | None = None
     trigger_words: tuple[tuple[str, tuple[str, ...]], ...] = ()  # adapter -> words, for prompts
+    true_cfg_scale: float | None = field(default=None, metadata={OPTIONAL: True})  # FLUX.1 true CFG
 
 
 @dataclass(frozen=True)

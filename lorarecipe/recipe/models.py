@@ -203,12 +203,23 @@ class UnetBlockWeights(_Spec):
     )
 
 
+BlockRangeKey = Annotated[int, Field(ge=0, le=9999)] | Annotated[str, StringConstraints(max_length=16)]
+#: Per-block transformer weights: group -> weight, or group -> {block index or 'lo-hi' range: weight}.
+TransformerBlockWeights = dict[
+    Annotated[str, StringConstraints(max_length=64)], FiniteFloat | dict[BlockRangeKey, FiniteFloat]
+]
+
+
 class ComponentWeights(_Spec):
     """Per-component weights of one adapter (diffusers' weight-dict form)."""
 
     unet: FiniteFloat | UnetBlockWeights | None = None
-    transformer: FiniteFloat | None = Field(
-        None, description="A number: diffusers ignores per-block dicts on transformer models."
+    transformer: FiniteFloat | TransformerBlockWeights | None = Field(
+        None,
+        description="A number, or per-block weights by the family's block names (lorarecipe's own: "
+        "diffusers has none for transformers), e.g. FLUX.1 {double_blocks: {0-9: 0.5}, "
+        "single_blocks: 1.0, default: 1.0}: one weight per group or per block index / inclusive "
+        "range; blocks not listed and modules outside blocks take 'default' (1.0).",
     )
     text_encoder: FiniteFloat | None = Field(
         None, description="A number (diffusers silently ignores a dict here, so lorarecipe refuses it)."
@@ -412,7 +423,17 @@ class GridOutput(_Spec):
         default_factory=lambda: [0], min_length=1, max_length=64
     )
     steps: int = Field(20, ge=1, le=500)
-    guidance: FiniteFloat = Field(7.5, description="Classifier-free guidance scale.")
+    guidance: FiniteFloat | None = Field(
+        None,
+        description="guidance_scale: classifier-free guidance for SD (default 7.5); FLUX.1's distilled "
+        "guidance embedding (default 3.5; schnell ignores it).",
+    )
+    true_cfg_scale: FiniteFloat | None = Field(
+        None,
+        gt=1.0,
+        description="FLUX.1 only: true classifier-free guidance with negative_prompt (two passes per "
+        "step). Guidance-distilled FLUX.1 takes no negative prompt without it.",
+    )
     size: int | list[int] | None = Field(
         None, description="Image size: N or [width, height] (default: the family's native size)."
     )

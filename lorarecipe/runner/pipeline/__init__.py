@@ -93,7 +93,7 @@ class PipelineExecutor:
         if fuse_steps and (checkpoints or any(r.needs_fused for r in renderers.values())):
             fuse = fuse_steps[0]
             with state.step(fuse, "fuse"):
-                report = fuse_adapters(pipe, fuse)
+                report = fuse_adapters(pipe, fuse, plan.family)
             check = FuseCheck(report.changed, report.expected, report.components)
             for grid in grids:
                 with state.step(grid, f"sample {grid.path} (fused)"):
@@ -118,7 +118,8 @@ class PipelineExecutor:
                     save_pipeline(pipe, final, options.stamp(step.output), hub_id)
                     files = sorted(p for p in final.rglob("*") if p.is_file())
                 else:
-                    save_single_file(pipe, plan.family or "sd1", final, options.stamp(step.output))
+                    fused = check.components if check is not None else ()
+                    save_single_file(pipe, plan.family or "sd1", final, options.stamp(step.output), fused)
                     files = [final]
                 state.outputs[step.output] = OutputRecord(self.name, files, fuse=check)
         return []

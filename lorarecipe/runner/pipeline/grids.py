@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...families import FAMILIES, GridCall
 from ...fs.atomic import atomic_dir, atomic_write_bytes
 from ...outputs.grid_image import compose_grid, png_bytes
 from ...plan import FuseAdapters, Plan, RenderGrid, SetAdapters, thaw_weight
-from ...recipe.vocabulary import FAMILIES
+from .fuse import apply_mix
 
 __all__ = ["GridRenderer", "GridResult"]
 
@@ -177,16 +178,28 @@ class GridRenderer:
             weights = [_zero_unfused(w, self.fuse.components, comps) for w in col.weights]
         else:
             weights = [thaw_weight(w) for w in weights]
-        pipe.set_adapters(list(col.adapters), adapter_weights=weights)
+        apply_mix(pipe, col.adapters, tuple(weights), self.plan.family)
         if col.scale is None:
             return {}
+        return {self.call.attention_kwargs: {"scale": col.scale}}
+
+    @property
+    def call(self) -> GridCall:
+        """The family's call conventions (SD's when the family is unknown)."""
         family = FAMILIES.get(self.plan.family or "sd1")
-        key = (
-            "cross_attention_kwargs"
-            if family is None or family.denoiser == "unet"
-            else "joint_attention_kwargs"
-        )
-        return {key: {"scale": col.scale}}
+        return (family or FAMILIES["sd1"]).grid
+
+    def _guidance(self, rows: int) -> dict[str, Any]:
+        """Negative prompt and true CFG as the family takes them: always for CFG families; for
+        guidance-distilled ones (FLUX.1) only with true_cfg_scale."""
+        if self.call.negative_prompt == "native":
+            return {"negative_prompt": [self.step.negative_prompt] * rows}
+        if self.step.true_cfg_scale is not None:
+            return {
+                "negative_prompt": [self.step.negative_prompt] * rows,
+                "true_cfg_scale": self.step.true_cfg_scale,
+            }
+        return {}
 
     def _render(self, col: Column) -> list[Any]:
         import torch
@@ -199,7 +212,7 @@ class GridRenderer:
             generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
             result = self.pipe(
                 prompt=prompts,
-                negative_prompt=[step.negative_prompt] * len(chunk),
+                **self._guidance(len(chunk)),
                 num_inference_steps=step.steps,
                 guidance_scale=step.guidance,
                 width=step.width,

@@ -19,6 +19,7 @@ base's dtype). Must not import torch, diffusers or peft at module import (a test
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import threading
@@ -31,10 +32,10 @@ from ...errors import BuildError, StreamingUnsupported
 from ...fs.atomic import atomic_dir, atomic_file
 from ...plan import CheckpointLayout, FuseAdapters, LoadBase, Plan, SaveCheckpoint
 from ...recipe.vocabulary import FAMILIES
-from ..fuse_math import FuseTarget
+from ..fuse_math import FuseTarget, LoraFactor
 from ..pipeline.load import load_dtype
 from .factor_cache import FactorCache
-from .factors import scalar_weights, targets_from_factors
+from .factors import fuse_block_weights, resolvable_weights, targets_from_factors
 from .positional_io import PositionalReader
 from .skeleton import Architecture, build_skeleton, fuse_targets, prepare_adapters
 from .sources import (
@@ -152,10 +153,6 @@ def _copy_files(root: Path, folder: FolderBase | None, config_path: Path | None,
         shutil.copyfile(source, target)
 
 
-# Components a single-file layout needs besides the LoRA-loadable ones (their shapes and configs).
-_SINGLE_FILE_EXTRA = ("vae", "text_encoder", "text_encoder_2")
-
-
 class _Stream:
     """One streamed checkpoint: the base, what to add where, and the files being written.
 
@@ -242,14 +239,15 @@ class _Stream:
     def _targets(self) -> tuple[dict[tuple[str, str], FuseTarget], Architecture | None]:
         """The fuse targets (from cached factors, or decided by diffusers/PEFT on the skeleton, whose
         factors are then cached in the background), and the architecture unless folder -> folder."""
-        extra = () if self.folder_to_folder else _SINGLE_FILE_EXTRA
+        # the components a single-file layout needs besides the LoRA-loadable ones (shapes and configs)
+        extra = () if self.folder_to_folder else FAMILIES[self.family].single_file_components
         cache = FactorCache(self.plan, self.fuse, self.adapter_paths, self.config_root, self.pipeline_class)
-        factors = cache.load(self.fuse.adapters) if scalar_weights(self.fuse) else None
+        factors = cache.load(self.fuse.adapters) if resolvable_weights(self.fuse) else None
         arch = None if self.folder_to_folder else cache.load_architecture(extra)
         needs_arch = arch is None and not self.folder_to_folder
         if factors is not None and not needs_arch:
             self.from_cache = True
-            return targets_from_factors(factors, self.fuse), arch
+            return self._from_factors(factors), arch
         from ..quiet import quiet_libraries
 
         quiet_libraries(load=True)
@@ -259,13 +257,24 @@ class _Stream:
             cache.store_architecture(extra, arch)
         if factors is not None:
             self.from_cache = True
-            return targets_from_factors(factors, self.fuse), arch
+            return self._from_factors(factors), arch
         prepare_adapters(skeleton, self.plan, self.fuse, self.adapter_paths)
-        targets, found = fuse_targets(skeleton, self.fuse)
+        targets, found = fuse_targets(skeleton, self.fuse, self.family)
         # written (with fsync) while the tensors stream; best effort, joined by close()
         self._storing.append(threading.Thread(target=cache.store, args=(found,), daemon=True))
         self._storing[-1].start()
         return targets, arch
+
+    def _from_factors(
+        self, factors: Mapping[str, Mapping[tuple[str, str], LoraFactor]]
+    ) -> dict[tuple[str, str], FuseTarget]:
+        """Targets from cached factors; per-block weights checked against the denoiser's config.json."""
+        blocks = {}
+        if any(isinstance(w, tuple) for w in self.fuse.weights):
+            denoiser = FAMILIES[self.family].denoiser
+            config = json.loads((self.config_root / denoiser / "config.json").read_text(encoding="utf-8"))
+            blocks = fuse_block_weights(self.fuse, self.family, config)
+        return targets_from_factors(factors, self.fuse, None, self.family, blocks)
 
     def close(self) -> None:
         for thread in self._storing:

@@ -76,6 +76,8 @@ def _load_part(reader: PositionalReader, part: Part) -> Any:
         return tensor.reshape(tensor.shape[:-2])
     if part.stored is StoredForm.TRANSPOSE:
         return tensor.t()
+    if part.stored is StoredForm.SWAP_HALVES:
+        return apply_transform(tensor, StoredForm.SWAP_HALVES)  # its own inverse
     return tensor
 
 
