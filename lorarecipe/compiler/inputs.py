@@ -15,7 +15,8 @@ from typing import Any
 from ..builtin.catalog import BUILTIN_BASES, BUILTIN_LORAS, builtin_inventory
 from ..diagnostics import did_you_mean
 from ..errors import LorarecipeError
-from ..families import family_label
+from ..families import family_label, get_family
+from ..families.original_names import blocks_touched, lora_targets
 from ..fs.hubcache import cached_file, cached_snapshot
 from ..fs.paths import resolve_input
 from ..inspect import (
@@ -254,12 +255,15 @@ def _adapter_header(ctx: CompileContext, name: str, spec: Any) -> AdapterFacts:
 
 
 def _family_mismatch(info: LoraInfo, inputs: InputFacts) -> str:
+    """'the LoRA is a Qwen-Image LoRA (why) but the base is FLUX.1 (why)', as the compat check words it."""
     base = inputs.base_info
-    evidence = f" ({base.family_evidence})" if base is not None and base.family == inputs.family else ""
-    return (
-        f"this is a {family_label(info.family)} LoRA ({info.family_evidence}) but the base is "
-        f"{family_label(inputs.family)}{evidence}"
-    )
+    if base is not None and base.family == inputs.family:
+        conflict = check_lora_against_base(info, base).family_conflict
+        if conflict is not None:
+            return conflict
+    lora, base_label = family_label(info.family), family_label(inputs.family)
+    article = "an" if lora.startswith("S") else "a"
+    return f"the LoRA is {article} {lora} LoRA ({info.family_evidence}) but the base is {base_label}"
 
 
 def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any) -> None:
@@ -334,21 +338,41 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
         ctx.error(where, _family_mismatch(info, inputs), on_key=True)
         compat_ok = False
     if compat_ok:
+        blocks, fused = _blocks(info, inputs.family)
         ctx.checks.append(
             Check(
                 f"adapters.{name}",
                 "ok",
                 f"{facts.source.describe()}: {info.format}, {len(info.modules)} modules in "
-                f"{', '.join(info.components)}, rank {'/'.join(map(str, info.ranks))}",
+                f"{', '.join(info.components)}, rank {'/'.join(map(str, info.ranks))}"
+                + (f"; {blocks}" if blocks else "")
+                + (f"; {fused} fused original-layout modules split by lorarecipe" if fused else ""),
                 (
                     ("format", info.format),
                     ("modules", len(info.modules)),
                     ("components", info.components),
                     ("ranks", info.ranks),
                     ("family", info.family),
+                    *((("blocks", blocks), ("fused_modules", fused)) if blocks else ()),
                 ),
             )
         )
+
+
+def _blocks(info: LoraInfo, family_key: str | None) -> tuple[str | None, int]:
+    """Which blocks of a block-grouped denoiser a LoRA touches ('double_blocks 0-18, …'), and how
+    many of its modules are fused original-layout ones (FLUX.1 qkv, linear1); (None, 0) otherwise."""
+    family = get_family(family_key)
+    if family is None or not family.block_groups:
+        return None, 0
+    modules: list[str] = []
+    fused = 0
+    for module in info.modules:
+        if module.component == family.denoiser:
+            targets, split = lora_targets(family, module.name)
+            modules.extend(targets)
+            fused += split
+    return (blocks_touched(family, modules) if modules else None), fused
 
 
 def check_inputs(ctx: CompileContext) -> InputFacts:

@@ -21,6 +21,7 @@ __all__ = [
     "OriginalPlace",
     "block_of",
     "blocks_touched",
+    "lora_targets",
     "match_lora_module",
     "original_place",
     "split_heights",
@@ -128,6 +129,15 @@ def original_place(family: Family, key: str) -> OriginalPlace | None:
             )
             return OriginalPlace(original, part, parts, split)
     return None
+
+
+def lora_targets(family: Family, name: str) -> tuple[tuple[str, ...], bool]:
+    """A denoiser module name from a LoRA file -> (the diffusers modules it adapts, whether it is a fused
+    original-layout module that is split among them)."""
+    found = match_lora_module(family, name)
+    if found is None:
+        return (name.removeprefix("diffusion_model."),), False
+    return found.diffusers, len(found.diffusers) > 1
 
 
 def block_of(family: Family, module: str) -> tuple[BlockGroup, int] | None:
