@@ -132,11 +132,13 @@ def _denoiser_factors(family: Family, name: str, parts: Mapping[str, Any], where
     for j, (module, height) in enumerate(zip(match.diffusers, heights, strict=True)):
         if sparse:
             width = rank // len(heights)
-            piece = up[start : start + height, j * width : (j + 1) * width].contiguous()
+            piece = up[start : start + height, j * width : (j + 1) * width]
         else:
             piece = up[start : start + height]
-        out[f"{family.denoiser}.{module}.lora_A.weight"] = downs[j]
-        out[f"{family.denoiser}.{module}.lora_B.weight"] = piece
+        # copies, not views of one tensor: PEFT may keep them as they are (assign), and tensors that
+        # share memory cannot be saved (LoRA files, the factor cache)
+        out[f"{family.denoiser}.{module}.lora_A.weight"] = downs[j].clone()
+        out[f"{family.denoiser}.{module}.lora_B.weight"] = piece.clone()
         start += height
     return out
 

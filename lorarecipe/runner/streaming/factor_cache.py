@@ -142,7 +142,9 @@ class FactorCache:
             modules, tensors = [], {}
             for index, ((component, module), f) in enumerate(sorted(found.items())):
                 modules.append([component, module, f.alpha, f.r, f.rslora, f.kind])
-                tensors[f"{index}.a"], tensors[f"{index}.b"] = f.a.contiguous(), f.b.contiguous()
+                # copies: factors loaded by diffusers may share memory (one ``down`` for q, k and v),
+                # which save_file refuses
+                tensors[f"{index}.a"], tensors[f"{index}.b"] = f.a.clone(), f.b.clone()
             meta = {_META: json.dumps({"format": FORMAT, "modules": modules})}
             try:
                 with atomic_file(path) as tmp:
