@@ -8,8 +8,10 @@ already in the local Hugging Face cache, otherwise reported as "unchecked until 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ..builtin.catalog import BUILTIN_BASES, BUILTIN_LORAS, builtin_inventory
@@ -172,8 +174,10 @@ def _check_base(ctx: CompileContext) -> InputFacts:
                 config_source = Source("hub", spec.config)
             else:
                 config_dir = _local(ctx, ("base", "config"), spec.config, want_dir=True)
-                if config_dir is not None:
-                    _inspect(ctx, ("base", "config"), lambda: check_model_index(config_dir))
+                if config_dir is not None and _inspect(
+                    ctx, ("base", "config"), lambda: check_model_index(config_dir)
+                ):
+                    info = _with_config_components(ctx, info, config_dir)
     detected = info.family if info else None
     if declared and detected and declared != detected:
         ctx.error(
@@ -204,6 +208,22 @@ def _check_base(ctx: CompileContext) -> InputFacts:
             )
         )
     return InputFacts(source, family, info, base_path, config_source)
+
+
+def _with_config_components(ctx: CompileContext, info: BaseInfo | None, config_dir: Path) -> BaseInfo | None:
+    """A single file without some components (FLUX.1's holds the transformer only): the pipeline
+    takes the others from the config folder, so the static checks see them there."""
+    if info is None:
+        return None
+    folder = _inspect(ctx, ("base", "config"), lambda: inspect_diffusers_folder(config_dir))
+    if folder is None:
+        return info
+    extra = {k: v for k, v in folder.components.items() if k not in info.components}
+    return (
+        dataclasses.replace(info, components=MappingProxyType({**info.components, **extra}))
+        if extra
+        else info
+    )
 
 
 def _inspect(ctx: CompileContext, path: tuple[Any, ...], fn: Any) -> Any:

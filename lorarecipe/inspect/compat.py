@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..families import Family, family_label, get_family
-from ..families.original_names import match_lora_module, split_heights
+from ..families.original_names import match_lora_module, original_place, split_heights
 from .base_model import BaseInfo
 from .lora_keys import COMPONENT_ORDER, LoraInfo, LoraModule
 
@@ -113,6 +113,22 @@ def _original_problem(family: Family, module: LoraModule, index: _KeyIndex) -> t
     return keys[0], None
 
 
+def _stored_problem(family: Family, module: LoraModule, index: _KeyIndex) -> tuple[str, str | None] | None:
+    """A diffusers-named module on a base stored in the original layout (a BFL single file): None when
+    the name has no original place there, else (the original key, None when its rows fit or why not)."""
+    place = original_place(family, f"{module.name}.weight")
+    if place is None or place.key not in index.tensors:
+        return None
+    shape = index.tensors[place.key][1]
+    if len(shape) != 2:
+        return place.key, f"{place.key} is not a matrix"
+    heights = split_heights(place.split, place.parts, shape[1], shape[0])
+    height = heights[place.part] if heights is not None else -1
+    if (module.out_features, module.in_features) != (height, shape[1]):
+        return place.key, f"{place.key} part {place.part + 1}/{place.parts} {_describe(shape[1], height, ())}"
+    return place.key, None
+
+
 def _label(module: LoraModule) -> str:
     return module.name if module.component in ("unet", "transformer") else f"{module.component}.{module.name}"
 
@@ -158,7 +174,9 @@ def check_lora_against_base(lora: LoraInfo, base: BaseInfo) -> CompatReport:
             hit = next(((key, index) for index in searched if (key := index.find(module.name))), None)
             original = None
             if hit is None and family is not None and family.original_modules and component in indexes:
-                original = _original_problem(family, module, indexes[component])
+                original = _original_problem(family, module, indexes[component]) or _stored_problem(
+                    family, module, indexes[component]
+                )
             if hit is not None:
                 found.append((module, hit[0], hit[1]))
             elif original is not None:
