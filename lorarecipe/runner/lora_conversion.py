@@ -137,8 +137,10 @@ def _denoiser_factors(family: Family, name: str, parts: Mapping[str, Any], where
             piece = up[start : start + height]
         # copies, not views of one tensor: PEFT may keep them as they are (assign), and tensors that
         # share memory cannot be saved (LoRA files, the factor cache)
-        out[f"{family.denoiser}.{module}.lora_A.weight"] = downs[j].clone()
-        out[f"{family.denoiser}.{module}.lora_B.weight"] = piece.clone()
+        out[f"{family.denoiser}.{module}.lora_A.weight"] = downs[j].clone(
+            memory_format=torch.contiguous_format
+        )
+        out[f"{family.denoiser}.{module}.lora_B.weight"] = piece.clone(memory_format=torch.contiguous_format)
         start += height
     return out
 

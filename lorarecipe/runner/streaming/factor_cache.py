@@ -135,6 +135,7 @@ class FactorCache:
 
     def store(self, factors: Mapping[str, Mapping[tuple[str, str], LoraFactor]]) -> None:
         """Write each adapter's factors (best effort: an unwritable cache only costs speed)."""
+        import torch
         from safetensors.torch import save_file
 
         for adapter, found in factors.items():
@@ -144,7 +145,9 @@ class FactorCache:
                 modules.append([component, module, f.alpha, f.r, f.rslora, f.kind])
                 # copies: factors loaded by diffusers may share memory (one ``down`` for q, k and v),
                 # which save_file refuses
-                tensors[f"{index}.a"], tensors[f"{index}.b"] = f.a.clone(), f.b.clone()
+                contiguous = torch.contiguous_format  # save_file refuses non-contiguous tensors too
+                tensors[f"{index}.a"] = f.a.clone(memory_format=contiguous)
+                tensors[f"{index}.b"] = f.b.clone(memory_format=contiguous)
             meta = {_META: json.dumps({"format": FORMAT, "modules": modules})}
             try:
                 with atomic_file(path) as tmp:
