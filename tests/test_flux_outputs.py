@@ -114,6 +114,38 @@ def test_single_file_is_the_bfl_transformer(tmp_path: Path) -> None:
     assert all(half[k].dtype == torch.bfloat16 and torch.equal(half[k], single[k].bfloat16()) for k in single)
 
 
+def test_single_file_parts_in_row_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bfloat16 single file with every tensor through the row-chunk path (real FLUX.1 tensors are
+    above the chunk size): each part of a fused qkv/linear1 is written at its rows' offset. Chunks of
+    two rows are not GEMM row blocks, so the deltas may round differently: within one bfloat16 ulp of
+    the pipeline route (a misplaced part would be off by whole weights)."""
+    from lorarecipe.runner.streaming import tensors as streaming_tensors
+    from lorarecipe.runner.streaming import writer as streaming_write
+
+    monkeypatch.setattr(streaming_tensors, "_CHUNK_ELEMENTS", 64)
+    chunked: list[str] = []
+    original = streaming_write.write_chunked
+
+    def spy(*args: Any) -> bool:
+        done = original(*args)
+        if done:
+            chunked.append(args[2].key)
+        return done
+
+    monkeypatch.setattr(streaming_write, "write_chunked", spy)
+    text = SINGLE_RECIPE.replace("      fused: {kind: pipeline, path: fused}\n", "").replace(
+        "      single: {kind: single_file, path: flux1.safetensors}\n", ""
+    )
+    _both(tmp_path, text, identical=False)
+    assert {"double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight"} <= set(chunked)
+    ours = load_file(str(tmp_path / "stream" / "flux1-bf16.safetensors"))
+    theirs = load_file(str(tmp_path / "pipe" / "flux1-bf16.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key, tensor in ours.items():
+        ulp = (torch.nextafter(tensor.abs(), torch.full_like(tensor, float("inf"))) - tensor.abs()).double()
+        assert bool(((tensor.double() - theirs[key].double()).abs() <= ulp).all()), key
+
+
 def test_a_bfl_single_file_streams_back_as_a_base(tmp_path: Path) -> None:
     """The single file as a base (its config from the built-in folder): fusing a LoRA at scale 0 gives
     the transformer it was written from, bit for bit (every row read back into its diffusers place)."""

@@ -158,23 +158,52 @@ def write_chunked(
     stats: WriteStats,
     behind: WriteBehind,
 ) -> bool:
-    """Write ``tensor`` in row chunks; False (nothing written) when it must go through ``compute``."""
+    """Write ``tensor`` in row chunks; False (nothing written) when it must go through ``compute``.
+
+    A tensor made of several parts stacked along dim 0 (a BFL single file's fused qkv or linear1)
+    is written part after part, each at its rows' offset in the output tensor."""
+    if tensor.dtype == "F32" or tensor.transform not in SAME_BYTES_FORMS:
+        return False
+    parts = tensor.parts
+    if any(p.stored not in SAME_BYTES_FORMS or not p.stored_shape or not p.stored_shape[0] for p in parts):
+        return False
+    if not all(rows_capable(targets.get((p.component, p.key))) for p in parts):
+        return False
+    if math.prod(tensor.shape) <= _CHUNK_ELEMENTS:
+        return False  # small: the whole-tensor path is as cheap
+    out_row = tensor.entry.nbytes // tensor.shape[0]
+    first_row = 0
+    for part in parts:
+        _write_part_chunks(
+            reader, writer, tensor.key, part, targets, stats, behind, first_row * out_row, tensor.dtype
+        )
+        first_row += part.stored_shape[0]
+    return True
+
+
+def _write_part_chunks(
+    reader: PositionalReader,
+    writer: SafetensorsWriter,
+    key: str,
+    part: Part,
+    targets: Mapping[tuple[str, str], FuseTarget],
+    stats: WriteStats,
+    behind: WriteBehind,
+    out_offset: int,
+    out_dtype_name: str,
+) -> None:
+    """One part's rows, read, fused (when a target has it) and written a chunk at a time from
+    ``out_offset`` bytes into the output tensor ``key``."""
     import torch
 
-    if len(tensor.parts) != 1 or tensor.dtype == "F32" or tensor.transform not in SAME_BYTES_FORMS:
-        return False
-    part = tensor.parts[0]
     target = targets.get((part.component, part.key))
     shape = part.stored_shape
-    if part.stored not in SAME_BYTES_FORMS or not shape or not shape[0] or not rows_capable(target):
-        return False
     row_elements = math.prod(shape[1:])
-    if row_elements * shape[0] <= _CHUNK_ELEMENTS:
-        return False  # small: the whole-tensor path is as cheap
-    stored, out_dtype = torch_dtype_of(part.tensor.dtype), torch_dtype_of(tensor.dtype)
+    stored, out_dtype = torch_dtype_of(part.tensor.dtype), torch_dtype_of(out_dtype_name)
     diffusers_shape = shape[:-2] if part.stored is StoredForm.CONV1X1 else shape
     offset, length = part.byte_range
-    stored_row, out_row = length // shape[0], tensor.entry.nbytes // shape[0]
+    stored_row = length // shape[0]
+    out_row = torch.empty((), dtype=out_dtype).element_size() * row_elements
     step = chunk_rows(row_elements)
     changed = False
     for start in range(0, shape[0], step):
@@ -191,10 +220,9 @@ def write_chunked(
             del fused
         data_out = as_bytes(out)
         behind.submit(
-            functools.partial(writer.write_part, tensor.key, start * out_row, data_out), data_out.nbytes
+            functools.partial(writer.write_part, key, out_offset + start * out_row, data_out), data_out.nbytes
         )
         del out, base, data, data_out
     if target is not None:
         stats.used.add((part.component, part.key))
         stats.changed += int(changed)
-    return True
