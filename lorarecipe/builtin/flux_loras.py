@@ -15,7 +15,7 @@ wide as its diffusers modules' and as tall as their heights summed (fused ``qkv`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +93,13 @@ def make_flux_lora(
     seed: int,
     text_encoders: bool = True,
     scale: float = 0.2,
+    select: Callable[[str], bool] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """FLUX.1 pipeline + layout ('kohya' | 'aitk' | 'xlabs') + rank/alpha/seed -> ``path`` (see the
-    module docstring). ``alpha`` is written only by the kohya layout (the others have none)."""
+    module docstring). ``alpha`` is written only by the kohya layout (the others have none).
+    ``select``: which original modules to adapt (default: the layout's usual set); ``dtype``: of the
+    factors."""
     path = Path(path)
     generator = torch.Generator().manual_seed(seed)
     if layout == "xlabs":  # XLabs files adapt the double blocks' attention only
@@ -104,10 +108,10 @@ def make_flux_lora(
         rules = ORIGINAL_MODULES
     tensors: dict[str, torch.Tensor] = {}
     for name, inp, out in bfl_modules(pipe.transformer, rules):
-        if not _wanted(layout, name):
+        if not (select(name) if select is not None else _wanted(layout, name)):
             continue
-        down = torch.randn((rank, inp), generator=generator) * scale
-        up = torch.randn((out, rank), generator=generator) * scale
+        down = (torch.randn((rank, inp), generator=generator) * scale).to(dtype)
+        up = (torch.randn((out, rank), generator=generator) * scale).to(dtype)
         if layout == "kohya":
             key = "lora_unet_" + name.replace(".", "_")
             tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})

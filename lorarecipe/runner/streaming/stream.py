@@ -190,7 +190,8 @@ class _Stream:
         else:
             self.folder = read_folder_base(base_path, base.variant)
             self.config_root, self.pipeline_class = base_path, None
-        self.dtype = save.dtype or load_dtype(base, base_path)
+        self.compute_dtype = load_dtype(base, base_path)  # the pipeline route's: PEFT fuses in it
+        self.dtype = save.dtype or self.compute_dtype
         # folder -> folder needs no architecture: every output tensor is a base tensor, same key
         self.folder_to_folder = self.folder is not None and save.layout is CheckpointLayout.DIFFUSERS
         self.metadata = {"format": "pt", **metadata}
@@ -232,7 +233,9 @@ class _Stream:
 
     def _start_writer(self, root: Path, outs: list[OutFile]) -> StreamWriter:
         self.outs = outs
-        writer = StreamWriter(root, outs, self.reader, self.metadata)
+        writer = StreamWriter(
+            root, outs, self.reader, self.metadata, peft_order=self.compute_dtype == "float32"
+        )
         writer.start_copier()
         return writer
 

@@ -110,6 +110,7 @@ def compute(
     tensor: OutTensor,
     targets: Mapping[tuple[str, str], FuseTarget],
     stats: WriteStats,
+    peft_order: bool = True,
 ) -> Any:
     import torch
 
@@ -122,7 +123,7 @@ def compute(
             pieces.append(base.to(out_dtype))
             continue
         stats.used.add((part.component, part.key))
-        fused = fused_weight(base, target)
+        fused = fused_weight(base, target, peft_order=peft_order)
         rounded = fused.to(out_dtype)
         _check_rounding(fused, rounded, target, stats)
         if not torch.equal(rounded, base.to(out_dtype)):
@@ -157,6 +158,7 @@ def write_chunked(
     targets: Mapping[tuple[str, str], FuseTarget],
     stats: WriteStats,
     behind: WriteBehind,
+    peft_order: bool = True,
 ) -> bool:
     """Write ``tensor`` in row chunks; False (nothing written) when it must go through ``compute``.
 
@@ -174,8 +176,9 @@ def write_chunked(
     out_row = tensor.entry.nbytes // tensor.shape[0]
     first_row = 0
     for part in parts:
+        at = first_row * out_row
         _write_part_chunks(
-            reader, writer, tensor.key, part, targets, stats, behind, first_row * out_row, tensor.dtype
+            reader, writer, tensor.key, part, targets, stats, behind, at, tensor.dtype, peft_order
         )
         first_row += part.stored_shape[0]
     return True
@@ -191,6 +194,7 @@ def _write_part_chunks(
     behind: WriteBehind,
     out_offset: int,
     out_dtype_name: str,
+    peft_order: bool,
 ) -> None:
     """One part's rows, read, fused (when a target has it) and written a chunk at a time from
     ``out_offset`` bytes into the output tensor ``key``."""
@@ -213,7 +217,7 @@ def _write_part_chunks(
         if target is None:
             out = base.to(out_dtype)
         else:
-            fused = fused_weight(base, target, (start, stop))
+            fused = fused_weight(base, target, (start, stop), peft_order=peft_order)
             out = fused.to(out_dtype)
             _check_rounding(fused, out, target, stats)
             changed = changed or not torch.equal(out, base.to(out_dtype))
