@@ -1,4 +1,4 @@
-"""Fuse two LoRAs into a full-size checkpoint: the diffusers flow vs lorarecipe's streaming fuser.
+"""``lorarecipe build`` next to the 20-line diffusers script, as whole processes, on full-size bases.
 
     python benchmarks/fuse.py [--work DIR] [--dtypes float16 float32] [--sdxl] [--repeat N]
 
@@ -6,25 +6,23 @@ Builds (once, cached in ``--work``) a full-size SD1.5-architecture pipeline from
 weights — UNet2DConditionModel(sample_size=64, cross_attention_dim=768), a CLIP-L text encoder
 (768 wide, 12 layers, 49408 tokens), the SD VAE — saved in each dtype, and two rank-32 kohya-layout
 LoRAs (UNet attention/ff/1×1 proj + text encoder; r32/α16 at weight 0.8 and r32/α32 at weight 0.5,
-lora_scale 0.7). Then measures, each route in a fresh process (peak RSS from ``os.wait4``, warm page
-cache, ``sync`` before each run):
+lora_scale 0.7). Then, ``--repeat`` times and interleaved (so machine load hits every route alike),
+each in a fresh process (wall time, and peak RSS from ``os.wait4``; warm page cache, ``sync``
+before each run):
 
 (a) diffusers: the guides' flow — from_pretrained(dtype), load_lora_weights ×2, set_adapters,
-    fuse_lora, unload_lora_weights, save_pretrained (no fsync);
-(b) stream: lorarecipe's ``stream_fuse`` on the compiled recipe (writes atomically, with fsync),
-    timed twice: with a cold factor cache (first fuse of these LoRA files: diffusers converts them
-    and PEFT decides the targets on a weightless model), and with the factors cached by that run
-    (the cold run fuses other weights and lora_scale, so the timed warm runs are new fuses, as when
-    a user tunes weights; they import torch, not diffusers/transformers/peft);
+    fuse_lora, unload_lora_weights, save_pretrained (no fsync), torch's default threads;
+(b) ``lorarecipe build recipe.yaml --force`` with one ``pipeline`` output: first build of these LoRA
+    files (factor cache emptied: diffusers converts them and PEFT decides the targets on a
+    weightless model), then a rebuild with the factors cached (imports torch, not diffusers);
+    lorarecipe's thread policy (the manifest records it);
 (c) copy: ``shutil.copyfile`` of the base's files plus fsync, the I/O floor of (b).
 
-and checks (a) == (b) tensor by tensor. Also times a process that only imports what the diffusers
-route imports (torch, diffusers, transformers, peft), and computes the compute floor of any exact
-fuse: the FLOPs of every LoRA delta (2·r·out·in per module, from the files) at the float32 GEMM
-rate measured here.
-Prints a markdown table for the README (best time and worst peak RSS of ``--repeat`` runs).
-``--sdxl`` adds an SDXL-architecture base (UNet 2.6 B, CLIP-L + bigG text encoders, SDXL VAE), in
-float16 only to fit a 24 GB machine.
+Prints medians, and checks (a) == (b) tensor by tensor. Also times a process that only imports what
+the diffusers route imports (torch, diffusers, transformers, peft), and the compute floor of any
+exact fuse: the FLOPs of every LoRA delta (2·r·out·in per module, from the files) at the float32
+GEMM rate measured here. ``--sdxl`` adds an SDXL-architecture base (UNet 2.6 B, CLIP-L + bigG text
+encoders, SDXL VAE), in float16 only to fit a 24 GB machine.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,33 +170,13 @@ def _route_diffusers(base: Path, l1: Path, l2: Path, out: Path, dtype: str) -> d
     return timings
 
 
-def _route_stream(recipe: Path, out: Path) -> dict[str, float]:
-    started = time.perf_counter()
-    from lorarecipe.compiler import compile_recipe
-    from lorarecipe.plan import LoadAdapter, SaveCheckpoint
-    from lorarecipe.recipe.load import load_recipe
-    from lorarecipe.runner.streaming.stream import stream_fuse
-
-    loaded = load_recipe(recipe)
-    plan = compile_recipe(loaded)
-    base = plan.step("base")
-    paths = {s.name: recipe.parent / s.source.ref for s in plan.of_type(LoadAdapter)}
-    save = plan.of_type(SaveCheckpoint)[0]
-    report = stream_fuse(
-        plan,
-        save,
-        base_path=recipe.parent / base.source.ref,  # type: ignore[attr-defined]
-        config_path=None,
-        adapter_paths=paths,
-        final=out,
-        metadata={"lorarecipe.benchmark": "fuse"},
+def _route_build(recipe: Path, out: Path) -> dict[str, float]:
+    """A whole ``lorarecipe build`` (this child only execs it, so its peak RSS is the build's)."""
+    os.execv(
+        sys.executable,
+        [sys.executable, "-m", "lorarecipe", "build", str(recipe), "--out", str(out), "--quiet", "--force"],
     )
-    return {
-        "stream_fuse": report.seconds,
-        "total": time.perf_counter() - started,
-        "changed": report.changed,
-        "cached": float(report.factors_cached),
-    }
+    raise AssertionError("unreachable")
 
 
 def _route_gemm(l1: Path, l2: Path) -> dict[str, float]:
@@ -284,8 +263,8 @@ def _child(argv: list[str]) -> None:
         result: dict[str, float] = {}
     elif route == "diffusers":
         result = _route_diffusers(Path(args[0]), Path(args[1]), Path(args[2]), Path(args[3]), args[4])
-    elif route == "stream":
-        result = _route_stream(Path(args[0]), Path(args[1]))
+    elif route == "lorarecipe":
+        result = _route_build(Path(args[0]), Path(args[1]))
     elif route == "copy":
         result = _route_copy(Path(args[0]), Path(args[1]))
     elif route == "imports":
@@ -313,8 +292,8 @@ def _spawn(*args: str) -> tuple[float, int, dict[str, float]]:
         text = log.read().decode(errors="replace")
     if status != 0:
         raise SystemExit(f"child {args[0]} failed:\n{text[-4000:]}")
-    line = [x for x in text.splitlines() if x.startswith("RESULT ")][-1]
-    return wall, usage.ru_maxrss * 1024, json.loads(line[len("RESULT ") :])
+    lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
+    return wall, usage.ru_maxrss * 1024, json.loads(lines[-1][len("RESULT ") :]) if lines else {}
 
 
 def _warm(paths: list[Path]) -> None:
@@ -334,61 +313,59 @@ def _gib(n: float) -> str:
     return f"{n / 1024**3:.2f} GiB"
 
 
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
 def run(arch: str, dtype: str, work: Path, repeat: int) -> list[str]:
     base, l1, l2 = (
         work / arch / f"base-{dtype}",
         work / arch / "lora1.safetensors",
         work / arch / "lora2.safetensors",
     )
-    recipe, other = work / arch / f"recipe-{dtype}.yaml", work / arch / f"recipe-{dtype}-other.yaml"
+    recipe = work / arch / f"recipe-{dtype}.yaml"
     recipe.write_text(
         RECIPE.format(base=base.name, l1=l1.name, l2=l2.name, w1=WEIGHTS[0], w2=WEIGHTS[1], scale=LORA_SCALE)
     )
-    other.write_text(RECIPE.format(base=base.name, l1=l1.name, l2=l2.name, w1=0.3, w2=1.2, scale=1.0))
-    outs = {r: work / arch / f"out-{r}-{dtype}" for r in ("diffusers", "stream", "copy")}
+    outs = {r: work / arch / f"out-{r}-{dtype}" for r in ("diffusers", "first", "cached", "copy")}
     rows: dict[str, list[tuple[float, int, dict[str, float]]]] = {r: [] for r in outs}
     _warm([base, l1, l2])
-    # (b) cold: an empty factor cache and other weights, so diffusers/PEFT run; the timed (b) runs
-    # below then fuse the compared weights with the LoRA factors cached by this one
-    shutil.rmtree(CACHE / "factors", ignore_errors=True)
-    shutil.rmtree(outs["stream"], ignore_errors=True)
-    cold = _spawn("stream", str(other), str(outs["stream"]))
-    assert cold[2]["cached"] == 0.0
-    print(f"  {arch} {dtype} stream (cold cache): {cold[0]:.1f} s, {_gib(cold[1])}", flush=True)
-    for _ in range(repeat):
+    for _ in range(repeat):  # interleaved: every route sees the same machine load
         for route, out in outs.items():
             shutil.rmtree(out, ignore_errors=True)
+            if route == "first":  # these LoRA files were never fused here: empty factor cache
+                shutil.rmtree(CACHE / "factors", ignore_errors=True)
             args = {
-                "diffusers": (str(base), str(l1), str(l2), str(out), dtype),
-                "stream": (str(recipe), str(out)),
-                "copy": (str(base), str(out)),
+                "diffusers": ("diffusers", str(base), str(l1), str(l2), str(out), dtype),
+                "first": ("lorarecipe", str(recipe), str(out)),
+                "cached": ("lorarecipe", str(recipe), str(out)),
+                "copy": ("copy", str(base), str(out)),
             }[route]
-            rows[route].append(_spawn(route, *args))
-            if route == "stream":
-                assert rows[route][-1][2]["cached"] == 1.0
+            rows[route].append(_spawn(*args))
             print(
                 f"  {arch} {dtype} {route}: {rows[route][-1][0]:.1f} s, {_gib(rows[route][-1][1])}",
                 flush=True,
             )
+    manifest = json.loads((outs["cached"] / "manifest.json").read_text())
+    assert manifest["checks"]["fuse"]["fused"]["lora_factors_from_cache"] is True
+    threads = manifest["threads"]["torch_intra_op"]
     imports = min(_spawn("imports")[0] for _ in range(repeat))
     gemm = _spawn("gemm", str(l1), str(l2))[2]
-    _, _, check = _spawn("compare", str(outs["diffusers"]), str(outs["stream"]))
+    _, _, check = _spawn("compare", str(outs["diffusers"]), str(outs["cached"] / "fused"))
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
-    best = {r: min(v, key=lambda x: x[0]) for r, v in rows.items()}
+    wall = {r: _median([x[0] for x in v]) for r, v in rows.items()}
     peak = {r: max(x[1] for x in v) for r, v in rows.items()}
-    peak["stream"] = max(peak["stream"], cold[1])
-    a, b, c = best["diffusers"], best["stream"], best["copy"]
+    a = wall["diffusers"]
     label = f"{'SD1.5' if arch == 'sd15' else 'SDXL'} {dtype} ({_gib(_size(base))})"
-    inside = b[2]["stream_fuse"]
     return [
-        f"| {label} | {imports:.1f} s | {a[0]:.1f} s / {_gib(peak['diffusers'])} "
-        f"| {b[0]:.1f} s ({inside:.1f} s in stream_fuse) / {_gib(peak['stream'])} "
-        f"| {cold[0]:.1f} s | {c[0]:.1f} s / {_gib(peak['copy'])} | {b[0] / c[0]:.2f}× "
-        f"| {b[0] / a[0]:.2f}× | {cold[0] / a[0]:.2f}× "
-        f"| {peak['stream'] / peak['diffusers']:.2f}× "
-        f"| {gemm['gflop']:.0f} GFLOP at {gemm['gflops']:.0f} GFLOPS: {gemm['seconds']:.1f} s "
-        f"| {int(check['differ'])} of {int(check['tensors'])} differ, max {check['max_abs_diff']:.3g} |"
+        f"| {label} | {a:.1f} s / {_gib(peak['diffusers'])} "
+        f"| {wall['first']:.1f} s / {_gib(peak['first'])} | {wall['cached']:.1f} s / {_gib(peak['cached'])} "
+        f"| {wall['copy']:.1f} s | **{wall['first'] / a:.2f}×** | **{wall['cached'] / a:.2f}×** "
+        f"| {peak['first'] / peak['diffusers']:.2f}× / {peak['cached'] / peak['diffusers']:.2f}× "
+        f"| {threads} | {imports:.1f} s | {gemm['gflop']:.0f} GFLOP at {gemm['gflops']:.0f} GFLOPS: "
+        f"{gemm['seconds']:.1f} s | {int(check['differ'])} of {int(check['tensors'])} differ, "
+        f"max {check['max_abs_diff']:.3g} |"
     ]
 
 
@@ -403,13 +380,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lorarecipe-bench-fuse")
     parser.add_argument("--dtypes", nargs="+", default=["float16", "float32"], choices=["float16", "float32"])
     parser.add_argument("--sdxl", action="store_true", help="also an SDXL-architecture base (float16)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per route (best time, worst RSS shown)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="interleaved runs per route (median time, worst RSS)"
+    )
     args = parser.parse_args(argv)
     plans = [("sd15", args.dtypes)] + ([("sdxl", ["float16"])] if args.sdxl else [])
     lines = [
-        "| base | python + imports | (a) diffusers flow: time / peak RSS | (b) lorarecipe stream, "
-        "cached factors | (b) with a cold cache | (c) copy base files | b/c time | b/a time "
-        "| b-cold/a time | b/a RSS | LoRA deltas: compute floor | (a) vs (b) tensors |",
+        "| base | (a) diffusers flow: time / peak RSS | (b) `lorarecipe build`, first build of these LoRAs "
+        "| (b) rebuild, factors cached | (c) copy base files | first / a | cached / a | RSS first / a, "
+        "cached / a | torch threads (b) | python + imports of (a) | LoRA deltas: compute floor "
+        "| (a) vs (b) tensors |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arch, dtypes in plans:

@@ -625,7 +625,11 @@ def test_disk_full_while_writing_exits_1_and_keeps_the_previous_output(
     assert kept and all(after.get(k) == v for k, v in kept.items()), "the previous output changed"
     if failing == "fused":  # streamed first: nothing was replaced yet, every previous output is untouched
         assert _outputs_only(after) == _outputs_only(before)
-        assert after.get("manifest.json") in (before["manifest.json"], None)
+    # the manifest lists exactly what is complete: verify passes, and the next build restores it whole
+    assert main(["verify", str(out)]) == 0, capsys.readouterr().err
+    monkeypatch.undo()
+    assert _rebuild(recipe, out) == 0 and main(["verify", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["build_complete"] is True
 
 
 @pytest.mark.slow
@@ -645,13 +649,16 @@ def test_disk_full_outside_an_output_step_is_a_clean_error(
     err = capsys.readouterr().err
     assert failed, "the simulated disk error was never hit"
     assert _leftovers(out) == []
-    if failing == "manifest.json":
-        # outputs may already be replaced, so the old manifest must not stand at the final path;
-        # it is kept aside for the next build to carry over the entries of unchanged outputs
-        assert not (out / "manifest.json").exists()
-        assert (out / ".lorarecipe" / "previous-manifest.json").read_bytes() == before
     assert "Traceback" not in err, err
     assert code == 1 and "No space left on device" in err
+    # whatever failed, manifest.json stands and is true (it lists only complete, unchanged outputs);
+    # the next build restores a complete one
+    assert (out / "manifest.json").is_file() and main(["verify", str(out)]) == 0
+    if failing == "manifest.json":  # its first write (before any output is replaced) failed
+        assert (out / "manifest.json").read_bytes() == before
+    monkeypatch.undo()
+    assert _rebuild(recipe, out) == 0 and main(["verify", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["build_complete"] is True
 
 
 @pytest.mark.slow

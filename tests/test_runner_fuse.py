@@ -186,7 +186,8 @@ def test_a_streaming_error_that_is_not_a_refusal_fails_the_build_in_auto_mode(
     assert not isinstance(info.value, errors.ExecutorRefusal)
     assert info.value.problems[0].path == "outputs.fused"  # located at the output's recipe line
     assert not (tmp_path / "out" / "fused").exists()
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["outputs"] == {} and manifest["build_complete"] is False  # true: nothing was built
 
 
 def test_executors_hand_on_what_they_leave(tmp_path: Path) -> None:

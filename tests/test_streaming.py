@@ -313,7 +313,7 @@ def test_refusals(tmp_path: Path) -> None:
         .replace("fuse:\n", "set_adapters:\n  adapters: {c: 1.0e+6}\nfuse:\n")
     )
     plan = compile_recipe(load_recipe(write_recipe(tmp_path, overflow)))
-    with pytest.raises(BuildError, match="NaN/Inf"):  # float16 cannot hold the fused weights
+    with pytest.raises(BuildError, match="overflows float16"):  # float16 cannot hold the fused weights
         _stream(tmp_path, plan, overflow)
     assert not (tmp_path / "stream" / "f").exists()
 
@@ -417,3 +417,109 @@ def test_light_import_and_lora_mixin_table() -> None:
     for pipeline, mixin in LORA_MIXINS.items():
         assert lora_mixin(pipeline).__name__ == mixin
         assert lora_mixin(pipeline) in getattr(diffusers, pipeline).__mro__
+
+
+def test_streamed_files_are_hashed_while_written_not_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest's sha256 of a streamed safetensors file comes from the stream (the file is not
+    read again to hash it), and equals the file's real sha256 (verify)."""
+    import hashlib
+
+    from lorarecipe.cli import main
+    from lorarecipe.outputs import manifest
+
+    hashed: list[str] = []
+    real = manifest.sha256_file
+
+    def spy(path: Path, *, use_cache: bool = True) -> str:
+        hashed.append(path.name)
+        return real(path, use_cache=use_cache)
+
+    monkeypatch.setattr(manifest, "sha256_file", spy)
+    recipe = write_recipe(
+        tmp_path,
+        """\
+base: builtin:tiny-sd
+adapters:
+  a: builtin:tiny-sd/style
+fuse: {adapters: [a], lora_scale: 0.5}
+outputs:
+  fused: {kind: pipeline, path: fused, dtype: float16}
+  ckpt: {kind: single_file, path: x.safetensors}
+""",
+    )
+    assert main(["build", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert not [name for name in hashed if name.endswith(".safetensors")], hashed
+    doc = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    for output in doc["outputs"].values():
+        for entry in output["files"]:
+            data = (tmp_path / "out" / entry["path"]).read_bytes()
+            assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["size"] == len(data)
+
+
+@pytest.mark.parametrize("executor", ["streaming", "diffusers"])
+def test_outputs_do_not_depend_on_the_thread_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executor: str
+) -> None:
+    """Weights, LoRA files and single files are byte-identical with 1 and 2 torch threads (the
+    thread count is recorded in the manifest, with where it came from)."""
+    from lorarecipe.cli import main
+
+    recipe = write_recipe(
+        tmp_path,
+        """\
+base: builtin:tiny-sdxl
+adapters:
+  a: builtin:tiny-sdxl/style
+  b: builtin:tiny-sdxl/detail
+merges:
+  m: {method: svd, adapters: {a: 0.7, b: 0.5}, svd_rank: 6}
+set_adapters:
+  adapters: {a: 0.8, m: -0.4}
+fuse: {lora_scale: 0.9}
+outputs:
+  fused: {kind: pipeline, path: fused, card: false}
+  half: {kind: pipeline, path: half, dtype: float16, card: false}
+  lora: {kind: lora, adapter: m, path: lora, card: false}
+""",
+    )
+    digests = []
+    for threads in ("1", "2"):
+        monkeypatch.setenv("LORARECIPE_CACHE", str(tmp_path / f"cache{threads}"))  # no shared factors
+        out = tmp_path / f"out{threads}"
+        argv = [
+            "build",
+            str(recipe),
+            "--out",
+            str(out),
+            "--quiet",
+            "--executor",
+            executor,
+            "--threads",
+            threads,
+        ]
+        assert main(argv) == 0
+        doc = json.loads((out / "manifest.json").read_text())
+        assert doc["threads"]["torch_intra_op"] == int(threads) and doc["threads"]["source"] == "--threads"
+        digests.append({p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.safetensors")})
+    assert digests[0] == digests[1] and len(digests[0]) >= 7
+
+
+def test_thread_policy_uses_the_available_cores_and_its_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from lorarecipe.errors import UsageError
+    from lorarecipe.runner.device import thread_policy
+
+    monkeypatch.delenv("LORARECIPE_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert (thread_policy().threads, thread_policy().source) == (3, "auto")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert thread_policy().threads == 1
+    monkeypatch.setenv("LORARECIPE_THREADS", "5")
+    assert (thread_policy().threads, thread_policy().source) == (5, "LORARECIPE_THREADS")
+    assert (thread_policy(2).threads, thread_policy(2).source) == (2, "--threads")
+    monkeypatch.setenv("LORARECIPE_THREADS", "zero")
+    with pytest.raises(UsageError, match="LORARECIPE_THREADS"):
+        thread_policy()

@@ -24,6 +24,7 @@ from .commands import (
     cmd_build,
     cmd_lock,
     cmd_plan,
+    cmd_publish,
     cmd_schema,
     cmd_validate,
     cmd_verify,
@@ -94,10 +95,32 @@ def make_parser() -> argparse.ArgumentParser:
         "--frozen", action="store_true", help="require an up-to-date lock file and verify input hashes"
     )
     p.add_argument("--force", action="store_true", help="rebuild every output even if it is up to date")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: LORARECIPE_THREADS, else the available cores minus one)",
+    )
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="then publish the outputs that have a 'publish' section (only if every build succeeded)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _common(p)
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser(
+        "publish",
+        help="publish the built outputs that have a 'publish' section to the Hugging Face Hub",
+    )
+    p.add_argument("recipes", nargs="+")
+    p.add_argument("--out", type=Path, help="the output root the recipes were built into (as for build)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be published; no request is sent")
+    p.add_argument("--json", action="store_true", help="print a JSON report (commit URLs for CI)")
+    _common(p)
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("verify", help="recompute the hashes of a build folder against its manifest")
     p.add_argument("outdir", type=Path)

@@ -17,6 +17,7 @@ from typing import Any
 from ..diagnostics import render_github, render_text
 from ..errors import LockError, LorarecipeError, Problem, UsageError
 from ..recipe.load import find_recipe_files, parse_overrides
+from ..recipe.yaml_source import recipe_text
 
 __all__ = [
     "EXIT_ERRORS",
@@ -24,6 +25,7 @@ __all__ = [
     "cmd_build",
     "cmd_lock",
     "cmd_plan",
+    "cmd_publish",
     "cmd_schema",
     "cmd_validate",
     "cmd_verify",
@@ -33,16 +35,6 @@ __all__ = [
 EXIT_OK, EXIT_ERRORS = 0, 1
 
 
-def _source_text(file: str) -> str | None:
-    try:
-        path = Path(file)
-        if path.is_file() and path.stat().st_size <= 1_000_000:
-            return path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    return None
-
-
 def print_problems(problems: Sequence[Problem], stream: Any = None) -> None:
     """Compiler-style text with snippets, grouped by file."""
     stream = stream or sys.stderr
@@ -50,7 +42,7 @@ def print_problems(problems: Sequence[Problem], stream: Any = None) -> None:
     for problem in problems:
         by_file.setdefault(problem.span.file if problem.span else None, []).append(problem)
     for file, group in by_file.items():
-        print(render_text(group, _source_text(file) if file else None), file=stream)
+        print(render_text(group, recipe_text(file) if file else None), file=stream)
     errors = sum(p.severity == "error" for p in problems)
     if errors:
         print(f"{errors} error{'s' if errors != 1 else ''}", file=stream)
@@ -145,15 +137,64 @@ def cmd_build(args: argparse.Namespace) -> int:
         overrides=parse_overrides(args.set),
         allow_read=tuple(args.allow_read),
         reporter=make_reporter(args.quiet or args.json, lines=True),
+        threads=args.threads,
     )
     outcomes = build_recipes(files, options, several)
     failed = [o for o in outcomes if not o.ok]
+    published: list[Any] = []
+    if args.publish and not failed:  # never publish from a run where a build failed
+        from ..gitops.release import publish_recipes
+
+        published = publish_recipes(files, options, several)
+    failed_publish = [o for o in published if not o.ok]
     if args.json:
-        print(json.dumps({"ok": not failed, "builds": [o.to_json() for o in outcomes]}, indent=2))
-    for outcome in failed:
+        doc: dict[str, Any] = {
+            "ok": not failed and not failed_publish,
+            "builds": [o.to_json() for o in outcomes],
+        }
+        if args.publish:
+            doc["published"] = [o.to_json() for o in published]
+        print(json.dumps(doc, indent=2))
+    for outcome in [*failed, *failed_publish]:
         print_problems(outcome.problems)
     if not args.json:
         print(_summary(outcomes), file=sys.stderr)
+        _print_published(published)
+    return EXIT_ERRORS if failed or failed_publish else EXIT_OK
+
+
+def _print_published(outcomes: Sequence[Any]) -> None:
+    for outcome in outcomes:
+        for result in outcome.results:
+            print(f"{result.output}: {result.message} ({result.url})", file=sys.stderr)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """``publish RECIPE|DIR...``: publish the ``publish`` outputs of the builds ``build`` wrote."""
+    import os
+
+    from ..gitops.batch import BatchOptions
+    from ..gitops.release import publish_recipes
+
+    if args.json:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    files = find_recipe_files(args.recipes)
+    if not files:
+        raise UsageError("no recipe files found")
+    several = len(files) > 1 or any(Path(p).is_dir() for p in args.recipes)
+    options = BatchOptions(
+        out=args.out, overrides=parse_overrides(args.set), allow_read=tuple(args.allow_read)
+    )
+    outcomes = publish_recipes(files, options, several, dry_run=args.dry_run)
+    failed = [o for o in outcomes if not o.ok]
+    if args.json:
+        print(json.dumps({"ok": not failed, "published": [o.to_json() for o in outcomes]}, indent=2))
+    for outcome in failed:
+        print_problems(outcome.problems)
+    if not args.json:
+        _print_published(outcomes)
+        if not outcomes:
+            print("nothing to publish: no output has a 'publish' section", file=sys.stderr)
     return EXIT_ERRORS if failed else EXIT_OK
 
 

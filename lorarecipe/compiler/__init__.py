@@ -39,6 +39,7 @@ from .context import CompileContext
 from .estimates import estimate_memory
 from .inputs import InputFacts, check_inputs
 from .outputs import check_outputs, default_weight_name
+from .publish import check_publish
 from .references import check_references
 
 __all__ = ["compile_recipe", "compile_recipe_file"]
@@ -286,6 +287,7 @@ def compile_recipe(
     inputs = check_inputs(ctx)
     order = check_references(ctx, inputs)
     paths = check_outputs(ctx, inputs.family, _fused_components(ctx, inputs))
+    publish = check_publish(ctx, build.recipe.name or loaded.name)
     if ctx.errors:
         raise RecipeCompileError(ctx.errors[0].message, ctx.problems)
     steps = _steps(ctx, inputs, order, paths)
@@ -302,6 +304,7 @@ def compile_recipe(
         variables=build.variables,
         checks=tuple(ctx.checks + warnings),
         meta=meta,
+        publish=publish,
     )
     return dataclasses.replace(plan, estimates=tuple(estimate_memory(plan, inputs).items()))
 
@@ -319,6 +322,20 @@ def compile_recipe_file(
             plans.append(compile_recipe(loaded, build, allow_read=allow_read))
         except LorarecipeError as exc:
             problems.extend(p for p in exc.problems if p not in problems)
+    seen: dict[tuple[str, str], str] = {}
+    for plan in plans:  # matrix builds of one recipe must not publish over each other
+        for target in plan.publish:
+            key = (target.repo.lower(), target.revision)
+            other = seen.setdefault(key, plan.build)
+            if other != plan.build:
+                message = (
+                    f"builds {other or '(default)'} and {plan.build} both publish outputs.{target.output} to "
+                    f"{target.repo} @ {target.revision}"
+                )
+                hint = "put {{ build }} (or a matrix variable) in the repo name"
+                where = ("outputs", target.output, "publish", "repo")
+                span = loaded.positions.value(where)
+                problems.append(Problem(message, ".".join(where), span, hint))
     if problems:
         raise RecipeCompileError(problems[0].message, problems)
     return plans

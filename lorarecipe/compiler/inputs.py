@@ -20,7 +20,7 @@ from ..errors import LorarecipeError
 from ..families import family_label, get_family
 from ..families.original_names import blocks_touched, lora_targets
 from ..fs.hubcache import cached_file, cached_snapshot
-from ..fs.paths import resolve_input
+from ..fs.paths import check_input, resolve_input
 from ..inspect import (
     BaseInfo,
     ComponentInfo,
@@ -35,6 +35,7 @@ from ..inspect import (
 )
 from ..inspect.base_model import check_model_index
 from ..plan import Check, Source
+from ..recipe.load import path_text
 from ..recipe.vocabulary import FAMILIES
 from .context import CompileContext
 
@@ -103,6 +104,16 @@ def _builtin_base_info(name: str) -> BaseInfo:
     )
 
 
+def _confined(ctx: CompileContext, path: tuple[Any, ...], found: Path, kind: str) -> bool:
+    """Whether an input passes the read confinement (reported at ``path`` when it does not)."""
+    try:
+        check_input(found, kind, ctx.root, ctx.allow_read, path_text(path))
+    except LorarecipeError as exc:
+        ctx.error(path, exc.message)
+        return False
+    return True
+
+
 def _local(ctx: CompileContext, path: tuple[Any, ...], ref: str, want_dir: bool) -> Path | None:
     """Resolve a recipe-relative path; report confinement, absence and file/folder mix-ups."""
     try:
@@ -129,7 +140,7 @@ def _local(ctx: CompileContext, path: tuple[Any, ...], ref: str, want_dir: bool)
             "name the exact .safetensors file inside it",
         )
         return None
-    return resolved
+    return resolved if _confined(ctx, path, resolved, "local") else None
 
 
 def _check_base(ctx: CompileContext) -> InputFacts:
@@ -155,7 +166,7 @@ def _check_base(ctx: CompileContext) -> InputFacts:
                     f"{source.describe()}: not in the local Hugging Face cache; unchecked until fetched",
                 )
             )
-        else:
+        elif _confined(ctx, ("base", "hub"), cached[1], "hub"):
             base_path = cached[1]
             info = _inspect(ctx, ("base", "hub"), lambda: inspect_diffusers_folder(cached[1], spec.variant))
     else:
@@ -261,6 +272,8 @@ def _adapter_header(ctx: CompileContext, name: str, spec: Any) -> AdapterFacts:
                     "Hugging Face cache; unchecked until fetched",
                 )
             )
+            return facts
+        if not _confined(ctx, (*where, "hub"), cached[1], "hub"):
             return facts
         facts.path = cached[1]
     else:

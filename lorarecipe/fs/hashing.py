@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 from .atomic import atomic_write_text, cache_root
@@ -19,6 +20,8 @@ __all__ = ["sha256_file", "sha256_text"]
 
 _CHUNK = 4 * 1024 * 1024
 _memory: dict[str, str] = {}
+_running: dict[str, threading.Event] = {}  # key -> set when the thread hashing that file is done
+_lock = threading.Lock()
 
 
 def sha256_text(text: str) -> str:
@@ -43,23 +46,48 @@ def _load_cache() -> dict[str, str]:
 
 
 def sha256_file(path: Path, *, use_cache: bool = True) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes. Thread-safe: a file being hashed by another thread (a build
+    hashes its inputs in the background while it streams them) is waited for, not hashed twice."""
     key = _key(path)
     if use_cache:
-        if key in _memory:
-            return _memory[key]
-        disk = _load_cache() if path.stat().st_size > 64 * 1024 * 1024 else {}
-        if key in disk:
-            _memory[key] = disk[key]
-            return disk[key]
+        with _lock:
+            if key in _memory:
+                return _memory[key]
+            running = _running.get(key)
+            if running is None:
+                _running[key] = threading.Event()
+        if running is not None:
+            running.wait()
+            if key in _memory:
+                return _memory[key]
+            return sha256_file(path, use_cache=use_cache)  # the other thread failed: try ourselves
+        try:
+            return _hash_and_remember(path, key)
+        finally:
+            with _lock:
+                _running.pop(key).set()
+    return _hash(path)
+
+
+def _hash(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
-    value = digest.hexdigest()
+    return digest.hexdigest()
+
+
+def _hash_and_remember(path: Path, key: str) -> str:
+    big = path.stat().st_size > 64 * 1024 * 1024  # only big files are worth a disk entry
+    if big:
+        disk = _load_cache()
+        if key in disk:
+            _memory[key] = disk[key]
+            return disk[key]
+    value = _hash(path)
     _memory[key] = value
-    if path.stat().st_size > 64 * 1024 * 1024:  # only big files are worth a disk entry
-        with contextlib.suppress(OSError):
+    if big:
+        with contextlib.suppress(OSError), _lock:
             cache = _load_cache()
             cache[key] = value
             _cache_file().parent.mkdir(parents=True, exist_ok=True)

@@ -10,17 +10,22 @@ returns outcomes; the CLI prints them.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import BuildError, LockError, LorarecipeError, Problem, UsageError
+from ..fs.paths import check_output_root
 from ..recipe.load import LoadedRecipe, RecipeBuild, load_recipe
 from ..runner.progress import Reporter
 
-__all__ = ["BatchOptions", "BuildOutcome", "build_recipes"]
+__all__ = ["BatchOptions", "BuildOutcome", "build_recipes", "out_root_for"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class BatchOptions:
     overrides: Mapping[str, str] = field(default_factory=dict)
     allow_read: tuple[Path, ...] = ()
     reporter: Reporter | None = None
+    threads: int | None = None  # torch intra-op threads (None: the runner's policy)
 
 
 @dataclass
@@ -63,7 +69,9 @@ class BuildOutcome:
         }
 
 
-def _out_root(options: BatchOptions, name: str, several: bool) -> Path:
+def out_root_for(options: BatchOptions, name: str, several: bool) -> Path:
+    """Where a recipe's builds go: ``--out`` itself for one recipe, ``--out/<name>`` for several, else
+    ``build/<name>``."""
     if options.out is None:
         return Path("build") / name
     return options.out / name if several else options.out
@@ -84,12 +92,27 @@ def _checked_lock(path: Path, loaded: LoadedRecipe, options: BatchOptions) -> An
     return lock
 
 
+def _in_background(function: Callable[..., T], *args: Any) -> Future[T]:
+    """``function(*args)`` in a daemon thread; its result (or exception) through the future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="lorarecipe-build-keys", daemon=True).start()
+    return future
+
+
 def _run_build(
     loaded: LoadedRecipe, build: RecipeBuild, out: Path, options: BatchOptions, lock: Any
 ) -> BuildOutcome:
     """Compile one build, skip the outputs that are up to date, run the rest."""
     from ..compiler import compile_recipe
-    from .incremental import output_keys, record_state, stale_outputs
+    from .incremental import has_state, output_keys, record_state, stale_outputs
+    from .lock import lock_path
 
     outcome = BuildOutcome(loaded.display, build.label, str(out), False)
     plan = compile_recipe(loaded, build, allow_read=options.allow_read)
@@ -99,9 +122,20 @@ def _run_build(
         from .lock import resolve_frozen
 
         resolved = resolve_frozen(plan, lock, loaded.root, options.allow_read)
-    keys = output_keys(plan, loaded.root, options.allow_read)
-    stale = set(keys) if options.force else stale_outputs(out, keys)
-    outcome.skipped = sorted(set(keys) - stale)
+    check_output_root(out)  # its state is read below: never through a symlink
+    outputs = [s.output for s in plan.output_steps()]
+    keys: Future[dict[str, str | None]]
+    if options.force or not has_state(out):
+        # everything is built anyway: the build keys (content hashes of every input, a full read of
+        # a multi-GB base the first time) are computed in the background while the build streams
+        # the same files, and are only needed to record the state afterwards
+        keys = _in_background(output_keys, plan, loaded.root, options.allow_read)
+        stale = set(outputs)
+    else:
+        keys = Future()
+        keys.set_result(output_keys(plan, loaded.root, options.allow_read))
+        stale = stale_outputs(out, keys.result())
+    outcome.skipped = sorted(set(outputs) - stale)
     if stale:  # otherwise nothing to do: no model is loaded, torch is not even imported
         from ..runner import require_build_extra, run_plan
 
@@ -109,7 +143,7 @@ def _run_build(
 
         def remember(written: dict[str, list[Path]]) -> None:  # runs under the output root's lock
             try:
-                record_state(out, output_keys(plan, loaded.root, options.allow_read), written)
+                record_state(out, keys.result(), written)
             except OSError as exc:
                 raise BuildError(f"cannot record the build state in {out}: {exc.strerror or exc}") from None
 
@@ -125,6 +159,8 @@ def _run_build(
             reporter=options.reporter,
             on_success=remember,
             executor=options.executor,
+            protected=(loaded.path, lock_path(loaded.path)),
+            threads=options.threads,
         )
         outcome.outputs = sorted(result.outputs)
     outcome.ok = True
@@ -140,7 +176,7 @@ def build_recipe_file(path: Path, options: BatchOptions, several: bool) -> list[
         raise
     except LorarecipeError as exc:
         return [BuildOutcome(str(path), "", "", False, problems=exc.problems)]
-    root = Path(os.path.abspath(_out_root(options, loaded.name, several)))
+    root = Path(os.path.abspath(out_root_for(options, loaded.name, several)))
     outcomes = []
     for build in loaded.builds:
         out = root / build.label if build.label else root

@@ -23,10 +23,10 @@ from ..fs.atomic import atomic_write_text
 from ..fs.hashing import sha256_file
 from ..fs.hubcache import cached_file, cached_snapshot
 from ..fs.paths import resolve_input
-from ..outputs.manifest import library_versions
+from ..outputs.manifest import MANIFEST_NAME, library_versions
 from ..plan import LoadAdapter, LoadBase, Plan, Source, canonical_json
 
-__all__ = ["STATE_DIR", "output_keys", "record_state", "stale_outputs"]
+__all__ = ["STATE_DIR", "has_state", "output_keys", "record_state", "stale_outputs"]
 
 STATE_DIR = ".lorarecipe"
 _KEY_LIBRARIES = ("lorarecipe", "torch", "diffusers", "peft", "transformers", "safetensors")
@@ -120,13 +120,33 @@ def _read_state(out_root: Path) -> dict[str, Any]:
     return {}
 
 
+def has_state(out_root: Path) -> bool:
+    """Whether a build recorded any output in this root (else every output is to be built)."""
+    outputs = _read_state(out_root).get("outputs")
+    return isinstance(outputs, dict) and bool(outputs)
+
+
+def _listed_outputs(out_root: Path) -> set[str]:
+    """The outputs manifest.json lists (an interrupted build unlists what it was replacing)."""
+    path = out_root / MANIFEST_NAME
+    if path.is_symlink():
+        return set()
+    with contextlib.suppress(OSError, ValueError, RecursionError):
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(doc, dict) and isinstance(doc.get("outputs"), dict):
+            return {str(k) for k in doc["outputs"]}
+    return set()
+
+
 def stale_outputs(out_root: Path, keys: dict[str, str | None]) -> set[str]:
-    """Outputs whose key changed, is unknown, or whose files are gone or touched since recorded."""
+    """Outputs whose key changed, is unknown, that the manifest does not list, or whose files are
+    gone or touched since recorded."""
     state = _read_state(out_root).get("outputs", {})
+    listed = _listed_outputs(out_root)
     stale = set()
     for name, key in keys.items():
         entry = state.get(name)
-        if key is None or not isinstance(entry, dict) or entry.get("key") != key:
+        if key is None or not isinstance(entry, dict) or entry.get("key") != key or name not in listed:
             stale.add(name)
             continue
         for rel, (size, mtime_ns) in entry.get("files", {}).items():

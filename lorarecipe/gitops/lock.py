@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from ..errors import InputUnavailableError, IntegrityError, LockError, Problem
 from ..fs.atomic import atomic_write_text
 from ..fs.hashing import sha256_file
 from ..fs.hubcache import cached_file, cached_snapshot
+from ..fs.paths import check_input_file, confined_path, input_roots
 from ..plan import LoadAdapter, LoadBase, Plan, Source
 from ..runner.inputs import ResolvedInput, fetch_hint, hub_error, resolve_adapter, resolve_base
 
@@ -276,14 +278,18 @@ def write_lock(recipe: Path, lock: LockFile) -> Path:
 
 
 def read_lock(recipe: Path) -> LockFile:
-    """The lock beside ``recipe``; ``LockError`` naming the file and the fix if missing or unreadable."""
+    """The lock beside ``recipe``; ``LockError`` naming the file and the fix if missing or unreadable.
+
+    The lock is untrusted input like the recipe: it must be a regular file in the recipe's folder (a
+    symlink out of it is refused before it is read)."""
     path = lock_path(recipe)
     fix = f"run `lorarecipe lock {recipe}` to (re)create it"
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         raise LockError(f"{path}: no lock file for {recipe}; {fix}")
+    check_input_file(path, (Path(os.path.realpath(recipe.parent)),), "lock file")
     try:
         return LockFile.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise LockError(f"{path}: unreadable lock file ({type(exc).__name__}: {exc}); {fix}") from None
 
 
@@ -323,7 +329,7 @@ def check_lock_current(recipe: Path, lock: LockFile, plans: Sequence[Plan]) -> l
     return reasons
 
 
-def verify_input_files(locked: LockedInput, root: Path) -> None:
+def verify_input_files(locked: LockedInput, root: Path, within: Sequence[Path] = ()) -> None:
     """Rehash (no stat cache) each locked file under ``root`` (the input's folder, or the file itself);
     ``IntegrityError`` naming every changed file with the expected and the actual sha256. A local folder
     must hold no unlocked file either; a hub snapshot may (files of other downloads).
@@ -331,10 +337,14 @@ def verify_input_files(locked: LockedInput, root: Path) -> None:
     problems: list[Problem] = []
     hint = "restore it, or run `lorarecipe lock` again if the change is intended"
     for entry in locked.files:
-        path = root / entry.path if root.is_dir() else root
+        # the lock names these paths: each must stay inside the input's folder (checked before it is
+        # hashed), and be a regular file (the input folder passed the read confinement already)
+        what = f"lock file: {locked.step}"
+        path = confined_path(root, entry.path, what, within) if root.is_dir() else root
         name = f"{locked.describe()}: {entry.path}" if root.is_dir() else locked.describe()
-        actual = sha256_file(path, use_cache=False) if path.is_file() else "(missing)"
-        if actual != entry.sha256 or path.stat().st_size != entry.size:
+        regular = path.is_file()
+        actual = sha256_file(path, use_cache=False) if regular else "(missing)"
+        if actual != entry.sha256 or not regular or path.stat().st_size != entry.size:
             message = f"{name} changed since it was locked: expected sha256 {entry.sha256}, found {actual}"
             problems.append(Problem(f"{message} ({path})", hint=hint))
     if locked.kind == "local" and root.is_dir():
@@ -364,6 +374,6 @@ def resolve_frozen(
         if entry is None:
             raise LockError(f"{use.step}: {use.source.describe()} is not in the lock; run `lorarecipe lock`")
         path = _resolve_path(use, pinned_source(entry), recipe_root, allow_read)
-        verify_input_files(entry, path)
+        verify_input_files(entry, path, input_roots(entry.kind, recipe_root, allow_read))
         out[use.step] = ResolvedInput(use.source, path, entry.commit)
     return out

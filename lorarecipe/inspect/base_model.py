@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -379,6 +380,7 @@ def inspect_single_file(path: Path) -> BaseInfo:
 
 
 _ALLOWED_LIBRARIES = {"diffusers", "transformers", None}
+_COMPONENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _KNOWN_PIPELINES = {info.pipeline_class for info in FAMILIES.values()}
 
 
@@ -408,6 +410,11 @@ def check_model_index(folder: Path) -> dict[str, Any]:
             continue  # plain config values (e.g. requires_safety_checker) are not components
         if not (isinstance(value, list) and len(value) == 2):
             raise UnsafeInputError(f"{index_path}: component {key!r} has an unexpected entry {value!r}")
+        if not _COMPONENT_NAME.match(key):
+            raise UnsafeInputError(
+                f"{index_path}: component name {key[:80]!r} is not a plain folder name (components are "
+                "folders beside model_index.json: no '..', separators or absolute paths)"
+            )
         library = value[0]
         if library not in _ALLOWED_LIBRARIES:
             raise UnsafeInputError(

@@ -16,7 +16,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from ..errors import IntegrityError, Problem
+from ..errors import IntegrityError, LorarecipeError, Problem
 from ..fs.atomic import atomic_write_text
 from ..fs.hashing import sha256_file
 
@@ -86,32 +86,88 @@ class VerifyResult:
     problems: list[Problem]
 
 
+def _output_folders(root: Path, output: dict[str, Any]) -> list[Path]:
+    """The folders an output owns whole (every file in them must be listed): a pipeline or LoRA
+    folder, a grid's cells folder."""
+    from ..fs.paths import normalize_output_path
+
+    rel = normalize_output_path(str(output.get("path", "")))
+    kind = output.get("kind")
+    if kind in ("pipeline", "lora"):
+        return [root / rel]
+    if kind == "grid":
+        png = root / rel
+        return [png.with_name(png.stem + "_cells")]
+    return []
+
+
+def _verify_output(root: Path, outdir: Path, name: str, output: Any, problems: list[Problem]) -> int:
+    """Check one output's files: present, unchanged, regular, inside the root, none unlisted."""
+    from ..fs.paths import confined_path
+
+    where = f"{root / MANIFEST_NAME}: outputs.{name}"
+    files = output.get("files") if isinstance(output, dict) else None
+    if not isinstance(files, list):
+        problems.append(Problem(f"{where}: no 'files' list"))
+        return 0
+    listed: set[Path] = set()
+    checked = 0
+    for index, entry in enumerate(files):
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            problems.append(Problem(f"{where}.files[{index}]: not a {{path, sha256, size}} entry"))
+            continue
+        try:
+            path = confined_path(root, entry.get("path"), f"{where}.files[{index}].path")
+        except LorarecipeError as exc:
+            problems.append(Problem(exc.message))
+            continue
+        checked += 1
+        listed.add(path)
+        shown = path.relative_to(outdir) if path.is_relative_to(outdir) else path
+        if path.is_symlink() or not path.is_file():
+            problems.append(Problem(f"{shown}: {'a symlink' if path.is_symlink() else 'missing'}"))
+            continue
+        actual = sha256_file(path, use_cache=False)
+        if actual != entry["sha256"] or path.stat().st_size != entry.get("size"):
+            problems.append(Problem(f"{shown}: changed (expected sha256 {entry['sha256']}, found {actual})"))
+    try:
+        folders = _output_folders(root, output)
+    except ValueError as exc:
+        problems.append(Problem(f"{where}.path: {exc}"))
+        return checked
+    for folder in folders:
+        present = (
+            sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()) if folder.is_dir() else []
+        )
+        for extra in (p for p in present if p not in listed):
+            shown = extra.relative_to(outdir) if extra.is_relative_to(outdir) else extra
+            problems.append(Problem(f"{shown}: not in the manifest (a file added to output {name!r})"))
+    return checked
+
+
 def verify_outdir(outdir: Path) -> VerifyResult:
-    """Recompute every output file's sha256 and size against the manifest(s) under ``outdir``."""
+    """Recompute every output file's sha256 and size against the manifest(s) under ``outdir``, and
+    report files an output folder holds that its manifest does not list."""
     manifests = sorted(outdir.rglob(MANIFEST_NAME)) if outdir.is_dir() else []
     if not manifests:
         raise IntegrityError(f"{outdir}: no {MANIFEST_NAME} found (is this a lorarecipe build folder?)")
     problems: list[Problem] = []
     checked = 0
     for manifest in manifests:
-        root = manifest.parent
+        if manifest.is_symlink():
+            problems.append(Problem(f"{manifest}: a symlink, not a manifest this build wrote"))
+            continue
         try:
             doc = json.loads(manifest.read_text(encoding="utf-8"))
             outputs = doc["outputs"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            problems.append(Problem(f"{manifest}: unreadable manifest ({exc})"))
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            problems.append(
+                Problem(f"{manifest}: unreadable manifest ({type(exc).__name__}: {str(exc)[:200]})")
+            )
             continue
-        for output in outputs.values() if isinstance(outputs, dict) else []:
-            for entry in output.get("files", []):
-                checked += 1
-                path = root / entry["path"]
-                shown = path.relative_to(outdir) if path.is_relative_to(outdir) else path
-                if not path.is_file():
-                    problems.append(Problem(f"{shown}: missing"))
-                    continue
-                actual = sha256_file(path, use_cache=False)
-                if actual != entry["sha256"] or path.stat().st_size != entry["size"]:
-                    problems.append(
-                        Problem(f"{shown}: changed (expected sha256 {entry['sha256']}, found {actual})")
-                    )
+        if not isinstance(outputs, dict):
+            problems.append(Problem(f"{manifest}: 'outputs' is not an object"))
+            continue
+        for name, output in outputs.items():
+            checked += _verify_output(manifest.parent, outdir, str(name), output, problems)
     return VerifyResult(checked, problems)

@@ -32,6 +32,7 @@ __all__ = [
     "Origin",
     "OutputStep",
     "Plan",
+    "PublishTarget",
     "RenderGrid",
     "SaveCheckpoint",
     "SaveLora",
@@ -273,6 +274,24 @@ class RenderGrid(OutputStep):
 
 
 @dataclass(frozen=True)
+class PublishTarget:
+    """Where an output is published on the Hub (rendered and validated; not part of the fingerprint,
+    so changing it never rebuilds anything)."""
+
+    output: str
+    repo: str
+    revision: str = "main"
+    private: bool = True
+    create: bool = True
+    commit_message: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            k: getattr(self, k) for k in ("output", "repo", "revision", "private", "create", "commit_message")
+        }
+
+
+@dataclass(frozen=True)
 class Check:
     """A static check's outcome for one input (shown by ``plan``; not part of the fingerprint)."""
 
@@ -303,6 +322,7 @@ class Plan:
     checks: tuple[Check, ...] = ()
     estimates: tuple[tuple[str, Any], ...] = ()
     meta: tuple[tuple[str, Any], ...] = ()  # description, license: they shape model cards, so fingerprinted
+    publish: tuple[PublishTarget, ...] = ()  # not fingerprinted: where outputs go on the Hub
 
     def step(self, step_id: str) -> Step:
         for s in self.steps:
@@ -336,6 +356,12 @@ class Plan:
                 stack.extend(by_id[current].inputs)
         return [s for s in self.steps if s.id in seen]
 
+    def part_key(self, step_id: str) -> str:
+        """sha256 of ``step_id``'s part of the plan: its payload and every step it depends on (what an
+        output's content depends on in the plan; the input files' bytes aside)."""
+        part = sorted(self.dependencies(step_id), key=lambda s: s.id)
+        return hashlib.sha256(canonical_json([s.payload() for s in part]).encode()).hexdigest()
+
     def fingerprint(self) -> str:
         """sha256 of the canonical plan: what will be loaded, computed and written."""
         doc = {
@@ -361,6 +387,7 @@ class Plan:
             "steps": [s.to_json() for s in self.steps],
             "checks": [c.to_json() for c in self.checks],
             "estimates": {k: v for k, v in self.estimates},
+            "publish": [p.to_json() for p in self.publish],
         }
 
 

@@ -122,8 +122,13 @@ def _read_manifest(out_root: Path) -> dict[str, Any]:
         doc = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(doc, dict) or not isinstance(doc["outputs"], dict):
             raise TypeError("no outputs table")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise IntegrityError(f"{path}: unreadable manifest ({exc}); rebuild the folder") from None
+    if doc.get("build_complete") is False:
+        raise IntegrityError(
+            f"{out_root}: the last build into this folder did not finish (a build is running there or "
+            "was interrupted); let `lorarecipe build` finish"
+        )
     return doc
 
 

@@ -150,14 +150,20 @@ def _label(combo: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(parts))[:120]
 
 
+def _untemplated(path: PathKey, key: object) -> bool:
+    """Keys rendered elsewhere: ``variables``/``matrix`` (they are the values), and each output's
+    ``publish`` (the compiler renders it with ``name``, ``build`` and ``output`` too)."""
+    if not path:
+        return key in _UNTEMPLATED
+    return len(path) == 2 and path[0] == "outputs" and key == "publish"
+
+
 def _render_tree(
     data: Any, variables: dict[str, Any], path: PathKey, doc: YamlDocument, problems: list[Problem]
 ) -> Any:
     if isinstance(data, dict):
         return {
-            k: (
-                v if not path and k in _UNTEMPLATED else _render_tree(v, variables, (*path, k), doc, problems)
-            )
+            k: (v if _untemplated(path, k) else _render_tree(v, variables, (*path, k), doc, problems))
             for k, v in data.items()
         }
     if isinstance(data, list):
@@ -488,7 +494,7 @@ def find_recipe_files(paths: Sequence[str | Path]) -> list[Path]:
                 p
                 for p in path.rglob("*")
                 if p.suffix in (".yaml", ".yml")
-                and p.is_file()
+                and (p.is_file() or p.is_symlink())  # a symlink is reported when read, never skipped
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             files.extend(found)

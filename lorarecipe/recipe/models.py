@@ -36,6 +36,7 @@ __all__ = [
     "MergeSpec",
     "OutputSpec",
     "PipelineOutput",
+    "PublishSpec",
     "Recipe",
     "SetAdaptersSpec",
     "SingleFileOutput",
@@ -342,6 +343,26 @@ class FuseSpec(_Spec):
 RelPath = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 
 
+class PublishSpec(_Spec):
+    """Where ``lorarecipe publish`` (or ``build --publish``) puts this output on the Hugging Face Hub.
+
+    Not part of the plan's fingerprint: changing it never rebuilds anything. ``repo`` and
+    ``commit_message`` may use the recipe's variables and ``{{ name }}`` (the recipe's name),
+    ``{{ build }}`` (the matrix label) and ``{{ output }}`` (this output's name)."""
+
+    repo: Annotated[str, StringConstraints(min_length=1, max_length=300)] = Field(
+        ..., description="Hub model repo id 'namespace/name', e.g. 'myorg/{{ name }}-{{ output }}'."
+    )
+    private: bool = Field(True, description="Create the repo private (when it does not exist yet).")
+    revision: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
+        "main", description="Branch to commit to."
+    )
+    create: bool = Field(True, description="Create the repo when it does not exist (else: an error).")
+    commit_message: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
+        None, description="First line of the commit message (default: names the recipe and output)."
+    )
+
+
 class PipelineOutput(_Spec):
     """The fused pipeline as a diffusers folder (safetensors only)."""
 
@@ -349,6 +370,7 @@ class PipelineOutput(_Spec):
     path: RelPath = Field(..., description="Folder, relative to the output root.")
     dtype: SaveDType | None = Field(None, description="Save dtype (default: the base dtype).")
     card: bool = Field(True, description="Write a README.md model card into the folder.")
+    publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
 
 
 class SingleFileOutput(_Spec):
@@ -357,6 +379,7 @@ class SingleFileOutput(_Spec):
     kind: Literal["single_file"]
     path: RelPath = Field(..., description="A .safetensors file, relative to the output root.")
     dtype: SaveDType | None = Field(None, description="Save dtype (default: the base dtype).")
+    publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
 
     @field_validator("path")
     @classmethod
@@ -383,6 +406,7 @@ class LoraOutput(_Spec):
     )
     dtype: SaveDType | None = Field(None, description="Save dtype (default: as computed).")
     card: bool = Field(True, description="Write a README.md model card into the folder.")
+    publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
 
     @field_validator("weight_name")
     @classmethod
@@ -447,6 +471,7 @@ class GridOutput(_Spec):
     trigger_words: bool = Field(
         True, description="Prefix each prompt with the trigger words of the adapters active in the cell."
     )
+    publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
 
     @field_validator("path")
     @classmethod

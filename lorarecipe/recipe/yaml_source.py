@@ -9,7 +9,9 @@ limit named. It never imports torch or anything heavy.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,6 +241,9 @@ def parse_yaml(text: str, file: str, limits: Limits = LIMITS) -> YamlDocument:
                 )
             ],
         )
+    if len(_TEXTS) >= _KEPT_TEXTS:
+        _TEXTS.pop(next(iter(_TEXTS)))
+    _TEXTS[file] = text
     try:
         node = yaml.compose(text, Loader=_ComposeOnlyLoader)
     except yaml.MarkedYAMLError as exc:
@@ -274,14 +279,44 @@ def parse_yaml(text: str, file: str, limits: Limits = LIMITS) -> YamlDocument:
     return YamlDocument(file=file, text=text, data=data, positions=converter.positions)
 
 
+#: Recipe texts read so far, by display name: error snippets quote only these (never a file read
+#: again from disk, which could be another file by then, or one that is not a recipe).
+_TEXTS: dict[str, str] = {}
+_KEPT_TEXTS = 64
+
+
+def recipe_text(display: str) -> str | None:
+    """The text of a recipe this process read under ``display``, for error snippets; else None."""
+    return _TEXTS.get(display)
+
+
+def _refuse(display: str, message: str) -> RecipeSyntaxError:
+    return RecipeSyntaxError(f"{display}: {message}", [Problem(f"{display}: {message}")])
+
+
+def _check_recipe_path(path: Path, display: str) -> None:
+    """A recipe is a regular file inside its own folder: a symlink out of it (to a secret, to
+    ``/proc/self/environ``, to a device) is refused before anything is read, so no error snippet
+    can show its content."""
+    real = Path(os.path.realpath(path))
+    folder = Path(os.path.realpath(path.parent))
+    if real.is_dir():
+        raise _refuse(display, "is a directory, not a recipe file")
+    system = any(real == p or p in real.parents for p in (Path("/proc"), Path("/dev"), Path("/sys")))
+    if system or folder not in real.parents:
+        raise _refuse(display, f"is a symlink to {real}, outside the recipe's folder; refusing to read it")
+    try:
+        regular = stat.S_ISREG(os.stat(real).st_mode)
+    except OSError:
+        return  # missing or unreadable: reported by the read below
+    if not regular:
+        raise _refuse(display, "is not a regular file")
+
+
 def read_text(path: Path, display: str, limits: Limits = LIMITS) -> str:
     """Read a recipe file as UTF-8 text, turning every I/O or decoding failure into a located error."""
+    _check_recipe_path(path, display)
     try:
-        if path.is_dir():
-            raise RecipeSyntaxError(
-                f"{display} is a directory, not a recipe file",
-                [Problem(f"{display} is a directory, not a recipe file")],
-            )
         with path.open("rb") as handle:
             raw = handle.read(limits.max_bytes + 1)
     except OSError as exc:
@@ -291,7 +326,7 @@ def read_text(path: Path, display: str, limits: Limits = LIMITS) -> str:
         message = f"recipe is larger than {limits.max_bytes} bytes (limit: max_bytes)"
         raise RecipeSyntaxError(message, [Problem(message, span=SourceSpan(display, 1, 1))])
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
@@ -299,6 +334,7 @@ def read_text(path: Path, display: str, limits: Limits = LIMITS) -> str:
             f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); is this a binary file?"
         )
         raise RecipeSyntaxError(message, [Problem(message, span=SourceSpan(display, line, col))]) from None
+    return text
 
 
 def load_yaml(path: Path, display: str | None = None, limits: Limits = LIMITS) -> YamlDocument:

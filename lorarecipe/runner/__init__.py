@@ -15,21 +15,26 @@ formula), ``pipeline/`` and ``streaming/`` (the two executors), ``records``, and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError, LockError, UsageError
 from ..fs.atomic import clean_stale_temporaries
-from ..outputs.manifest import BUILD_LOCK
+from ..fs.paths import check_output_root, check_outputs_apart, resolve_output
+from ..outputs.manifest import BUILD_LOCK, MANIFEST_NAME
 from ..plan import LoadAdapter, LoadBase, Plan
-from .build_state import BuildOptions, BuildState
+from .build_state import BuildOptions, BuildState, OutputRecord
+from .cards import add_grid_to_cards, card_writer
 from .inputs import ResolvedInput, resolve_adapter, resolve_base, resolve_config
+from .journal import ManifestJournal
 from .progress import Reporter, make_reporter
-from .records import finish_manifest, provenance, set_aside_manifest, write_cards
+from .records import finish_manifest, output_entry, provenance
+from .step_context import step_context
 
 __all__ = ["LOCK_NAME", "BuildResult", "require_build_extra", "run_plan"]
 
@@ -45,6 +50,19 @@ class BuildResult:
     manifest: Path | None = None
     device: str = "cpu"
     seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count for the executors, restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def require_build_extra() -> None:
@@ -107,22 +125,27 @@ def run_plan(
     resolved: Mapping[str, ResolvedInput] | None = None,
     on_success: Callable[[dict[str, list[Path]]], None] | None = None,
     executor: str = "auto",
+    protected: Sequence[Path] = (),
+    threads: int | None = None,
 ) -> BuildResult:
     """Build ``outputs`` (default: all) of ``plan`` into ``out_root``; returns what was written.
 
     ``executor`` is a mode of :data:`~lorarecipe.runner.executor.EXECUTOR_MODES`. ``on_success(written)``
     runs after the manifest, still under the output root's lock (the incremental-build state is
-    recorded there, so no other build can interleave).
+    recorded there, so no other build can interleave). ``protected``: files no output may replace or
+    contain besides the inputs (the recipe, its lock). ``threads``: torch's intra-op threads
+    (default: :func:`~lorarecipe.runner.device.thread_policy`), recorded in the manifest.
     """
     from filelock import FileLock, Timeout
 
     from .quiet import quiet_libraries
 
     quiet_libraries()
-    from .device import pick_device
+    from .device import pick_device, thread_policy
     from .executor import executors_for
 
     started = time.perf_counter()
+    check_output_root(out_root)
     out_root = Path(os.path.abspath(out_root))  # written paths are absolute; a relative --out must match
     reporter = reporter or make_reporter(quiet=True)
     try:
@@ -141,6 +164,7 @@ def run_plan(
         except OSError as exc:
             raise BuildError(f"cannot clean {out_root}: {exc.strerror or exc}") from None
         chosen = pick_device(device)
+        policy = thread_policy(threads)
         wanted = [s.output for s in plan.output_steps() if outputs is None or s.output in outputs]
         reporter.begin(
             f"build {plan.name}" + (f" [{plan.build}]" if plan.build else ""), _step_count(plan, set(wanted))
@@ -152,20 +176,36 @@ def run_plan(
             allow_read=tuple(allow_read),
             reporter=reporter,
             provenance=provenance(plan, recipe_text),
+            threads=policy,
         )
-        set_aside_manifest(out_root)
         state = BuildState(options)
         _resolve_inputs(plan, state, resolved or {})
+        inputs = [r.path for r in state.inputs.values()] + ([state.config] if state.config else [])
+        check_outputs_apart([out_root / ".lorarecipe", out_root / MANIFEST_NAME], [*inputs, *protected])
+        for name in wanted:
+            step = plan.output_step(name)
+            with step_context(step):  # located at the output's recipe line
+                check_outputs_apart([resolve_output(out_root, step.path)], [*inputs, *protected])
+        journal = ManifestJournal(out_root, [s.output for s in plan.output_steps()])
+        journal.forget(wanted)  # from here on a kill leaves them unlisted until they are complete again
+
+        def record(name: str, built: OutputRecord) -> None:
+            entry = output_entry(plan, plan.output_step(name), built)
+            journal.record(name, entry, built.files, built.hashes)
+
+        state.on_output = record
+        state.card_writer = card_writer(plan, state, recipe_text)
         left = wanted
-        for runner in executors_for(executor):
-            if not left:
-                break
-            left = runner.build(plan, left, state)
+        with _torch_threads(policy.threads):
+            for runner in executors_for(executor):
+                if not left:
+                    break
+                left = runner.build(plan, left, state)
         if left:
             raise BuildError(f"internal: no executor built {', '.join(left)}")
-        write_cards(plan, state, recipe_text)
+        add_grid_to_cards(plan, state, recipe_text, journal)
         reporter.step("write manifest")
-        manifest, built = finish_manifest(plan, state, recipe_text)
+        manifest, built = finish_manifest(plan, state, recipe_text, journal)
         written = state.files()
         result = BuildResult(plan, out_root, outputs=built, written=written, manifest=manifest, device=chosen)
         if on_success is not None:

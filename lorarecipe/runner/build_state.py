@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..plan import Step
+from ..plan import OutputStep, Step
+from .device import ThreadPolicy
 from .inputs import ResolvedInput
 from .progress import Reporter
 from .step_context import step_context
@@ -33,6 +34,7 @@ class BuildOptions:
     allow_read: tuple[Path, ...]
     reporter: Reporter
     provenance: dict[str, str]  # metadata stamped into every safetensors file and PNG
+    threads: ThreadPolicy | None = None  # torch intra-op threads (recorded in the manifest)
 
     def stamp(self, output: str) -> dict[str, str]:
         """The provenance metadata of one output's files."""
@@ -69,6 +71,8 @@ class OutputRecord:
     files: list[Path]
     fuse: FuseCheck | None = None
     fused_vs_runtime_max_diff: float | None = None  # grids that show ``fused``
+    #: sha256 and size of files the executor hashed while writing them (not read again)
+    hashes: dict[Path, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +86,23 @@ class BuildState:
     adapters: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> component -> modules
     dtype: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: writes an output folder's model card into a folder (the temporary one, before it is swapped in)
+    card_writer: Callable[[OutputStep, Path], None] | None = None
+    #: told each finished output (the manifest journal records it, so a killed build leaves it listed)
+    on_output: Callable[[str, OutputRecord], None] | None = None
+
+    def add_output(self, name: str, record: OutputRecord) -> None:
+        """Record a finished output (complete at its final path, card included)."""
+        self.outputs[name] = record
+        if self.on_output is not None:
+            self.on_output(name, record)
+
+    def before_swap(self, step: OutputStep) -> Callable[[Path], None] | None:
+        """What to write into ``step``'s temporary folder before it replaces the final one: its card."""
+        writer = self.card_writer
+        if writer is None:
+            return None
+        return lambda folder: writer(step, folder)
 
     def adapter_paths(self) -> dict[str, Path]:
         """Adapter name -> its resolved LoRA file."""

@@ -37,6 +37,7 @@ __all__ = [
     "fused_weight",
     "lora_product",
     "native_scaling",
+    "product_shape",
     "rows_capable",
     "scaled_delta",
 ]
@@ -109,9 +110,10 @@ def rows_capable(target: FuseTarget | None) -> bool:
     return target is None or all(t.factor.kind is not LayerKind.CONV for t in target.terms)
 
 
-def lora_product(factor: LoraFactor, rows: tuple[int, int] | None = None) -> Any:
-    """PEFT's ``get_delta_weight`` before scaling, as a fresh float32 tensor: rows ``rows`` of it
-    (Linear and 1×1 Conv2d only: those rows are the matching rows of ``lora_B`` @ ``lora_A``)."""
+def lora_product(factor: LoraFactor, rows: tuple[int, int] | None = None, out: Any = None) -> Any:
+    """PEFT's ``get_delta_weight`` before scaling, in float32: rows ``rows`` of it (Linear and 1×1
+    Conv2d only: those rows are the matching rows of ``lora_B`` @ ``lora_A``). Written into ``out``
+    (a float32 tensor of the product's shape) when given: the same kernel, no fresh allocation."""
     import torch
 
     a, b = factor.a, factor.b
@@ -120,15 +122,32 @@ def lora_product(factor: LoraFactor, rows: tuple[int, int] | None = None) -> Any
             raise BuildError("internal: a k×k convolution LoRA cannot be fused a row chunk at a time")
         b = b[rows[0] : rows[1]]
     if factor.kind is LayerKind.LINEAR:
-        return b @ a
+        return b @ a if out is None else torch.matmul(b, a, out=out)
     if factor.kind is LayerKind.CONV1X1:  # PEFT's Conv2d 1×1 formula
-        return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        b2, a2 = b.squeeze(3).squeeze(2), a.squeeze(3).squeeze(2)
+        if out is None:
+            return (b2 @ a2).unsqueeze(2).unsqueeze(3)
+        torch.matmul(b2, a2, out=out.view(out.shape[0], out.shape[1]))
+        return out
     return torch.nn.functional.conv2d(a.transpose(0, 1), b).transpose(0, 1)
 
 
-def scaled_delta(term: FuseTerm, rows: tuple[int, int] | None = None) -> Any:
+def product_shape(factor: LoraFactor, rows: tuple[int, int] | None = None) -> tuple[int, ...]:
+    """The shape of ``lora_product(factor, rows)`` (from the factors' shapes, nothing computed)."""
+    total = factor.b.shape[0]
+    out = total if rows is None else max(0, min(rows[1], total) - rows[0])  # as slicing b[start:stop]
+    if factor.kind is LayerKind.LINEAR:
+        return (out, factor.a.shape[1])
+    if factor.kind is LayerKind.CONV1X1:
+        return (out, factor.a.shape[1], 1, 1)
+    return (out, factor.a.shape[1], *factor.a.shape[2:])
+
+
+def scaled_delta(term: FuseTerm, rows: tuple[int, int] | None = None, out: Any = None) -> Any:
     """PEFT's ``get_delta_weight`` of the term (``product * scaling``), or rows ``rows`` of it."""
-    return lora_product(term.factor, rows).mul_(term.scaling)  # in place: same values as product * scaling
+    return lora_product(term.factor, rows, out).mul_(
+        term.scaling
+    )  # in place: same values as product * scaling
 
 
 def _add_low_rank(weight: Any, target: FuseTarget, rows: tuple[int, int] | None) -> None:
@@ -152,30 +171,47 @@ def _add_low_rank(weight: Any, target: FuseTarget, rows: tuple[int, int] | None)
 
 
 def fused_weight(
-    base: Any, target: FuseTarget, rows: tuple[int, int] | None = None, peft_order: bool = True
+    base: Any,
+    target: FuseTarget,
+    rows: tuple[int, int] | None = None,
+    scratch: Any = None,
+    out: Any = None,
+    peft_order: bool = True,
 ) -> Any:
     """float32 ``base`` + each adapter's delta in fuse order, as PEFT's safe merge adds them.
 
     ``base`` is the whole weight, or its rows ``rows`` (a chunk: each delta row is the same dot
     product as in the whole tensor, so the chunks concatenate to the whole result bit for bit).
-    Each delta is dropped before the next is computed: peak is base + sum + two delta-sized temporaries.
-    ``peft_order=False`` (outputs below float32): Linear and 1×1 terms are added by one ``addmm_`` (see
-    the module docstring); peak is base + sum.
+    ``scratch(slot, shape)`` gives reusable float32 buffers for the result and the delta (fresh
+    multi-MB allocations are page-faulted in by the kernel, which costs more than the arithmetic);
+    without it they are allocated. ``out``: the float32 tensor to write the result into (when it must
+    outlive the scratch). Peak: base + result + one delta. ``peft_order=False`` (outputs below
+    float32): Linear and 1×1 terms are added by one ``addmm_`` (see the module docstring); peak is base
+    + result.
     """
     import torch
 
-    weight = base.to(torch.float32, copy=True)
+    if out is not None:
+        weight = out
+        weight.copy_(base)
+    elif scratch is None:
+        weight = base.to(torch.float32, copy=True)
+    else:
+        weight = scratch("weight", tuple(base.shape))
+        weight.copy_(base)
     terms = target.terms
     if not peft_order and len(terms) and all(t.factor.kind is not LayerKind.CONV for t in terms):
         _add_low_rank(weight, target, rows)
         return weight
     for term in terms:
-        delta = scaled_delta(term, rows)
-        if tuple(delta.shape) != tuple(weight.shape):
+        shape = product_shape(term.factor, rows)
+        if tuple(shape) != tuple(weight.shape):
             raise BuildError(
-                f"{target.component}.{target.module_name}: LoRA delta {list(delta.shape)} does not fit "
+                f"{target.component}.{target.module_name}: LoRA delta {list(shape)} does not fit "
                 f"the base weight {list(weight.shape)}"
             )
+        reuse = scratch is not None and term.factor.kind is not LayerKind.CONV
+        delta = scaled_delta(term, rows, scratch("delta", shape) if reuse else None)
         weight += delta
         del delta
     return weight

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputUnavailableError, LorarecipeError, UnsafeInputError
-from ..fs.paths import resolve_input
+from ..fs.paths import check_input, resolve_input
 from ..plan import Source
 
 __all__ = [
@@ -86,6 +86,13 @@ def _local(source: Source, root: Path, allow_read: Sequence[Path], want_dir: boo
     return path
 
 
+def _confined(resolved: ResolvedInput, root: Path, allow_read: Sequence[Path]) -> ResolvedInput:
+    """The resolved input, once its files passed the read confinement (they may have changed since
+    the recipe was compiled)."""
+    check_input(resolved.path, resolved.source.kind, root, allow_read, resolved.source.describe())
+    return resolved
+
+
 def resolve_base(
     source: Source,
     root: Path,
@@ -94,7 +101,13 @@ def resolve_base(
     variant: str | None = None,
     single_file: bool = False,
 ) -> ResolvedInput:
-    """A base model source -> a diffusers folder (or single file) on disk."""
+    """A base model source -> a diffusers folder (or single file) on disk, confined."""
+    return _confined(_resolve_base(source, root, allow_read, variant, single_file), root, allow_read)
+
+
+def _resolve_base(
+    source: Source, root: Path, allow_read: Sequence[Path], variant: str | None, single_file: bool
+) -> ResolvedInput:
     if source.kind == "builtin":  # materialized ones without importing the builders (torch, diffusers)
         from ..builtin.catalog import materialized_base
 
@@ -167,12 +180,18 @@ def resolve_config(source: Source | None, root: Path, allow_read: Sequence[Path]
     if source is None:
         return None
     if source.kind == "local":
-        return _local(source, root, allow_read, want_dir=True)
+        return _confined(
+            ResolvedInput(source, _local(source, root, allow_read, want_dir=True)), root, allow_read
+        ).path
     return resolve_base(source, root, allow_read).path
 
 
 def resolve_adapter(source: Source, root: Path, allow_read: Sequence[Path] = ()) -> ResolvedInput:
-    """A LoRA source -> the exact .safetensors file (never a folder for diffusers to guess in)."""
+    """A LoRA source -> the exact .safetensors file (never a folder for diffusers to guess in), confined."""
+    return _confined(_resolve_adapter(source, root, allow_read), root, allow_read)
+
+
+def _resolve_adapter(source: Source, root: Path, allow_read: Sequence[Path]) -> ResolvedInput:
     if source.kind == "builtin":
         from ..builtin.catalog import materialized_lora
 

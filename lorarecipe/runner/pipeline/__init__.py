@@ -48,7 +48,7 @@ class PipelineExecutor:
         from .grids import GridRenderer
         from .load import load_pipeline
         from .merge import merge_adapters
-        from .save import save_lora, save_pipeline, save_single_file, torch_dtype
+        from .save import cast_pipeline, save_lora, save_pipeline, save_single_file
 
         wanted = set(outputs)
         if not wanted:
@@ -80,8 +80,10 @@ class PipelineExecutor:
                     plan.family,
                     options.stamp(step.output),
                     step.dtype,
+                    before_swap=state.before_swap(step),
                 )
-                state.outputs[step.output] = OutputRecord(self.name, [file])
+                files = sorted(p for p in file.parent.rglob("*") if p.is_file())
+                state.add_output(step.output, OutputRecord(self.name, files))
         grids = [g for g in plan.of_type(RenderGrid) if g.output in wanted]
         renderers = {g.output: GridRenderer(pipe, plan, g, options.device) for g in grids}
         for grid in grids:
@@ -102,24 +104,24 @@ class PipelineExecutor:
             with state.step(grid, f"write {grid.path}"):
                 final = resolve_output(options.out_root, grid.path)
                 result = renderers[grid.output].write(final, options.stamp(grid.output))
-                state.outputs[grid.output] = OutputRecord(
-                    self.name,
-                    [final, *result.extra_files],
-                    fused_vs_runtime_max_diff=result.fused_vs_runtime_max_diff,
+                files = [final, *result.extra_files]
+                difference = result.fused_vs_runtime_max_diff
+                state.add_output(
+                    grid.output, OutputRecord(self.name, files, fused_vs_runtime_max_diff=difference)
                 )
         for step in sorted(checkpoints, key=lambda s: _SAVE_ORDER.get(s.dtype, 1)):
             with state.step(step, f"write {step.path}"):
                 if step.dtype and step.dtype != state.dtype:
-                    pipe.to(torch_dtype(step.dtype))
+                    cast_pipeline(pipe, step.dtype)
                     state.dtype = step.dtype
                 final = resolve_output(options.out_root, step.path)
                 if step.layout is CheckpointLayout.DIFFUSERS:
                     hub_id = base.source.ref if base.source.kind == "hub" else None
-                    save_pipeline(pipe, final, options.stamp(step.output), hub_id)
+                    save_pipeline(pipe, final, options.stamp(step.output), hub_id, state.before_swap(step))
                     files = sorted(p for p in final.rglob("*") if p.is_file())
                 else:
                     fused = check.components if check is not None else ()
                     save_single_file(pipe, plan.family or "sd1", final, options.stamp(step.output), fused)
                     files = [final]
-                state.outputs[step.output] = OutputRecord(self.name, files, fuse=check)
+                state.add_output(step.output, OutputRecord(self.name, files, fuse=check))
         return []

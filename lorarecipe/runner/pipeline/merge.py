@@ -3,8 +3,10 @@
 MergeAdapters step + pipeline -> a new adapter in every component that has any of its inputs.
 Handled here, not passed on: weights set by ``set_adapters`` multiply into the merge (reset to 1.0
 first); an existing name makes PEFT silently do nothing (refused); DARE draws from torch's global
-RNG (seeded from the recipe before each component); an adapter absent from a component (a UNet-only
-LoRA in a text-encoder merge) is left out of that component's merge instead of failing.
+RNG (seeded from the recipe before each component); merges run on one thread (an SVD's result
+depends on the thread count: a merge must not change with the machine); an adapter absent from a
+component (a UNet-only LoRA in a text-encoder merge) is left out of that component's merge instead
+of failing.
 """
 
 from __future__ import annotations
@@ -90,9 +92,14 @@ def merge_adapters(pipe: Any, step: MergeAdapters) -> list[str]:
             kwargs["density"] = step.density
         if step.majority_sign_method is not None:
             kwargs["majority_sign_method"] = step.majority_sign_method
-        view.add_weighted_adapter(
-            [n for n, _ in present], [float(w) for _, w in present], step.name, **kwargs
-        )
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # LAPACK's SVD (and its GEMMs) round differently with other counts
+        try:
+            view.add_weighted_adapter(
+                [n for n, _ in present], [float(w) for _, w in present], step.name, **kwargs
+            )
+        finally:
+            torch.set_num_threads(threads)
         if step.name not in model.peft_config:
             raise BuildError(f"PEFT did not create the merged adapter {step.name!r} in {comp}")
         done.append(comp)

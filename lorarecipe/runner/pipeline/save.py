@@ -9,7 +9,7 @@ module's own alpha (diffusers' ``convert_state_dict_to_kohya`` assumes alpha = r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,47 @@ from ...fs.atomic import atomic_dir, atomic_file
 from ...outputs.safetensors_meta import add_metadata, canonicalize_header, jsonable
 from .kohya_export import kohya_state_dict
 
-__all__ = ["save_lora", "save_pipeline", "save_single_file", "torch_dtype"]
+__all__ = [
+    "cast_pipeline",
+    "refuse_overflow",
+    "save_lora",
+    "save_pipeline",
+    "save_single_file",
+    "torch_dtype",
+]
+
+
+def refuse_overflow(tensors: Mapping[str, Any], dtype: Any, what: str) -> None:
+    """Refuse casting tensors to a narrower float dtype when a finite value would become Inf,
+    naming the tensors (like NaN/Inf inputs are refused)."""
+    import torch
+
+    largest = torch.finfo(dtype).max
+    bad = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point()
+        and torch.finfo(tensor.dtype).max > largest
+        and tensor.numel()
+        and float(tensor.detach().abs().max()) > largest
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise BuildError(
+            f"{what}: {len(bad)} tensors overflow {str(dtype).removeprefix('torch.')} (values beyond "
+            f"±{largest:.6g} would become Inf): {shown}; choose a wider dtype or lower the weights"
+        )
+
+
+def cast_pipeline(pipe: Any, dtype_name: str) -> None:
+    """``pipe.to(dtype)`` after refusing every weight the cast would overflow."""
+    import torch
+
+    dtype = torch_dtype(dtype_name)
+    for name, model in pipe.components.items():
+        if isinstance(model, torch.nn.Module):
+            refuse_overflow(dict(model.state_dict()), dtype, name)
+    pipe.to(dtype)
 
 
 def torch_dtype(name: str) -> Any:
@@ -54,12 +94,21 @@ def _scrub_configs(folder: Path, name: str | None) -> None:
         file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def save_pipeline(pipe: Any, final: Path, metadata: Mapping[str, str], name: str | None = None) -> None:
-    """``save_pretrained`` (safetensors only) into a temporary folder that replaces ``final``."""
+def save_pipeline(
+    pipe: Any,
+    final: Path,
+    metadata: Mapping[str, str],
+    name: str | None = None,
+    before_swap: Callable[[Path], None] | None = None,
+) -> None:
+    """``save_pretrained`` (safetensors only) into a temporary folder that replaces ``final``;
+    ``before_swap(folder)`` completes it first (its model card)."""
     with atomic_dir(final) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         _scrub_configs(tmp, name)
         _stamp_folder(tmp, metadata)
+        if before_swap is not None:
+            before_swap(tmp)
 
 
 def _config_dict(model: Any) -> dict[str, Any]:
@@ -103,8 +152,10 @@ def save_lora(
     family: str | None,
     metadata: Mapping[str, str],
     dtype: str | None = None,
+    before_swap: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save one adapter as ``final_dir/weight_name``; returns the file path."""
+    """Save one adapter as ``final_dir/weight_name`` (``before_swap(folder)`` completes the folder
+    before it replaces the final one: its model card); returns the file path."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -114,6 +165,7 @@ def save_lora(
         if layout == "kohya":
             tensors = kohya_state_dict(pipe, adapter, family)
             if cast is not None:
+                refuse_overflow(tensors, cast, f"LoRA {adapter!r}")
                 tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in tensors.items()}
             save_file(tensors, str(target), metadata={"format": "pt", **metadata})
             canonicalize_header(target)
@@ -126,6 +178,7 @@ def save_lora(
                 layers = get_peft_model_state_dict(model, adapter_name=adapter)
                 layers = {k: v.contiguous() for k, v in layers.items()}  # SVD merges: non-contiguous
                 if cast is not None:
+                    refuse_overflow(layers, cast, f"LoRA {adapter!r} ({comp})")
                     layers = {k: v.to(cast) for k, v in layers.items()}
                 kwargs[f"{comp}_lora_layers"] = layers
                 kwargs[f"{comp}_lora_adapter_metadata"] = jsonable(model.peft_config[adapter].to_dict())
@@ -133,4 +186,6 @@ def save_lora(
                 raise BuildError(f"adapter {adapter!r} is not loaded in any component")
             type(pipe).save_lora_weights(str(tmp), weight_name=weight_name, safe_serialization=True, **kwargs)
             add_metadata(target, metadata)
+        if before_swap is not None:
+            before_swap(tmp)
     return final_dir / weight_name

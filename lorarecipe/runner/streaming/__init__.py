@@ -54,6 +54,7 @@ class StreamingExecutor:
                         adapter_paths=state.adapter_paths(),
                         final=final,
                         metadata=state.options.stamp(name),
+                        before_swap=state.before_swap(step),
                     )
                     state.dtype = state.dtype or load_dtype(plan.step("base"), state.inputs["base"].path)  # type: ignore[arg-type]
             except StreamingUnsupported as refusal:
@@ -76,5 +77,6 @@ class StreamingExecutor:
                 peak_rss_bytes=report.peak_rss_bytes,
                 lora_factors_from_cache=report.factors_cached,
             )
-            state.outputs[name] = OutputRecord(self.name, files, fuse=check)
+            hashes = {(final / rel if rel else final): digest for rel, digest in report.file_hashes.items()}
+            state.add_output(name, OutputRecord(self.name, files, fuse=check, hashes=hashes))
         return left

@@ -43,7 +43,12 @@ class PositionalReader:
 
     def read(self, path: Path, offset: int, length: int) -> bytearray:
         buffer = bytearray(length)
-        view = memoryview(buffer)
+        self.read_into(path, offset, memoryview(buffer))
+        return buffer
+
+    def read_into(self, path: Path, offset: int, view: memoryview) -> None:
+        """Fill ``view`` (writable bytes) with the file's bytes at ``offset``."""
+        length = view.nbytes
         fd = self.fd(path)
         done = 0
         while done < length:
@@ -56,7 +61,6 @@ class PositionalReader:
             if count <= 0:
                 raise BuildError(f"{path}: file ends at byte {offset + done}, inside a tensor (truncated?)")
             done += count
-        return buffer
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -108,6 +112,10 @@ class SafetensorsWriter:
             raise BuildError(f"{path.name}: duplicate tensor names in the output plan")
         header, offsets = header_bytes(entries, metadata)
         self.path = path
+        self.header = header
+        #: told ``(key, computed)`` each time a tensor's bytes are all written (``computed``: by
+        #: ``write``/``write_part``, else by ``copy_range``); the output hasher follows it
+        self.on_written: Callable[[str, bool], None] | None = None
         self._base = len(header)
         self._slots = {e.key: (self._base + off, e.nbytes) for e, off in zip(entries, offsets, strict=True)}
         self._written: set[str] = set()
@@ -138,6 +146,8 @@ class SafetensorsWriter:
             raise BuildError(f"{self.path.name}: {key}: {length} bytes for a {size}-byte tensor")
         self._pwrite_all(data, start)
         self._written.add(key)
+        if self.on_written is not None:
+            self.on_written(key, True)
 
     def write_part(self, key: str, at: int, data: memoryview | bytes | bytearray) -> None:
         """Write bytes ``[at, at + len)`` of tensor ``key``; it counts as written once all bytes were."""
@@ -149,6 +159,8 @@ class SafetensorsWriter:
         self._partial[key] = self._partial.get(key, 0) + length
         if self._partial[key] == size:
             self._written.add(key)
+            if self.on_written is not None:
+                self.on_written(key, True)
 
     def copy_range(self, reader: PositionalReader, src: Path, src_offset: int, keys: Sequence[str]) -> None:
         """Copy the bytes of consecutive tensors ``keys`` (adjacent in this file) from ``src`` verbatim."""
@@ -172,6 +184,9 @@ class SafetensorsWriter:
                 count = step
             done += count
         self._written.update(keys)
+        if self.on_written is not None:
+            for key in keys:
+                self.on_written(key, False)
 
     def datasync(self) -> None:
         """Start (and wait for) writeback of what was written so far, so the final fsync is short."""

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import BuildError, StreamingUnsupported
@@ -71,6 +71,9 @@ class StreamReport:
     seconds: float
     max_abs_diff_vs_fp32: float | None = None
     factors_cached: bool = False  # the LoRA factors came from the cache: diffusers/PEFT not imported
+    #: sha256 and size of each safetensors file written, by path relative to the output ("" for a
+    #: single file), computed while writing
+    file_hashes: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 def peak_rss_bytes() -> int | None:
@@ -199,6 +202,7 @@ class _Stream:
         self.stats = WriteStats()
         self.outs: list[OutFile] = []
         self.from_cache = False
+        self.hashes: dict[str, tuple[str, int]] = {}  # sha256 and size per output file (relative path)
         self._storing: list[threading.Thread] = []
 
     def out_dtype(self, stored: str) -> str:
@@ -223,6 +227,10 @@ class _Stream:
                 targets = _rekey(targets, self.folder)
             writer.finish(targets, self.stats)
             _check_all_used(targets, self.stats)
+            self.hashes = {
+                (path.relative_to(root).as_posix() if path != root else ""): digest
+                for path, digest in writer.hashes.items()
+            }
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -294,12 +302,14 @@ def stream_fuse(
     adapter_paths: Mapping[str, Path],
     final: Path,
     metadata: Mapping[str, str],
+    before_swap: Callable[[Path], None] | None = None,
 ) -> StreamReport:
     """Fuse the plan's FuseAdapters step into the base and write ``save``'s output at ``final``.
 
     ``base_path`` is the base diffusers folder, or the single file when LoadBase.single_file (then
     ``config_path`` is its diffusers config folder); ``adapter_paths`` maps adapter names to LoRA
-    files; ``metadata`` goes into every safetensors file written. Raises ``StreamingUnsupported`` for
+    files; ``metadata`` goes into every safetensors file written; ``before_swap(folder)`` completes a
+    folder output (its model card) before it replaces the final one. Raises ``StreamingUnsupported`` for
     what the stream cannot reproduce exactly (LoRA bias, DoRA, unreadable single-file layouts), and
     ``BuildError`` for what no route could build (NaN/Inf, a LoRA that fits no base weight).
     """
@@ -310,6 +320,8 @@ def stream_fuse(
             with atomic_dir(final) as tmp:
                 stream.write(tmp)
                 _copy_files(tmp, stream.folder, config_path, stream.outs)
+                if before_swap is not None:
+                    before_swap(tmp)
         else:
             with atomic_file(final) as tmp:
                 stream.write(tmp)
@@ -325,4 +337,5 @@ def stream_fuse(
         seconds=time.perf_counter() - started,
         max_abs_diff_vs_fp32=stats.max_abs_diff_vs_fp32,
         factors_cached=stream.from_cache,
+        file_hashes=stream.hashes,
     )

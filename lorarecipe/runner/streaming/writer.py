@@ -22,9 +22,10 @@ from typing import Any
 
 from ...errors import BuildError
 from ..fuse_math import FuseTarget
+from .hasher import OutputHasher
 from .positional_io import PositionalReader, SafetensorsWriter, WriteBehind
 from .sources import SAME_BYTES_FORMS, OutFile, OutTensor
-from .tensors import WriteStats, as_bytes, compute, write_chunked
+from .tensors import Scratch, WriteStats, as_bytes, compute, write_chunked
 
 __all__ = ["StreamWriter", "WriteStats"]
 
@@ -84,7 +85,8 @@ class StreamWriter:
     in runs, while the caller is still importing diffusers and loading LoRAs; ``finish`` claims the
     tensors the fuse targets (the copier skips claimed ones; one it already copied is simply
     rewritten), computes every tensor that is not a verbatim copy, then waits for the copier. Each
-    file's writeback is started as soon as its verbatim part is done, so the final fsync is short.
+    file's writeback is started as soon as its verbatim part is done, so the final fsync is short,
+    and each file is hashed on the way (``hasher``): ``hashes`` after ``finish``.
     """
 
     def __init__(
@@ -117,6 +119,8 @@ class StreamWriter:
         self._stop = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        #: sha256 and size of each output file (by path), computed while it was written
+        self.hashes: dict[Path, tuple[str, int]] = {}
 
     def start_copier(self) -> None:
         self._thread = threading.Thread(target=self._copy_all, name="lorarecipe-stream-copy", daemon=True)
@@ -176,10 +180,17 @@ class StreamWriter:
             for t in out.tensors
             if any((p.component, p.key) in targets for p in t.parts)
         }
+        hasher = OutputHasher(self._writers, [[t.key for t in out.tensors] for out in self._outs], touched)
+        for index, writer in enumerate(self._writers):
+            writer.on_written = functools.partial(hasher.notify, index)
         with self._lock:
             self._claimed |= touched
+            for slot in self._copied - touched:  # copied before the targets were known, and final
+                hasher.notify(slot[0], slot[1], False)
+        hasher.start()
         ok = False
         trimmer = _HeapTrimmer()
+        scratch = Scratch()  # temporaries reused from tensor to tensor (no page faults)
         behind = WriteBehind()  # computing the next tensor overlaps writing this one
         try:
             for index, (out, writer) in enumerate(zip(self._outs, self._writers, strict=True)):
@@ -197,11 +208,12 @@ class StreamWriter:
                             self._lock.wait()
                     trimmer.account(4 * tensor.entry.nbytes)  # roughly what computing it allocates
                     with torch.no_grad():
-                        if write_chunked(
-                            self._reader, writer, tensor, targets, stats, behind, self._peft_order
-                        ):
+                        chunked = write_chunked(
+                            self._reader, writer, tensor, targets, stats, behind, scratch, self._peft_order
+                        )
+                        if chunked:
                             continue
-                        result = compute(self._reader, tensor, targets, stats, self._peft_order)
+                        result = compute(self._reader, tensor, targets, stats, scratch, self._peft_order)
                     data = as_bytes(result)
                     behind.submit(functools.partial(writer.write, tensor.key, data), data.nbytes)
                     del result, data
@@ -210,11 +222,13 @@ class StreamWriter:
                 self._thread.join()
                 if self._error is not None:
                     raise self._error
+            self.hashes = hasher.result()
             ok = True
         finally:
             if not ok:
                 with contextlib.suppress(BaseException):
                     behind.close()  # the writes queued before the failure finish before files close
+                hasher.stop()
             self._stop_copier()
             self._close_all(check=ok)
 
