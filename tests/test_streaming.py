@@ -488,17 +488,7 @@ outputs:
     for threads in ("1", "2"):
         monkeypatch.setenv("LORARECIPE_CACHE", str(tmp_path / f"cache{threads}"))  # no shared factors
         out = tmp_path / f"out{threads}"
-        argv = [
-            "build",
-            str(recipe),
-            "--out",
-            str(out),
-            "--quiet",
-            "--executor",
-            executor,
-            "--threads",
-            threads,
-        ]
+        argv = ["build", str(recipe), "--out", str(out), "--quiet", "--executor", executor, "--threads", threads]
         assert main(argv) == 0
         doc = json.loads((out / "manifest.json").read_text())
         assert doc["threads"]["torch_intra_op"] == int(threads) and doc["threads"]["source"] == "--threads"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BuildError, StreamingUnsupported
+from ...families import FAMILIES
 from ...inspect.base_model import check_model_index
 from ...plan import FuseAdapters, LoadAdapter, MergeAdapters, Plan
 from ..fuse_math import FuseTarget, LoraFactor
@@ -49,14 +50,10 @@ class Skeleton:
     arch: Architecture
 
 
-# pipeline class -> its LoRA loader mixin in diffusers.loaders.lora_pipeline, so the (slow) pipeline
-# modules need not be imported; tests/test_streaming.py checks each against the class's MRO.
-LORA_MIXINS = {
-    "StableDiffusionPipeline": "StableDiffusionLoraLoaderMixin",
-    "StableDiffusionXLPipeline": "StableDiffusionXLLoraLoaderMixin",
-    "StableDiffusion3Pipeline": "SD3LoraLoaderMixin",
-    "FluxPipeline": "FluxLoraLoaderMixin",
-}
+# pipeline class -> its LoRA loader mixin in diffusers.loaders.lora_pipeline (the family tables'), so
+# the (slow) pipeline modules need not be imported; tests/test_streaming.py checks each against the
+# class's MRO.
+LORA_MIXINS = {cls: family.lora_mixin for family in FAMILIES.values() for cls in family.pipeline_classes}
 
 
 def lora_mixin(pipeline_class: str) -> type:
