@@ -1,6 +1,6 @@
 """Fuse two LoRAs into a full-size FLUX.1-dev transformer: ``lorarecipe build`` vs the diffusers flow.
 
-    python benchmarks/flux.py [--work /work/bench/flux] [--skip-diffusers]
+    python benchmarks/flux.py [--work /work/bench/flux] [--blocks 19 38] [--skip-diffusers]
 
 Builds once, in ``--work``, a FLUX.1-dev-architecture pipeline folder with random weights: the
 transformer at full size (19 double + 38 single blocks, 11.9 B parameters, bfloat16, 23.8 GB in three
@@ -124,7 +124,7 @@ def _build(work: Path) -> None:
     from lorarecipe.builtin.tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
     base = work / "base"
-    blocks = json.loads(os.environ.get("FLUX_BENCH_BLOCKS", "[19, 38]"))  # [1, 2]: a quick dry run
+    blocks = json.loads((work / "blocks.json").read_text())  # [19, 38]: FLUX.1-dev; fewer when disk is short
     with torch.device("meta"):  # FLUX.1-dev's configuration
         transformer = FluxTransformer2DModel(
             guidance_embeds=True, num_layers=blocks[0], num_single_layers=blocks[1]
@@ -403,20 +403,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work", type=Path, default=Path("/work/bench/flux"))
     parser.add_argument("--skip-diffusers", action="store_true", help="do not run the diffusers flow (a)")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        nargs=2,
+        default=(19, 38),
+        metavar=("DOUBLE", "SINGLE"),
+        help="transformer depth (default FLUX.1-dev's 19 38; the base and one output must fit on disk)",
+    )
     args = parser.parse_args(argv)
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
+    blocks = work / "blocks.json"
+    if blocks.is_file() and json.loads(blocks.read_text()) != list(args.blocks):
+        raise SystemExit(f"{work} holds a base of {blocks.read_text()} blocks: use another --work")
+    blocks.write_text(json.dumps(list(args.blocks)))
     if not (work / "base" / "model_index.json").is_file():
-        _free_disk(work, 26 * 1000**3)
+        params = 1.2e8 + 3.397e8 * args.blocks[0] + 1.416e8 * args.blocks[1]  # FLUX.1 block sizes
+        _free_disk(work, int(2 * 2 * params + 5 * 1000**3))  # bfloat16 base + one output + margin
     print(f"building the FLUX.1-dev-size base and LoRAs in {work} (once) ...", flush=True)
     wall, rss, status, _, text = _child_run(work, "build")
     if status != 0:
         raise SystemExit(f"build failed:\n{text[-4000:]}")
     size = sum(f.stat().st_size for f in (work / "base" / "transformer").iterdir())
-    print(f"  base ready ({size / 1e9:.1f} GB transformer)", flush=True)
+    print(
+        f"  base ready ({size / 1e9:.1f} GB transformer, {args.blocks[0]}+{args.blocks[1]} blocks)",
+        flush=True,
+    )
     rows: dict[str, str] = {}
     for output in ("folder", "single"):
-        _free_disk(work, size + 2 * 1000**3)
+        _free_disk(work, size + 3 * 1000**3)
         shutil.rmtree(work / "cache", ignore_errors=True)
         cold = _build_run(work, output, (0.3, 1.2), 1.0)  # cold factor cache, other weights
         print(f"  build {output}, cold cache: {cold[0]:.1f} s, {_gib(cold[1])}", flush=True)
