@@ -343,12 +343,28 @@ def test_merge_matches_the_oracle(
     record_property("closest_swap", f"{closest} at {distances[closest]:.0f} tolerances")
 
 
-FLUX_CASES = [
+FLUX_CASES = [  # every combination type, across the FLUX.1 layouts
+    Case(MergeParams("linear"), FLUX_EQUAL, "tiny-flux"),
     Case(MergeParams("ties", density=0.5, majority_sign_method="total"), FLUX_EQUAL, "tiny-flux"),
+    Case(MergeParams("dare_linear", density=0.7, seed=3), FLUX_EQUAL, "tiny-flux"),
+    Case(
+        MergeParams("dare_ties", density=0.7, seed=3, majority_sign_method="frequency"),
+        FLUX_EQUAL,
+        "tiny-flux",
+    ),
     Case(MergeParams("magnitude_prune", density=0.4), FLUX_EQUAL, "tiny-flux"),
     Case(MergeParams("cat"), FLUX_UNEQUAL, "tiny-flux"),
     Case(MergeParams("svd", svd_rank=6), FLUX_UNEQUAL, "tiny-flux"),
     Case(MergeParams("ties_svd", density=0.5, majority_sign_method="frequency"), FLUX_UNEQUAL, "tiny-flux"),
+    Case(MergeParams("dare_linear_svd", density=0.7, seed=4), FLUX_UNEQUAL, "tiny-flux"),
+    Case(
+        MergeParams(
+            "dare_ties_svd", density=0.7, seed=4, majority_sign_method="total", svd_rank=6, svd_clamp=0.95
+        ),
+        FLUX_UNEQUAL,
+        "tiny-flux",
+    ),
+    Case(MergeParams("magnitude_prune_svd", density=0.4), FLUX_UNEQUAL, "tiny-flux"),
 ]
 
 
