@@ -8,18 +8,24 @@ Properties (the same code as the tests, from ``tests/helpers``):
   (``tests/helpers/fuzzing.py``) end in a plan or a lorarecipe error with a message;
 - ``header``: malformed safetensors LoRA files (``tests/helpers/malformed.py``) through
   ``read_header`` + ``inspect_lora`` end in a result or a lorarecipe error;
-- ``load``: the same files through ``load_adapter`` into the built-in tiny SD pipeline.
+- ``load``: the same files through ``load_adapter`` into the built-in tiny SD pipeline;
+- ``lock``, ``manifest``: mutated lock files and manifests (random JSON, deep nesting, wrong types,
+  huge strings, truncation; ``tests/helpers/fuzz_files.py``) through ``lock --check`` and ``verify``;
+- ``basefolder``: a copy of the tiny SD base folder with ``model_index.json``/configs mutated, files
+  deleted, truncated or turned into folders, components added under hostile names, through ``validate``.
+  All of them end in exit 0 or 1, never 3, with no traceback and no ``RecursionError``.
 
 Unlike a test, a failure does not stop the run: every distinct failure (property, exception type,
 first line) is counted, one reproducer per failure is saved under ``--save`` (recipe ``.yaml`` or
 ``.safetensors``), and the run ends with the count per property. Exit 1 if anything failed.
-The examples are split 50/40/10 between the properties (loading is ~20x slower per example).
+The examples are split between the properties by ``SHARE`` (loading is ~20x slower per example).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -46,8 +52,8 @@ from tests.helpers.malformed import (  # noqa: E402
     malformed_files,
 )
 
-PROPERTIES = ("recipes", "header", "load")
-SHARE = {"recipes": 0.5, "header": 0.4, "load": 0.1}
+PROPERTIES = ("recipes", "header", "load", "lock", "manifest", "basefolder")
+SHARE = {"recipes": 0.3, "header": 0.25, "load": 0.05, "lock": 0.15, "manifest": 0.15, "basefolder": 0.1}
 
 
 @dataclass
@@ -169,7 +175,92 @@ def fuzz_load(tally: Tally, count: int, rng: int, save: Path, work: Path) -> Non
     tally.outcomes.pop("FAILED-counted", None)
 
 
-RUNNERS = {"recipes": fuzz_recipes, "header": fuzz_header, "load": fuzz_load}
+def _built(work: Path) -> Path:
+    """A recipe, its lock and its build folder in ``work`` (made once per run)."""
+    from tests.helpers.fuzz_files import run_cli
+
+    folder = work / "built"
+    if not (folder / "out" / "manifest.json").is_file():
+        folder.mkdir(exist_ok=True)
+        recipe = folder / "recipe.yaml"
+        recipe.write_text(
+            "base: builtin:tiny-sd\nadapters:\n  style: builtin:tiny-sd/style\n"
+            "outputs:\n  lora: {kind: lora, adapter: style, path: lora, card: false}\n"
+        )
+        for argv in (["lock", str(recipe)], ["build", str(recipe), "--out", str(folder / "out"), "--quiet"]):
+            code, text = run_cli(*argv)
+            assert code == 0, text
+    return folder
+
+
+def _fuzz_file(tally: Tally, count: int, rng: int, save: Path, work: Path, which: str) -> None:
+    from tests.helpers.fuzz_files import check_cli_never_crashes, mutated_json, replace_file
+
+    folder = _built(work)
+    target = folder / ("recipe.lock.json" if which == "lock" else "out/manifest.json")
+    seed_doc = json.loads(target.read_text())
+    argv = (
+        ["lock", "--check", str(folder / "recipe.yaml")]
+        if which == "lock"
+        else ["verify", str(folder / "out")]
+    )
+
+    def check(data: bytes) -> str:
+        replace_file(target, data)
+        try:
+            return check_cli_never_crashes(*argv)
+        except Exception as exc:
+            _record(tally, exc, save, data, ".json")
+            return "FAILED-counted"
+
+    _run(tally, count, mutated_json(seed_doc), check, rng)
+    tally.outcomes.pop("FAILED-counted", None)
+
+
+def fuzz_lock(tally: Tally, count: int, rng: int, save: Path, work: Path) -> None:
+    _fuzz_file(tally, count, rng, save, work, "lock")
+
+
+def fuzz_manifest(tally: Tally, count: int, rng: int, save: Path, work: Path) -> None:
+    _fuzz_file(tally, count, rng, save, work, "manifest")
+
+
+def fuzz_basefolder(tally: Tally, count: int, rng: int, save: Path, work: Path) -> None:
+    from lorarecipe.builtin.materialize import builtin_base_path
+    from tests.helpers.fuzz_files import (
+        base_folder_damage,
+        check_cli_never_crashes,
+        damaged_copy,
+        seed_base_folder,
+    )
+
+    files, index = seed_base_folder(builtin_base_path("tiny-sd"), work / "seed-base")
+    recipe = work / "recipe.yaml"
+    recipe.write_text(
+        "base: {path: base}\nadapters:\n  style: builtin:tiny-sd/style\n"
+        "outputs:\n  lora: {kind: lora, adapter: style, path: lora}\n"
+    )
+
+    def check(damage: list[tuple[str, str, bytes]]) -> str:
+        damaged_copy(work / "seed-base", work / "base", damage)
+        try:
+            return check_cli_never_crashes("validate", str(recipe))
+        except Exception as exc:
+            _record(tally, exc, save, repr(damage).encode(), ".txt")
+            return "FAILED-counted"
+
+    _run(tally, count, base_folder_damage(files, index), check, rng)
+    tally.outcomes.pop("FAILED-counted", None)
+
+
+RUNNERS = {
+    "recipes": fuzz_recipes,
+    "header": fuzz_header,
+    "load": fuzz_load,
+    "lock": fuzz_lock,
+    "manifest": fuzz_manifest,
+    "basefolder": fuzz_basefolder,
+}
 
 
 def _report(tallies: list[Tally], total_seconds: float, save: Path) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = [
+    "MAX_PROBLEMS",
     "BuildError",
     "ExecutorRefusal",
     "InputUnavailableError",
@@ -78,13 +79,24 @@ class Problem:
         return doc
 
 
+#: An error reports at most this many problems (a hostile file can produce thousands of the same one).
+MAX_PROBLEMS = 100
+
+
+def _capped(problems: list[Problem]) -> list[Problem]:
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    more = len(problems) - MAX_PROBLEMS
+    return [*problems[:MAX_PROBLEMS], Problem(f"... and {more} more problems (limit: {MAX_PROBLEMS} shown)")]
+
+
 class LorarecipeError(Exception):
     """Base class: every error lorarecipe raises on purpose."""
 
     def __init__(self, message: str, problems: list[Problem] | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.problems: list[Problem] = list(problems) if problems else [Problem(message)]
+        self.problems: list[Problem] = _capped(list(problems)) if problems else [Problem(message)]
 
 
 class RecipeError(LorarecipeError):

@@ -202,3 +202,17 @@ def test_relative_output_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert main(["build", "recipe.yaml", "--quiet"]) == 0  # the default root, build/<name>, is relative too
     assert (tmp_path / "build" / "inc" / "manifest.json").is_file()
     assert recipe.is_file()
+
+
+def test_a_first_build_that_materializes_its_inputs_records_their_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a first build the build keys are hashed in the background while the build runs; an input
+    that did not exist yet when that started (a built-in materialized by the build) is hashed once it
+    does, so the next build is up to date."""
+    monkeypatch.setenv("LORARECIPE_CACHE", str(tmp_path / "fresh-cache"))  # built-ins not materialized
+    recipe = write_recipe(tmp_path, RECIPE.replace("  grid: {kind: grid", "  # grid: {kind: grid"))
+    out = tmp_path / "out"
+    assert _build(recipe, out, capsys=capsys)["outputs"] == ["fused", "lora"]
+    again = _build(recipe, out, capsys=capsys)
+    assert again["outputs"] == [] and again["up_to_date"] == ["fused", "lora"]

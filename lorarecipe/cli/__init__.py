@@ -1,6 +1,7 @@
 """The ``lorarecipe`` command line: the only place that prints and picks exit codes.
 
-Exit codes: 0 ok, 1 recipe or build errors, 2 usage, 3 internal error (a bug), 130 interrupted.
+Exit codes: 0 ok, 1 recipe or build errors, 2 usage, 3 internal error (a bug), 130 interrupted,
+141 stdout closed by its reader (as for SIGPIPE).
 This module parses arguments and maps exceptions to exit codes; the commands themselves are in
 ``commands`` (they call the library and print its results).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..diagnostics import printable
 from ..errors import LorarecipeError, UsageError
 from ..runner.executor import EXECUTOR_MODES
 from .commands import (
@@ -33,7 +36,7 @@ from .commands import (
 
 __all__ = ["main", "make_parser"]
 
-EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 3, 130, 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,20 +141,46 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (tests call this directly)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run the CLI; returns the exit code (tests call this directly).
+
+    A reader that closes stdout early (``lorarecipe validate --json | head -c1``) is not an error of
+    lorarecipe: the rest of the output goes to /dev/null (as the Python docs advise for SIGPIPE) and
+    the exit code is 141, what a command killed by SIGPIPE reports in a shell."""
+    try:
+        code = _run(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a closed pipe shows here when the output was buffered
+        return code
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at /dev/null so the interpreter's final flush cannot fail."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): nothing to flush
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _run(argv: list[str]) -> int:
     json_mode = "--json" in argv
     try:
         args = make_parser().parse_args(argv)
         code: int = args.func(args)
         return code
+    except BrokenPipeError:
+        raise
     except UsageError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error: {printable(exc.message)}", file=sys.stderr)
         return EXIT_USAGE
     except LorarecipeError as exc:
+        print_problems(exc.problems)  # stderr first: it stays readable when stdout's reader is gone
         if json_mode:
             print(json.dumps({"ok": False, "problems": [p.to_json() for p in exc.problems]}, indent=2))
-        print_problems(exc.problems)
         return EXIT_ERRORS
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..diagnostics import render_github, render_text
+from ..diagnostics import printable, render_github, render_text
 from ..errors import LockError, LorarecipeError, Problem, UsageError
 from ..recipe.load import find_recipe_files, parse_overrides
 from ..recipe.yaml_source import recipe_text
@@ -112,10 +112,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _summary(outcomes: Sequence[Any]) -> str:
-    rows = [("recipe", "build", "result", "time", "output")]
+    rows: list[tuple[str, ...]] = [("recipe", "build", "result", "time", "output")]
     for o in outcomes:
         result = "ok" if o.ok else "FAILED"
-        rows.append((o.recipe, o.build or "-", result, f"{o.seconds:.1f}s", o.out or "-"))
+        cells = (o.recipe, o.build or "-", result, f"{o.seconds:.1f}s", o.out or "-")
+        rows.append(tuple(printable(c, 200) for c in cells))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
 
@@ -211,7 +212,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         for problem in result.problems:
-            print(f"error: {problem.message}", file=sys.stderr)
+            print(f"error: {printable(problem.message)}", file=sys.stderr)
         print(f"{result.checked} files checked, {len(result.problems)} problems", file=sys.stderr)
     return EXIT_ERRORS if result.problems else EXIT_OK
 
@@ -231,7 +232,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
             hint = f"run `lorarecipe lock {recipe}` to update it"
             problems = [Problem(f"{lock_path(recipe)} is stale: {r}", hint=hint) for r in reasons]
             raise LockError(problems[0].message, problems)
-        print(f"{lock_path(recipe)} is up to date", file=sys.stderr)
+        print(f"{printable(str(lock_path(recipe)))} is up to date", file=sys.stderr)
         return EXIT_OK
     from ..runner import require_build_extra
     from ..runner.quiet import quiet_libraries
@@ -241,5 +242,5 @@ def cmd_lock(args: argparse.Namespace) -> int:
     lock = create_lock(recipe, overrides, args.allow_read)
     path = write_lock(recipe, lock)
     files = sum(len(i.files) for i in lock.inputs)
-    print(f"wrote {path} ({len(lock.inputs)} inputs, {files} files)", file=sys.stderr)
+    print(f"wrote {printable(str(path))} ({len(lock.inputs)} inputs, {files} files)", file=sys.stderr)
     return EXIT_OK

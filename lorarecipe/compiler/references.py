@@ -9,6 +9,7 @@ methods that need equal ranks get unequal ranks flagged with a fix (``cat`` or a
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..diagnostics import did_you_mean
@@ -96,6 +97,39 @@ def _merged_ranks(
     return out
 
 
+def _module_sizes(ctx: CompileContext, inputs: InputFacts, name: str, seen: frozenset[str]) -> dict[str, int]:
+    """``component.module`` -> the largest rank its delta can have (min(out, in·kernel)), for every
+    module an adapter or merge adapts (a merge adapts the union of its inputs'), from the headers."""
+    if name in ctx.recipe.merges and name not in seen:
+        sizes: dict[str, int] = {}
+        for dep, _ in ctx.recipe.merges[name].pairs():
+            sizes.update(_module_sizes(ctx, inputs, dep, seen | {name}))
+        return sizes
+    facts = inputs.adapters.get(name)
+    if facts is None or facts.info is None:
+        return {}
+    return {
+        f"{m.component}.{m.name}": min(m.out_features, m.in_features * math.prod(m.kernel or (1,)))
+        for m in facts.info.modules
+    }
+
+
+def _check_svd_rank(ctx: CompileContext, inputs: InputFacts, name: str, svd_rank: int) -> None:
+    """An SVD merge re-factors every merged module's delta to ``svd_rank``: no module can have more
+    than min(out, in) singular values, so a larger rank fails (or pads) at build time; refused here."""
+    sizes = _module_sizes(ctx, inputs, name, frozenset())
+    if not sizes:
+        return
+    smallest = min(sizes, key=lambda k: (sizes[k], k))
+    if svd_rank > sizes[smallest]:
+        ctx.error(
+            ("merges", name, "svd_rank"),
+            f"svd_rank {svd_rank} is larger than module {smallest} allows "
+            f"(min(out, in) = {sizes[smallest]}; {len(sizes)} modules merged)",
+            f"use svd_rank <= {sizes[smallest]}",
+        )
+
+
 def _check_merges(ctx: CompileContext, inputs: InputFacts) -> list[str]:
     known = _names(ctx)
     order = merge_order(ctx)
@@ -136,6 +170,8 @@ def _check_merges(ctx: CompileContext, inputs: InputFacts) -> list[str]:
                         else "use 'cat' or 'svd'",
                     )
                     break
+        if rule.svd and spec.svd_rank is not None:
+            _check_svd_rank(ctx, inputs, name, spec.svd_rank)
         ranks_of[name] = _merged_ranks(ctx, spec.method, known_ranks, spec.svd_rank)
     ctx.facts["merge_ranks"] = ranks_of
     return order

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from .atomic import atomic_write_text, cache_root
+from .json_files import read_json
 
 __all__ = ["sha256_file", "sha256_text"]
 
@@ -39,7 +40,7 @@ def _cache_file() -> Path:
 
 def _load_cache() -> dict[str, str]:
     with contextlib.suppress(OSError, ValueError):
-        data = json.loads(_cache_file().read_text(encoding="utf-8"))
+        data = read_json(_cache_file())
         if isinstance(data, dict):
             return {str(k): str(v) for k, v in data.items()}
     return {}

@@ -143,7 +143,10 @@ def _run_build(
 
         def remember(written: dict[str, list[Path]]) -> None:  # runs under the output root's lock
             try:
-                record_state(out, keys.result(), written)
+                found = keys.result()
+                if any(key is None for key in found.values()):  # an input fetched or built meanwhile
+                    found = output_keys(plan, loaded.root, options.allow_read)
+                record_state(out, found, written)
             except OSError as exc:
                 raise BuildError(f"cannot record the build state in {out}: {exc.strerror or exc}") from None
 

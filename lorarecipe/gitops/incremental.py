@@ -15,13 +15,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..builtin.catalog import builtin_base_dir, builtin_lora_file
-from ..errors import LorarecipeError
+from ..errors import BuildError, LorarecipeError
 from ..fs.atomic import atomic_write_text
 from ..fs.hashing import sha256_file
 from ..fs.hubcache import cached_file, cached_snapshot
+from ..fs.json_files import check_shape, read_json
 from ..fs.paths import resolve_input
 from ..outputs.manifest import MANIFEST_NAME, library_versions
 from ..plan import LoadAdapter, LoadBase, Plan, Source, canonical_json
@@ -112,18 +115,34 @@ def _state_path(out_root: Path) -> Path:
     return out_root / STATE_DIR / "state.json"
 
 
-def _read_state(out_root: Path) -> dict[str, Any]:
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads(_state_path(out_root).read_text(encoding="utf-8"))
-        if isinstance(data, dict):
-            return data
-    return {}
+class _StateOutput(BaseModel):
+    """One output as ``state.json`` records it: its build key and each file's [size, mtime_ns]."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    files: dict[str, Annotated[list[int], Field(min_length=2, max_length=2)]]
+
+
+class _StateDoc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state_format: Literal[1]
+    outputs: dict[str, _StateOutput]
+
+
+def _read_state(out_root: Path) -> dict[str, _StateOutput]:
+    """The outputs recorded by the previous build ({} when there was none); a state file of another
+    shape is a ``BuildError`` naming it and the key (exit 1), not a guess."""
+    path = _state_path(out_root)
+    if not path.exists():
+        return {}
+    where = f"{path} (build state; delete it to rebuild everything)"
+    doc = check_shape(_StateDoc, read_json(path, error=BuildError, shown=where), where, BuildError)
+    return doc.outputs
 
 
 def has_state(out_root: Path) -> bool:
     """Whether a build recorded any output in this root (else every output is to be built)."""
-    outputs = _read_state(out_root).get("outputs")
-    return isinstance(outputs, dict) and bool(outputs)
+    return bool(_read_state(out_root))
 
 
 def _listed_outputs(out_root: Path) -> set[str]:
@@ -132,7 +151,7 @@ def _listed_outputs(out_root: Path) -> set[str]:
     if path.is_symlink():
         return set()
     with contextlib.suppress(OSError, ValueError, RecursionError):
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = read_json(path, expect=None)
         if isinstance(doc, dict) and isinstance(doc.get("outputs"), dict):
             return {str(k) for k in doc["outputs"]}
     return set()
@@ -141,15 +160,15 @@ def _listed_outputs(out_root: Path) -> set[str]:
 def stale_outputs(out_root: Path, keys: dict[str, str | None]) -> set[str]:
     """Outputs whose key changed, is unknown, that the manifest does not list, or whose files are
     gone or touched since recorded."""
-    state = _read_state(out_root).get("outputs", {})
+    state = _read_state(out_root)
     listed = _listed_outputs(out_root)
     stale = set()
     for name, key in keys.items():
         entry = state.get(name)
-        if key is None or not isinstance(entry, dict) or entry.get("key") != key or name not in listed:
+        if key is None or entry is None or entry.key != key or name not in listed:
             stale.add(name)
             continue
-        for rel, (size, mtime_ns) in entry.get("files", {}).items():
+        for rel, (size, mtime_ns) in entry.files.items():
             path = out_root / rel
             try:
                 st = path.stat()
@@ -164,9 +183,11 @@ def stale_outputs(out_root: Path, keys: dict[str, str | None]) -> set[str]:
 
 def record_state(out_root: Path, keys: dict[str, str | None], written: dict[str, list[Path]]) -> None:
     """Remember each built output's key and its files' size/mtime (for the next up-to-date check)."""
-    state = _read_state(out_root)
-    outputs: dict[str, Any] = state.get("outputs", {}) if isinstance(state.get("outputs"), dict) else {}
-    outputs = {k: v for k, v in outputs.items() if k in keys}  # outputs dropped from the recipe
+    try:
+        recorded = _read_state(out_root)
+    except BuildError:  # --force skipped the check; this rewrite replaces the unreadable state
+        recorded = {}
+    outputs: dict[str, Any] = {k: v.model_dump() for k, v in recorded.items() if k in keys}
     for name, files in written.items():
         key = keys.get(name)
         if key is None:

@@ -15,12 +15,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputUnavailableError, IntegrityError, LockError, Problem
 from ..fs.atomic import atomic_write_text
 from ..fs.hashing import sha256_file
 from ..fs.hubcache import cached_file, cached_snapshot
+from ..fs.json_files import FilePath, check_shape, read_json, shape_problems
 from ..fs.paths import check_input_file, confined_path, input_roots
 from ..plan import LoadAdapter, LoadBase, Plan, Source
 from ..runner.inputs import ResolvedInput, fetch_hint, hub_error, resolve_adapter, resolve_base
@@ -97,14 +100,43 @@ class LockFile:
         return {"lorarecipe_lock": LOCK_FORMAT, **asdict(self)}
 
     @classmethod
-    def from_json(cls, doc: Any) -> LockFile:
-        """Parsed JSON -> LockFile; ValueError, KeyError or TypeError when it has another shape."""
-        if doc.get("lorarecipe_lock") != LOCK_FORMAT:
-            raise ValueError(f"lock format {doc.get('lorarecipe_lock')!r} is not {LOCK_FORMAT}")
+    def from_json(cls, doc: Any, source: str = "lock file") -> LockFile:
+        """Parsed JSON -> LockFile; ``LockError`` naming ``source`` and each key of another shape."""
+        shape = check_shape(_LockDoc, doc, source, LockError)
         inputs = tuple(
-            LockedInput(**{**i, "files": tuple(LockedFile(**f) for f in i["files"])}) for i in doc["inputs"]
+            LockedInput(**{**i.model_dump(), "files": tuple(LockedFile(**f.model_dump()) for f in i.files)})
+            for i in shape.inputs
         )
-        return cls(str(doc["recipe_sha256"]), tuple(map(str, doc["plan_fingerprints"])), inputs)
+        return cls(shape.recipe_sha256, tuple(shape.plan_fingerprints), inputs)
+
+
+class _LockedFileDoc(BaseModel):
+    """The shape of a lock file, checked before anything reads it (one place for the format)."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: FilePath
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class _LockedInputDoc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    step: str
+    kind: str
+    ref: str
+    filename: str | None
+    requested_revision: str | None
+    commit: str | None
+    files: list[_LockedFileDoc]
+    variant: str | None = None
+
+
+class _LockDoc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lorarecipe_lock: Literal[1]
+    recipe_sha256: str
+    plan_fingerprints: list[str]
+    inputs: list[_LockedInputDoc]
 
 
 @dataclass(frozen=True)
@@ -202,11 +234,10 @@ def _pipeline_files(folder: Path, variant: str | None, *, weights: bool) -> list
     from diffusers.pipelines.pipeline_loading_utils import variant_compatible_siblings
 
     where = f"{folder.parent.parent.name} @ {folder.name}"
-    try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputUnavailableError(f"{where}: unreadable model_index.json ({exc})") from None
-    components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
+    index = read_json(
+        folder / "model_index.json", error=InputUnavailableError, shown=f"{where}: model_index.json"
+    )
+    components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]}
     inside = [f for f in _visible_files(folder) if "/" in f and f.split("/")[0] in components]
     chosen = {"model_index.json", *(f for f in inside if not _WEIGHT.search(f))}
     if weights:
@@ -288,9 +319,14 @@ def read_lock(recipe: Path) -> LockFile:
         raise LockError(f"{path}: no lock file for {recipe}; {fix}")
     check_input_file(path, (Path(os.path.realpath(recipe.parent)),), "lock file")
     try:
-        return LockFile.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-        raise LockError(f"{path}: unreadable lock file ({type(exc).__name__}: {exc}); {fix}") from None
+        doc = read_json(path, error=LockError, expect=None)
+        lines = shape_problems(_LockDoc, doc)
+    except LockError as exc:
+        doc, lines = None, [exc.message.removeprefix(f"{path}: ")]
+    if lines:
+        problems = [Problem(f"{path}: unreadable lock file ({line}); {fix}") for line in lines]
+        raise LockError(problems[0].message, problems)
+    return LockFile.from_json(doc, str(path))
 
 
 def check_lock_current(recipe: Path, lock: LockFile, plans: Sequence[Plan]) -> list[str]:

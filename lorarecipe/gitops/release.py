@@ -12,7 +12,6 @@ Library code: returns outcomes; the CLI prints them.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import IntegrityError, LorarecipeError, Problem, UsageError
-from ..outputs.manifest import MANIFEST_NAME
+from ..fs.json_files import read_json
+from ..outputs.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from ..plan import Plan
 from .batch import BatchOptions, out_root_for
 
@@ -59,7 +59,9 @@ def _check_built_from(plan: Plan, out: Path) -> None:
     hint = "run `lorarecipe build` first; publish never sends a partial or stale build"
     try:
         doc = (
-            json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+            read_json(path, expect=None, max_bytes=MAX_MANIFEST_BYTES)
+            if path.is_file() and not path.is_symlink()
+            else None
         )
     except (OSError, ValueError, RecursionError):
         doc = None

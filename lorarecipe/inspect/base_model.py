@@ -8,7 +8,6 @@ shapes (cross-attention width), so tiny test models report ``None`` instead of a
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -20,6 +19,7 @@ from typing import Any
 
 from ..errors import InputUnavailableError, UnsafeInputError
 from ..families import FAMILIES, family_label, family_of_pipeline
+from ..fs.json_files import parse_json, read_json
 from .safetensors_header import DTYPE_BITS, PICKLE_SUFFIXES, SafetensorsHeader, read_header
 
 __all__ = [
@@ -81,13 +81,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise InputUnavailableError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise UnsafeInputError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a config file")
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:
-        raise UnsafeInputError(f"{path}: not valid JSON ({str(exc)[:120]})") from None
-    if not isinstance(value, dict):
-        raise UnsafeInputError(f"{path}: not a JSON object")
-    return value
+    return parse_json(raw, str(path), max_bytes=MAX_CONFIG_BYTES, expect=dict)  # type: ignore[no-any-return]
 
 
 def _nbytes(dtype: str, shape: Iterable[int]) -> int:
@@ -156,11 +150,12 @@ def weight_files(folder: Path, variant: str | None) -> tuple[list[Path], Path | 
         for tag in tags:
             index = folder / (f"{stem}.safetensors.index{tag}.json")
             if index.is_file():
-                try:
-                    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                    names = sorted(set(weight_map.values()))
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    raise UnsafeInputError(f"{index}: unreadable shard index ({exc})") from None
+                weight_map = read_json(index, max_bytes=MAX_CONFIG_BYTES).get("weight_map")
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(n, str) for n in weight_map.values()
+                ):
+                    raise UnsafeInputError(f"{index}: 'weight_map' must map tensor names to file names")
+                names = sorted(set(weight_map.values()))
                 if any("/" in n or "\\" in n or n.startswith(".") for n in names):
                     raise UnsafeInputError(f"{index}: shard names must be plain file names")
                 return [folder / n for n in names], index
@@ -387,20 +382,11 @@ _KNOWN_PIPELINES = {info.pipeline_class for info in FAMILIES.values()}
 def check_model_index(folder: Path) -> dict[str, Any]:
     """Refuse a model_index.json that would make diffusers import anything but diffusers/transformers."""
     index_path = folder / "model_index.json"
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputUnavailableError(
-            f"{folder} is not a diffusers pipeline folder (no model_index.json)"
-        ) from None
-    except ValueError as exc:
-        raise UnsafeInputError(f"{index_path}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise UnsafeInputError(f"{index_path}: unreadable ({exc.strerror or exc})") from None
-    if not isinstance(index, dict):
-        raise UnsafeInputError(f"{index_path}: not a JSON object")
+    if not index_path.exists():
+        raise InputUnavailableError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    index: dict[str, Any] = read_json(index_path, max_bytes=MAX_CONFIG_BYTES)
     cls = index.get("_class_name")
-    if cls not in _KNOWN_PIPELINES:
+    if not isinstance(cls, str) or cls not in _KNOWN_PIPELINES:
         raise UnsafeInputError(
             f"{index_path}: pipeline class {cls!r} is not one lorarecipe loads "
             f"({', '.join(sorted(_KNOWN_PIPELINES))})"
@@ -408,8 +394,12 @@ def check_model_index(folder: Path) -> dict[str, Any]:
     for key, value in index.items():
         if key.startswith("_") or value is None or isinstance(value, (bool, int, float, str)):
             continue  # plain config values (e.g. requires_safety_checker) are not components
-        if not (isinstance(value, list) and len(value) == 2):
-            raise UnsafeInputError(f"{index_path}: component {key!r} has an unexpected entry {value!r}")
+        shape_ok = isinstance(value, list) and len(value) == 2
+        if not shape_ok or not all(part is None or isinstance(part, str) for part in value):
+            raise UnsafeInputError(
+                f"{index_path}: component {key[:80]!r} has an unexpected entry {str(value)[:120]} "
+                "(expected [library, class name])"
+            )
         if not _COMPONENT_NAME.match(key):
             raise UnsafeInputError(
                 f"{index_path}: component name {key[:80]!r} is not a plain folder name (components are "

@@ -8,7 +8,6 @@ load the file (or would silently load nothing) and lorarecipe does not convert i
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from typing import Any
 
 from ..families import FAMILIES
 from ..families.original_names import match_lora_module
+from ..fs.json_files import JsonFileError, parse_json
 from .lora_family import detect_family
 from .safetensors_header import SafetensorsHeader, TensorInfo
 
@@ -253,9 +253,9 @@ def _group_keys(header: SafetensorsHeader) -> tuple[dict[tuple[str, str], _Group
 
 def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, Any]:
     """diffusers' ``lora_adapter_metadata``: a JSON object of '<component>.<LoraConfig field>'."""
-    try:
-        parsed = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    except (ValueError, RecursionError):
+    try:  # invalid metadata is ignored here; loading the file refuses it (diffusers parses it too)
+        parsed = parse_json(metadata.get("lora_adapter_metadata", "{}"), "lora_adapter_metadata")
+    except JsonFileError:
         return {}
     return parsed if isinstance(parsed, dict) else {}
 

@@ -10,7 +10,6 @@ and module path only; mapping them onto a model is a later step.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..adapter_math import dora_axis
+from ..fs.json_files import JsonFileError, parse_json
 from .safetensors_header import SafetensorsHeader
 
 __all__ = ["ALGORITHMS", "LycorisInfo", "LycorisModule", "UnclassifiedKey", "fits", "inspect_lycoris"]
@@ -253,9 +253,9 @@ def _adapter_config(header: SafetensorsHeader, config: Mapping[str, Any] | None)
     """PEFT settings: an adapter_config.json mapping, else diffusers' ``lora_adapter_metadata``."""
     if config is not None:
         return dict(config)
-    try:
-        parsed = json.loads(header.metadata.get("lora_adapter_metadata", "{}"))
-    except (ValueError, RecursionError):
+    try:  # invalid metadata is ignored here; loading the file refuses it (diffusers parses it too)
+        parsed = parse_json(header.metadata.get("lora_adapter_metadata", "{}"), "lora_adapter_metadata")
+    except JsonFileError:
         return {}
     return parsed if isinstance(parsed, dict) else {}
 

@@ -8,7 +8,6 @@ naming the file and the problem, so ``validate`` can refuse a file before anythi
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import struct
@@ -19,10 +18,12 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import InputUnavailableError, UnsafeInputError
+from ..fs.json_files import parse_json
 
 __all__ = [
     "DTYPE_BITS",
     "MAX_HEADER_BYTES",
+    "MAX_HEADER_VALUES",
     "PICKLE_SUFFIXES",
     "SafetensorsHeader",
     "TensorInfo",
@@ -31,7 +32,14 @@ __all__ = [
 ]
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Real headers are well under 1 MB (a 3,000-tensor LyCORIS file: 250 KB); 8 MiB leaves room for
+#: large training metadata while bounding what a junk header costs to refuse (measured in the tests).
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+#: JSON values (keys, scalars, containers) in a header: ~12 per tensor, so ~40,000 tensors. Counted on
+#: the raw bytes before parsing, so a header of tiny values cannot expand 20x into Python objects.
+MAX_HEADER_VALUES = 500_000
+#: A header nests three levels: the tensor table, an entry, its shape or offsets.
+_HEADER_DEPTH = 3
 _MAX_BITS = 8 << 64
 MAX_DIMS = 16  # real tensors have <= 5; a longer shape is garbage, not a model
 
@@ -110,7 +118,7 @@ def _unsafe(path: str, problem: str) -> UnsafeInputError:
     return UnsafeInputError(f"{path}: {problem}")
 
 
-def _looks_like_pickle(prefix: bytes) -> bool:
+def _looks_like_pickle(prefix: bytes | bytearray) -> bool:
     """Pickle protocol 2+ starts with 0x80 <proto>; torch's zip checkpoints with ``PK\\x03\\x04``."""
     if prefix[:4] == b"PK\x03\x04":
         return True
@@ -136,18 +144,38 @@ def read_header(path: Path | str, *, max_header_bytes: int = MAX_HEADER_BYTES) -
         with open(path, "rb") as handle:
             file_size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(9)
-            data = prefix
+            data: bytes | bytearray = prefix
             if len(prefix) >= 8:
                 (length,) = struct.unpack("<Q", prefix[:8])
                 if 0 < length <= max_header_bytes and length <= file_size - 8:
-                    data = prefix + handle.read(length - 1)
+                    data = _read_exactly(handle, prefix, 8 + length)  # one buffer, no copies
     except OSError as exc:
         raise _unsafe(shown, f"cannot be read ({exc.strerror or exc})") from None
     return parse_header_bytes(data, file_size, shown, max_header_bytes=max_header_bytes)
 
 
+def _read_exactly(handle: Any, prefix: bytes, size: int) -> bytearray:
+    """``prefix`` + the next bytes of ``handle`` up to ``size``, in one preallocated buffer filled by
+    1 MiB reads (no whole-header copies); a file that shrank meanwhile gives a shorter buffer."""
+    buffer = bytearray(size)
+    buffer[: len(prefix)] = prefix
+    done = len(prefix)
+    while done < size:
+        chunk = handle.read(min(size - done, 1 << 20))
+        if not chunk:
+            del buffer[done:]
+            break
+        buffer[done : done + len(chunk)] = chunk
+        done += len(chunk)
+    return buffer
+
+
 def parse_header_bytes(
-    data: bytes, file_size: int, path: str = "<bytes>", *, max_header_bytes: int = MAX_HEADER_BYTES
+    data: bytes | bytearray,
+    file_size: int,
+    path: str = "<bytes>",
+    *,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> SafetensorsHeader:
     """The first ``8 + header_size`` bytes of a file (and its size) -> validated header."""
     if len(data) < 8 or file_size < 8:
@@ -170,7 +198,14 @@ def parse_header_bytes(
         raise _unsafe(path, f"header length {length} bytes is larger than the file ({file_size} bytes)")
     if len(data) < 8 + length:
         raise _unsafe(path, f"file ends inside its {length}-byte header")
-    header = _decode_json(data[8 : 8 + length], path)
+    values = _count_values(data, 8, 8 + length)
+    if values > MAX_HEADER_VALUES:
+        raise _unsafe(
+            path,
+            f"header has {values} JSON separators (limit: {MAX_HEADER_VALUES} values); not safetensors",
+        )
+    with memoryview(data) as view:
+        header = _decode_json(view[8 : 8 + length], path)
     return _validate(header, path, file_size, length)
 
 
@@ -189,24 +224,33 @@ class _DuplicateKey(ValueError):
         self.key = key
 
 
-def _decode_json(raw: bytes, path: str) -> dict[str, Any]:
+def _count_values(data: bytes | bytearray, start: int, end: int) -> int:
+    """An upper bound of the JSON values (keys, scalars, containers) in ``data[start:end]``: its
+    separators and openers, counted in place (no copy, no parsing) before anything is built."""
+    return sum(data.count(c, start, end) for c in (b",", b":", b"{", b"[")) + 1
+
+
+def _decode_json(raw: memoryview, path: str) -> dict[str, Any]:
     try:
-        text = raw.decode("utf-8")
+        text = str(raw, "utf-8")
     except UnicodeDecodeError as exc:
         raise _unsafe(path, f"header is not UTF-8 (byte {exc.start})") from None
     if not text.lstrip(_JSON_SPACE_TEXT).startswith("{"):
         raise _unsafe(path, "header is not a JSON object (it must start with '{'); not a safetensors file")
     try:
-        value = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_no_constant)
+        value = parse_json(
+            text,
+            f"{path}: header",
+            max_depth=_HEADER_DEPTH,
+            expect=dict,
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_no_constant,
+        )
     except _DuplicateKey as exc:
         raise _unsafe(path, f"header has the key {exc.key!r} twice") from None
-    except RecursionError:
-        raise _unsafe(path, "header JSON is nested too deeply") from None
     except ValueError as exc:
         raise _unsafe(path, f"header is not valid JSON ({_short(str(exc))})") from None
-    if not isinstance(value, dict):
-        raise _unsafe(path, "header is not a JSON object")
-    return value
+    return value  # type: ignore[no-any-return]
 
 
 def _check_text(text: str, path: str, what: str) -> None:

@@ -16,9 +16,12 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from ..errors import IntegrityError, LorarecipeError, Problem
 from ..fs.atomic import atomic_write_text
 from ..fs.hashing import sha256_file
+from ..fs.json_files import FilePath, check_shape, read_json
 
 __all__ = [
     "BUILD_LOCK",
@@ -28,6 +31,7 @@ __all__ = [
     "VerifyResult",
     "file_entry",
     "library_versions",
+    "read_manifest",
     "verify_outdir",
     "write_manifest",
 ]
@@ -38,6 +42,8 @@ BUILD_LOCK = ".lorarecipe/build.lock"
 #: Where a build moves manifest.json while it replaces outputs (restored or replaced when it ends).
 PREVIOUS_MANIFEST = ".lorarecipe/previous-manifest.json"
 MANIFEST_FORMAT = 1
+#: A manifest holds the recipe text (at most 1 MB, up to 6x when JSON-escaped) and the file lists.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _LIBRARIES = (
     "lorarecipe",
     "torch",
@@ -78,6 +84,36 @@ def write_manifest(out_root: Path, doc: dict[str, Any]) -> Path:
         path, json.dumps({"lorarecipe_manifest": MANIFEST_FORMAT, **doc}, indent=2, sort_keys=True) + "\n"
     )
     return path
+
+
+class _FileDoc(BaseModel):
+    """The parts of a manifest that lorarecipe reads back (verify, publish, incremental builds), checked
+    before they are used: one place for the format. Other keys are provenance for people."""
+
+    model_config = ConfigDict(extra="allow")
+    path: FilePath
+    sha256: str
+    size: int = Field(ge=0)
+
+
+class _OutputDoc(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    path: FilePath | None = None
+    files: list[_FileDoc]
+
+
+class _ManifestDoc(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    outputs: dict[str, _OutputDoc]
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A ``manifest.json`` -> its document, with ``outputs.<name>.files[i]`` checked to be ``{path,
+    sha256, size}``; ``IntegrityError`` naming the file and each wrong key (exit 1, never a traceback)."""
+    where = f"{path}: unreadable manifest"
+    doc: dict[str, Any] = read_json(path, error=IntegrityError, max_bytes=MAX_MANIFEST_BYTES, shown=where)
+    check_shape(_ManifestDoc, doc, where, IntegrityError)
+    return doc
 
 
 @dataclass(frozen=True)
@@ -158,15 +194,9 @@ def verify_outdir(outdir: Path) -> VerifyResult:
             problems.append(Problem(f"{manifest}: a symlink, not a manifest this build wrote"))
             continue
         try:
-            doc = json.loads(manifest.read_text(encoding="utf-8"))
-            outputs = doc["outputs"]
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            problems.append(
-                Problem(f"{manifest}: unreadable manifest ({type(exc).__name__}: {str(exc)[:200]})")
-            )
-            continue
-        if not isinstance(outputs, dict):
-            problems.append(Problem(f"{manifest}: 'outputs' is not an object"))
+            outputs = read_manifest(manifest)["outputs"]
+        except IntegrityError as exc:
+            problems.extend(exc.problems)
             continue
         for name, output in outputs.items():
             checked += _verify_output(manifest.parent, outdir, str(name), output, problems)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import UnsafeInputError
 from ..fs.atomic import atomic_file
+from ..fs.json_files import parse_json
 
 __all__ = ["PROVENANCE_PREFIX", "add_metadata", "canonicalize_header", "jsonable", "read_metadata"]
 
@@ -34,12 +35,9 @@ def _read_header(handle: object, path: Path) -> tuple[int, dict[str, object]]:
     (size,) = struct.unpack("<Q", raw)
     if size > 100 * 1024 * 1024:
         raise UnsafeInputError(f"{path}: safetensors header of {size} bytes is too large")
-    try:
-        header = json.loads(handle.read(size))  # type: ignore[attr-defined]
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UnsafeInputError(f"{path}: invalid safetensors header: {exc}") from None
-    if not isinstance(header, dict):
-        raise UnsafeInputError(f"{path}: invalid safetensors header")
+    raw = handle.read(size)  # type: ignore[attr-defined]
+    where = f"{path}: safetensors header"
+    header = parse_json(raw, where, max_bytes=size, error=UnsafeInputError, expect=dict)
     return size, header
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..diagnostics import printable
 from . import (
     FuseAdapters,
     LoadAdapter,
@@ -96,12 +97,12 @@ def render_plan(plan: Plan) -> str:
     checks = {c.subject: c.detail.split(": ", 1)[-1] for c in plan.checks if c.status != "warning"}
     title = f"plan {plan.name}" + (f" [{plan.build}]" if plan.build else "")
     lines = [
-        f"{title}  ({plan.recipe}, family {plan.family or 'unknown'})",
+        printable(f"{title}  ({plan.recipe}, family {plan.family or 'unknown'})"),
         f"fingerprint {plan.fingerprint()}",
     ]
     for i, step in enumerate(plan.steps):
         branch = "└─" if i == len(plan.steps) - 1 else "├─"
-        lines.append(f"{branch} {_line(step, checks)}")
+        lines.append(f"{branch} {printable(_line(step, checks), None)}")
     estimates = dict(plan.estimates)
     if estimates:
         lines.append(
@@ -110,5 +111,5 @@ def render_plan(plan: Plan) -> str:
         )
     for check in plan.checks:
         if check.status == "warning":
-            lines.append(f"warning: {check.subject}: {check.detail}")
+            lines.append(printable(f"warning: {check.subject}: {check.detail}"))
     return "\n".join(lines)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,7 +21,7 @@ from ..diagnostics import did_you_mean
 from ..errors import IntegrityError, LockError, Problem, UsageError
 from ..fs.atomic import TMP_PREFIX
 from ..fs.hashing import sha256_file
-from ..outputs.manifest import BUILD_LOCK, MANIFEST_NAME, PREVIOUS_MANIFEST
+from ..outputs.manifest import BUILD_LOCK, MANIFEST_NAME, PREVIOUS_MANIFEST, read_manifest
 
 __all__ = [
     "MANIFEST_IN_REPO",
@@ -119,11 +118,9 @@ def _read_manifest(out_root: Path) -> dict[str, Any]:
         )
         raise IntegrityError(f"{out_root}: no {MANIFEST_NAME} ({why})")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(doc, dict) or not isinstance(doc["outputs"], dict):
-            raise TypeError("no outputs table")
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise IntegrityError(f"{path}: unreadable manifest ({exc}); rebuild the folder") from None
+        doc = read_manifest(path)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{exc.message}; rebuild the folder", exc.problems) from None
     if doc.get("build_complete") is False:
         raise IntegrityError(
             f"{out_root}: the last build into this folder did not finish (a build is running there or "

@@ -9,21 +9,20 @@ mutates its inputs and never imports torch.
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
-import types
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from ..diagnostics import did_you_mean
-from ..errors import Problem, RecipeValidationError, UsageError
+from ..errors import MAX_PROBLEMS, Problem, RecipeValidationError, UsageError
+from .matrix import build_label, combinations, duplicate_values
 from .models import NAME_PATTERN, Recipe
+from .pydantic_errors import pydantic_problems
 from .yaml_source import (
     LIMITS,
     Limits,
@@ -32,11 +31,13 @@ from .yaml_source import (
     YamlDocument,
     load_yaml,
     parse_yaml,
+    path_text,
     resolve_plain_scalar,
 )
 
 __all__ = [
     "MAX_BUILDS",
+    "MAX_NODE_BUILDS",
     "LoadedRecipe",
     "RecipeBuild",
     "find_recipe_files",
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 MAX_BUILDS = 256
+#: Document nodes times builds: what loading a recipe may walk (an alias-expanded list x a big matrix).
+MAX_NODE_BUILDS = 250_000
 _UNTEMPLATED = ("variables", "matrix")
 
 
@@ -81,14 +84,6 @@ class LoadedRecipe:
     @property
     def positions(self) -> PositionMap:
         return self.document.positions
-
-
-def path_text(path: PathKey) -> str:
-    """('merges', 'style-mix', 'method') -> 'merges.style-mix.method'; indices as [i]."""
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def _scalar_ok(value: Any) -> bool:
@@ -145,11 +140,6 @@ def _variables(doc: YamlDocument, overrides: dict[str, str]) -> tuple[dict[str, 
     return values, axes
 
 
-def _label(combo: dict[str, Any]) -> str:
-    parts = [f"{k}-{v}" for k, v in combo.items()]
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(parts))[:120]
-
-
 def _untemplated(path: PathKey, key: object) -> bool:
     """Keys rendered elsewhere: ``variables``/``matrix`` (they are the values), and each output's
     ``publish`` (the compiler renders it with ``name``, ``build`` and ``output`` too)."""
@@ -158,32 +148,37 @@ def _untemplated(path: PathKey, key: object) -> bool:
     return len(path) == 2 and path[0] == "outputs" and key == "publish"
 
 
-def _render_tree(
-    data: Any, variables: dict[str, Any], path: PathKey, doc: YamlDocument, problems: list[Problem]
-) -> Any:
-    if isinstance(data, dict):
-        return {
-            k: (v if _untemplated(path, k) else _render_tree(v, variables, (*path, k), doc, problems))
-            for k, v in data.items()
-        }
-    if isinstance(data, list):
-        return [_render_tree(v, variables, (*path, i), doc, problems) for i, v in enumerate(data)]
-    if isinstance(data, str) and any(marker in data for marker in ("{{", "{%", "{#")):
+class _Renderer:
+    """Renders the ``{{ }}`` strings of one build; a string repeated (YAML aliases) renders once, and
+    every render of the file shares one template :class:`~lorarecipe.recipe.templating.Budget`."""
+
+    def __init__(self, doc: YamlDocument, variables: dict[str, Any], budget: Any) -> None:
+        self.doc, self.variables, self.budget = doc, variables, budget
+        self.done: dict[str, tuple[object, str | None]] = {}
+        self.problems: list[Problem] = []
+
+    def tree(self, data: Any, path: PathKey) -> Any:
+        if isinstance(data, dict):
+            return {k: v if _untemplated(path, k) else self.tree(v, (*path, k)) for k, v in data.items()}
+        if isinstance(data, list):
+            return [self.tree(v, (*path, i)) for i, v in enumerate(data)]
+        if isinstance(data, str) and any(marker in data for marker in ("{{", "{%", "{#")):
+            if data not in self.done:
+                self.done[data] = self._render(data)
+            value, error = self.done[data]
+            if error is not None:
+                hint = did_you_mean_var(error, self.variables)
+                self.problems.append(Problem(error, path_text(path), self.doc.positions.value(path), hint))
+            return value
+        return data
+
+    def _render(self, text: str) -> tuple[object, str | None]:
         from .templating import TemplateProblem, render_scalar  # jinja2 only when a recipe uses templates
 
         try:
-            return render_scalar(data, variables)
+            return render_scalar(text, self.variables, self.budget), None
         except TemplateProblem as exc:
-            problems.append(
-                Problem(
-                    str(exc),
-                    path_text(path),
-                    doc.positions.value(path),
-                    did_you_mean_var(str(exc), variables),
-                )
-            )
-            return data
-    return data
+            return text, str(exc)
 
 
 def did_you_mean_var(message: str, variables: dict[str, Any]) -> str | None:
@@ -222,31 +217,49 @@ def _load_document(
                 )
             ],
         )
+    _check_work(doc, axes, count)
+    from .template_limits import Budget  # torch-free and tiny; jinja2 itself loads only on a template
+
+    budget = Budget()
     builds: list[RecipeBuild] = []
-    problems: list[Problem] = []
-    for combo_values in itertools.product(*axes.values()) if axes else [()]:
-        combo = dict(zip(axes, combo_values, strict=True))
+    problems: dict[Problem, None] = dict.fromkeys(duplicate_values(axes, doc.positions))
+    for combo in combinations(axes) if not problems else ():
         variables = {**values, **combo}
-        build_problems: list[Problem] = []
-        data = _render_tree(doc.data, variables, (), doc, build_problems)
+        renderer = _Renderer(doc, variables, budget)
+        data = renderer.tree(doc.data, ())
         recipe = None
-        if not build_problems:
+        if not renderer.problems:
             try:
                 recipe = Recipe.model_validate(data)
             except ValidationError as exc:
-                build_problems.extend(pydantic_problems(exc, data, doc))
+                renderer.problems.extend(pydantic_problems(exc, data, doc))
             except RecursionError:
-                build_problems.append(Problem("recipe nesting too deep", span=doc.positions.value(())))
-        for problem in build_problems:
-            if problem not in problems:
-                problems.append(problem)
+                renderer.problems.append(Problem("recipe nesting too deep", span=doc.positions.value(())))
+        problems.update(dict.fromkeys(renderer.problems))
         if recipe is not None:
-            builds.append(RecipeBuild(_label(combo), tuple(variables.items()), recipe))
+            builds.append(RecipeBuild(build_label(combo), tuple(variables.items()), recipe))
+        if len(problems) > MAX_PROBLEMS:
+            break  # enough to act on; the rest of the matrix would only repeat them
     if problems:
-        raise RecipeValidationError(problems[0].message, problems)
+        found = list(problems)
+        raise RecipeValidationError(found[0].message, found)
     first = builds[0].recipe
     name = first.name or _name_from_stem(path.stem)
     return LoadedRecipe(path=path, display=shown, document=doc, builds=tuple(builds), name=name)
+
+
+def _check_work(doc: YamlDocument, axes: dict[str, list[Any]], builds: int) -> None:
+    """Every build walks the whole document: a large (alias-expanded) document times a large matrix is
+    refused before the walk, located at the matrix."""
+    nodes = len(doc.positions.values)
+    if nodes * builds > MAX_NODE_BUILDS:
+        message = (
+            f"the matrix repeats a {nodes}-node recipe {builds} times: more than {MAX_NODE_BUILDS} nodes "
+            "to render and check (limit: MAX_NODE_BUILDS)"
+        )
+        raise RecipeValidationError(
+            message, [Problem(message, "matrix", doc.positions.key(("matrix",)), "split the sweep")]
+        )
 
 
 def _display_path(path: Path) -> str:
@@ -259,210 +272,6 @@ def _display_path(path: Path) -> str:
 def _name_from_stem(stem: str) -> str:
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-_")[:64] or "recipe"
     return name if re.match(NAME_PATTERN, name) else f"r{name}"[:64]
-
-
-# --- pydantic errors -> located problems -------------------------------------------------------
-
-
-def _data_path(loc: tuple[Any, ...], data: Any) -> tuple[PathKey, bool]:
-    """pydantic loc -> (path into the data, whether the error is about a mapping key)."""
-    path: list[str | int] = []
-    node = data
-    is_key = False
-    for index, part in enumerate(loc):
-        last = index == len(loc) - 1
-        if part == "[key]":
-            is_key = True
-            break
-        if isinstance(node, (dict, list)) and isinstance(part, (str, int)) and _has(node, part):
-            path.append(part)
-            node = node[part]  # type: ignore[index]
-        elif last and isinstance(node, dict) and isinstance(part, str) and _is_field_like(part):
-            path.append(part)  # a missing field: keep its name, positions fall back to the parent
-            node = None
-    return tuple(path), is_key
-
-
-def _is_field_like(part: str) -> bool:
-    # union tags such as 'float', 'ComponentWeights', 'list[...]', 'function-after[...]' are not data keys
-    return bool(re.match(r"^[a-z_][a-z0-9_]*$", part)) and part not in {
-        "float",
-        "int",
-        "str",
-        "bool",
-        "list",
-        "dict",
-        "none",
-    }
-
-
-def _unwrap(tp: Any, node: Any) -> Any:
-    """Annotated/Union -> the member that matches ``node``'s shape."""
-    while True:
-        origin = typing.get_origin(tp)
-        if origin is typing.Annotated:
-            tp = typing.get_args(tp)[0]
-            continue
-        if origin in (typing.Union, types.UnionType):
-            members = [a for a in typing.get_args(tp) if a is not type(None)]
-            tp = _pick_member(members, node)
-            continue
-        return tp
-
-
-def _pick_member(members: list[Any], node: Any) -> Any:
-    unwrapped = [_unwrap(m, None) if typing.get_origin(m) is typing.Annotated else m for m in members]
-    if isinstance(node, dict):
-        for m in unwrapped:
-            if isinstance(m, type) and issubclass(m, BaseModel):
-                kind = m.model_fields.get("kind")
-                if kind is None or node.get("kind") in typing.get_args(kind.annotation):
-                    return m
-        for m in unwrapped:
-            if typing.get_origin(m) is dict:
-                return m
-    if isinstance(node, list):
-        for m in unwrapped:
-            if typing.get_origin(m) is list:
-                return m
-    return unwrapped[0] if unwrapped else Any
-
-
-def _model_at(path: PathKey, data: Any) -> type[BaseModel] | None:
-    tp: Any = Recipe
-    node = data
-    for part in path:
-        tp = _unwrap(tp, node)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            field = tp.model_fields.get(str(part))
-            if field is None:
-                return None
-            tp = field.annotation
-        elif typing.get_origin(tp) is dict:
-            tp = typing.get_args(tp)[1]
-        elif typing.get_origin(tp) is list:
-            tp = typing.get_args(tp)[0]
-        else:
-            return None
-        node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None  # type: ignore[index]
-    tp = _unwrap(tp, node)
-    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
-
-
-def _has(node: Any, part: str | int) -> bool:
-    if isinstance(node, dict):
-        return part in node
-    return isinstance(part, int) and 0 <= part < len(node)
-
-
-_TYPE_WORDS = {
-    "float_type": "a number",
-    "float_parsing": "a number",
-    "int_type": "an integer",
-    "int_parsing": "an integer",
-    "string_type": "a string",
-    "bool_type": "true or false",
-    "bool_parsing": "true or false",
-    "dict_type": "a mapping",
-    "list_type": "a list",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "int_from_float": "an integer",
-    "finite_number": "a finite number",
-}
-
-
-def _message(err: dict[str, Any], path: PathKey, data: Any) -> tuple[str, str | None]:
-    kind = err["type"]
-    ctx = err.get("ctx") or {}
-    value = err.get("input")
-    field = path[-1] if path and isinstance(path[-1], str) else "value"
-    if kind == "extra_forbidden":
-        model = _model_at(path[:-1], data)
-        fields = list(model.model_fields) if model else []
-        return f"unknown key {field!r}", did_you_mean(str(field), fields) or (
-            f"allowed keys: {', '.join(fields)}" if fields else None
-        )
-    if kind == "missing":
-        return f"missing required key {field!r}", None
-    if kind == "literal_error":
-        expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        hint = did_you_mean(str(value), expected) or (
-            f"expected one of: {', '.join(expected)}" if expected else None
-        )
-        return f"unknown {field} {value!r}", hint
-    if kind == "string_pattern_mismatch":
-        return (
-            f"invalid name {value!r}",
-            "names use letters, digits, '-' and '_', start with a letter or "
-            "digit, at most 64 characters (variables: letters, digits and '_')",
-        )
-    if kind == "union_tag_invalid":
-        expected = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
-        return f"unknown output kind {ctx.get('tag')!r}", did_you_mean(str(ctx.get("tag")), expected) or (
-            f"expected one of: {', '.join(expected)}"
-        )
-    if kind == "union_tag_not_found":
-        return "missing 'kind'", "one of: pipeline, single_file, lora, grid"
-    if kind in _TYPE_WORDS:
-        return f"expected {_TYPE_WORDS[kind]}, got {_describe(value)}", None
-    msg = str(err.get("msg", kind))
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix) :]
-    return msg, None
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "nothing (null)"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def pydantic_problems(exc: ValidationError, data: Any, doc: YamlDocument) -> list[Problem]:
-    """Every pydantic error -> a located :class:`Problem`, with union noise folded."""
-    entries: list[tuple[PathKey, bool, dict[str, Any]]] = []
-    for error in exc.errors(include_url=False):
-        err: dict[str, Any] = dict(error)
-        path, is_key = _data_path(tuple(err["loc"]), data)
-        entries.append((path, is_key, err))
-    deepest = [
-        e for e in entries if not any(len(o[0]) > len(e[0]) and o[0][: len(e[0])] == e[0] for o in entries)
-    ]
-    by_path: dict[tuple[PathKey, bool], list[dict[str, Any]]] = {}
-    for path, is_key, err in deepest:
-        by_path.setdefault((path, is_key), []).append(err)
-    problems: list[Problem] = []
-    for (path, is_key), errs in by_path.items():
-        if errs[0]["type"] == "union_tag_invalid" and isinstance(errs[0].get("input"), dict):
-            path = (*path, "kind")  # point at the kind itself
-        type_errs = [e for e in errs if e["type"] in _TYPE_WORDS]
-        if len(type_errs) > 1 and len(type_errs) == len(errs):
-            words = sorted({_TYPE_WORDS[e["type"]] for e in type_errs})
-            message = f"expected {' or '.join(words)}, got {_describe(errs[0].get('input'))}"
-            pairs: list[tuple[str, str | None]] = [(message, None)]
-        else:
-            pairs = [_message(e, path, data) for e in errs if e["type"] not in _TYPE_WORDS or len(errs) == 1]
-        for message, hint in dict.fromkeys(pairs):
-            kind = errs[0]["type"]
-            on_key = (
-                is_key
-                or kind in ("extra_forbidden", "missing")
-                or (kind in ("value_error", "assertion_error") and isinstance(errs[0].get("input"), dict))
-            )
-            span_path = path[:-1] if kind == "missing" else path
-            span = doc.positions.key(span_path) if on_key else doc.positions.value(span_path)
-            if span is None:
-                span = doc.positions.value(())
-            problems.append(Problem(message, path_text(path), span, hint))
-    if not problems:
-        problems.append(Problem("invalid recipe", span=doc.positions.value(())))
-    return problems
 
 
 def parse_recipe(

@@ -12,7 +12,15 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from ..builtin.catalog import BUILTIN_BASES, BUILTIN_LORAS
 from ..diagnostics import did_you_mean
@@ -51,7 +59,20 @@ VarName = Annotated[str, StringConstraints(pattern=VAR_PATTERN)]
 Scalar = str | bool | int | float
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 BLOCK_KEY = Annotated[str, StringConstraints(pattern=r"^block_[0-9]{1,3}$")]
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6)]
+
+
+def _not_a_boolean(value: Any) -> Any:
+    """YAML ``true``/``false`` are booleans, never the numbers 1 and 0 (pydantic would convert them)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()} (a boolean)")
+    return value
+
+
+#: Numbers as a recipe writes them: ``weight: true`` or ``steps: false`` is an error, not 1 or 0. (The
+#: validator comes after each type's own constraints, which then stay in the JSON Schema.)
+_NO_BOOL = BeforeValidator(_not_a_boolean)
+Integer = Annotated[int, _NO_BOOL]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6), _NO_BOOL]
 
 
 class _Spec(BaseModel):
@@ -276,21 +297,23 @@ class MergeSpec(_AdapterWeights):
         ..., description="Adapters to merge, or name -> weight."
     )
     weights: list[FiniteFloat] | None = Field(None, description="One weight per adapter (default 1.0).")
-    density: float | None = Field(
+    density: Annotated[float, Field(gt=0.0, le=1.0), _NO_BOOL] | None = Field(
         None,
-        gt=0.0,
-        le=1.0,
         description="Fraction kept (ties, dare_*, magnitude_prune and their _svd forms).",
     )
     majority_sign_method: Literal["total", "frequency"] | None = Field(
         None, description="Sign election for ties / dare_ties (+ _svd). PEFT default: total."
     )
-    svd_rank: int | None = Field(
-        None, ge=1, le=4096, description="Rank of *_svd results (default: max rank)."
+    svd_rank: Annotated[int, Field(ge=1, le=4096), _NO_BOOL] | None = Field(
+        None, description="Rank of *_svd results (default: max rank)."
     )
-    svd_clamp: float | None = Field(None, gt=0.0, le=1.0, description="Quantile clamp of SVD results.")
+    svd_clamp: Annotated[float, Field(gt=0.0, le=1.0), _NO_BOOL] | None = Field(
+        None, description="Quantile clamp of SVD results."
+    )
     svd_full_matrices: bool = Field(True, description="torch.linalg.svd full_matrices (False is faster).")
-    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of torch's RNG before the merge (DARE draws).")
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1), _NO_BOOL] = Field(
+        0, description="Seed of torch's RNG before the merge (DARE draws)."
+    )
     components: list[Component] | None = Field(None, description="Components to merge (default: all).")
 
     @model_validator(mode="after")
@@ -443,10 +466,10 @@ class GridOutput(_Spec):
         ..., min_length=1, max_length=64
     )
     negative_prompt: str = Field("", max_length=1000)
-    seeds: list[Annotated[int, Field(ge=0, le=2**63 - 1)]] = Field(
+    seeds: list[Annotated[int, Field(ge=0, le=2**63 - 1), _NO_BOOL]] = Field(
         default_factory=lambda: [0], min_length=1, max_length=64
     )
-    steps: int = Field(20, ge=1, le=500)
+    steps: Annotated[int, Field(ge=1, le=500), _NO_BOOL] = 20
     guidance: FiniteFloat | None = Field(
         None,
         description="guidance_scale: classifier-free guidance for SD (default 7.5); FLUX.1's distilled "
@@ -458,7 +481,7 @@ class GridOutput(_Spec):
         description="FLUX.1 only: true classifier-free guidance with negative_prompt (two passes per "
         "step). Guidance-distilled FLUX.1 takes no negative prompt without it.",
     )
-    size: int | list[int] | None = Field(
+    size: Integer | list[Integer] | None = Field(
         None, description="Image size: N or [width, height] (default: the family's native size)."
     )
     variants: list[str] = Field(

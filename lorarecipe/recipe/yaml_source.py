@@ -20,7 +20,16 @@ import yaml
 
 from ..errors import Problem, RecipeSyntaxError, SourceSpan
 
-__all__ = ["LIMITS", "Limits", "PathKey", "PositionMap", "YamlDocument", "load_yaml", "parse_yaml"]
+__all__ = [
+    "LIMITS",
+    "Limits",
+    "PathKey",
+    "PositionMap",
+    "YamlDocument",
+    "load_yaml",
+    "parse_yaml",
+    "path_text",
+]
 
 PathKey = tuple[str | int, ...]
 
@@ -142,7 +151,7 @@ class _Converter:
         self.problems: list[Problem] = []
 
     def fail(self, message: str, node: yaml.Node, path: PathKey, hint: str | None = None) -> None:
-        self.problems.append(Problem(message, _path_text(path), _span(self.file, node), hint))
+        self.problems.append(Problem(message, path_text(path), _span(self.file, node), hint))
 
     def convert(self, node: yaml.Node, path: PathKey, depth: int) -> Any:
         self.count += 1
@@ -191,6 +200,10 @@ class _Converter:
             if not isinstance(key_node, yaml.ScalarNode):
                 self.fail("mapping keys must be plain strings", key_node, path)
                 continue
+            if key_node.tag != _STR:  # ``!!python/object:x key:`` and ``? !!binary …`` keys too
+                message = f"YAML tag {key_node.tag!r} is not allowed in a recipe, not even on a key"
+                self.fail(message, key_node, path, "remove the tag")
+                continue
             key = key_node.value
             if key in first_seen:
                 line = first_seen[key].start_mark.line + 1
@@ -222,7 +235,8 @@ class _LimitExceeded(Exception):
         self.node = node
 
 
-def _path_text(path: PathKey) -> str:
+def path_text(path: PathKey) -> str:
+    """('merges', 'style-mix', 'method') -> 'merges.style-mix.method'; indices as [i]."""
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))

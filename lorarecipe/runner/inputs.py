@@ -8,7 +8,6 @@ inputs pass the same confinement checks as at compile time (the files may have c
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputUnavailableError, LorarecipeError, UnsafeInputError
+from ..fs.json_files import read_json
 from ..fs.paths import check_input, resolve_input
 from ..plan import Source
 
@@ -159,7 +159,7 @@ def cached_pipeline(source: Source, variant: str | None) -> ResolvedInput | None
         return None
     commit, folder = found
     try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        index = read_json(folder / "model_index.json")
         for component, entry in index.items():
             if component.startswith("_") or not (isinstance(entry, list) and entry and entry[0]):
                 continue

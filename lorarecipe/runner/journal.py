@@ -14,13 +14,19 @@ built; a root a killed old build left that way is read from there once.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
-from ..outputs.manifest import MANIFEST_NAME, PREVIOUS_MANIFEST, file_entry, write_manifest
+from ..fs.json_files import read_json
+from ..outputs.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    PREVIOUS_MANIFEST,
+    file_entry,
+    write_manifest,
+)
 
 __all__ = ["ManifestJournal"]
 
@@ -29,7 +35,7 @@ def _read(path: Path) -> dict[str, Any] | None:
     if not path.is_file() or path.is_symlink():
         return None
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = read_json(path, expect=None, max_bytes=MAX_MANIFEST_BYTES)
     except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), dict):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Protocol
 
+from ..diagnostics import printable
+
 __all__ = ["Reporter", "make_reporter"]
 
 
@@ -37,13 +39,13 @@ class LineReporter:
     """Plain lines on stderr (not a terminal, e.g. CI logs)."""
 
     def begin(self, title: str, total: int) -> None:
-        print(f"{title}: {total} steps", file=sys.stderr)
+        print(f"{printable(title)}: {total} steps", file=sys.stderr)
 
     def step(self, label: str) -> None:
-        print(f"  {label}", file=sys.stderr)
+        print(f"  {printable(label)}", file=sys.stderr)
 
     def log(self, message: str) -> None:
-        print(f"  {message}", file=sys.stderr)
+        print(f"  {printable(message)}", file=sys.stderr)
 
     def end(self) -> None:
         pass
@@ -64,17 +66,24 @@ class RichReporter:
 
     def begin(self, title: str, total: int) -> None:
         self._progress.start()
-        self._task = self._progress.add_task(title, total=total)
+        self._task = self._progress.add_task(_rich_text(title), total=total)
 
     def step(self, label: str) -> None:
         if self._task is not None:
-            self._progress.update(self._task, advance=1, description=label)
+            self._progress.update(self._task, advance=1, description=_rich_text(label))
 
     def log(self, message: str) -> None:
-        self._progress.console.print(message)
+        self._progress.console.print(_rich_text(message))
 
     def end(self) -> None:
         self._progress.stop()
+
+
+def _rich_text(text: str) -> str:
+    """Untrusted text for rich: escaped like every text output, and its ``[markup]`` taken literally."""
+    from rich.markup import escape
+
+    return escape(printable(text))
 
 
 def make_reporter(quiet: bool, lines: bool = False) -> Reporter:

@@ -26,6 +26,7 @@ from typing import Any
 from ...errors import BuildError
 from ...fs.atomic import atomic_file, atomic_write_text, cache_root
 from ...fs.hashing import sha256_file, sha256_text
+from ...fs.json_files import parse_json, read_json
 from ...plan import FuseAdapters, LoadAdapter, MergeAdapters, Plan, canonical_json
 from ..fuse_math import LayerKind, LoraFactor
 from .skeleton import Architecture
@@ -52,7 +53,7 @@ def config_key(config_root: Path, pipeline_class: str | None) -> str:
     index_text = index_path.read_text(encoding="utf-8")
     doc["model_index"] = index_text
     configs = {}
-    for component in sorted(json.loads(index_text)):
+    for component in sorted(parse_json(index_text, str(index_path), expect=dict)):
         config = config_root / component / "config.json"
         if not component.startswith("_") and config.is_file():
             configs[component] = config.read_text(encoding="utf-8")
@@ -118,7 +119,7 @@ class FactorCache:
 
         try:
             with safe_open(str(path), "pt") as handle:
-                doc = json.loads((handle.metadata() or {})[_META])
+                doc = parse_json((handle.metadata() or {})[_META], str(path), expect=dict)
                 if doc.get("format") != FORMAT:
                     return None
                 out = {}
@@ -160,7 +161,7 @@ class FactorCache:
 
     def load_architecture(self, extra: tuple[str, ...]) -> Architecture | None:
         try:
-            doc = json.loads(self._architecture_path(extra).read_text(encoding="utf-8"))
+            doc = read_json(self._architecture_path(extra))
             shapes = {
                 c: {k: tuple(int(n) for n in v) for k, v in t.items()} for c, t in doc["shapes"].items()
             }

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BuildError, StreamingUnsupported
+from ...fs.json_files import read_json
 from ...inspect import SafetensorsHeader, TensorInfo, read_header
 from ...inspect.base_model import check_model_index, weight_files
 from ...outputs.singlefile import FAMILIES as SINGLE_FILE_FAMILIES
@@ -294,7 +295,7 @@ def shard_index(base: FolderBase, component: str, files: list[OutFile]) -> tuple
         return None
     source, rel = base.shard_indexes[component]
     try:
-        doc = json.loads(source.read_text(encoding="utf-8"))
+        doc = read_json(source)
     except (OSError, ValueError) as exc:
         raise BuildError(f"{source}: unreadable shard index ({exc})") from None
     mine = [f for f in files if f.rel.startswith(f"{component}/")]
