@@ -475,9 +475,8 @@ class GridOutput(_Spec):
         description="guidance_scale: classifier-free guidance for SD (default 7.5); FLUX.1's distilled "
         "guidance embedding (default 3.5; schnell ignores it).",
     )
-    true_cfg_scale: FiniteFloat | None = Field(
+    true_cfg_scale: Annotated[float, Field(allow_inf_nan=False, gt=1.0, le=1e6), _NO_BOOL] | None = Field(
         None,
-        gt=1.0,
         description="FLUX.1 only: true classifier-free guidance with negative_prompt (two passes per "
         "step). Guidance-distilled FLUX.1 takes no negative prompt without it.",
     )
