@@ -14,6 +14,7 @@ Library code raises these; only ``cli.py`` prints them and picks an exit code::
         ├── IntegrityError               a hash does not match the lock/manifest
         ├── LockError                    lock missing or stale with --frozen; output root busy
         ├── StepFailedError              a plan step failed; carries the step and recipe location
+        ├── InternalError                a bug surfaced inside a plan step (located)    -> exit 3
         └── ExecutorRefusal              an executor cannot build an output; the next one may
             └── StreamingUnsupported     the streaming fuser cannot reproduce this exactly
 
@@ -32,6 +33,7 @@ __all__ = [
     "ExecutorRefusal",
     "InputUnavailableError",
     "IntegrityError",
+    "InternalError",
     "LockError",
     "LorarecipeError",
     "Problem",
@@ -155,6 +157,28 @@ class StepFailedError(BuildError):
         LorarecipeError.__init__(
             self, message, [Problem(message, path=self.path, span=self.span, hint=self.hint)]
         )
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class InternalError(BuildError):
+    """An unexpected exception inside a plan step: not something the user can fix in the recipe or on
+    the machine, but a bug in lorarecipe (or in a library it drives). Still located at the step and
+    its recipe line, so the report says where; the CLI exits 3 and asks for a report."""
+
+    step_id: str
+    cause: str
+    span: SourceSpan | None = None
+    path: str = ""
+    traceback: str = ""  # the original exception's traceback, for the bug report
+    problems: list[Problem] = field(init=False)
+
+    def __post_init__(self) -> None:
+        message = f"internal error in step {self.step_id}: {self.cause}"
+        hint = "this is a bug in lorarecipe, please report it (with the recipe and the output of --version)"
+        LorarecipeError.__init__(self, message, [Problem(message, path=self.path, span=self.span, hint=hint)])
 
     def __str__(self) -> str:
         return self.message

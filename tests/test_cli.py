@@ -92,6 +92,63 @@ def test_internal_errors_exit_3(
     assert "this is a bug" in capsys.readouterr().err
 
 
+MERGE_ONLY = """\
+base: builtin:tiny-sd
+adapters:
+  style: builtin:tiny-sd/style
+  detail: builtin:tiny-sd/detail
+merges:
+  both:
+    method: cat
+    adapters: [style, detail]
+outputs:
+  lora: {kind: lora, adapter: both, path: lora}
+"""
+
+
+@pytest.mark.parametrize(
+    ("failure", "code", "expected"),
+    [
+        (
+            RuntimeError("index out of range in a helper"),
+            3,
+            "internal error in step merge:both: RuntimeError",
+        ),
+        (OSError(28, "No space left on device"), 1, "step merge:both failed: OSError: [Errno 28] No space"),
+        (MemoryError(), 1, "step merge:both failed: out of memory"),
+        (
+            RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"),
+            1,
+            "step merge:both failed: RuntimeError",
+        ),
+    ],
+    ids=["bug", "disk-full", "memory", "device-oom"],
+)
+def test_a_failure_inside_a_step_is_a_bug_unless_the_user_can_act_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    failure: BaseException,
+    code: int,
+    expected: str,
+) -> None:
+    """An unexpected exception in a step exits 3 asking for a report, located at the step's recipe
+    line (``merges.both`` is on line 6); a full disk or an out-of-memory is the user's to fix: exit 1."""
+    import lorarecipe.runner.pipeline.merge
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(lorarecipe.runner.pipeline.merge, "merge_adapters", fail)
+    recipe = write_recipe(tmp_path, MERGE_ONLY)
+    assert main(["build", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == code
+    err = capsys.readouterr().err
+    assert expected in err
+    assert f"{recipe}:6:3: error: merges.both: " in err.replace(str(Path.cwd()) + "/", "")
+    assert ("this is a bug in lorarecipe, please report it" in err) == (code == 3)
+    assert not (tmp_path / "out" / "lora").exists()
+
+
 def test_schema_file_is_in_sync(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema"]) == 0
     assert capsys.readouterr().out == (REPO / "schemas" / "recipe.schema.json").read_text()
@@ -118,6 +175,7 @@ def test_public_api_is_pinned() -> None:
             "ExecutorRefusal",
             "InputUnavailableError",
             "IntegrityError",
+            "InternalError",
             "LockError",
             "LorarecipeError",
             "Problem",
@@ -136,3 +194,34 @@ def test_public_api_is_pinned() -> None:
         ]
     )
     assert callable(lorarecipe.load_recipe) and callable(lorarecipe.compile_recipe)
+
+
+def test_text_mode_says_what_was_rebuilt_and_counts_the_steps_it_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --json: the closing line counts the step lines printed, and the summary names the outputs
+    rebuilt and those up to date (no empty matrix 'build' column for a recipe without a matrix)."""
+    from lorarecipe.runner.progress import LineReporter
+
+    monkeypatch.setattr("lorarecipe.runner.progress.make_reporter", lambda quiet, lines=False: LineReporter())
+    recipe = write_recipe(
+        tmp_path, MERGE_ONLY + "  fused: {kind: pipeline, path: fused}\nfuse: {adapters: [style]}\n"
+    )
+    out = str(tmp_path / "out")
+    assert main(["build", str(recipe), "--out", out]) == 0
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    title = lines.index("build recipe")
+    done = next(i for i, line in enumerate(lines) if line.startswith("build recipe: done, "))
+    steps = [line for line in lines[title + 1 : done] if line.startswith("  ") and ": " not in line]
+    assert lines[done] == f"build recipe: done, {len(steps)} steps"
+    header, row = lines[done + 1], lines[done + 2]
+    assert header.split() == ["recipe", "result", "time", "rebuilt", "up", "to", "date", "output"]
+    assert "fused, lora" in row and row.split()[-1] == out
+
+    # only the LoRA output's merge changes: the fused pipeline is up to date
+    recipe.write_text(recipe.read_text().replace("method: cat", "method: svd"))
+    assert main(["build", str(recipe), "--out", out]) == 0
+    row = capsys.readouterr().err.splitlines()[-1]
+    cells = row.split()
+    assert cells[cells.index("ok") + 2 : cells.index("ok") + 4] == ["lora", "fused"]

@@ -17,6 +17,7 @@ from lorarecipe.compiler import compile_recipe
 from lorarecipe.outputs.modelcard import CardInput, render_card
 from lorarecipe.plan import SaveCheckpoint, SaveLora
 from lorarecipe.recipe.load import load_recipe
+from tests.helpers.golden import assert_golden
 from tests.helpers.recipes import build_text, write_recipe
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -121,7 +122,8 @@ def test_cards_have_front_matter_and_the_grid(built: Path) -> None:
 
     for folder in ("fused", "lora"):
         card = ModelCard.load(built / folder / "README.md")
-        assert {"lora", "lorarecipe"} <= set(card.data.tags)
+        assert "lorarecipe" in card.data.tags
+        assert ("lora" in card.data.tags) == (folder == "lora")  # a fused pipeline is not an adapter
         assert card.data.license == "mit" and card.data.instance_prompt == "watercolor"
         assert "![sample grid](images/g.png)" in card.text
         assert (built / folder / "images" / "g.png").is_file()
@@ -149,7 +151,27 @@ def test_model_card_golden(tmp_path: Path) -> None:
         if isinstance(step, (SaveCheckpoint, SaveLora)):
             texts.append(render_card(plan, step, facts).replace(str(tmp_path), "<tmp>"))
     text = "\n\n=====\n\n".join(texts)
-    golden = GOLDEN / "model_cards.md"
-    if not golden.exists():  # pragma: no cover - first run writes it; review and commit
-        golden.write_text(text)
-    assert text == golden.read_text()
+    assert_golden(text, GOLDEN / "model_cards.md")
+
+
+def test_cards_tag_only_adapters_as_lora_and_drop_the_schema_comment(tmp_path: Path) -> None:
+    """The Hub lists ``lora``-tagged repos as adapters: a fused pipeline is a full model. The recipe's
+    ``$schema`` comment points at a path relative to the recipe, which means nothing in a card."""
+    text = "# yaml-language-server: $schema=../schemas/recipe.schema.json\n" + RECIPE
+    loaded = load_recipe(write_recipe(tmp_path, text, "grid-test.yaml"))
+    plan = compile_recipe(loaded)
+    facts = CardInput(recipe_text=loaded.text, version="0.1.0")
+    for step in plan.steps:
+        if isinstance(step, (SaveCheckpoint, SaveLora)):
+            card = render_card(plan, step, facts)
+            front = card.split("---")[1]
+            assert ("- lora\n" in front) == isinstance(step, SaveLora), step.output
+            assert "$schema" not in card and "name: grid-test" in card
+
+
+def test_the_card_caption_lists_every_grid_column(built: Path) -> None:
+    card = (built / "fused" / "README.md").read_text()
+    assert (
+        "Rows: prompt × seed; columns: base, style, both, mix, fused, detail = 0, detail = 1 "
+        "(3 steps, guidance 7.5, 64×64)." in card
+    )

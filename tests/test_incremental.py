@@ -204,6 +204,19 @@ def test_relative_output_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert recipe.is_file()
 
 
+def test_a_first_build_on_an_empty_cache_is_up_to_date_afterwards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The built-in models are made during the first build: its state must still record their
+    hashes, or the second build rebuilds everything."""
+    monkeypatch.setenv("LORARECIPE_CACHE", str(tmp_path / "empty-cache"))
+    recipe = write_recipe(tmp_path, RECIPE)
+    first = _build(recipe, tmp_path / "out", capsys=capsys)
+    assert first["outputs"] == ["fused", "grid", "lora"]
+    again = _build(recipe, tmp_path / "out", capsys=capsys)
+    assert again["outputs"] == [] and again["up_to_date"] == ["fused", "grid", "lora"]
+
+
 def test_a_first_build_that_materializes_its_inputs_records_their_keys(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
+from lorarecipe.errors import BuildError, RecipeError
 from tests.helpers.lora_math import LoraFactors, lora_factors, read_component_weights
 from tests.helpers.merge_oracle import (
     COMBINATION_TYPES,
@@ -48,7 +49,7 @@ from tests.helpers.merge_oracle import (
     OracleMerge,
     merge_oracle,
 )
-from tests.helpers.recipes import build_text
+from tests.helpers.recipes import build_text, compile_text, problems_of
 
 Module = tuple[str, str]
 Base = dict[str, dict[str, torch.Tensor]]  # component -> base weight key -> tensor
@@ -101,6 +102,8 @@ class Case:
             parts.append(f"clamp{p.svd_clamp}")
         if self.adapters not in (EQUAL, UNEQUAL, FLUX_EQUAL, FLUX_UNEQUAL):
             parts.append("+".join(name for name, _ in self.adapters))
+        if p.components is not None:
+            parts.append("only-" + "+".join(p.components))
         if self.base != "tiny-sd":
             parts.insert(0, self.base)
         return "-".join(parts)
@@ -137,9 +140,15 @@ CASES = [
     _case("magnitude_prune", density=0.4),
     _case("magnitude_prune_svd", density=0.4),
     _case("magnitude_prune_svd", density=0.4, svd_rank=6, svd_clamp=0.95),
-    # toy has no text-encoder layers: the text encoder gets style alone, which PEFT merges linearly
-    _case("ties", (("style", 0.8), ("toy", 0.6)), density=0.5, majority_sign_method="total"),
+    # toy has no text-encoder layers: a method that is not its own lone-adapter result (PEFT merges a
+    # lone adapter with linear) is merged only where both are (components: [unet]; refused otherwise,
+    # test_a_lone_adapter_component_is_refused) ...
+    _case("ties", (("style", 0.8), ("toy", 0.6)), density=0.5, components=("unet",)),
+    # ... and where the lone-adapter linear merge is the method's result, the text encoder gets style alone
+    _case("linear", (("style", 0.8), ("toy", 0.6))),
+    _case("svd", (("style", 0.8), ("toy", 0.6))),
 ]
+LONE = (("style", 0.8), ("toy", 0.6))
 
 
 def merge_yaml(name: str, case: Case) -> str:
@@ -159,6 +168,10 @@ def merge_yaml(name: str, case: Case) -> str:
         lines.append(f"    svd_clamp: {p.svd_clamp}")
     if p.method in RANDOM_METHODS:
         lines.append(f"    seed: {p.seed}")
+    if p.components is not None:
+        lines.append(f"    components: [{', '.join(p.components)}]")
+    if p.svd_driver is not None:
+        lines.append(f"    svd_driver: {p.svd_driver}")
     return "\n".join(lines) + "\n"
 
 
@@ -230,6 +243,7 @@ def alternatives(case: Case) -> list[MergeParams]:
                     svd_rank=p.svd_rank if svd else None,
                     svd_clamp=p.svd_clamp if svd else None,
                     seed=p.seed,
+                    components=p.components,
                 )
             )
     if p.density is not None:
@@ -305,8 +319,9 @@ def test_merge_matches_the_oracle(
     gauge = {k: (f.up, f.down) for k, f in built.items()}
     oracle = merge_oracle(base_dir, base, case.loras(), case.params, gauge)
     tol = tolerances(oracle)
-    # the case reaches the text encoder, and 1×1 convolutions when pixel or detail takes part
-    assert any(c == "text_encoder" for c, _ in oracle.deltas)
+    # the case reaches the text encoder (unless the merge leaves it out), and 1×1 convolutions when
+    # pixel or detail takes part
+    assert any(c == "text_encoder" for c, _ in oracle.deltas) == (case.params.components is None)
     if {"pixel", "detail"} & {name for name, _ in case.adapters}:
         assert any(d.dim() == 4 for d in oracle.deltas.values())
 
@@ -322,12 +337,14 @@ def test_merge_matches_the_oracle(
     closest = min(distances, key=distances.__getitem__)
     assert distances[closest] >= SWAP_FACTOR, f"{closest} is as close to the build as the oracle"
 
-    if case.adapters == (("style", 0.8), ("toy", 0.6)):
-        # PEFT merges a lone adapter linearly: the text encoder holds 0.8·ΔW_style, untrimmed
-        assert oracle.methods == {"unet": "ties", "text_encoder": "linear"}
+    if case.adapters == LONE and case.params.components is None:
+        # PEFT merges a lone adapter linearly: the text encoder holds 0.8·ΔW_style, the method's result
+        assert oracle.methods == {"unet": case.params.method, "text_encoder": "linear"}
         style = lora_factors(builtin_lora_path("tiny-sd/style"), base)
         for k in [k for k in got if k[0] == "text_encoder"]:
             assert (got[k] - 0.8 * style[k].delta(got[k].shape)).abs().max().item() <= ABS_TOL
+    if case.params.components is not None:
+        assert {c for c, _ in got} == set(case.params.components) == set(oracle.methods)
 
     # the measured margins, for calibrating the tolerances (kept by pytest --junitxml=… -o junit_family=legacy)
     record_property("lora_error", max(max(e.values()) for e in errors.values()))
@@ -483,3 +500,125 @@ def test_dare_seed_belongs_to_its_merge(base_dir: Path, base: Base, tmp_path: Pa
     for merge, case in alone.items():
         oracle = merge_oracle(base_dir, base, case.loras(), case.params)
         assert worst(read("crowded", merge), oracle.deltas) <= ABS_TOL
+
+
+@pytest.mark.parametrize("method", COMBINATION_TYPES)
+def test_a_lone_adapter_component_is_refused(method: str, tmp_path: Path) -> None:
+    """toy has no text-encoder layers, so PEFT would merge style alone there with ``linear``: refused
+    at compile time (from headers) for every method whose own result that is not, with the shared
+    components as the fix; ``linear``, ``cat`` and an untruncated ``svd`` compile, and so does the
+    same merge restricted to ``components: [unet]``."""
+    params = MergeParams(method, density=0.5 if method in DENSITY_METHODS else None)
+    text = recipe(
+        {"merged": Case(params, LONE)}, "outputs:\n  lora: {kind: lora, adapter: merged, path: lora}\n"
+    )
+    if method in ("linear", "cat", "svd"):
+        compile_text(tmp_path, text)
+    else:
+        (problem,) = problems_of(tmp_path, text)
+        assert problem.path == "merges.merged.method"
+        assert problem.message == (
+            f"method {method!r} would not run in text_encoder: only 'style' has text_encoder layers ('toy' "
+            "has none), and PEFT merges a lone adapter with 'linear', ignoring the method and its parameters"
+        )
+        assert problem.hint == "merge only where all adapters are: components: [unet]"
+    compile_text(
+        tmp_path,
+        recipe({"merged": Case(replace(params, components=("unet",)), LONE)}, text[text.index("outputs:") :]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "refused"), [({"svd_rank": 3}, True), ({"svd_clamp": 0.9}, True), ({"svd_rank": 4}, False)]
+)
+def test_a_lone_adapter_svd_is_refused_where_it_would_truncate_or_clamp(
+    extra: dict[str, Any], refused: bool, tmp_path: Path
+) -> None:
+    """style is r4: an SVD kept to ≥ 4 values is style's own delta, fewer (or a clamp) is not."""
+    text = recipe(
+        {"merged": Case(MergeParams("svd", **extra), LONE)},
+        "outputs:\n  lora: {kind: lora, adapter: merged, path: lora}\n",
+    )
+    if refused:
+        assert "would not run in text_encoder" in problems_of(tmp_path, text)[0].message
+    else:
+        compile_text(tmp_path, text)
+
+
+def test_a_one_adapter_merge_of_another_method_is_refused(tmp_path: Path) -> None:
+    text = recipe(
+        {"merged": Case(MergeParams("ties", density=0.5), (("style", 0.8),))},
+        "outputs:\n  lora: {kind: lora, adapter: merged, path: lora}\n",
+    )
+    problems = problems_of(tmp_path, text)
+    assert {p.hint for p in problems} == {"a merge of one adapter is its weighted copy: use method 'linear'"}
+    assert {p.message.split(":")[0] for p in problems} == {
+        "method 'ties' would not run in unet",
+        "method 'ties' would not run in text_encoder",
+    }
+
+
+@pytest.mark.parametrize("clamp", [0.5, 0.3, 0.01])
+def test_svd_clamp_at_or_below_the_median_is_refused(clamp: float, tmp_path: Path) -> None:
+    """PEFT clamps both SVD factors to ±quantile(entries, svd_clamp); at or below the median that
+    quantile is ≤ 0 and ``clamp(min=-q, max=q)`` makes every entry q (shown on the oracle below)."""
+    text = recipe(
+        {"merged": _case("svd", svd_clamp=clamp)},
+        "outputs:\n  lora: {kind: lora, adapter: merged, path: lora}\n",
+    )
+    with pytest.raises(RecipeError) as err:
+        compile_text(tmp_path, text)
+    (problem,) = err.value.problems
+    assert problem.path == "merges.merged.svd_clamp"
+    assert f"svd_clamp {clamp} cannot work" in problem.message and "above 0.5" in problem.message
+
+
+def test_svd_clamp_below_the_median_makes_every_entry_one_constant(base_dir: Path, base: Base) -> None:
+    """Why 0.5 is the bound: the oracle's clamp (torch.clamp's semantics, as PEFT calls it) at 0.4
+    leaves a delta of rank 1 whose factors are one constant each, at 0.6 a delta of full rank."""
+    case = _case("svd", svd_clamp=0.4)
+    wrecked = merge_oracle(base_dir, base, case.loras(), case.params).deltas
+    kept = merge_oracle(base_dir, base, case.loras(), replace(case.params, svd_clamp=0.6)).deltas
+    for module, delta in wrecked.items():
+        matrix = delta.flatten(1)
+        assert torch.allclose(matrix, matrix.flatten()[0].expand_as(matrix)), module  # one value everywhere
+        assert torch.linalg.matrix_rank(kept[module].flatten(1)).item() > 1, module
+
+
+def test_svd_driver_is_passed_to_peft_on_cuda_and_refused_elsewhere(
+    base_dir: Path, base: Base, tmp_path: Path
+) -> None:
+    """``svd_driver`` is a cuSOLVER option of torch.linalg.svd (CPU/MPS raise for every driver): on a
+    CUDA build the merge matches the oracle (the same SVD); elsewhere the build fails naming why."""
+    case = _case("svd", svd_rank=6, svd_driver="gesvdj")
+    if not torch.cuda.is_available():
+        with pytest.raises(
+            BuildError,
+            match=r"svd_driver 'gesvdj' only works on CUDA \(cuSOLVER\), but this merge runs on cpu",
+        ):
+            build_text(tmp_path, one_merge_recipe(case))
+        assert not (tmp_path / "out" / "fused").exists()
+        return
+    build_text(tmp_path, one_merge_recipe(case))
+    built = lora_factors(lora_files(tmp_path / "out")["diffusers"], base)
+    oracle = merge_oracle(
+        base_dir, base, case.loras(), case.params, {k: (f.up, f.down) for k, f in built.items()}
+    )
+    tol = tolerances(oracle)
+    for file in lora_files(tmp_path / "out").values():
+        check_lora_file(file, oracle, tol, base)
+    check_fused(tmp_path / "out" / "fused", oracle, tol, base)
+
+
+def test_svd_driver_is_part_of_the_merge(tmp_path: Path) -> None:
+    """The driver is in the plan (fingerprint, factor-cache key) and only allowed on svd methods."""
+    plain = compile_text(tmp_path, one_merge_recipe(_case("svd")))
+    driven = compile_text(tmp_path, one_merge_recipe(_case("svd", svd_driver="gesvd")))
+    assert driven.step("merge:merged").svd_driver == "gesvd"  # type: ignore[attr-defined]
+    assert plain.fingerprint() != driven.fingerprint()
+    bad = recipe(
+        {"merged": _case("cat", svd_driver="gesvd")},
+        "outputs:\n  lora: {kind: lora, adapter: merged, path: lora}\n",
+    )
+    with pytest.raises(RecipeError, match="only apply to svd methods"):
+        compile_text(tmp_path, bad)

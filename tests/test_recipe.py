@@ -9,6 +9,7 @@ import pytest
 from lorarecipe.diagnostics import render_text
 from lorarecipe.errors import RecipeError, UsageError
 from lorarecipe.recipe.load import MAX_BUILDS, load_recipe, parse_recipe
+from tests.helpers.golden import UPDATE_ENV, assert_golden
 from tests.helpers.recipes import DEMO_LIKE, write_recipe
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -48,11 +49,21 @@ def test_golden_error_report() -> None:
     with pytest.raises(RecipeError) as err:
         parse_recipe(BAD, "recipes/bad.yaml")
     text = render_text(err.value.problems, BAD) + "\n"
-    golden = GOLDEN / "bad_recipe_errors.txt"
-    if not golden.exists():  # pragma: no cover - first run writes it; review and commit
-        golden.parent.mkdir(exist_ok=True)
-        golden.write_text(text)
-    assert text == golden.read_text()
+    assert_golden(text, GOLDEN / "bad_recipe_errors.txt")
+
+
+def test_a_missing_golden_file_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A golden comparison never passes by writing its own golden file, unless asked to."""
+    monkeypatch.delenv(UPDATE_ENV, raising=False)
+    missing = tmp_path / "golden" / "missing.txt"
+    with pytest.raises(pytest.fail.Exception, match="is missing"):
+        assert_golden("text", missing)
+    assert not missing.exists()
+    with pytest.raises(AssertionError):
+        assert_golden("text", GOLDEN / "bad_recipe_errors.txt")
+    monkeypatch.setenv(UPDATE_ENV, "1")
+    assert_golden("text", missing)
+    assert missing.read_text() == "text"
 
 
 def test_error_for_typo_in_method_names_line_col_and_hint() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from tests.helpers.lora_math import expected_fused, read_component_weights
@@ -109,18 +110,108 @@ def test_negative_weight_negates(tmp_path: Path) -> None:
     assert changed > 0
 
 
-def test_per_block_weights_fuse_like_set_adapters(tmp_path: Path) -> None:
-    """A {unet: {down: 0, up: 1}} weight fuses only the up-block LoRA modules."""
-    a, b, _ = CASES["tiny-sd"]
-    text = _recipe("tiny-sd", a, b, 1.0, 1.0, 1.0).replace(
-        "adapters: {a: 1.0, b: 1.0}",
-        "adapters: {a: {unet: {down: 0.0, mid: 0.0, up: 1.0}, text_encoder: 0.0}, b: 0.0}",
-    )
+PER_BLOCK = {  # a's per-block weight as written in the recipe, and as this test maps it (independently)
+    "up-only": "{unet: {down: 0.0, mid: 0.0, up: 1.0}, text_encoder: 0.0}",
+    "layers": "{unet: {down: 0.3, mid: 0.7, up: {block_1: [0.2, 1.1]}}, text_encoder: 0.5}",
+}
+EXPECTED_WEIGHT = {
+    "up-only": {"down": 0.0, "mid": 0.0, "up": (1.0, 1.0), "text_encoder": 0.0},
+    "layers": {"down": 0.3, "mid": 0.7, "up": (0.2, 1.1), "text_encoder": 0.5},
+}
+
+
+def _block_weight(weights: dict[str, object], component: str, key: str) -> float:
+    """The per-block rule written out for tiny-sd (``block_out_channels=(32, 64)``: attentions in
+    down_blocks.0, mid_block and up_blocks.1 (two, one per layer)): a module takes the weight of its
+    block, an up-block list gives one weight per attention layer; text encoders take one number."""
+    if component == "text_encoder":
+        return float(weights["text_encoder"])  # type: ignore[arg-type]
+    parts = key.split(".")
+    assert "attentions" in parts, f"not an attention module: {key}"  # the only ones per-block weights reach
+    if parts[0] == "down_blocks":
+        return float(weights["down"])  # type: ignore[arg-type]
+    if parts[0] == "mid_block":
+        return float(weights["mid"])  # type: ignore[arg-type]
+    assert parts[:2] == ["up_blocks", "1"], key
+    return float(weights["up"][int(parts[3])])  # type: ignore[index]
+
+
+@pytest.mark.parametrize("case", list(PER_BLOCK))
+def test_per_block_weights_fuse_like_set_adapters(tmp_path: Path, case: str) -> None:
+    """A per-block weight dict, fused, against (1) an independent computation W + s·Σ wᵢ(module)·ΔWᵢ
+    with the block rule written out here, (2) the scalings diffusers' ``set_adapters`` gives the same
+    dict at runtime (scaling = w(module)·α/r), and (3) the runtime pipeline's images (set_adapters +
+    ``cross_attention_kwargs={"scale": s}``) against the fused pipeline's."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tests.helpers.lora_math import lora_deltas, lora_factors
+
+    a, b, components = CASES["tiny-sd"]
+    wb, scale = (0.0, 1.0) if case == "up-only" else (0.6, 0.8)
+    text = _recipe("tiny-sd", a, b, 1.0, wb, scale).replace("{a: 1.0,", "{a: " + PER_BLOCK[case] + ",")
     build_text(tmp_path, text)
-    base = read_component_weights(builtin_base_path("tiny-sd"), "unet")
-    fused = read_component_weights(tmp_path / "out" / "fused", "unet")
-    changed = {k for k in base if not torch.equal(base[k], fused[k])}
-    assert changed and all(k.startswith("up_blocks.") for k in changed)
+    base_dir = builtin_base_path("tiny-sd")
+    base = {c: read_component_weights(base_dir, c) for c in components}
+    deltas = {name: lora_deltas(builtin_lora_path(path), base) for name, path in (("a", a), ("b", b))}
+    weights = EXPECTED_WEIGHT[case]
+    changed: set[tuple[str, str]] = set()
+    for comp in components:
+        fused = read_component_weights(tmp_path / "out" / "fused", comp)
+        for key, tensor in fused.items():
+            terms = []
+            if (comp, key) in deltas["a"]:
+                terms.append(_block_weight(weights, comp, key) * deltas["a"][(comp, key)])
+            if (comp, key) in deltas["b"]:
+                terms.append(wb * deltas["b"][(comp, key)])
+            want = base[comp][key].double() + scale * sum(terms, torch.zeros_like(base[comp][key].double()))
+            assert (tensor.double() - want).abs().max().item() <= 1e-6, (comp, key)
+            if not torch.equal(tensor, base[comp][key]):
+                changed.add((comp, key))
+    if case == "up-only":  # b at 0 and a only in the up blocks: only up-block modules change
+        assert changed and all(c == "unet" and k.startswith("up_blocks.") for c, k in changed)
+
+    # (2) diffusers' runtime scalings for the same dict: w(module) · α/r, module by module
+    pipe = StableDiffusionPipeline.from_pretrained(str(base_dir))
+    pipe.set_progress_bar_config(disable=True)
+    for name, path in (("a", a), ("b", b)):
+        pipe.load_lora_weights(str(builtin_lora_path(path)), adapter_name=name)
+    block = {"a": (lambda c, k: _block_weight(weights, c, k)), "b": (lambda c, k: wb)}
+    pipe.set_adapters(["a", "b"], adapter_weights=[yaml.safe_load(PER_BLOCK[case]), wb])
+    factors = {name: lora_factors(builtin_lora_path(path), base) for name, path in (("a", a), ("b", b))}
+    checked = 0
+    for comp in components:
+        for module_name, module in getattr(pipe, comp).named_modules():
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            key = f"{module_name}.weight"
+            for name in ("a", "b"):
+                if (comp, key) in factors[name]:
+                    f = factors[name][(comp, key)]
+                    assert module.scaling[name] == pytest.approx(
+                        block[name](comp, key) * f.alpha / f.rank, abs=1e-12
+                    )
+                    checked += 1
+    assert checked > 40
+
+    # (3) the runtime mix at lora_scale renders like the fused pipeline
+    def render(p: StableDiffusionPipeline, **extra: object) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(0)
+        out = p(
+            "a photo of a cat",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            output_type="np",
+            generator=generator,
+            **extra,
+        )
+        return torch.from_numpy(out.images)
+
+    runtime = render(pipe, cross_attention_kwargs={"scale": scale})
+    fused_pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "out" / "fused"))
+    fused_pipe.set_progress_bar_config(disable=True)
+    assert (runtime - render(fused_pipe)).abs().max().item() <= 1e-4
 
 
 def test_fp16_base_is_not_upcast(tmp_path: Path) -> None:

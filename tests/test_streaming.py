@@ -150,7 +150,8 @@ def test_sd_equal_rank_merges_nested_components_subset(tmp_path: Path) -> None:
           m_lin: {method: linear, adapters: {a: 0.6, b: 0.9}}
           m_ties: {method: ties, adapters: {a: 0.6, b: 0.9}, density: 0.5}
           m_dl: {method: dare_linear, adapters: {a: 0.6, b: 0.9}, density: 0.5, seed: 7}
-          m_dt: {method: dare_ties, adapters: {a: 0.6, c: 0.9}, density: 0.5, majority_sign_method: frequency}
+          m_dt: {method: dare_ties, adapters: {a: 0.6, c: 0.9}, density: 0.5, majority_sign_method: frequency,
+                 components: [unet]}  # c is UNet-only: a lone 'a' in the text encoder would be refused
           m_mp: {method: magnitude_prune, adapters: {a: 0.6, b: -0.9}, density: 0.5}
           m_nest: {method: cat, adapters: {m_lin: 0.5, m_dt: 0.7}}
         set_adapters: {adapters: {m_nest: 0.5, m_ties: 0.3, m_dl: 0.2, m_mp: {unet: {mid: 0.5, down: 0.0}}}}
@@ -488,7 +489,17 @@ outputs:
     for threads in ("1", "2"):
         monkeypatch.setenv("LORARECIPE_CACHE", str(tmp_path / f"cache{threads}"))  # no shared factors
         out = tmp_path / f"out{threads}"
-        argv = ["build", str(recipe), "--out", str(out), "--quiet", "--executor", executor, "--threads", threads]
+        argv = [
+            "build",
+            str(recipe),
+            "--out",
+            str(out),
+            "--quiet",
+            "--executor",
+            executor,
+            "--threads",
+            threads,
+        ]
         assert main(argv) == 0
         doc = json.loads((out / "manifest.json").read_text())
         assert doc["threads"]["torch_intra_op"] == int(threads) and doc["threads"]["source"] == "--threads"

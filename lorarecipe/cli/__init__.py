@@ -19,9 +19,11 @@ from typing import Any
 
 from .. import __version__
 from ..diagnostics import printable
-from ..errors import LorarecipeError, UsageError
+from ..errors import InternalError, LorarecipeError, UsageError
 from ..runner.executor import EXECUTOR_MODES
 from .commands import (
+    BUG_BANNER,
+    EXIT_BUG,
     EXIT_ERRORS,
     EXIT_OK,
     cmd_build,
@@ -36,7 +38,7 @@ from .commands import (
 
 __all__ = ["main", "make_parser"]
 
-EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 3, 130, 141
+EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,7 +88,14 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="build recipes (a file or a folder of recipes)")
     p.add_argument("recipes", nargs="+")
-    p.add_argument("--out", type=Path, help="output root (default: build/<recipe name>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="one recipe file: its output folder (a matrix builds each combination into DIR/<combination>); "
+        "several recipes or a folder: the parent, each recipe builds into DIR/<recipe name>. "
+        "Default: build/<recipe name> for each recipe",
+    )
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
     p.add_argument(
         "--executor",
@@ -177,6 +186,17 @@ def _run(argv: list[str]) -> int:
     except UsageError as exc:
         print(f"error: {printable(exc.message)}", file=sys.stderr)
         return EXIT_USAGE
+    except InternalError as exc:
+        if json_mode:
+            print(
+                json.dumps(
+                    {"ok": False, "internal_error": True, "problems": [p.to_json() for p in exc.problems]}
+                )
+            )
+        print(BUG_BANNER, file=sys.stderr)
+        print(exc.traceback, file=sys.stderr, end="")
+        print_problems(exc.problems)
+        return EXIT_BUG
     except LorarecipeError as exc:
         print_problems(exc.problems)  # stderr first: it stays readable when stdout's reader is gone
         if json_mode:
@@ -188,10 +208,7 @@ def _run(argv: list[str]) -> int:
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_OK
     except BaseException:
-        print(
-            "internal error: this is a bug in lorarecipe, please report it with the text below",
-            file=sys.stderr,
-        )
+        print(BUG_BANNER, file=sys.stderr)
         traceback.print_exc()
         return EXIT_BUG
 

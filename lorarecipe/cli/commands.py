@@ -20,6 +20,7 @@ from ..recipe.load import find_recipe_files, parse_overrides
 from ..recipe.yaml_source import recipe_text
 
 __all__ = [
+    "EXIT_BUG",
     "EXIT_ERRORS",
     "EXIT_OK",
     "cmd_build",
@@ -32,7 +33,8 @@ __all__ = [
     "print_problems",
 ]
 
-EXIT_OK, EXIT_ERRORS = 0, 1
+EXIT_OK, EXIT_ERRORS, EXIT_BUG = 0, 1, 3
+BUG_BANNER = "internal error: this is a bug in lorarecipe, please report it with the text below"
 
 
 def print_problems(problems: Sequence[Problem], stream: Any = None) -> None:
@@ -112,12 +114,27 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _summary(outcomes: Sequence[Any]) -> str:
-    rows: list[tuple[str, ...]] = [("recipe", "build", "result", "time", "output")]
+    """One row per build: recipe, matrix build (only when a recipe has a matrix), result, time, the
+    outputs rebuilt and those up to date, the output folder."""
+    matrix = any(o.build for o in outcomes)
+    rows: list[tuple[str, ...]] = [
+        ("recipe", *(("build",) if matrix else ()), "result", "time", "rebuilt", "up to date", "output")
+    ]
     for o in outcomes:
         result = "ok" if o.ok else "FAILED"
-        cells = (o.recipe, o.build or "-", result, f"{o.seconds:.1f}s", o.out or "-")
-        rows.append(tuple(printable(c, 200) for c in cells))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        rebuilt = ", ".join(o.outputs) or "-"
+        fresh = ", ".join(o.skipped) or "-"
+        row = (
+            o.recipe,
+            *((o.build or "-",) if matrix else ()),
+            result,
+            f"{o.seconds:.1f}s",
+            rebuilt,
+            fresh,
+            o.out or "-",
+        )
+        rows.append(tuple(printable(c, 200) for c in row))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
 
 
@@ -157,10 +174,15 @@ def cmd_build(args: argparse.Namespace) -> int:
             doc["published"] = [o.to_json() for o in published]
         print(json.dumps(doc, indent=2))
     for outcome in [*failed, *failed_publish]:
+        if getattr(outcome, "internal", False):
+            print(BUG_BANNER, file=sys.stderr)
+            print(outcome.traceback, file=sys.stderr, end="")
         print_problems(outcome.problems)
     if not args.json:
         print(_summary(outcomes), file=sys.stderr)
         _print_published(published)
+    if any(o.internal for o in failed):
+        return EXIT_BUG
     return EXIT_ERRORS if failed or failed_publish else EXIT_OK
 
 

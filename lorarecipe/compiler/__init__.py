@@ -113,6 +113,7 @@ def _steps(
                 svd_rank=merge.svd_rank,
                 svd_clamp=merge.svd_clamp,
                 svd_full_matrices=merge.svd_full_matrices,
+                svd_driver=merge.svd_driver,
                 seed=merge.seed,
                 components=tuple(merge.components) if merge.components else None,
             )
@@ -224,6 +225,7 @@ def _grid_step(ctx: CompileContext, name: str, out: GridOutput, path: str, famil
         sweep_weights=tuple(out.sweep.weights) if out.sweep and out.sweep.weights else None,
         sweep_lora_scale=tuple(out.sweep.lora_scale) if out.sweep and out.sweep.lora_scale else None,
         trigger_words=words if out.trigger_words else (),
+        threads=out.threads,
         true_cfg_scale=out.true_cfg_scale,
     )
 

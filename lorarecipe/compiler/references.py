@@ -4,7 +4,9 @@ Recipe + input facts -> located problems and the order in which merges must run.
 identities: an adapter and a merge may not share a name (PEFT would silently keep the first), a
 merge may use earlier merges, weights must match their adapters, per-block weights must be ones
 diffusers applies (it silently ignores dicts on text encoders and transformer models), and merge
-methods that need equal ranks get unequal ranks flagged with a fix (``cat`` or an ``_svd`` form).
+methods that need equal ranks get unequal ranks flagged with a fix (``cat`` or an ``_svd`` form), and
+a merge whose method would be silently replaced by ``linear`` in a component where only one of its
+adapters has layers (PEFT's rule for a lone adapter) is refused with the shared components to use.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from ..diagnostics import did_you_mean
 from ..recipe.models import ComponentWeights, UnetBlockWeights
-from ..recipe.vocabulary import COMBINATION_TYPES, FAMILIES, RESERVED_VARIANTS
+from ..recipe.vocabulary import COMBINATION_TYPES, FAMILIES, RESERVED_VARIANTS, lone_adapter_merge_is_exact
 from .block_weights import check_transformer_blocks
 from .context import CompileContext
 from .inputs import InputFacts, component_ranks
@@ -97,6 +99,39 @@ def _merged_ranks(
     return out
 
 
+def _check_lone_components(
+    ctx: CompileContext, name: str, adapters: list[str], ranks: list[dict[str, tuple[int, ...]]]
+) -> None:
+    """Refuse a component where only one of the merge's adapters has layers, unless PEFT's lone-adapter
+    ``linear`` is the method's own result there (``lone_adapter_merge_is_exact``)."""
+    spec = ctx.recipe.merges[name]
+    comps = sorted({c for r in ranks for c in r})
+    wanted = [c for c in comps if spec.components is None or c in spec.components]
+    shared = [c for c in comps if all(c in r for r in ranks)]
+    for comp in wanted:
+        present = [(a, r[comp]) for a, r in zip(adapters, ranks, strict=True) if comp in r]
+        if len(present) != 1:
+            continue
+        (alone, alone_ranks), missing = present[0], [a for a in adapters if a != present[0][0]]
+        if lone_adapter_merge_is_exact(spec.method, spec.svd_rank, spec.svd_clamp, max(alone_ranks)):
+            continue
+        if missing:
+            why = f"only {alone!r} has {comp} layers ({', '.join(repr(a) for a in missing)} has none)"
+            if shared:
+                hint = f"merge only where all adapters are: components: [{', '.join(shared)}]"
+            else:
+                hint = "these adapters share no component; use 'cat' or 'linear', or merge other adapters"
+        else:
+            why = f"it merges one adapter ({alone!r})"
+            hint = "a merge of one adapter is its weighted copy: use method 'linear'"
+        ctx.error(
+            ("merges", name, "method"),
+            f"method {spec.method!r} would not run in {comp}: {why}, and PEFT merges a lone adapter "
+            "with 'linear', ignoring the method and its parameters",
+            hint,
+        )
+
+
 def _module_sizes(ctx: CompileContext, inputs: InputFacts, name: str, seen: frozenset[str]) -> dict[str, int]:
     """``component.module`` -> the largest rank its delta can have (min(out, in·kernel)), for every
     module an adapter or merge adapts (a merge adapts the union of its inputs'), from the headers."""
@@ -156,6 +191,7 @@ def _check_merges(ctx: CompileContext, inputs: InputFacts) -> list[str]:
             ranks_of[name] = None
             continue
         known_ranks = [r for r in per_input if r is not None]
+        _check_lone_components(ctx, name, [n for n, _ in spec.pairs()], known_ranks)
         if rule.equal_ranks and len(known_ranks) > 1:
             for comp in sorted({c for r in known_ranks for c in r}):
                 seen = {n: r[comp] for (n, _), r in zip(spec.pairs(), known_ranks, strict=True) if comp in r}

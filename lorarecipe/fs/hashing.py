@@ -17,7 +17,7 @@ from pathlib import Path
 from .atomic import atomic_write_text, cache_root
 from .json_files import read_json
 
-__all__ = ["sha256_file", "sha256_text"]
+__all__ = ["path_digest", "sha256_file", "sha256_text"]
 
 _CHUNK = 4 * 1024 * 1024
 _memory: dict[str, str] = {}
@@ -94,3 +94,19 @@ def _hash_and_remember(path: Path, key: str) -> str:
             _cache_file().parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(_cache_file(), json.dumps(cache, sort_keys=True))
     return value
+
+
+def path_digest(path: Path) -> str | None:
+    """The content hash of a file (its sha256) or of a folder (the sorted list of every visible file's
+    relative path and sha256, as canonical JSON); None when the path does not exist."""
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        entries = []
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            rel = file.relative_to(path)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            entries.append([rel.as_posix(), sha256_file(file)])
+        return json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return None

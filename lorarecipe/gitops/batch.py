@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import BuildError, LockError, LorarecipeError, Problem, UsageError
+from ..errors import BuildError, InternalError, LockError, LorarecipeError, Problem, UsageError
 from ..fs.paths import check_output_root
 from ..recipe.load import LoadedRecipe, RecipeBuild, load_recipe
 from ..runner.progress import Reporter
@@ -54,6 +54,8 @@ class BuildOutcome:
     skipped: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     fingerprint: str | None = None
+    internal: bool = False  # failed on a bug in lorarecipe (InternalError), not on the user's input
+    traceback: str = ""  # with ``internal``: where the bug surfaced, for the report
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +67,7 @@ class BuildOutcome:
             "outputs": self.outputs,
             "up_to_date": self.skipped,
             "fingerprint": self.fingerprint,
+            "internal_error": self.internal,
             "problems": [p.to_json() for p in self.problems],
         }
 
@@ -142,10 +145,10 @@ def _run_build(
         require_build_extra()
 
         def remember(written: dict[str, list[Path]]) -> None:  # runs under the output root's lock
+            found = keys.result()
+            if any(key is None for key in found.values()):  # an input appeared during the build (a
+                found = output_keys(plan, loaded.root, options.allow_read)  # built-in model made, a download)
             try:
-                found = keys.result()
-                if any(key is None for key in found.values()):  # an input fetched or built meanwhile
-                    found = output_keys(plan, loaded.root, options.allow_read)
                 record_state(out, found, written)
             except OSError as exc:
                 raise BuildError(f"cannot record the build state in {out}: {exc.strerror or exc}") from None
@@ -190,6 +193,8 @@ def build_recipe_file(path: Path, options: BatchOptions, several: bool) -> list[
             raise
         except LorarecipeError as exc:
             outcome = BuildOutcome(loaded.display, build.label, str(out), False, problems=exc.problems)
+            if isinstance(exc, InternalError):
+                outcome.internal, outcome.traceback = True, exc.traceback
         outcome.seconds = time.perf_counter() - started
         outcomes.append(outcome)
     return outcomes

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..builtin.catalog import builtin_base_dir, builtin_lora_file
 from ..errors import BuildError, LorarecipeError
 from ..fs.atomic import atomic_write_text
-from ..fs.hashing import sha256_file
+from ..fs.hashing import path_digest
 from ..fs.hubcache import cached_file, cached_snapshot
 from ..fs.json_files import check_shape, read_json
 from ..fs.paths import resolve_input
@@ -41,20 +41,6 @@ class InputDigest:
 
     sha256: str
     commit: str | None = None
-
-
-def _digest_path(path: Path) -> str | None:
-    if path.is_file():
-        return sha256_file(path)
-    if path.is_dir():
-        entries = []
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            rel = file.relative_to(path)
-            if any(part.startswith(".") for part in rel.parts):
-                continue
-            entries.append([rel.as_posix(), sha256_file(file)])
-        return canonical_json(entries)
-    return None
 
 
 def _local_path(source: Source, recipe_root: Path, allow_read: Sequence[Path], is_base: bool) -> Path | None:
@@ -81,7 +67,7 @@ def input_digest(
     path = _local_path(step.source, recipe_root, allow_read, isinstance(step, LoadBase))
     if path is None:
         return None
-    digest = _digest_path(path)
+    digest = path_digest(path)
     return InputDigest(digest) if digest is not None else None
 
 

@@ -8,6 +8,7 @@ their sources and sha256, the strategy in words, the sample grid, usage, and the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -21,8 +22,8 @@ from ..plan import (
     SaveLora,
     SetAdapters,
     Source,
-    thaw_weight,
 )
+from ..plan.view import describe_weight
 from ..recipe.vocabulary import COMBINATION_TYPES
 
 __all__ = ["CardInput", "render_card"]
@@ -42,9 +43,11 @@ class CardInput:
     grid_caption: str = ""
 
 
+_SCHEMA_COMMENT = re.compile(r"^\s*#\s*yaml-language-server:\s*\$schema=")
+
+
 def _weight(value: Any) -> str:
-    value = thaw_weight(value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return describe_weight(value)
 
 
 def strategy_lines(plan: Plan, adapters: list[str] | None = None, fused: bool = True) -> list[str]:
@@ -56,7 +59,7 @@ def strategy_lines(plan: Plan, adapters: list[str] | None = None, fused: bool = 
         parts = ", ".join(f"{n} × {w:g}" for n, w in zip(merge.adapters, merge.weights, strict=True))
         opts = [
             f"{k} {getattr(merge, k)}"
-            for k in ("density", "majority_sign_method", "svd_rank", "svd_clamp")
+            for k in ("density", "majority_sign_method", "svd_rank", "svd_clamp", "svd_driver")
             if getattr(merge, k) is not None
         ]
         if COMBINATION_TYPES[merge.method].random:
@@ -120,6 +123,12 @@ def _usage(step: SaveCheckpoint | SaveLora, base: Source) -> str:
     )
 
 
+def _without_schema_comment(text: str) -> str:
+    """The recipe as embedded in a card: its ``# yaml-language-server: $schema=<relative path>`` line
+    would point nowhere from the card's folder, so it is dropped."""
+    return "".join(line for line in text.splitlines(keepends=True) if not _SCHEMA_COMMENT.match(line))
+
+
 def render_card(plan: Plan, step: SaveCheckpoint | SaveLora, facts: CardInput) -> str:
     """README.md text for one output (front matter + sandboxed template body)."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -143,7 +152,14 @@ def render_card(plan: Plan, step: SaveCheckpoint | SaveLora, facts: CardInput) -
         license=facts.license,
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        tags=["lora", "lorarecipe", "diffusers", "text-to-image", *([plan.family] if plan.family else [])],
+        # a fused pipeline is a full model, not an adapter: the Hub lists "lora"-tagged repos as adapters
+        tags=[
+            *(["lora"] if isinstance(step, SaveLora) else []),
+            "lorarecipe",
+            "diffusers",
+            "text-to-image",
+            *([plan.family] if plan.family else []),
+        ],
         instance_prompt=", ".join(words) if words else None,
     )
     env = ImmutableSandboxedEnvironment(
@@ -179,7 +195,7 @@ def render_card(plan: Plan, step: SaveCheckpoint | SaveLora, facts: CardInput) -
         if facts.grid_path
         else None,
         usage=_usage(step, source),
-        recipe_text=facts.recipe_text.rstrip("\n"),
+        recipe_text=_without_schema_comment(facts.recipe_text).rstrip("\n"),
     )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     return str(card)

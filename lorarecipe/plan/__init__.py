@@ -199,6 +199,7 @@ class MergeAdapters(Step):
     svd_rank: int | None = None
     svd_clamp: float | None = None
     svd_full_matrices: bool = True
+    svd_driver: str | None = None
     seed: int = 0
     components: tuple[str, ...] | None = None
 
@@ -270,6 +271,7 @@ class RenderGrid(OutputStep):
     sweep_weights: tuple[float, ...] | None = None
     sweep_lora_scale: tuple[float, ...] | None = None
     trigger_words: tuple[tuple[str, tuple[str, ...]], ...] = ()  # adapter -> words, for prompts
+    threads: int = 1  # torch intra-op threads while rendering: images depend on it on CPU
     true_cfg_scale: float | None = field(default=None, metadata={OPTIONAL: True})  # FLUX.1 true CFG
 
 

@@ -19,7 +19,7 @@ from . import (
     thaw_weight,
 )
 
-__all__ = ["render_plan"]
+__all__ = ["describe_weight", "render_plan"]
 
 
 def format_bytes(n: int | None) -> str:
@@ -31,6 +31,32 @@ def format_bytes(n: int | None) -> str:
             return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
         value /= 1024
     return f"{n} B"  # pragma: no cover
+
+
+def describe_weight(weight: Any) -> str:
+    """A set_adapters weight as short readable text: ``0.7``, or per component and block
+    ``unet(down 0.9, up block_1 0.6/1) text_encoder 0.8``."""
+
+    def number(value: Any) -> str:
+        if isinstance(value, list):
+            return "/".join(number(v) for v in value)
+        return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+    def blocks(value: Any) -> str:
+        if isinstance(value, dict):
+            return " ".join(f"{k} {number(v)}" for k, v in value.items())
+        return number(value)
+
+    value = thaw_weight(weight)
+    if not isinstance(value, dict):
+        return number(value)
+    parts = []
+    for component, part in value.items():
+        if isinstance(part, dict):
+            parts.append(f"{component}({', '.join(f'{k} {blocks(v)}' for k, v in part.items())})")
+        else:
+            parts.append(f"{component} {number(part)}")
+    return " ".join(parts)
 
 
 def _weight(w: Any) -> str:
@@ -59,7 +85,7 @@ def _line(step: Step, checks: dict[str, str]) -> str:
         params = [f"{n}×{w:g}" for n, w in zip(step.adapters, step.weights, strict=True)]
         opts = [
             f"{k}={getattr(step, k)}"
-            for k in ("density", "majority_sign_method", "svd_rank", "svd_clamp")
+            for k in ("density", "majority_sign_method", "svd_rank", "svd_clamp", "svd_driver")
             if getattr(step, k) is not None
         ]
         if step.method.startswith("dare"):

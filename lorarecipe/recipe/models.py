@@ -73,6 +73,8 @@ def _not_a_boolean(value: Any) -> Any:
 _NO_BOOL = BeforeValidator(_not_a_boolean)
 Integer = Annotated[int, _NO_BOOL]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6), _NO_BOOL]
+SvdDriver = Literal["gesvd", "gesvdj", "gesvda"]  # torch.linalg.svd's cuSOLVER drivers (CUDA only)
+SVD_CLAMP_MIN = 0.5  # PEFT's clamp quantile must lie above the median, see MergeSpec._clamp_above_the_median
 
 
 class _Spec(BaseModel):
@@ -307,10 +309,21 @@ class MergeSpec(_AdapterWeights):
     svd_rank: Annotated[int, Field(ge=1, le=4096), _NO_BOOL] | None = Field(
         None, description="Rank of *_svd results (default: max rank)."
     )
-    svd_clamp: Annotated[float, Field(gt=0.0, le=1.0), _NO_BOOL] | None = Field(
-        None, description="Quantile clamp of SVD results."
+    svd_clamp: (
+        Annotated[float, Field(le=1.0, json_schema_extra={"exclusiveMinimum": SVD_CLAMP_MIN}), _NO_BOOL]
+        | None
+    ) = Field(
+        None,
+        description="Quantile clamp of SVD results: both factors are clamped to ±(this quantile of their "
+        "entries), e.g. 0.99. Must be above 0.5: at or below the median the quantile is ≤ 0 and every "
+        "entry becomes one constant.",
     )
     svd_full_matrices: bool = Field(True, description="torch.linalg.svd full_matrices (False is faster).")
+    svd_driver: SvdDriver | None = Field(
+        None,
+        description="torch.linalg.svd driver for svd methods (cuSOLVER: gesvd, gesvdj, gesvda). Only on "
+        "CUDA builds; default: torch's choice.",
+    )
     seed: Annotated[int, Field(ge=0, le=2**63 - 1), _NO_BOOL] = Field(
         0, description="Seed of torch's RNG before the merge (DARE draws)."
     )
@@ -328,9 +341,28 @@ class MergeSpec(_AdapterWeights):
             raise ValueError(f"'density' has no effect with method {self.method!r}")
         if not rule.majority_sign and self.majority_sign_method is not None:
             raise ValueError(f"'majority_sign_method' has no effect with method {self.method!r}")
-        if not rule.svd and (self.svd_rank is not None or self.svd_clamp is not None):
-            raise ValueError(f"'svd_rank'/'svd_clamp' only apply to svd methods, not {self.method!r}")
+        if not rule.svd and (
+            self.svd_rank is not None or self.svd_clamp is not None or self.svd_driver is not None
+        ):
+            raise ValueError(
+                f"'svd_rank'/'svd_clamp'/'svd_driver' only apply to svd methods, not {self.method!r}"
+            )
         return self
+
+    @field_validator("svd_clamp")
+    @classmethod
+    def _clamp_above_the_median(cls, value: float | None) -> float | None:
+        """PEFT clamps U·S and Vh to [-q, q] with q = quantile(entries, svd_clamp)
+        (``_svd_generalized_task_arithmetic_weighted_adapter``). SVD factors carry arbitrary signs per
+        singular pair, so their entries are balanced around 0: at or below the median q ≤ 0, and
+        ``clamp(min=-q, max=q)`` with min ≥ max sets every entry to q — the adapter is destroyed."""
+        if value is not None and value <= SVD_CLAMP_MIN:
+            raise ValueError(
+                f"svd_clamp {value} cannot work: PEFT clamps the SVD factors to ±(the {value} quantile of "
+                "their entries), which is ≤ 0 at or below 0.5 (the factors' entries are balanced around "
+                "0), and then sets every entry to one constant; use a value above 0.5, typically 0.99"
+            )
+        return value
 
 
 class SetAdaptersSpec(_AdapterWeights):
@@ -490,6 +522,15 @@ class GridOutput(_Spec):
         description="Columns: 'base', 'mix', 'fused', or adapter/merge names.",
     )
     sweep: SweepSpec | None = None
+    threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="torch intra-op threads while rendering (the setting is restored afterwards). A "
+        "fixed count makes CPU images byte-identical on any machine (results depend on how sums are "
+        "split between threads); 1 is fastest for the built-in tiny models, raise it for real models "
+        "on CPU. No effect on GPU kernels.",
+    )
     trigger_words: bool = Field(
         True, description="Prefix each prompt with the trigger words of the adapters active in the cell."
     )

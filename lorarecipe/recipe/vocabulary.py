@@ -24,6 +24,7 @@ __all__ = [
     "CombinationRule",
     "FamilyInfo",
     "ValueEnum",
+    "lone_adapter_merge_is_exact",
 ]
 
 
@@ -90,6 +91,25 @@ COMBINATION_TYPES: dict[str, CombinationRule] = {
         False, True, False, True, False, "magnitude prune on deltas, SVD re-factored"
     ),
 }
+
+
+def lone_adapter_merge_is_exact(
+    method: str, svd_rank: int | None, svd_clamp: float | None, rank: int
+) -> bool:
+    """Whether PEFT's merge of a *single* adapter (of LoRA rank ``rank``) computes what ``method`` asks.
+
+    PEFT's ``_check_add_weighted_adapter`` switches to ``linear`` when given one adapter: the result is
+    w·ΔW at the adapter's rank. That is the method's own result for ``linear`` and ``cat``, and for
+    ``svd`` when nothing truncates or clamps (an SVD of a rank-r matrix kept to ≥ r singular values is
+    the matrix). Every density method (TIES trims, DARE drops, magnitude pruning prunes) and a
+    truncating or clamping SVD would compute something else: their parameters would be ignored.
+    """
+    if method in ("linear", "cat"):
+        return True
+    if method == "svd":
+        return svd_clamp is None and (svd_rank is None or svd_rank >= rank)
+    return False
+
 
 CombinationType = Literal[
     "linear",

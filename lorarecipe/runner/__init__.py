@@ -105,13 +105,6 @@ def _resolve_inputs(plan: Plan, state: BuildState, pinned: Mapping[str, Resolved
             )
 
 
-def _step_count(plan: Plan, wanted: set[str]) -> int:
-    from ..plan import MergeAdapters
-
-    adapters = len(plan.of_type(LoadAdapter)) + len(plan.of_type(MergeAdapters))
-    return 1 + adapters + 2 * len(wanted) + 1
-
-
 def run_plan(
     plan: Plan,
     *,
@@ -166,9 +159,7 @@ def run_plan(
         chosen = pick_device(device)
         policy = thread_policy(threads)
         wanted = [s.output for s in plan.output_steps() if outputs is None or s.output in outputs]
-        reporter.begin(
-            f"build {plan.name}" + (f" [{plan.build}]" if plan.build else ""), _step_count(plan, set(wanted))
-        )
+        reporter.begin(f"build {plan.name}" + (f" [{plan.build}]" if plan.build else ""))
         options = BuildOptions(
             out_root=out_root,
             recipe_root=recipe_root,

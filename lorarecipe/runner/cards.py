@@ -46,7 +46,7 @@ def _render(
     )
     if grid is not None:
         card.grid_path = f"images/{Path(grid.path).name}"
-        card.grid_caption = f"Rows: prompt × seed; columns: {', '.join(grid.variants)} ({grid.steps} steps)."
+        card.grid_caption = grid_caption(grid)
     return render_card(plan, step, card)
 
 
@@ -81,3 +81,17 @@ def add_grid_to_cards(plan: Plan, state: BuildState, recipe_text: str, journal: 
             journal.relist(step.output, entry, [image, readme])
             files = state.outputs[step.output].files
             files.extend(p for p in (image, readme) if p not in files)
+
+
+def grid_caption(grid: RenderGrid) -> str:
+    """The card's line under the sample grid: its rows, every column (the sweep's too) and settings."""
+    columns = list(grid.variants)
+    if grid.sweep_adapter and grid.sweep_weights:
+        columns += [f"{grid.sweep_adapter} = {w:g}" for w in grid.sweep_weights]
+    if grid.sweep_lora_scale:
+        columns += [f"lora_scale = {s:g}" for s in grid.sweep_lora_scale]
+    size = f", {grid.width}×{grid.height}" if grid.width and grid.height else ""
+    return (
+        f"Rows: prompt × seed; columns: {', '.join(columns)} "
+        f"({grid.steps} steps, guidance {grid.guidance:g}{size})."
+    )

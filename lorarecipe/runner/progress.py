@@ -2,6 +2,9 @@
 
 The core calls ``reporter.step(label)``/``advance()``; it never touches rich or tqdm directly, so
 quiet mode, CI logs and tests need no special cases. diffusers' own tqdm bars are switched off.
+How many steps a build takes is only known as it runs (cells found in the cache are not rendered, an
+executor may hand an output on), so no total is promised up front: the closing line counts the steps
+that were printed.
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ __all__ = ["Reporter", "make_reporter"]
 
 
 class Reporter(Protocol):
-    def begin(self, title: str, total: int) -> None: ...
+    def begin(self, title: str, total: int | None = None) -> None: ...
     def step(self, label: str) -> None: ...
     def log(self, message: str) -> None: ...
     def end(self) -> None: ...
 
 
 class SilentReporter:
-    def begin(self, title: str, total: int) -> None:
+    def begin(self, title: str, total: int | None = None) -> None:
         pass
 
     def step(self, label: str) -> None:
@@ -36,19 +39,25 @@ class SilentReporter:
 
 
 class LineReporter:
-    """Plain lines on stderr (not a terminal, e.g. CI logs)."""
+    """Plain lines on stderr (not a terminal, e.g. CI logs): the title, one line per step, and a
+    closing line with the number of step lines printed."""
 
-    def begin(self, title: str, total: int) -> None:
-        print(f"{printable(title)}: {total} steps", file=sys.stderr)
+    def __init__(self) -> None:
+        self.title, self.steps = "", 0
+
+    def begin(self, title: str, total: int | None = None) -> None:
+        self.title, self.steps = title, 0
+        print(printable(title), file=sys.stderr)
 
     def step(self, label: str) -> None:
+        self.steps += 1
         print(f"  {printable(label)}", file=sys.stderr)
 
     def log(self, message: str) -> None:
         print(f"  {printable(message)}", file=sys.stderr)
 
     def end(self) -> None:
-        pass
+        print(f"{self.title}: done, {self.steps} steps", file=sys.stderr)
 
 
 class RichReporter:
@@ -64,7 +73,7 @@ class RichReporter:
         )
         self._task: Any = None
 
-    def begin(self, title: str, total: int) -> None:
+    def begin(self, title: str, total: int | None = None) -> None:
         self._progress.start()
         self._task = self._progress.add_task(_rich_text(title), total=total)
 
@@ -76,6 +85,9 @@ class RichReporter:
         self._progress.console.print(_rich_text(message))
 
     def end(self) -> None:
+        if self._task is not None:  # the total is known now: the steps done
+            done = self._progress.tasks[0].completed
+            self._progress.update(self._task, total=done, description="done")
         self._progress.stop()
 
 

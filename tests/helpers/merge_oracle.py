@@ -25,8 +25,9 @@ An oracle for lorarecipe's ``merges:``: it shares no code with lorarecipe's runn
 - the merged adapter has lora_alpha = r in every module (scale 1): its delta is B'A'.
 - PEFT switches to ``linear`` when it is given one adapter. lorarecipe passes, per component, only
   the adapters present in it, so a component where only one of the merge's adapters is present
-  gets the plain weighted copy w·α/r·BA at that adapter's rank, whatever the method, density and
-  svd_rank.
+  gets the plain weighted copy w·α/r·BA at that adapter's rank (lorarecipe allows that only where it
+  is the method's own result: ``linear``, ``cat``, an untruncated unclamped ``svd``); components
+  outside ``components`` get no merged adapter.
 
 DARE's mask comes from torch's global RNG, and to compare a built file with this oracle the oracle
 must draw the *same* mask. What is reproduced, per component (lorarecipe seeds the RNG with the
@@ -110,6 +111,8 @@ class MergeParams:
     svd_rank: int | None = None
     svd_clamp: float | None = None
     seed: int = 0
+    components: tuple[str, ...] | None = None  # the merge's ``components:`` (None: every component)
+    svd_driver: str | None = None  # torch.linalg.svd's CUDA driver: the same SVD, other numerics
 
 
 @dataclass
@@ -322,6 +325,8 @@ def merge_oracle(
     out = OracleMerge()
     with torch.random.fork_rng(devices=[]):  # the replayed draws leave the caller's RNG alone
         for component in base:  # SD: COMPONENTS; FLUX.1: transformer, text_encoder
+            if params.components is not None and component not in params.components:
+                continue
             present = [(f, w, p) for f, w, p in files if any(m[0] == component for m in f)]
             if not present:
                 continue

@@ -7,6 +7,12 @@ Each step runs in ``step_context`` so a failure names its recipe line. One pipel
 grid variants switch with set_adapters / disable_lora, never by reloading. It builds every output
 kind, so it is the last executor of every mode.
 
+An output ``dtype`` other than the base's means one thing on both executors: fused in float32 and
+rounded once to that dtype. For a float32 base that is fuse, then cast; for a half-precision base the
+checkpoints in another dtype are built first on a second, float32 load of the base (the LoRA factors
+then stay float32 too, as in the streaming fuser), while grids and the base-dtype checkpoints use the
+base-dtype pipeline.
+
 The package: ``load`` (the base, safely), ``adapters`` (one LoRA file, refusing silent drops),
 ``merge`` (PEFT ``add_weighted_adapter``), ``fuse`` (``fuse_lora`` + post-fuse check), ``save``
 (folders, single files, LoRA files), ``grids`` (sample grids).
@@ -14,7 +20,9 @@ The package: ``load`` (the base, safely), ``adapters`` (one LoRA file, refusing 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ...fs.paths import resolve_output
 from ...plan import (
@@ -29,6 +37,9 @@ from ...plan import (
     SaveLora,
 )
 from ..build_state import BuildState, FuseCheck, OutputRecord
+
+if TYPE_CHECKING:
+    from .grids import GridRenderer
 
 __all__ = ["PipelineExecutor"]
 
@@ -56,6 +67,22 @@ class PipelineExecutor:
         options = state.options
         base = plan.step("base")
         assert isinstance(base, LoadBase)
+        rounded_once = self._other_dtype_checkpoints(plan, base, wanted, state)
+        if rounded_once:
+            pipeline_dtype = state.dtype
+            self.build(_loaded_in_float32(plan), rounded_once, state)
+            state.dtype = pipeline_dtype
+            wanted -= set(rounded_once)
+            if not wanted:
+                return []
+        grids = [g for g in plan.of_type(RenderGrid) if g.output in wanted]
+        facts = _grid_facts(plan, base, state)
+        renderers = {g.output: GridRenderer(plan, g, facts) for g in grids}
+        if wanted == {g.output for g in grids} and not any(r.needs_pipeline for r in renderers.values()):
+            state.dtype = state.dtype or facts["dtype"]
+            for grid in grids:  # every cell is in the cell cache: no pipeline to load
+                self._write_grid(grid, renderers[grid.output], state)
+            return []
         quiet_libraries(load=True)
         with state.step(base, "load base"):
             pipe, state.dtype = load_pipeline(base, state.inputs["base"].path, state.config, options.device)
@@ -84,11 +111,11 @@ class PipelineExecutor:
                 )
                 files = sorted(p for p in file.parent.rglob("*") if p.is_file())
                 state.add_output(step.output, OutputRecord(self.name, files))
-        grids = [g for g in plan.of_type(RenderGrid) if g.output in wanted]
-        renderers = {g.output: GridRenderer(pipe, plan, g, options.device) for g in grids}
         for grid in grids:
-            with state.step(grid, f"sample {grid.path}"):
-                renderers[grid.output].render_unfused()
+            renderers[grid.output].attach(pipe)
+            if renderers[grid.output].needs_pipeline:
+                with state.step(grid, f"sample {grid.path}"):
+                    renderers[grid.output].render_unfused()
         fuse_steps = plan.of_type(FuseAdapters)
         checkpoints = [s for s in plan.of_type(SaveCheckpoint) if s.output in wanted]
         check: FuseCheck | None = None
@@ -98,17 +125,11 @@ class PipelineExecutor:
                 report = fuse_adapters(pipe, fuse, plan.family)
             check = FuseCheck(report.changed, report.expected, report.components)
             for grid in grids:
-                with state.step(grid, f"sample {grid.path} (fused)"):
-                    renderers[grid.output].render_fused()
+                if renderers[grid.output].needs_fused:
+                    with state.step(grid, f"sample {grid.path} (fused)"):
+                        renderers[grid.output].render_fused()
         for grid in grids:
-            with state.step(grid, f"write {grid.path}"):
-                final = resolve_output(options.out_root, grid.path)
-                result = renderers[grid.output].write(final, options.stamp(grid.output))
-                files = [final, *result.extra_files]
-                difference = result.fused_vs_runtime_max_diff
-                state.add_output(
-                    grid.output, OutputRecord(self.name, files, fused_vs_runtime_max_diff=difference)
-                )
+            self._write_grid(grid, renderers[grid.output], state)
         for step in sorted(checkpoints, key=lambda s: _SAVE_ORDER.get(s.dtype, 1)):
             with state.step(step, f"write {step.path}"):
                 if step.dtype and step.dtype != state.dtype:
@@ -125,3 +146,56 @@ class PipelineExecutor:
                     files = [final]
                 state.add_output(step.output, OutputRecord(self.name, files, fuse=check))
         return []
+
+    def _write_grid(self, grid: RenderGrid, renderer: GridRenderer, state: BuildState) -> None:
+        cached = sum(len(v) for v in renderer.images.values()) - renderer.rendered
+        label = f"write {grid.path}" + (f" ({cached} cells from the cell cache)" if cached else "")
+        with state.step(grid, label):
+            final = resolve_output(state.options.out_root, grid.path)
+            result = renderer.write(final, state.options.stamp(grid.output))
+            difference = result.fused_vs_runtime_max_diff
+            state.add_output(
+                grid.output,
+                OutputRecord(self.name, [final, *result.extra_files], fused_vs_runtime_max_diff=difference),
+            )
+
+    @staticmethod
+    def _other_dtype_checkpoints(
+        plan: Plan, base: LoadBase, wanted: set[str], state: BuildState
+    ) -> list[str]:
+        """Checkpoints asked in a dtype other than a half-precision base's: fused on a float32 load."""
+        from .load import load_dtype
+
+        stored = load_dtype(base, state.inputs["base"].path)
+        if stored == "float32":
+            return []
+        return [
+            s.output
+            for s in plan.of_type(SaveCheckpoint)
+            if s.output in wanted and s.dtype is not None and s.dtype != stored
+        ]
+
+
+def _loaded_in_float32(plan: Plan) -> Plan:
+    """The same plan with the base loaded in float32 (an exact upcast of a half-precision base)."""
+    steps = tuple(
+        dataclasses.replace(s, dtype="float32") if isinstance(s, LoadBase) else s for s in plan.steps
+    )
+    return dataclasses.replace(plan, steps=steps)
+
+
+def _grid_facts(plan: Plan, base: LoadBase, state: BuildState) -> dict[str, Any]:
+    """What grid cell keys need from the build: the pipeline's dtype and device, and the content hash of
+    every base/adapter input (and of a single-file base's config folder)."""
+    from ...fs.hashing import path_digest
+    from .load import load_dtype
+
+    digests: dict[str, str | None] = {
+        s.id: path_digest(state.inputs[s.id].path)
+        for s in plan.steps
+        if isinstance(s, (LoadBase, LoadAdapter)) and s.id in state.inputs
+    }
+    if state.config is not None:
+        digests["config"] = path_digest(state.config)
+    dtype = load_dtype(base, state.inputs["base"].path)
+    return {"dtype": dtype, "device": state.options.device, "digests": digests}

@@ -5,7 +5,12 @@ Variants switch with set_adapters / disable_lora (never by reloading); cells tha
 are rendered before the fuse, ``fused`` cells after it, on the same pipeline. When the grid shows
 ``fused``, the runtime equivalent (set_adapters with the fused weights and ``scale=lora_scale``) is
 also rendered and the largest pixel difference is reported, so a user sees that fusing changed
-nothing but speed. Seeds use CPU generators, so the same recipe gives the same bytes on CPU.
+nothing but speed. Seeds use CPU generators and rendering runs at the grid's fixed torch thread count
+(``threads``, restored afterwards), so the same recipe gives the same bytes on any CPU machine.
+
+Cells are rendered in batches (one column × up to ``BATCH`` rows) and each batch is kept in the cell
+cache (``grid_cache``) under a key of everything its pixels depend on: a rebuild renders only the
+batches whose key changed, and loads no pipeline when none did.
 """
 
 from __future__ import annotations
@@ -18,8 +23,20 @@ from typing import Any
 from ...families import FAMILIES, GridCall
 from ...fs.atomic import atomic_dir, atomic_write_bytes
 from ...outputs.grid_image import compose_grid, png_bytes
-from ...plan import FuseAdapters, Plan, RenderGrid, SetAdapters, thaw_weight
+from ...outputs.manifest import library_versions
+from ...plan import (
+    FuseAdapters,
+    LoadAdapter,
+    LoadBase,
+    MergeAdapters,
+    Plan,
+    RenderGrid,
+    SetAdapters,
+    thaw_weight,
+)
+from ...plan.view import describe_weight
 from .fuse import apply_mix
+from .grid_cache import CachedBatch, CellCache, batch_key
 
 __all__ = ["GridRenderer", "GridResult"]
 
@@ -36,6 +53,12 @@ class Column:
     fused: bool = False
     hidden: bool = False
     words: tuple[str, ...] = ()
+
+    @property
+    def header(self) -> str:
+        """The grid's column header: the label, and the trigger words each of its cells' prompts starts
+        with (the row label gives the rest of the prompt)."""
+        return self.label + ("\nprompt: " + ", ".join(self.words) + ", …" if self.words else "")
 
 
 @dataclass
@@ -61,10 +84,19 @@ def _zero_unfused(weight: Any, components: tuple[str, ...] | None, all_component
 
 
 class GridRenderer:
-    """Renders one grid's cells on a pipeline that is shared with the rest of the build."""
+    """Renders one grid's missing cell batches on a pipeline shared with the rest of the build.
 
-    def __init__(self, pipe: Any, plan: Plan, step: RenderGrid, device: str) -> None:
-        self.pipe, self.plan, self.step, self.device = pipe, plan, step, device
+    ``facts`` are what the cell keys need from the build: ``dtype`` and ``device`` of the pipeline and
+    ``digests`` (step id -> content hash of each base/adapter input, and ``config`` for a single-file
+    base's config folder). ``attach(pipe)`` gives it the pipeline once one is loaded.
+    """
+
+    def __init__(
+        self, plan: Plan, step: RenderGrid, facts: dict[str, Any], cache: CellCache | None = None
+    ) -> None:
+        self.pipe: Any = None
+        self.plan, self.step, self.facts = plan, step, facts
+        self.cache = cache or CellCache()
         self.words = dict(step.trigger_words)
         mixes = plan.of_type(SetAdapters)
         fuses = plan.of_type(FuseAdapters)
@@ -72,7 +104,20 @@ class GridRenderer:
         self.fuse: FuseAdapters | None = fuses[0] if fuses else None
         self.columns = self._columns()
         self.rows = [(p, s) for p in step.prompts for s in step.seeds]
-        self.images: dict[int, list[Any]] = {}
+        self.batches = [
+            list(range(i, min(i + BATCH, len(self.rows)))) for i in range(0, len(self.rows), BATCH)
+        ]
+        self.images: dict[tuple[int, int], list[Any]] = {}  # (column, batch) -> PIL images
+        self.diffs: dict[int, float] = {}  # batch -> fused vs runtime largest difference
+        self._runtime: dict[int, list[Any]] = {}  # batch -> runtime-equivalent float images
+        self.rendered = 0  # visible cells rendered by this build (the others came from the cache)
+        self.keys = {
+            (c, b): self._key(c, b) for c in range(len(self.columns)) for b in range(len(self.batches))
+        }
+        self.pending = self._lookup()
+
+    def attach(self, pipe: Any) -> None:
+        self.pipe = pipe
 
     # -- layout -------------------------------------------------------------------------------
     def _words(self, adapters: tuple[str, ...]) -> tuple[str, ...]:
@@ -81,6 +126,9 @@ class GridRenderer:
             out.extend(w for w in self.words.get(name, ()) if w not in out)
         return tuple(out)
 
+    def _column(self, label: str, variant: str, adapters: tuple[str, ...], **kw: Any) -> Column:
+        return Column(label, variant, adapters, words=self._words(adapters), **kw)
+
     def _columns(self) -> list[Column]:
         step, cols = self.step, []
         for variant in step.variants:
@@ -88,29 +136,21 @@ class GridRenderer:
                 cols.append(Column("base (LoRA off)", "base"))
             elif variant == "mix" and self.mix:
                 desc = ", ".join(
-                    f"{n} {thaw_weight(w)}" for n, w in zip(self.mix.adapters, self.mix.weights, strict=True)
+                    f"{n} {describe_weight(w)}"
+                    for n, w in zip(self.mix.adapters, self.mix.weights, strict=True)
                 )
-                cols.append(
-                    Column(
-                        f"mix: {desc}",
-                        "mix",
-                        self.mix.adapters,
-                        self.mix.weights,
-                        words=self._words(self.mix.adapters),
-                    )
-                )
+                cols.append(self._column(f"mix: {desc}", "mix", self.mix.adapters, weights=self.mix.weights))
             elif variant == "fused" and self.fuse:
                 cols.append(
-                    Column(
+                    self._column(
                         f"fused (lora_scale {self.fuse.lora_scale:g})",
                         "fused",
                         self.fuse.adapters,
                         fused=True,
-                        words=self._words(self.fuse.adapters),
                     )
                 )
             else:
-                cols.append(Column(variant, variant, (variant,), (1.0,), words=self._words((variant,))))
+                cols.append(self._column(variant, variant, (variant,), weights=(1.0,)))
         base_adapters = self.mix.adapters if self.mix else ()
         base_weights = self.mix.weights if self.mix else ()
         if step.sweep_adapter and step.sweep_weights:
@@ -119,46 +159,97 @@ class GridRenderer:
                 weights = [
                     w if n == step.sweep_adapter else base_weights[base_adapters.index(n)] for n in names
                 ]
-                cols.append(
-                    Column(
-                        f"{'mix, ' if len(names) > 1 else ''}{step.sweep_adapter} = {w:g}",
-                        "sweep",
-                        tuple(names),
-                        tuple(weights),
-                        words=self._words(tuple(names)),
-                    )
-                )
+                label = f"{'mix, ' if len(names) > 1 else ''}{step.sweep_adapter} = {w:g}"
+                cols.append(self._column(label, "sweep", tuple(names), weights=tuple(weights)))
         if step.sweep_lora_scale:
             source = self.mix or self.fuse
             if source is not None:
                 for s in step.sweep_lora_scale:
                     cols.append(
-                        Column(
-                            f"lora_scale = {s:g}",
-                            "sweep",
-                            source.adapters,
-                            source.weights,
-                            scale=s,
-                            words=self._words(source.adapters),
+                        self._column(
+                            f"lora_scale = {s:g}", "sweep", source.adapters, weights=source.weights, scale=s
                         )
                     )
         if self.fuse and any(c.fused for c in cols):
             cols.append(
-                Column(
+                self._column(
                     "fused (runtime equivalent)",
                     "fused-runtime",
                     self.fuse.adapters,
-                    self.fuse.weights,
+                    weights=self.fuse.weights,
                     scale=self.fuse.lora_scale,
                     hidden=True,
-                    words=self._words(self.fuse.adapters),
                 )
             )
         return cols
 
+    # -- the cell cache -----------------------------------------------------------------------
+    def _prompt(self, col: Column, prompt: str) -> str:
+        return (", ".join(col.words) + ", " + prompt) if col.words else prompt
+
+    def _key(self, index: int, batch: int) -> str:
+        col, step = self.columns[index], self.step
+        names = {s.name: s.id for s in self.plan.steps if isinstance(s, (LoadAdapter, MergeAdapters))}
+        deps = ["base", *(names[a] for a in col.adapters if a in names)]
+        if col.fused or col.variant == "fused-runtime":
+            deps.append("fuse")
+        used = self.plan.dependencies(*deps)
+        digests = self.facts["digests"]
+        column = {
+            "variant": col.variant,
+            "adapters": list(col.adapters),
+            "weights": [thaw_weight(w) for w in col.weights],
+            "scale": col.scale,
+            "fused": col.fused,
+            "steps": [s.payload() for s in used],
+            "inputs": {s.id: digests.get(s.id) for s in used if isinstance(s, (LoadBase, LoadAdapter))},
+            "config": digests.get("config"),
+        }
+        context = {
+            "negative_prompt": step.negative_prompt,
+            "steps": step.steps,
+            "guidance": step.guidance,
+            "size": [step.width, step.height],
+            "threads": step.threads,
+            "batch": BATCH,
+            "family": self.plan.family,
+            "dtype": self.facts["dtype"],
+            "device": self.facts["device"],
+            "libraries": library_versions(),
+        }
+        if step.true_cfg_scale is not None:  # FLUX.1 true CFG
+            context["true_cfg_scale"] = step.true_cfg_scale
+        rows = [(self._prompt(col, self.rows[r][0]), self.rows[r][1]) for r in self.batches[batch]]
+        return batch_key(context, column, rows)
+
+    def _lookup(self) -> set[tuple[int, int]]:
+        """Fill ``images`` from the cache; return the (column, batch) pairs still to render (a fused
+        batch brings its runtime-equivalent batch, which is never cached on its own)."""
+        size = (self.step.width, self.step.height) if self.step.width and self.step.height else None
+        pending: set[tuple[int, int]] = set()
+        for index, col in enumerate(self.columns):
+            if col.hidden:
+                continue
+            for batch, rows in enumerate(self.batches):
+                found = self.cache.get(self.keys[(index, batch)], len(rows), size)
+                if found is None or (col.fused and found.fused_vs_runtime is None):
+                    pending.add((index, batch))
+                    continue
+                self.images[(index, batch)] = found.images
+                if col.fused and found.fused_vs_runtime is not None:
+                    self.diffs[batch] = found.fused_vs_runtime
+        runtime = next((i for i, c in enumerate(self.columns) if c.variant == "fused-runtime"), None)
+        if runtime is not None:
+            pending |= {(runtime, b) for i, b in pending if self.columns[i].fused}
+        return pending
+
+    @property
+    def needs_pipeline(self) -> bool:
+        return bool(self.pending)
+
     @property
     def needs_fused(self) -> bool:
-        return any(c.fused for c in self.columns)
+        return any(self.columns[i].fused for i, _ in self.pending)
 
     # -- rendering ----------------------------------------------------------------------------
     def _configure(self, col: Column) -> dict[str, Any]:
@@ -201,67 +292,84 @@ class GridRenderer:
             }
         return {}
 
-    def _render(self, col: Column) -> list[Any]:
+    def _render(self, col: Column, batch: int) -> list[Any]:
+        """One batch of one column as float images in [0, 1], at the grid's fixed thread count."""
         import torch
 
-        step, out = self.step, []
+        step = self.step
         extra = self._configure(col)
-        for start in range(0, len(self.rows), BATCH):
-            chunk = self.rows[start : start + BATCH]
-            prompts = [(", ".join(col.words) + ", " + p) if col.words else p for p, _ in chunk]
-            generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+        rows = [self.rows[r] for r in self.batches[batch]]
+        previous = torch.get_num_threads()
+        torch.set_num_threads(step.threads)
+        try:
             result = self.pipe(
-                prompt=prompts,
-                **self._guidance(len(chunk)),
+                prompt=[self._prompt(col, p) for p, _ in rows],
+                **self._guidance(len(rows)),
                 num_inference_steps=step.steps,
                 guidance_scale=step.guidance,
                 width=step.width,
                 height=step.height,
-                generator=generators,
+                generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in rows],
                 output_type="np",
                 **extra,
             )
-            out.extend(list(result.images))
-        if col.variant == "base" and getattr(self.pipe, "get_list_adapters", lambda: {})():
-            self.pipe.enable_lora()
-        return out
+        finally:
+            torch.set_num_threads(previous)
+            if col.variant == "base" and getattr(self.pipe, "get_list_adapters", lambda: {})():
+                self.pipe.enable_lora()
+        return list(result.images)
 
-    def render_unfused(self) -> None:
-        for index, col in enumerate(self.columns):
-            if not col.fused:
-                self.images[index] = self._render(col)
-
-    def render_fused(self) -> None:
-        for index, col in enumerate(self.columns):
-            if col.fused:
-                self.images[index] = self._render(col)
-
-    # -- output -------------------------------------------------------------------------------
-    def write(self, final: Path, metadata: dict[str, str]) -> GridResult:
+    def _keep(self, index: int, batch: int, floats: list[Any], diff: float | None = None) -> None:
         import numpy as np
         from PIL import Image
 
-        visible = [(i, c) for i, c in enumerate(self.columns) if not c.hidden and i in self.images]
-        to_pil = {
-            i: [Image.fromarray(np.clip(np.round(a * 255), 0, 255).astype("uint8")) for a in self.images[i]]
-            for i, _ in visible
-        }
+        images = [Image.fromarray(np.clip(np.round(a * 255), 0, 255).astype("uint8")) for a in floats]
+        self.images[(index, batch)] = images
+        self.rendered += len(images)
+        self.cache.put(self.keys[(index, batch)], CachedBatch(images, diff))
+
+    def render_unfused(self) -> None:
+        for index, batch in sorted(self.pending):
+            col = self.columns[index]
+            if col.fused:
+                continue
+            floats = self._render(col, batch)
+            if col.hidden:
+                self._runtime[batch] = floats
+            else:
+                self._keep(index, batch, floats)
+
+    def render_fused(self) -> None:
+        import numpy as np
+
+        for index, batch in sorted(self.pending):
+            if self.columns[index].fused:
+                floats = self._render(self.columns[index], batch)
+                runtime = self._runtime.pop(batch)
+                diff = float(max(np.abs(a - b).max() for a, b in zip(floats, runtime, strict=True)))
+                self.diffs[batch] = diff
+                self._keep(index, batch, floats, diff)
+
+    # -- output -------------------------------------------------------------------------------
+    def _cell(self, index: int, row: int) -> Any:
+        batch = row // BATCH
+        return self.images[(index, batch)][row - self.batches[batch][0]]
+
+    def write(self, final: Path, metadata: dict[str, str]) -> GridResult:
+        visible = [(i, c) for i, c in enumerate(self.columns) if not c.hidden]
         result = GridResult(final)
-        fused = next((i for i, c in enumerate(self.columns) if c.fused and i in self.images), None)
-        ref = next(
-            (i for i, c in enumerate(self.columns) if c.variant == "fused-runtime" and i in self.images), None
-        )
-        if fused is not None and ref is not None:
-            result.fused_vs_runtime_max_diff = float(
-                max(np.abs(a - b).max() for a, b in zip(self.images[fused], self.images[ref], strict=True))
-            )
-        row_labels = [f"{p}\nseed {s}" for p, s in self.rows]
-        cells = [[to_pil[i][r] for i, _ in visible] for r in range(len(self.rows))]
+        if any(c.fused for _, c in visible) and self.diffs:
+            result.fused_vs_runtime_max_diff = max(self.diffs.values())
+        words = any(c.words for _, c in visible)
+        row_labels = [
+            f"{p}\nseed {s}" + ("\n(+ the column's trigger words)" if words else "") for p, s in self.rows
+        ]
+        cells = [[self._cell(i, r) for i, _ in visible] for r in range(len(self.rows))]
         title = (
             f"{self.plan.name} {self.plan.build}".strip()
             + f"  {metadata.get('lorarecipe.fingerprint', '')[:19]}"
         )
-        grid = compose_grid(cells, row_labels, [c.label for _, c in visible], title)
+        grid = compose_grid(cells, row_labels, [c.header for _, c in visible], title)
         cells_dir = final.with_name(final.stem + "_cells")
         cell_docs = []
         with atomic_dir(cells_dir) as tmp:
@@ -273,7 +381,7 @@ class GridRenderer:
                         "column": c,
                         "variant": col.variant,
                         "label": col.label,
-                        "prompt": (", ".join(col.words) + ", " + prompt) if col.words else prompt,
+                        "prompt": self._prompt(col, prompt),
                         "seed": seed,
                         "adapters": list(col.adapters),
                         "weights": [thaw_weight(w) for w in col.weights],
@@ -285,8 +393,9 @@ class GridRenderer:
                         "lorarecipe.variant": col.variant,
                         "lorarecipe.prompt": str(doc["prompt"]),
                         "lorarecipe.seed": str(seed),
+                        "lorarecipe.threads": str(self.step.threads),
                     }
-                    (tmp / name).write_bytes(png_bytes(to_pil[i][r], chunks))
+                    (tmp / name).write_bytes(png_bytes(self._cell(i, r), chunks))
                     cell_docs.append(doc)
         sidecar = {
             "grid": final.name,
@@ -297,6 +406,7 @@ class GridRenderer:
             "guidance": self.step.guidance,
             "negative_prompt": self.step.negative_prompt,
             "size": [self.step.width, self.step.height],
+            "threads": self.step.threads,
             "columns": [c.label for _, c in visible],
             "fused_vs_runtime_max_abs_diff": result.fused_vs_runtime_max_diff,
             "cells": cell_docs,

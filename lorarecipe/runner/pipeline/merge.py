@@ -6,7 +6,9 @@ first); an existing name makes PEFT silently do nothing (refused); DARE draws fr
 RNG (seeded from the recipe before each component); merges run on one thread (an SVD's result
 depends on the thread count: a merge must not change with the machine); an adapter absent from a
 component (a UNet-only LoRA in a text-encoder merge) is left out of that component's merge instead
-of failing.
+of failing — unless only one adapter is left and PEFT's lone-adapter ``linear`` is not the method's
+result (the compiler refuses that from headers; refused here too, never merged silently);
+``svd_driver`` only on CUDA.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from ...errors import BuildError
 from ...plan import MergeAdapters
+from ...recipe.vocabulary import lone_adapter_merge_is_exact
 
 __all__ = ["lora_components", "merge_adapters"]
 
@@ -62,6 +65,19 @@ def reset_weights(pipe: Any) -> None:
                     module.set_scale(adapter, 1.0)
 
 
+def svd_driver_here(model: Any, step: MergeAdapters) -> str:
+    """The merge's ``svd_driver``, refused where torch cannot use it: ``torch.linalg.svd(driver=…)``
+    only works on CUDA tensors (cuSOLVER); on CPU and MPS it raises for every driver."""
+    device = next(iter(model.parameters())).device
+    if device.type != "cuda":
+        raise BuildError(
+            f"merge {step.name!r}: svd_driver {step.svd_driver!r} only works on CUDA (cuSOLVER), "
+            f"but this merge runs on {device.type}; remove svd_driver or build with --device cuda"
+        )
+    assert step.svd_driver is not None
+    return step.svd_driver
+
+
 def merge_adapters(pipe: Any, step: MergeAdapters) -> list[str]:
     """Run one merge in every component that has at least one input; returns those components."""
     import torch
@@ -77,6 +93,14 @@ def merge_adapters(pipe: Any, step: MergeAdapters) -> list[str]:
         present = [(n, w) for n, w in zip(step.adapters, step.weights, strict=True) if n in model.peft_config]
         if not present:
             continue
+        if len(present) == 1:
+            config = model.peft_config[present[0][0]]
+            rank = max([config.r, *config.rank_pattern.values()])
+            if not lone_adapter_merge_is_exact(step.method, step.svd_rank, step.svd_clamp, rank):
+                raise BuildError(
+                    f"merge {step.name!r}: only {present[0][0]!r} has {comp} layers; PEFT would merge it "
+                    f"alone with 'linear', ignoring method {step.method!r}",
+                )
         reset_weights(pipe)
         torch.manual_seed(step.seed)
         view = as_lora_model(model)
@@ -92,6 +116,8 @@ def merge_adapters(pipe: Any, step: MergeAdapters) -> list[str]:
             kwargs["density"] = step.density
         if step.majority_sign_method is not None:
             kwargs["majority_sign_method"] = step.majority_sign_method
+        if step.svd_driver is not None:
+            kwargs["svd_driver"] = svd_driver_here(model, step)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # LAPACK's SVD (and its GEMMs) round differently with other counts
         try:

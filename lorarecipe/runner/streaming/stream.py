@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ...errors import BuildError, StreamingUnsupported
 from ...fs.atomic import atomic_dir, atomic_file
@@ -37,7 +38,7 @@ from ..pipeline.load import load_dtype
 from .factor_cache import FactorCache
 from .factors import fuse_block_weights, resolvable_weights, targets_from_factors
 from .positional_io import PositionalReader
-from .skeleton import Architecture, build_skeleton, fuse_targets, prepare_adapters
+from .skeleton import Architecture, build_skeleton, fuse_targets, needed_adapters, prepare_adapters
 from .sources import (
     FLOAT_DTYPES,
     FolderBase,
@@ -138,8 +139,36 @@ def _plan_outputs(
     return [to_single_file(family, arch.shapes, arch.configs, parts, out_dtype)]
 
 
-def _copy_files(root: Path, folder: FolderBase | None, config_path: Path | None, outs: list[OutFile]) -> None:
-    """Non-weight files (model_index.json, configs, tokenizers, scheduler) of the base or config folder."""
+def _config_stating(source: Path, dtype: str) -> str | None:
+    """A copied ``config.json`` rewritten to state ``dtype``, or None when it records no dtype.
+
+    transformers 5 loads a model in the ``dtype`` (formerly ``torch_dtype``) its config records when
+    ``from_pretrained`` gets no dtype: a float16 base's config beside float32 weights would load them
+    as float16, silently. diffusers model configs record no dtype (they load as float32 by default).
+    """
+    try:
+        doc = json.loads(source.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+    def restate(node: Any) -> bool:
+        found = False
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("dtype", "torch_dtype") and isinstance(value, str):
+                    node[key], found = dtype, True
+                else:
+                    found = restate(value) or found
+        return found
+
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n" if restate(doc) else None
+
+
+def _copy_files(
+    root: Path, folder: FolderBase | None, config_path: Path | None, outs: list[OutFile], dtype: str
+) -> None:
+    """Non-weight files (model_index.json, configs, tokenizers, scheduler) of the base or config folder;
+    model configs state the dtype the weights beside them were written in."""
     if folder is not None:
         copies = folder.copies
         for component in folder.files:
@@ -153,7 +182,11 @@ def _copy_files(root: Path, folder: FolderBase | None, config_path: Path | None,
     for source, rel in copies:
         target = root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        restated = _config_stating(source, dtype) if target.name == "config.json" else None
+        if restated is None:
+            shutil.copyfile(source, target)
+        else:
+            target.write_text(restated, encoding="utf-8")
 
 
 class _Stream:
@@ -180,6 +213,12 @@ class _Stream:
         if not isinstance(base, LoadBase) or not fuses:
             raise BuildError("internal: the plan has no base or no fuse step to stream")
         self.plan, self.save, self.fuse = plan, save, fuses[0]
+        for merge in needed_adapters(plan, self.fuse)[1]:
+            if merge.svd_driver is not None:
+                raise StreamingUnsupported(
+                    f"merge {merge.name!r} sets svd_driver, a CUDA-only torch.linalg.svd option; "
+                    "the streaming fuser merges on the CPU"
+                )
         self.base_path, self.config_path, self.adapter_paths = base_path, config_path, adapter_paths
         self.family = plan.family or "sd1"
         self.folder: FolderBase | None = None
@@ -319,7 +358,7 @@ def stream_fuse(
         if save.layout is CheckpointLayout.DIFFUSERS:
             with atomic_dir(final) as tmp:
                 stream.write(tmp)
-                _copy_files(tmp, stream.folder, config_path, stream.outs)
+                _copy_files(tmp, stream.folder, config_path, stream.outs, stream.dtype)
                 if before_swap is not None:
                     before_swap(tmp)
         else:
