@@ -355,7 +355,7 @@ def test_grid_calls_flux_as_flux(tmp_path: Path, calls: list[dict[str, Any]]) ->
         "base (LoRA off)",
         "style",
         "both",
-        "mix: style 0.7, detail {'transformer': {'double_blocks': {'0': 0.5}, 'default': 1.0}}",
+        "mix: style 0.7, detail transformer(double_blocks 0 0.5, default 1)",
         "fused (lora_scale 0.8)",
         "lora_scale = 0.5",
         "lora_scale = 1.5",

@@ -232,8 +232,12 @@ class _Stream:
         else:
             self.folder = read_folder_base(base_path, base.variant)
             self.config_root, self.pipeline_class = base_path, None
-        self.compute_dtype = load_dtype(base, base_path)  # the pipeline route's: PEFT fuses in it
-        self.dtype = save.dtype or self.compute_dtype
+        stored = load_dtype(base, base_path)
+        self.dtype = save.dtype or stored
+        # the pipeline route fuses in float32 (a float32 base, or a float32 load for an output in another
+        # dtype): reproduce PEFT's operations; it fuses a half-precision base in its own dtype only for
+        # an output in that dtype, which cannot match bit for bit anyway (see fuse_math.fused_weight)
+        self.peft_order = stored == "float32" or self.dtype != stored
         # folder -> folder needs no architecture: every output tensor is a base tensor, same key
         self.folder_to_folder = self.folder is not None and save.layout is CheckpointLayout.DIFFUSERS
         self.metadata = {"format": "pt", **metadata}
@@ -280,9 +284,7 @@ class _Stream:
 
     def _start_writer(self, root: Path, outs: list[OutFile]) -> StreamWriter:
         self.outs = outs
-        writer = StreamWriter(
-            root, outs, self.reader, self.metadata, peft_order=self.compute_dtype == "float32"
-        )
+        writer = StreamWriter(root, outs, self.reader, self.metadata, peft_order=self.peft_order)
         writer.start_copier()
         return writer
 
