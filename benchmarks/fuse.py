@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plans = [("sd15", args.dtypes)] + ([("sdxl", ["float16"])] if args.sdxl else [])
     lines = [
-        "| base | (a) diffusers flow: wall (CPU) / peak RSS | (b) `lorarecipe build`, first build of these LoRAs "
+        "| base | (a) diffusers flow: wall (CPU) / peak RSS "
+        "| (b) `lorarecipe build`, first build of these LoRAs "
         "| (b) rebuild, factors cached | (c) copy base files | first / a | cached / a | RSS first / a, "
         "cached / a | torch threads (b) | python + imports of (a) | LoRA deltas: compute floor "
         "| (a) vs (b) tensors |",
