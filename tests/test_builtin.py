@@ -221,7 +221,9 @@ def _loaded_deltas(pipe: DiffusionPipeline, adapter: str) -> dict[tuple[str, str
     return out
 
 
-@pytest.mark.parametrize("base", list(BUILTIN_BASES))
+# UNet bases, loaded through diffusers alone; tiny-flux's original-layout LoRAs go through lorarecipe's
+# converter (diffusers' hard-codes FLUX.1-dev widths): tests/test_flux_loras.py checks them the same way.
+@pytest.mark.parametrize("base", [b for b, spec in BUILTIN_BASES.items() if spec.family != "flux"])
 def test_builtin_loras_load_with_exact_values(cache: Path, base: str) -> None:
     pipe = DiffusionPipeline.from_pretrained(builtin_base_path_in(cache, base))
     loras = [spec for spec in BUILTIN_LORAS.values() if spec.base == base]

@@ -264,7 +264,8 @@ MANIFESTS: dict[str, tuple[str, str | None, tuple[str, ...], str | None, int]] =
         0,
     ),
     "invokeai_probe_peft_adapter_model_flux": ("peft", "flux", ("transformer",), "base_model.model.", 0),
-    "invokeai_flux_lora_aitoolkit_format": ("peft", "flux", ("transformer",), "diffusion_model.", 0),
+    # ai-toolkit's FLUX.1 files: BFL names lorarecipe converts itself (issue 15; diffusers loads nothing)
+    "invokeai_flux_lora_aitoolkit_format": ("peft", "flux", ("transformer",), None, 0),
     "invokeai_flux_lora_xlabs_format": ("xlabs", "flux", ("transformer",), None, 0),
     "invokeai_flux_control_lora_format": ("peft", "flux", ("transformer",), None, 152),
     "invokeai_flux_dora_onetrainer_format": (
@@ -276,7 +277,8 @@ MANIFESTS: dict[str, tuple[str, str | None, tuple[str, ...], str | None, int]] =
     ),
     "invokeai_flux_lokr_bfl_format": ("lycoris_lokr", "flux", ("transformer",), "LoKr", 0),
     "invokeai_qwen_image_lora_diffusers_format": ("kohya", None, ("transformer",), "without 'lora_unet_'", 0),
-    "invokeai_qwen_image_lora_kohya_format": ("lycoris_lokr", None, ("transformer",), "LoKr", 0),
+    # recognized as Qwen-Image (image/text MLPs) so that it is refused on FLUX.1 naming both (issue 15)
+    "invokeai_qwen_image_lora_kohya_format": ("lycoris_lokr", "qwen_image", ("transformer",), "LoKr", 0),
     "invokeai_krea2_lora_kohya_format": ("kohya", None, ("transformer",), None, 0),
     "invokeai_anima_lora_kohya_format": ("kohya", None, ("transformer",), None, 0),
     "invokeai_anima_lora_kohya_with_te_format": ("kohya", None, ("transformer", "text_encoder"), None, 0),

@@ -16,6 +16,11 @@ the merge from the LoRA files with plain torch in float64, and each test checks
 Adapters: EQUAL (style r4 α8 PEFT, toy r4 α4 UNet only, pixel r4 α1 kohya with 1×1 conv proj)
 for the equal-rank methods; UNEQUAL (style r4, detail r8 α4 kohya with 1×1 convs, pixel r4) for
 cat / svd / *_svd. Both sets reach the text encoder (style, detail, pixel) and 1×1 convs.
+
+FLUX.1 (tiny-flux): FLUX_EQUAL (style r4 α8 PEFT with CLIP, aitk r4 ai-toolkit BFL names whose fused
+qkv/linear1 lorarecipe splits) and FLUX_UNEQUAL (+ detail r8 α4 kohya BFL with CLIP, xlabs r4 XLabs);
+the oracle reads the BFL files with ``lora_math``'s own table. Their kohya-layout files fuse q/k/v
+again (rank Σr, block-diagonal), so only their deltas are compared, not the α = r convention.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ Base = dict[str, dict[str, torch.Tensor]]  # component -> base weight key -> ten
 
 EQUAL = (("style", 0.8), ("toy", 0.6), ("pixel", -0.5))  # all r4; a negative weight on purpose
 UNEQUAL = (("style", 0.7), ("detail", 0.5), ("pixel", -0.4))  # r4 + r8 + r4
+FLUX_EQUAL = (("style", 0.8), ("aitk", -0.6))  # r4 PEFT + r4 ai-toolkit (BFL names)
+FLUX_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("xlabs", 0.4))  # r4 + r8 kohya BFL + r4 XLabs
 LORA_SCALE = 0.8
 
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -81,6 +88,7 @@ SWAP_FACTOR = 100.0
 class Case:
     params: MergeParams
     adapters: tuple[tuple[str, float], ...]
+    base: str = "tiny-sd"
 
     @property
     def id(self) -> str:
@@ -92,14 +100,16 @@ class Case:
             parts.append(f"rank{p.svd_rank}")
         if p.svd_clamp is not None:
             parts.append(f"clamp{p.svd_clamp}")
-        if self.adapters not in (EQUAL, UNEQUAL):
+        if self.adapters not in (EQUAL, UNEQUAL, FLUX_EQUAL, FLUX_UNEQUAL):
             parts.append("+".join(name for name, _ in self.adapters))
         if p.components is not None:
             parts.append("only-" + "+".join(p.components))
+        if self.base != "tiny-sd":
+            parts.insert(0, self.base)
         return "-".join(parts)
 
     def loras(self) -> list[tuple[Path, float]]:
-        return [(builtin_lora_path(f"tiny-sd/{name}"), weight) for name, weight in self.adapters]
+        return [(builtin_lora_path(f"{self.base}/{name}"), weight) for name, weight in self.adapters]
 
 
 def _case(method: str, adapters: tuple[tuple[str, float], ...] | None = None, **params: Any) -> Case:
@@ -167,9 +177,10 @@ def merge_yaml(name: str, case: Case) -> str:
 
 def recipe(merges: Mapping[str, Case], outputs: str) -> str:
     names = sorted({a for case in merges.values() for a, _ in case.adapters})
+    base = next(iter(merges.values())).base
     return (
-        "base: builtin:tiny-sd\nadapters:\n"
-        + "".join(f"  {n}: builtin:tiny-sd/{n}\n" for n in names)
+        f"base: builtin:{base}\nadapters:\n"
+        + "".join(f"  {n}: builtin:{base}/{n}\n" for n in names)
         + "merges:\n"
         + "".join(merge_yaml(name, case) for name, case in merges.items())
         + outputs
@@ -216,7 +227,7 @@ def alternatives(case: Case) -> list[MergeParams]:
     for these ranks (each sign election), the other sign election, another density, the SVD
     without svd_rank / svd_clamp, another seed."""
     p = case.params
-    equal_ranks = case.adapters != UNEQUAL
+    equal_ranks = case.adapters not in (UNEQUAL, FLUX_UNEQUAL)
     density = p.density or 0.5
     out: list[MergeParams] = []
     for method in COMBINATION_TYPES:
@@ -267,15 +278,19 @@ def lora_files(out: Path) -> dict[str, Path]:
 
 
 def check_lora_file(
-    file: Path, oracle: OracleMerge, tol: Mapping[Module, float], base: Base
+    file: Path, oracle: OracleMerge, tol: Mapping[Module, float], base: Base, convention: bool = True
 ) -> dict[Module, float]:
-    """(a): the file's per-module delta is the oracle's, and its α = r convention; returns the errors."""
+    """(a): the file's per-module delta is the oracle's, and (``convention``) its α = r convention;
+    returns the errors."""
     factors = lora_factors(file, base)
     assert factors.keys() == oracle.deltas.keys(), file.name
     errors = {}
     for module, f in factors.items():
         # PEFT's merged adapter: lora_alpha = r everywhere (scale 1), at the rank the method allocates
-        assert f.down.shape[0] == f.rank == f.alpha == oracle.ranks[module], (file.name, module)
+        assert not convention or f.down.shape[0] == f.rank == f.alpha == oracle.ranks[module], (
+            file.name,
+            module,
+        )
         errors[module] = (f.delta(oracle.deltas[module].shape) - oracle.deltas[module]).abs().max().item()
         assert errors[module] <= tol[module], (file.name, module, errors[module], tol[module])
     return errors
@@ -283,8 +298,8 @@ def check_lora_file(
 
 def check_fused(folder: Path, oracle: OracleMerge, tol: Mapping[Module, float], base: Base) -> float:
     """(b): fused = base + lora_scale·ΔW where the merge has a module, untouched elsewhere; the error."""
-    fused = {c: read_component_weights(folder, c) for c in COMPONENTS}
-    changed = {(c, k) for c in COMPONENTS for k, v in fused[c].items() if not torch.equal(v, base[c][k])}
+    fused = {c: read_component_weights(folder, c) for c in base}
+    changed = {(c, k) for c in base for k, v in fused[c].items() if not torch.equal(v, base[c][k])}
     assert changed == oracle.deltas.keys()
     error = 0.0
     for (c, k), delta in oracle.deltas.items():
@@ -343,6 +358,75 @@ def test_merge_matches_the_oracle(
     ]
     record_property("svd_error_over_eps_conditioning", max([0.0, *svd]))
     record_property("closest_swap", f"{closest} at {distances[closest]:.0f} tolerances")
+
+
+FLUX_CASES = [  # every combination type, across the FLUX.1 layouts; aitk has no CLIP layers, so the
+    # equal-rank methods that a lone adapter would not run are limited to the transformer
+    Case(MergeParams("linear"), FLUX_EQUAL, "tiny-flux"),
+    Case(MergeParams("ties", density=0.5, components=("transformer",)), FLUX_EQUAL, "tiny-flux"),
+    Case(
+        MergeParams("dare_linear", density=0.7, seed=3, components=("transformer",)), FLUX_EQUAL, "tiny-flux"
+    ),
+    Case(
+        MergeParams(
+            "dare_ties", density=0.7, seed=3, majority_sign_method="frequency", components=("transformer",)
+        ),
+        FLUX_EQUAL,
+        "tiny-flux",
+    ),
+    Case(MergeParams("magnitude_prune", density=0.4, components=("transformer",)), FLUX_EQUAL, "tiny-flux"),
+    Case(MergeParams("cat"), FLUX_UNEQUAL, "tiny-flux"),
+    Case(MergeParams("svd", svd_rank=6), FLUX_UNEQUAL, "tiny-flux"),
+    Case(MergeParams("ties_svd", density=0.5, majority_sign_method="frequency"), FLUX_UNEQUAL, "tiny-flux"),
+    Case(MergeParams("dare_linear_svd", density=0.7, seed=4), FLUX_UNEQUAL, "tiny-flux"),
+    Case(
+        MergeParams(
+            "dare_ties_svd", density=0.7, seed=4, majority_sign_method="total", svd_rank=6, svd_clamp=0.95
+        ),
+        FLUX_UNEQUAL,
+        "tiny-flux",
+    ),
+    Case(MergeParams("magnitude_prune_svd", density=0.4), FLUX_UNEQUAL, "tiny-flux"),
+]
+
+
+@pytest.fixture(scope="module")
+def flux_base_dir() -> Path:
+    return builtin_base_path("tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def flux_base(flux_base_dir: Path) -> Base:
+    return {c: read_component_weights(flux_base_dir, c) for c in ("transformer", "text_encoder")}
+
+
+@pytest.mark.parametrize("case", FLUX_CASES, ids=lambda c: c.id)
+def test_flux_merge_matches_the_oracle(
+    case: Case, flux_base_dir: Path, flux_base: Base, tmp_path: Path
+) -> None:
+    """FLUX.1 merges across layouts (PEFT, ai-toolkit, kohya, XLabs): (a) the diffusers file per module
+    and the kohya file's deltas, (b) the fused transformer and CLIP, (c) no swapped method passes."""
+    build_text(tmp_path, one_merge_recipe(case))
+    files = lora_files(tmp_path / "out")
+    built = lora_factors(files["diffusers"], flux_base)
+    gauge = {k: (f.up, f.down) for k, f in built.items()}
+    oracle = merge_oracle(flux_base_dir, flux_base, case.loras(), case.params, gauge)
+    tol = tolerances(oracle)
+    assert {c for c, _ in oracle.deltas} == set(case.params.components or ("transformer", "text_encoder"))
+    assert (
+        "transformer",
+        "single_transformer_blocks.1.proj_mlp.weight",
+    ) in oracle.deltas  # split from linear1
+    check_lora_file(files["diffusers"], oracle, tol, flux_base)
+    check_lora_file(files["kohya"], oracle, tol, flux_base, convention=False)
+    check_fused(tmp_path / "out" / "fused", oracle, tol, flux_base)
+    got = deltas_of(built, flux_base)
+    distances = {
+        alt: distance(got, merge_oracle(flux_base_dir, flux_base, case.loras(), alt, gauge).deltas, tol)
+        for alt in alternatives(case)
+    }
+    closest = min(distances, key=distances.__getitem__)
+    assert distances[closest] >= SWAP_FACTOR, f"{closest} is as close to the build as the oracle"
 
 
 ON_BOTH_EXECUTORS = ("dare_ties-frequency", "dare_ties_svd-total-rank6-clamp0.95")

@@ -44,7 +44,7 @@ class BuiltinBase:
 class BuiltinLora:
     name: str  # "<base>/<lora>"
     base: str
-    layout: str  # "peft" (diffusers/PEFT keys with lora_adapter_metadata) or "kohya"
+    layout: str  # "peft" (diffusers/PEFT keys with lora_adapter_metadata), "kohya", "aitk" or "xlabs"
     rank: int
     alpha: float
     text_encoders: bool
@@ -55,6 +55,9 @@ class BuiltinLora:
 BUILTIN_BASES: dict[str, BuiltinBase] = {
     "tiny-sd": BuiltinBase("tiny-sd", "sd1", "SD1.5-like pipeline, UNet (32, 64), 2-layer CLIP, 64 px"),
     "tiny-sdxl": BuiltinBase("tiny-sdxl", "sdxl", "SDXL-like pipeline, two CLIP encoders, 64 px"),
+    "tiny-flux": BuiltinBase(
+        "tiny-flux", "flux", "FLUX.1-dev-like pipeline, 2 double + 2 single blocks, CLIP + T5, 64 px"
+    ),
 }
 
 BUILTIN_LORAS: dict[str, BuiltinLora] = {
@@ -80,6 +83,48 @@ BUILTIN_LORAS: dict[str, BuiltinLora] = {
         ),
         BuiltinLora(
             "tiny-sdxl/detail", "tiny-sdxl", "kohya", 8, 4.0, True, 6, "kohya layout, r8 α4, UNet + both TEs"
+        ),
+        BuiltinLora(
+            "tiny-flux/style",
+            "tiny-flux",
+            "peft",
+            4,
+            8.0,
+            True,
+            7,
+            "PEFT layout, r4 α8, every transformer attention/MLP Linear + CLIP text encoder",
+        ),
+        BuiltinLora(
+            "tiny-flux/detail",
+            "tiny-flux",
+            "kohya",
+            8,
+            4.0,
+            True,
+            8,
+            "kohya/ComfyUI BFL layout, r8 α4: fused qkv, linear1/linear2, modulation, final layer "
+            "+ CLIP (lora_te1_)",
+        ),
+        BuiltinLora(
+            "tiny-flux/aitk",
+            "tiny-flux",
+            "aitk",
+            4,
+            4.0,
+            False,
+            9,
+            "ai-toolkit layout ('diffusion_model.' + BFL names, lora_A/lora_B, no alpha), r4: attention "
+            "and MLPs",
+        ),
+        BuiltinLora(
+            "tiny-flux/xlabs",
+            "tiny-flux",
+            "xlabs",
+            4,
+            4.0,
+            False,
+            10,
+            "XLabs layout ('processor.qkv_lora1.down'), r4: double-block attention",
         ),
     )
 }

@@ -27,6 +27,9 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -45,8 +48,9 @@ from .catalog import (
     materialized_base,
     materialized_lora,
 )
+from .flux_loras import FLUX_PEFT_TARGETS, make_flux_lora
 from .loras import canonicalize_safetensors, make_kohya_lora, make_peft_lora
-from .tokenizer import build_clip_tokenizer
+from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
 __all__ = [
     "build_base_pipeline",
@@ -69,9 +73,10 @@ def _unknown(kind: str, name: str, known: Sequence[str]) -> InputUnavailableErro
     return InputUnavailableError(f"unknown built-in {kind} {name!r}; {hint}")
 
 
-def _vae() -> AutoencoderKL:
+def _vae(**flux: Any) -> AutoencoderKL:
     """Three blocks: 4× downsampling, so 64 px images are 16×16 latents (a 2-block VAE gives 32×32
-    latents, and 1024-token self-attention made a demo grid take over a minute on 2 CPU cores)."""
+    latents, and 1024-token self-attention made a demo grid take over a minute on 2 CPU cores).
+    ``flux``: FLUX.1's VAE settings (no quant convs, shift and scaling factors)."""
     return AutoencoderKL(
         block_out_channels=(32, 32, 64),
         in_channels=3,
@@ -81,6 +86,7 @@ def _vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=32,
         sample_size=64,
+        **flux,
     )
 
 
@@ -195,7 +201,64 @@ def _build_sdxl() -> StableDiffusionXLPipeline:
     )
 
 
-_BUILDERS = {"sd1": _build_sd, "sdxl": _build_sdxl}
+def _build_flux() -> FluxPipeline:
+    """FLUX.1-dev-like: 2 double + 2 single blocks of width 32 (guidance embedding), CLIP + T5,
+    flow-matching Euler with dynamic shifting. 64 px images are 16×16 latents packed into 8×8 tokens."""
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    tok, tok_2 = build_clip_tokenizer(), build_t5_tokenizer()
+    torch.manual_seed(_BASE_SEED + 21)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels × 2×2 packing
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+    torch.manual_seed(_BASE_SEED + 22)
+    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    torch.manual_seed(_BASE_SEED + 23)
+    text_encoder = CLIPTextModel(_clip_config(len(tok), tok))
+    torch.manual_seed(_BASE_SEED + 24)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok_2),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tok_2,
+        transformer=transformer,
+    )
+
+
+_BUILDERS = {"sd1": _build_sd, "sdxl": _build_sdxl, "flux": _build_flux}
 
 
 def build_base_pipeline(name: str) -> DiffusionPipeline:
@@ -257,16 +320,22 @@ def builtin_lora_path(name: str) -> Path:
     with _build_lock():
         if not materialized_lora(name):
             pipe = build_base_pipeline(spec.base)  # only module names and shapes are used
-            writer = make_peft_lora if spec.layout == "peft" else make_kohya_lora
+            flux = BUILTIN_BASES[spec.base].family == "flux"
             with atomic_file(final) as tmp:
-                writer(
-                    pipe,
-                    tmp,
-                    rank=spec.rank,
-                    alpha=spec.alpha,
-                    seed=spec.seed,
-                    text_encoders=spec.text_encoders,
-                )
+                common: dict[str, Any] = {
+                    "rank": spec.rank,
+                    "alpha": spec.alpha,
+                    "seed": spec.seed,
+                    "text_encoders": spec.text_encoders,
+                }
+                if spec.layout == "peft" and flux:
+                    make_peft_lora(pipe, tmp, **common, targets=FLUX_PEFT_TARGETS)
+                elif spec.layout == "peft":
+                    make_peft_lora(pipe, tmp, **common)
+                elif flux:
+                    make_flux_lora(pipe, tmp, layout=spec.layout, **common)
+                else:
+                    make_kohya_lora(pipe, tmp, **common)
                 _finish_file(tmp)
     return final
 

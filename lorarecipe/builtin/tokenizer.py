@@ -1,4 +1,4 @@
-"""An offline CLIP tokenizer built from an in-memory vocabulary (no Hub, no files).
+"""Offline CLIP and T5 tokenizers built from an in-memory vocabulary (no Hub, no files).
 
 Input: a tuple of words. Output: a ``transformers.CLIPTokenizer`` whose vocabulary is the 256 GPT-2
 byte characters, the same 256 with ``</w>``, one token per *suffix* of every word (so each word is one
@@ -11,6 +11,10 @@ an unknown word falls back to suffix pieces and single bytes (never to ``<|endof
 
 Trap (transformers 5): ``CLIPTokenizer(vocab_file=..., merges_file=...)`` silently ignores both files
 and builds a 2-entry vocabulary; merges must be passed as tuples, not ``"a b"`` strings.
+
+The T5 tokenizer (FLUX.1's second encoder) is a Unigram model over ``<pad>``, ``</s>``, ``<unk>``, ``▁``
+and ``▁word`` for the same words, so no sentencepiece model file is needed; unknown words become
+``<unk>``.
 """
 
 from __future__ import annotations
@@ -19,13 +23,22 @@ from functools import cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, T5Tokenizer
 
-__all__ = ["BOS_TOKEN", "DEFAULT_WORDS", "EOS_TOKEN", "MODEL_MAX_LENGTH", "build_clip_tokenizer"]
+__all__ = [
+    "BOS_TOKEN",
+    "DEFAULT_WORDS",
+    "EOS_TOKEN",
+    "MODEL_MAX_LENGTH",
+    "T5_MAX_LENGTH",
+    "build_clip_tokenizer",
+    "build_t5_tokenizer",
+]
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
+T5_MAX_LENGTH = 512
 _EOW = "</w>"
 
 #: Words a demo prompt is likely to use. Changing this list changes the built-in bytes
@@ -102,3 +115,12 @@ def build_clip_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS) -> CLIPTokenize
 
     vocab, merges = clip_vocab(words)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH)
+
+
+def build_t5_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS) -> T5Tokenizer:
+    """Words -> a working ``T5Tokenizer`` (Unigram, one token per word, model_max_length 512), offline."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + word, -1.0) for word in words]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)

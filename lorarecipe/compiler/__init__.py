@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LorarecipeError, Problem, RecipeCompileError
+from ..families import GridCall, get_family
 from ..plan import (
     Check,
     CheckpointLayout,
@@ -33,6 +34,7 @@ from ..plan import (
 from ..recipe.load import LoadedRecipe, RecipeBuild, load_recipe
 from ..recipe.models import ComponentWeights, GridOutput, LoraOutput, PipelineOutput, SingleFileOutput
 from ..recipe.vocabulary import FAMILIES
+from .block_weights import canonical_component_weights
 from .context import CompileContext
 from .estimates import estimate_memory
 from .inputs import InputFacts, check_inputs
@@ -43,9 +45,9 @@ from .references import check_references
 __all__ = ["compile_recipe", "compile_recipe_file"]
 
 
-def _weight_value(weight: Any) -> Any:
+def _weight_value(weight: Any, family: str | None) -> Any:
     if isinstance(weight, ComponentWeights):
-        return _freeze(weight.model_dump(exclude_none=True))
+        return _freeze(canonical_component_weights(weight.model_dump(exclude_none=True), family))
     return float(weight)
 
 
@@ -119,7 +121,7 @@ def _steps(
     mix_weights: dict[str, Any] = {}
     if recipe.set_adapters is not None:
         pairs = recipe.set_adapters.pairs()
-        mix_weights = {n: _weight_value(w) for n, w in pairs}
+        mix_weights = {n: _weight_value(w, inputs.family) for n, w in pairs}
         steps.append(
             SetAdapters(
                 id="mix",
@@ -215,7 +217,7 @@ def _grid_step(ctx: CompileContext, name: str, out: GridOutput, path: str, famil
         negative_prompt=out.negative_prompt,
         seeds=tuple(out.seeds),
         steps=out.steps,
-        guidance=float(out.guidance),
+        guidance=float(out.guidance if out.guidance is not None else _grid_call(family).default_guidance),
         width=width,
         height=height,
         variants=tuple(out.variants),
@@ -224,8 +226,49 @@ def _grid_step(ctx: CompileContext, name: str, out: GridOutput, path: str, famil
         sweep_lora_scale=tuple(out.sweep.lora_scale) if out.sweep and out.sweep.lora_scale else None,
         trigger_words=words if out.trigger_words else (),
         threads=out.threads,
+        true_cfg_scale=out.true_cfg_scale,
         compile=out.compile,
     )
+
+
+def _grid_call(family: str | None) -> GridCall:
+    known = get_family(family)
+    return known.grid if known is not None else FAMILIES["sd1"].grid
+
+
+def _adapter_components(
+    ctx: CompileContext, inputs: InputFacts, name: str, seen: frozenset[str]
+) -> set[str] | None:
+    """The components one adapter or merge adapts, from the LoRA headers; None when unknown yet."""
+    merge = ctx.recipe.merges.get(name)
+    if merge is None:
+        facts = inputs.adapters.get(name)
+        return set(facts.info.components) if facts is not None and facts.info is not None else None
+    found: set[str] = set()
+    for dep, _ in merge.pairs():
+        part = set() if dep in seen else _adapter_components(ctx, inputs, dep, seen | {name})
+        if part is None:
+            return None
+        found |= part
+    return found & set(merge.components) if merge.components else found
+
+
+def _fused_components(ctx: CompileContext, inputs: InputFacts) -> set[str] | None:
+    """The components the fuse changes, from the LoRA headers; None when a header is not available
+    yet (an uncached hub LoRA)."""
+    recipe = ctx.recipe
+    if recipe.fuse is None:
+        return set()
+    names = recipe.fuse.adapters or [
+        n for n, _ in (recipe.set_adapters.pairs() if recipe.set_adapters else [])
+    ]
+    found: set[str] = set()
+    for name in names:
+        part = _adapter_components(ctx, inputs, name, frozenset())
+        if part is None:
+            return None
+        found |= part
+    return {c for c in found if recipe.fuse.components is None or c in recipe.fuse.components}
 
 
 def _check_edges(steps: list[Step]) -> None:
@@ -246,7 +289,7 @@ def compile_recipe(
     ctx = CompileContext(loaded, build, allow_read=tuple(allow_read))
     inputs = check_inputs(ctx)
     order = check_references(ctx, inputs)
-    paths = check_outputs(ctx, inputs.family)
+    paths = check_outputs(ctx, inputs.family, _fused_components(ctx, inputs))
     publish = check_publish(ctx, build.recipe.name or loaded.name)
     if ctx.errors:
         raise RecipeCompileError(ctx.errors[0].message, ctx.problems)

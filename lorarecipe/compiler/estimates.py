@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..families import get_family
+from ..families.original_names import match_lora_module, split_heights
 from .inputs import InputFacts
 
 __all__ = ["RUNTIME_OVERHEAD_BYTES", "estimate_memory"]
@@ -25,7 +27,10 @@ _DTYPE_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _lora_sizes(inputs: InputFacts) -> tuple[int, int] | None:
-    """(bytes of all LoRA factors in fp32, fp32 bytes of the largest weight a LoRA targets)."""
+    """(bytes of all LoRA factors in fp32, fp32 bytes of the largest weight a LoRA targets). A fused
+    original-layout module (FLUX.1 qkv, linear1) is held as one LoRA per diffusers part, each with
+    its own copy of the down factor."""
+    family = get_family(inputs.family)
     total = largest = 0
     for facts in inputs.adapters.values():
         if facts.info is None:
@@ -34,8 +39,19 @@ def _lora_sizes(inputs: InputFacts) -> tuple[int, int] | None:
             kernel = 1
             for k in module.kernel:
                 kernel *= k
-            total += 4 * module.rank * (module.in_features + module.out_features) * kernel
-            largest = max(largest, 4 * module.in_features * module.out_features * kernel)
+            parts, tallest = 1, module.out_features
+            found = (
+                match_lora_module(family, module.name)
+                if family is not None and family.original_modules
+                else None
+            )
+            if found is not None and len(found.diffusers) > 1:
+                heights = split_heights(
+                    found.split, len(found.diffusers), module.in_features, module.out_features
+                )
+                parts, tallest = len(found.diffusers), max(heights or (module.out_features,))
+            total += 4 * module.rank * (module.in_features * parts + module.out_features) * kernel
+            largest = max(largest, 4 * module.in_features * tallest * kernel)
     return total, largest
 
 

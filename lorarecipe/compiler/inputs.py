@@ -8,13 +8,17 @@ already in the local Hugging Face cache, otherwise reported as "unchecked until 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ..builtin.catalog import BUILTIN_BASES, BUILTIN_LORAS, builtin_inventory
 from ..diagnostics import did_you_mean
 from ..errors import LorarecipeError
+from ..families import family_label, get_family
+from ..families.original_names import blocks_touched, lora_targets
 from ..fs.hubcache import cached_file, cached_snapshot
 from ..fs.paths import check_input, resolve_input
 from ..inspect import (
@@ -181,8 +185,10 @@ def _check_base(ctx: CompileContext) -> InputFacts:
                 config_source = Source("hub", spec.config)
             else:
                 config_dir = _local(ctx, ("base", "config"), spec.config, want_dir=True)
-                if config_dir is not None:
-                    _inspect(ctx, ("base", "config"), lambda: check_model_index(config_dir))
+                if config_dir is not None and _inspect(
+                    ctx, ("base", "config"), lambda: check_model_index(config_dir)
+                ):
+                    info = _with_config_components(ctx, info, config_dir)
     detected = info.family if info else None
     if declared and detected and declared != detected:
         ctx.error(
@@ -213,6 +219,22 @@ def _check_base(ctx: CompileContext) -> InputFacts:
             )
         )
     return InputFacts(source, family, info, base_path, config_source)
+
+
+def _with_config_components(ctx: CompileContext, info: BaseInfo | None, config_dir: Path) -> BaseInfo | None:
+    """A single file without some components (FLUX.1's holds the transformer only): the pipeline
+    takes the others from the config folder, so the static checks see them there."""
+    if info is None:
+        return None
+    folder = _inspect(ctx, ("base", "config"), lambda: inspect_diffusers_folder(config_dir))
+    if folder is None:
+        return info
+    extra = {k: v for k, v in folder.components.items() if k not in info.components}
+    return (
+        dataclasses.replace(info, components=MappingProxyType({**info.components, **extra}))
+        if extra
+        else info
+    )
 
 
 def _inspect(ctx: CompileContext, path: tuple[Any, ...], fn: Any) -> Any:
@@ -265,6 +287,18 @@ def _adapter_header(ctx: CompileContext, name: str, spec: Any) -> AdapterFacts:
     return facts
 
 
+def _family_mismatch(info: LoraInfo, inputs: InputFacts) -> str:
+    """'the LoRA is a Qwen-Image LoRA (why) but the base is FLUX.1 (why)', as the compat check words it."""
+    base = inputs.base_info
+    if base is not None and base.family == inputs.family:
+        conflict = check_lora_against_base(info, base).family_conflict
+        if conflict is not None:
+            return conflict
+    lora, base_label = family_label(info.family), family_label(inputs.family)
+    article = "an" if lora.startswith("S") else "a"
+    return f"the LoRA is {article} {lora} LoRA ({info.family_evidence}) but the base is {base_label}"
+
+
 def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any) -> None:
     where = ("adapters", name)
     facts = _adapter_header(ctx, name, spec)
@@ -282,6 +316,9 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
         )
         return
     if info is None:
+        return
+    if info.unsupported and info.family and inputs.family and info.family != inputs.family:
+        ctx.error(where, _family_mismatch(info, inputs), on_key=True)  # the more basic problem
         return
     if info.unsupported:
         ctx.error(where, f"cannot load this LoRA: {info.unsupported}", on_key=True)
@@ -331,29 +368,44 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
                 on_key=True,
             )
     elif info.family and inputs.family and info.family != inputs.family:
-        ctx.error(
-            where,
-            f"this is a {FAMILIES[info.family].label} LoRA ({info.family_evidence}) but the base is "
-            f"{FAMILIES[inputs.family].label}",
-            on_key=True,
-        )
+        ctx.error(where, _family_mismatch(info, inputs), on_key=True)
         compat_ok = False
     if compat_ok:
+        blocks, fused = _blocks(info, inputs.family)
         ctx.checks.append(
             Check(
                 f"adapters.{name}",
                 "ok",
                 f"{facts.source.describe()}: {info.format}, {len(info.modules)} modules in "
-                f"{', '.join(info.components)}, rank {'/'.join(map(str, info.ranks))}",
+                f"{', '.join(info.components)}, rank {'/'.join(map(str, info.ranks))}"
+                + (f"; {blocks}" if blocks else "")
+                + (f"; {fused} fused original-layout modules split by lorarecipe" if fused else ""),
                 (
                     ("format", info.format),
                     ("modules", len(info.modules)),
                     ("components", info.components),
                     ("ranks", info.ranks),
                     ("family", info.family),
+                    *((("blocks", blocks), ("fused_modules", fused)) if blocks else ()),
                 ),
             )
         )
+
+
+def _blocks(info: LoraInfo, family_key: str | None) -> tuple[str | None, int]:
+    """Which blocks of a block-grouped denoiser a LoRA touches ('double_blocks 0-18, …'), and how
+    many of its modules are fused original-layout ones (FLUX.1 qkv, linear1); (None, 0) otherwise."""
+    family = get_family(family_key)
+    if family is None or not family.block_groups:
+        return None, 0
+    modules: list[str] = []
+    fused = 0
+    for module in info.modules:
+        if module.component == family.denoiser:
+            targets, split = lora_targets(family, module.name)
+            modules.extend(targets)
+            fused += split
+    return (blocks_touched(family, modules) if modules else None), fused
 
 
 def check_inputs(ctx: CompileContext) -> InputFacts:

@@ -104,12 +104,47 @@ def _check_grid(ctx: CompileContext, name: str, spec: GridOutput, family: str | 
             "use fewer prompts, seeds, variants or sweep values",
             on_key=True,
         )
+    known = FAMILIES.get(family or "")
+    if known is not None and known.grid.negative_prompt == "native" and spec.true_cfg_scale is not None:
+        ctx.error(
+            (*where, "true_cfg_scale"),
+            f"{known.label} always uses classifier-free guidance: set 'guidance' instead",
+            on_key=True,
+        )
+    distilled = known is not None and known.grid.negative_prompt == "true_cfg"
+    if known is not None and distilled and spec.negative_prompt and spec.true_cfg_scale is None:
+        ctx.error(
+            (*where, "negative_prompt"),
+            f"{known.label} is guidance-distilled: it has no negative prompt without true CFG",
+            "add true_cfg_scale (> 1, e.g. 4.0: two passes per step), or remove negative_prompt",
+            on_key=True,
+        )
     if family is None and spec.size is None and ctx.recipe.base.builtin is None:
         ctx.warn((*where, "size"), "image size will be the pipeline's default (family unknown until fetched)")
 
 
-def check_outputs(ctx: CompileContext, family: str | None) -> dict[str, str]:
-    """Check every output; returns output name -> normalized relative path."""
+def _single_file_problem(family: str, fused: set[str] | None) -> tuple[str, str] | None:
+    info = FAMILIES[family]
+    if not info.single_file:
+        supported = ", ".join(f.label for f in FAMILIES.values() if f.single_file)
+        return (
+            f"single-file checkpoints are supported for {supported}, not {info.label}",
+            "use kind: pipeline",
+        )
+    lost = sorted((fused or set()) - set(info.single_file_components))
+    if lost:
+        holds = ", ".join(info.single_file_components)
+        return (
+            f"a {info.label} single file holds the {holds} only (as the original checkpoint does), but the "
+            f"fuse also changes {', '.join(lost)}",
+            f"set fuse.components: [{holds}], or write the fused {', '.join(lost)} with kind: pipeline",
+        )
+    return None
+
+
+def check_outputs(ctx: CompileContext, family: str | None, fused: set[str] | None = None) -> dict[str, str]:
+    """Check every output; returns output name -> normalized relative path. ``fused``: the components
+    the fuse changes, when the LoRA headers tell."""
     normalized = _check_paths(ctx)
     names = set(ctx.recipe.adapters) | set(ctx.recipe.merges)
     for name, spec in ctx.recipe.outputs.items():
@@ -120,13 +155,9 @@ def check_outputs(ctx: CompileContext, family: str | None) -> dict[str, str]:
                 f"a {spec.kind} output saves the fused checkpoint, but the recipe has no 'fuse' section",
                 "add 'fuse:' (with adapters and lora_scale) or remove this output",
             )
-        if isinstance(spec, SingleFileOutput) and family is not None and not FAMILIES[family].single_file:
-            ctx.error(
-                (*where, "kind"),
-                f"single-file checkpoints are supported for SD 1.x, SD 2.x and SDXL, not "
-                f"{FAMILIES[family].label}",
-                "use kind: pipeline",
-            )
+        problem = _single_file_problem(family, fused) if family is not None else None
+        if isinstance(spec, SingleFileOutput) and problem is not None:
+            ctx.error((*where, "kind"), problem[0], problem[1])
         if isinstance(spec, LoraOutput):
             if spec.adapter not in names:
                 ctx.error(
@@ -134,10 +165,13 @@ def check_outputs(ctx: CompileContext, family: str | None) -> dict[str, str]:
                     f"unknown adapter {spec.adapter!r}",
                     did_you_mean(spec.adapter, names) or f"known: {', '.join(sorted(names))}",
                 )
-            if spec.layout == "kohya" and family is not None and FAMILIES[family].denoiser != "unet":
+            info = FAMILIES.get(family or "")
+            kohya = info is not None and (info.denoiser == "unet" or bool(info.original_modules))
+            if spec.layout == "kohya" and info is not None and not (kohya and info.kohya_prefixes):
+                writable = ", ".join(f.label for f in FAMILIES.values() if f.kohya_prefixes)
                 ctx.error(
                     (*where, "layout"),
-                    f"kohya layout export is implemented for UNet families, not {FAMILIES[family].label}",
+                    f"kohya layout export is implemented for {writable}, not {info.label}",
                     "use layout: diffusers",
                 )
         if isinstance(spec, GridOutput):

@@ -17,6 +17,7 @@ from typing import Any
 from ..diagnostics import did_you_mean
 from ..recipe.models import ComponentWeights, UnetBlockWeights
 from ..recipe.vocabulary import COMBINATION_TYPES, FAMILIES, RESERVED_VARIANTS, lone_adapter_merge_is_exact
+from .block_weights import check_transformer_blocks
 from .context import CompileContext
 from .inputs import InputFacts, component_ranks
 
@@ -212,10 +213,10 @@ def _check_merges(ctx: CompileContext, inputs: InputFacts) -> list[str]:
     return order
 
 
-def _check_weight(ctx: CompileContext, where: tuple[Any, ...], weight: Any, family: str | None) -> None:
+def _check_weight(ctx: CompileContext, where: tuple[Any, ...], weight: Any, inputs: InputFacts) -> None:
     if not isinstance(weight, ComponentWeights):
         return
-    info = FAMILIES.get(family or "")
+    info = FAMILIES.get(inputs.family or "")
     for comp in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
         value = getattr(weight, comp)
         if value is None:
@@ -238,6 +239,12 @@ def _check_weight(ctx: CompileContext, where: tuple[Any, ...], weight: Any, fami
                 "per-block weights only work on UNet models (diffusers ignores them on transformers)",
                 on_key=True,
             )
+        if (
+            comp == "transformer"
+            and isinstance(value, dict)
+            and (info is None or comp in info.lora_components)
+        ):
+            check_transformer_blocks(ctx, (*where, comp), value, inputs)
 
 
 def _check_mix_and_fuse(ctx: CompileContext, inputs: InputFacts) -> None:
@@ -253,7 +260,7 @@ def _check_mix_and_fuse(ctx: CompileContext, inputs: InputFacts) -> None:
                 where = ("set_adapters", "weights", i)
             else:
                 where = ("set_adapters", "weights")
-            _check_weight(ctx, where, weight, inputs.family)
+            _check_weight(ctx, where, weight, inputs)
     fuse = ctx.recipe.fuse
     if fuse is not None:
         if fuse.adapters is None and mix is None:

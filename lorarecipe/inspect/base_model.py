@@ -18,8 +18,8 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import InputUnavailableError, UnsafeInputError
+from ..families import FAMILIES, family_label, family_of_pipeline
 from ..fs.json_files import parse_json, read_json
-from ..recipe.vocabulary import FAMILIES
 from .safetensors_header import DTYPE_BITS, PICKLE_SUFFIXES, SafetensorsHeader, read_header
 
 __all__ = [
@@ -33,33 +33,17 @@ __all__ = [
 ]
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
-_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3", "flux": "FLUX.1"}
 _CROSS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-_SD_PIPELINES = (
-    "StableDiffusionPipeline",
-    "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
-)
+_SD_PIPELINES = FAMILIES["sd1"].pipeline_classes  # shared by SD 1.x and 2.x: told apart by shapes
+#: model_index.json class -> family, for the classes only one family uses
 PIPELINE_FAMILIES: Mapping[str, str] = MappingProxyType(
     {
-        "StableDiffusionXLPipeline": "sdxl",
-        "StableDiffusionXLImg2ImgPipeline": "sdxl",
-        "StableDiffusionXLInpaintPipeline": "sdxl",
-        "StableDiffusion3Pipeline": "sd3",
-        "StableDiffusion3Img2ImgPipeline": "sd3",
-        "StableDiffusion3InpaintPipeline": "sd3",
-        "FluxPipeline": "flux",
-        "FluxImg2ImgPipeline": "flux",
-        "FluxInpaintPipeline": "flux",
+        cls: family.key
+        for family in FAMILIES.values()
+        for cls in family.pipeline_classes
+        if family_of_pipeline(cls) == family.key
     }
 )
-_FAMILY_PIPELINE = {
-    "sd1": "StableDiffusionPipeline",
-    "sd2": "StableDiffusionPipeline",
-    "sdxl": "StableDiffusionXLPipeline",
-    "sd3": "StableDiffusion3Pipeline",
-    "flux": "FluxPipeline",
-}
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 
@@ -243,7 +227,7 @@ def _folder_family(
 ) -> tuple[str | None, str]:
     if class_name is not None and class_name in PIPELINE_FAMILIES:
         family = PIPELINE_FAMILIES[class_name]
-        return family, f"model_index.json names {class_name} ({_LABELS[family]})"
+        return family, f"model_index.json names {class_name} ({family_label(family)})"
     if class_name not in _SD_PIPELINES:
         return None, f"model_index.json names {class_name!r}, not a pipeline lorarecipe knows"
     width: Any = None
@@ -261,7 +245,7 @@ def _folder_family(
             f"{class_name} with {source} {width}: neither SD 1.x (768) nor SD 2.x (1024), "
             "e.g. a tiny test model"
         )
-    return found, f"{class_name} with {source} {width} ({_LABELS[found]})"
+    return found, f"{class_name} with {source} {width} ({family_label(found)})"
 
 
 def _cross_width(tensors: Mapping[str, tuple[str, tuple[int, ...]]], prefix: str) -> int | None:
@@ -343,7 +327,7 @@ def _single_family(keys: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[str
     for prefix in ("model.diffusion_model.", ""):
         width = _cross_width(keys, prefix)
         if width in _CROSS:
-            return _CROSS[width], f"UNet attn2.to_k input width {width} ({_LABELS[_CROSS[width]]})"
+            return _CROSS[width], f"UNet attn2.to_k input width {width} ({family_label(_CROSS[width])})"
     return None, "no known LDM/SGM/BFL/MMDiT key layout"
 
 
@@ -351,7 +335,8 @@ Table = dict[str, tuple[str, tuple[int, ...]]]
 
 
 def _split_single(header: SafetensorsHeader, family: str | None) -> dict[str, Table]:
-    denoiser = "transformer" if family in ("flux", "sd3") else "unet"
+    known = FAMILIES.get(family or "")
+    denoiser = known.denoiser if known is not None else "unet"
     t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
     parts: dict[str, Table] = {}
     for key, info in header.tensors.items():
@@ -381,7 +366,7 @@ def inspect_single_file(path: Path) -> BaseInfo:
         "single_file",
         family,
         evidence,
-        _FAMILY_PIPELINE.get(family or ""),
+        FAMILIES[family].pipeline_class if family is not None and family in FAMILIES else None,
         _denoiser_dtype(components),
         MappingProxyType(components),
         header.total_tensor_bytes,

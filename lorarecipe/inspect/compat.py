@@ -2,9 +2,12 @@
 right shape? Names and shapes only, so ``validate`` can catch a wrong-family LoRA in milliseconds.
 
 Diffusers-style names map to ``<module>.weight``; kohya's flattened names are looked up in an
-index of the base keys with dots replaced by underscores. When a component's names cannot be
-mapped at all (e.g. SGM-named kohya on a diffusers folder) the report says so instead of
-calling every module missing.
+index of the base keys with dots replaced by underscores; names in a family's original layout
+(FLUX.1's BFL ``double_blocks.0.img_attn.qkv``, kohya- or XLabs-named) map through the family's
+module table onto the diffusers modules they hold, each part checked for its shape. A component
+the family does not load LoRAs into (FLUX.1's T5) is reported, not skipped. When a component's
+names cannot be mapped at all (e.g. SGM-named kohya on a diffusers folder) the report says so
+instead of calling every module missing.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..families import Family, family_label, get_family
+from ..families.original_names import match_lora_module, original_place, split_heights
 from .base_model import BaseInfo
 from .lora_keys import COMPONENT_ORDER, LoraInfo, LoraModule
 
 __all__ = ["MAX_LISTED", "CompatReport", "check_lora_against_base"]
 
 MAX_LISTED = 20
-_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3", "flux": "FLUX.1"}
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 Tensors = Mapping[str, tuple[str, tuple[int, ...]]]
@@ -91,6 +95,40 @@ def _describe(in_features: int, out_features: int, kernel: tuple[int, ...]) -> s
     return f"{in_features}→{out_features}{suffix}"
 
 
+def _original_problem(family: Family, module: LoraModule, index: _KeyIndex) -> tuple[str, str | None] | None:
+    """An original-layout module on a diffusers base: None when it is no such name (or the base lacks
+    its modules), else (its first diffusers key, None when every part fits or the first misfit)."""
+    found = match_lora_module(family, module.name)
+    if found is None:
+        return None
+    keys = [f"{name}.weight" for name in found.diffusers]
+    if any(key not in index.tensors for key in keys):
+        return None  # not this base's layout: reported as missing by the caller
+    heights = split_heights(found.split, len(keys), module.in_features, module.out_features)
+    for key, height in zip(keys, heights or (0,) * len(keys), strict=True):
+        shape = index.tensors[key][1]
+        if len(shape) != 2 or shape != (height, module.in_features):
+            theirs = _describe(shape[1] if len(shape) > 1 else 0, shape[0] if shape else 0, ())
+            return keys[0], f"{key[: -len('.weight')]} ({found.original}) {theirs}"
+    return keys[0], None
+
+
+def _stored_problem(family: Family, module: LoraModule, index: _KeyIndex) -> tuple[str, str | None] | None:
+    """A diffusers-named module on a base stored in the original layout (a BFL single file): None when
+    the name has no original place there, else (the original key, None when its rows fit or why not)."""
+    place = original_place(family, f"{module.name}.weight")
+    if place is None or place.key not in index.tensors:
+        return None
+    shape = index.tensors[place.key][1]
+    if len(shape) != 2:
+        return place.key, f"{place.key} is not a matrix"
+    heights = split_heights(place.split, place.parts, shape[1], shape[0])
+    height = heights[place.part] if heights is not None else -1
+    if (module.out_features, module.in_features) != (height, shape[1]):
+        return place.key, f"{place.key} part {place.part + 1}/{place.parts} {_describe(shape[1], height, ())}"
+    return place.key, None
+
+
 def _label(module: LoraModule) -> str:
     return module.name if module.component in ("unet", "transformer") else f"{module.component}.{module.name}"
 
@@ -98,7 +136,7 @@ def _label(module: LoraModule) -> str:
 def _family_conflict(lora: LoraInfo, base: BaseInfo) -> str | None:
     if lora.family is None or base.family is None or lora.family == base.family:
         return None
-    lora_label, base_label = _LABELS.get(lora.family, lora.family), _LABELS.get(base.family, base.family)
+    lora_label, base_label = family_label(lora.family), family_label(base.family)
     article = "an" if lora_label.startswith("S") else "a"  # "an SDXL", "a FLUX.1"
     return (
         f"the LoRA is {article} {lora_label} LoRA ({lora.family_evidence}) but the base is {base_label} "
@@ -112,6 +150,7 @@ def check_lora_against_base(lora: LoraInfo, base: BaseInfo) -> CompatReport:
     for module in lora.modules:
         by_component.setdefault(module.component, []).append(module)
     indexes = {name: _KeyIndex(c.tensors, name in _TEXT_ENCODERS) for name, c in base.components.items()}
+    family = get_family(base.family)
     matched, total = 0, 0
     missing: list[str] = []
     mismatches: list[str] = []
@@ -122,20 +161,39 @@ def check_lora_against_base(lora: LoraInfo, base: BaseInfo) -> CompatReport:
             total += len(modules)
             missing += [f"{_label(m)} (the base has no {component})" for m in modules]
             continue
+        if family is not None and component in indexes and component not in family.lora_components:
+            total += len(modules)
+            loads = ", ".join(family.lora_components)
+            missing += [f"{_label(m)} ({family.label} loads LoRAs only into {loads})" for m in modules]
+            continue
         searched = [indexes[component]] if component in indexes else list(indexes.values())
         found: list[tuple[LoraModule, str, _KeyIndex]] = []
         absent: list[LoraModule] = []
+        originals: list[tuple[LoraModule, str | None]] = []  # original-layout modules: (module, problem)
         for module in modules:
             hit = next(((key, index) for index in searched if (key := index.find(module.name))), None)
-            if hit is None:
-                absent.append(module)
-            else:
+            original = None
+            if hit is None and family is not None and family.original_modules and component in indexes:
+                original = _original_problem(family, module, indexes[component]) or _stored_problem(
+                    family, module, indexes[component]
+                )
+            if hit is not None:
                 found.append((module, hit[0], hit[1]))
-        if not found:
+            elif original is not None:
+                originals.append((module, original[1]))
+            else:
+                absent.append(module)
+        if not found and not originals:
             unchecked.append(component)  # names in a scheme this base does not use: cannot tell
             continue
         total += len(modules)
         missing += [_label(m) for m in absent]
+        for module, problem in originals:
+            if problem is None:
+                matched += 1
+            else:
+                ours = _describe(module.in_features, module.out_features, module.kernel)
+                mismatches.append(f"{_label(module)}: LoRA {ours}, base {problem}")
         for module, key, index in found:
             shape = index.tensors[key][1]
             if _shape_problem(module, shape) is None:

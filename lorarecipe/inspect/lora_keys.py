@@ -14,7 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..families import FAMILIES
+from ..families.original_names import match_lora_module
 from ..fs.json_files import JsonFileError, parse_json
+from .lora_family import detect_family
 from .safetensors_header import SafetensorsHeader, TensorInfo
 
 __all__ = ["COMPONENT_ORDER", "LoraInfo", "LoraModule", "inspect_lora"]
@@ -62,12 +65,6 @@ _DIT_HEADS = (
     "final_layer",
 )
 _KOHYA_STARTS = tuple(prefix for prefix, _ in _KOHYA_PREFIXES)
-_FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3", "flux": "FLUX.1"}
-_CROSS_WIDTHS = {
-    768: ("sd1", "SD 1.x text encoder"),
-    1024: ("sd2", "SD 2.x text encoder"),
-    2048: ("sdxl", "SDXL text encoders"),
-}
 
 # key -> (kind, stem, role). Order matters: the first pattern that matches wins.
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -326,7 +323,8 @@ def _prefix_problem(kind: str, stems: list[str], control: bool) -> str | None:
             "raw PEFT adapter keys ('base_model.model.' prefix): diffusers 0.42 misreads them "
             "(Flux fails, SD loads nothing); re-save with the pipeline's save_lora_weights"
         )
-    if kind == "peft" and any(s.startswith("diffusion_model.") for s in stems):
+    converted = _original_names(stems)
+    if kind == "peft" and any(s.startswith("diffusion_model.") for s in stems) and not converted:
         return (
             "'diffusion_model.' prefix with original (BFL/LDM) block names, as ai-toolkit writes: "
             "diffusers 0.42's Flux/SD loaders return it unchanged and load nothing"
@@ -337,7 +335,9 @@ def _prefix_problem(kind: str, stems: list[str], control: bool) -> str | None:
             "'lora_te_' prefixes: diffusers' SD/SDXL/Flux loaders do not read this layout"
         )
     prefixed = any(s.split(".", 1)[0] in COMPONENT_ORDER for s in stems)
-    if kind in ("peft", "diffusers_old") and not prefixed and not control:  # BFL control LoRAs are converted
+    if (
+        kind in ("peft", "diffusers_old") and not prefixed and not control and not converted
+    ):  # BFL control: converted
         return (
             "module names carry no component prefix ('unet.', 'transformer.', 'text_encoder.'): "
             "diffusers 0.42 would silently load nothing from this file"
@@ -346,6 +346,18 @@ def _prefix_problem(kind: str, stems: list[str], control: bool) -> str | None:
 
 
 _FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def _original_names(stems: list[str]) -> bool:
+    """Whether every stem is ``diffusion_model.`` + a module of a family whose original-layout LoRAs
+    lorarecipe converts itself (ai-toolkit's FLUX.1 files)."""
+    for family in FAMILIES.values():
+        if family.converts_original_loras and all(
+            s.startswith("diffusion_model.") and match_lora_module(family, s[len("diffusion_model.") :])
+            for s in stems
+        ):
+            return True
+    return False
 
 
 def _non_float_weights(header: SafetensorsHeader) -> str | None:
@@ -411,68 +423,3 @@ def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
         unrecognized_keys=tuple(unrecognized),
         metadata=header.metadata,
     )
-
-
-def detect_family(
-    modules: list[LoraModule] | tuple[LoraModule, ...], *, single_te: bool = False
-) -> tuple[str | None, str]:
-    """Modules -> (family or None, a sentence saying why). Shapes only; conservative.
-
-    ``single_te``: the file uses kohya's ``lora_te_`` prefix, which only SD 1.x/2.x LoRAs use."""
-    flat = [(m, m.name.replace(".", "_")) for m in modules]
-    dit = [(m, f) for m, f in flat if m.component == "transformer"]
-    if dit:
-        return _dit_family(dit)
-    unet = [(m, f) for m, f in flat if m.component == "unet"]
-    found = _unet_family(unet) if unet else None
-    if found:
-        return found
-    te2 = {m.in_features for m, f in flat if m.component == "text_encoder_2" and re.search(r"[qkv]_proj$", f)}
-    if te2 == {1280}:
-        return "sdxl", "a second text encoder of width 1280 (CLIP ViT-bigG, SDXL) and no denoiser evidence"
-    te_width = {
-        m.in_features for m, f in flat if m.component == "text_encoder" and re.search(r"[qkv]_proj$", f)
-    }
-    if (single_te or unet) and len(te_width) == 1 and next(iter(te_width)) in (768, 1024):
-        width = next(iter(te_width))
-        family = "sd1" if width == 768 else "sd2"
-        return family, f"single text encoder of width {width} ({_FAMILY_LABELS[family]})"
-    return None, "no shape evidence for a known family (e.g. a tiny test model or another architecture)"
-
-
-def _dit_family(dit: list[tuple[LoraModule, str]]) -> tuple[str | None, str]:
-    widths = {w for m, _ in dit for w in (m.in_features, m.out_features)}
-    heads = {re.split(r"_\d", f, maxsplit=1)[0] for _, f in dit}
-    qwen = any(re.match(r"transformer_blocks_\d+_(img|txt)_(mlp|mod)", f) for _, f in dit)
-    flux_blocks = heads & {"single_transformer_blocks", "double_blocks", "single_blocks"}
-    joint = any(re.search(r"add_[qkv]_proj|to_add_out|ff_context|norm1_context", f) for _, f in dit)
-    example = next((m.name for m, f in dit if f.startswith(tuple(flux_blocks or heads))), dit[0][0].name)
-    if 3072 in widths and not qwen and (flux_blocks or ("transformer_blocks" in heads and joint)):
-        return "flux", f"'{example}' with hidden width 3072 (FLUX.1)"
-    sd3_width = widths & {1536, 2432}
-    mmdit = ("transformer_blocks" in heads and joint) or "joint_blocks" in heads
-    if sd3_width and not flux_blocks and mmdit:
-        return "sd3", f"'{example}' with joint-attention width {min(sd3_width)} (SD 3 / 3.5)"
-    return None, (
-        f"transformer LoRA ('{example}', widths {sorted(widths)[:6]}) matches no known family "
-        "(e.g. a tiny test model or an unsupported architecture)"
-    )
-
-
-def _unet_family(unet: list[tuple[LoraModule, str]]) -> tuple[str | None, str] | None:
-    cross = {m.in_features for m, f in unet if re.search(r"attn2_to_[kv]$", f)}
-    known = {w for w in cross if w in _CROSS_WIDTHS}
-    if len(known) == 1 and known == cross:
-        width = next(iter(known))
-        family, why = _CROSS_WIDTHS[width]
-        return family, f"attn2.to_k input width {width} ({why})"
-    if cross:
-        return None, f"cross-attention input widths {sorted(cross)} match no known family (tiny test model?)"
-    if any(re.search(r"transformer_blocks_[1-9]", f) for _, f in unet):
-        return "sdxl", "UNet transformer_blocks.1+ present (SDXL stacks 2-10 transformer layers per block)"
-    widths = {m.in_features for m, _ in unet} & set(_CROSS_WIDTHS)
-    if len(widths) == 1:
-        width = next(iter(widths))
-        family, why = _CROSS_WIDTHS[width]
-        return family, f"a UNet module with input width {width} (cross-attention from the {why})"
-    return None

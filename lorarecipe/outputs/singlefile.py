@@ -1,4 +1,5 @@
-"""Fused diffusers pipeline → one single-file checkpoint in the original LDM (SD 1.x/2.x) / SGM (SDXL) layout.
+"""Fused diffusers pipeline → one single-file checkpoint in the original layout: LDM (SD 1.x/2.x), SGM
+(SDXL), BFL (FLUX.1: the transformer only, as ``flux1-dev.safetensors``).
 
 diffusers reads such files (``from_single_file``) but cannot write them. ``single_file_layout`` is
 the plan: from key names and shapes only (safetensors headers, no torch), every output tensor and the
@@ -14,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..families import FAMILIES as FAMILY_REGISTRY
 from .singlefile_names import (
     DERIVED,
     Shape,
@@ -21,6 +23,7 @@ from .singlefile_names import (
     Target,
     map_hf_clip_keys,
     map_open_clip_keys,
+    map_rule_keys,
     map_unet_keys,
     map_vae_keys,
 )
@@ -38,28 +41,16 @@ __all__ = [
     "to_single_file_state_dict",
 ]
 
-ComponentKind = Literal["unet", "vae", "hf_clip", "open_clip"]
+ComponentKind = Literal["unet", "vae", "hf_clip", "open_clip", "rules"]
 
-# family → component → (key prefix in the single file, naming scheme). The prefixes are the ones
-# diffusers' reader strips: LDM_UNET_KEY, LDM_VAE_KEYS[0], LDM_CLIP_PREFIX_TO_REMOVE, and the
-# OpenCLIP prefixes in create_diffusers_clip_model_from_ldm.
+# family → component → (key prefix in the single file, naming scheme), from each family's table. The
+# LDM/SGM prefixes are the ones diffusers' reader strips: LDM_UNET_KEY, LDM_VAE_KEYS[0],
+# LDM_CLIP_PREFIX_TO_REMOVE, the OpenCLIP prefixes in create_diffusers_clip_model_from_ldm; FLUX.1's
+# transformer is stored without a prefix, as in flux1-dev.safetensors ('rules': the family's tables).
 FAMILIES: dict[str, dict[str, tuple[str, ComponentKind]]] = {
-    "sd1": {
-        "unet": ("model.diffusion_model.", "unet"),
-        "vae": ("first_stage_model.", "vae"),
-        "text_encoder": ("cond_stage_model.transformer.", "hf_clip"),
-    },
-    "sd2": {
-        "unet": ("model.diffusion_model.", "unet"),
-        "vae": ("first_stage_model.", "vae"),
-        "text_encoder": ("cond_stage_model.model.", "open_clip"),
-    },
-    "sdxl": {
-        "unet": ("model.diffusion_model.", "unet"),
-        "vae": ("first_stage_model.", "vae"),
-        "text_encoder": ("conditioner.embedders.0.transformer.", "hf_clip"),
-        "text_encoder_2": ("conditioner.embedders.1.model.", "open_clip"),
-    },
+    key: {component: (place.prefix, place.scheme) for component, place in family.single_file_layout.items()}
+    for key, family in FAMILY_REGISTRY.items()
+    if family.single_file
 }
 
 # diffusers' reader skips these SD2 OpenCLIP keys (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE): ViT-H's last
@@ -115,7 +106,10 @@ def single_file_layout(
     unmapped: list[str] = []
     for component, shapes in components.items():
         prefix, kind = table[component]
-        targets = _map_component(kind, component, shapes, configs.get(component))
+        if kind == "rules":
+            targets = map_rule_keys(FAMILY_REGISTRY[family], shapes)
+        else:
+            targets = _map_component(kind, component, shapes, configs.get(component))
         for key, target in targets.items():
             if target is None:
                 unmapped.append(f"{component}: {key}")
@@ -170,11 +164,17 @@ def inverse_lookup(
 
 def apply_transform(tensor: torch.Tensor, transform: StoredForm | None) -> torch.Tensor:
     """A diffusers-shaped tensor (or delta) → its stored shape: CONV1X1 ``[o, i] → [o, i, 1, 1]``
-    (VAE attention, a view), TRANSPOSE ``[p, h] → [h, p]`` (OpenCLIP text_projection, contiguous)."""
+    (VAE attention, a view), TRANSPOSE ``[p, h] → [h, p]`` (OpenCLIP text_projection, contiguous),
+    SWAP_HALVES ``[a; b] → [b; a]`` (FLUX.1's final adaLN; its own inverse)."""
     if transform is None:
         return tensor
     if transform is StoredForm.CONV1X1:
         return tensor.reshape(*tensor.shape, 1, 1)
+    if transform is StoredForm.SWAP_HALVES:
+        import torch
+
+        first, second = tensor.chunk(2, dim=0)
+        return torch.cat([second, first], dim=0)
     return tensor.t().contiguous()
 
 
@@ -206,7 +206,7 @@ def _assemble(key: str, members: list[tuple[Target, Piece, Shape]]) -> OutputTen
     if parts != list(range(first.parts)) or any(m[0].parts != first.parts for m in members):
         have = ", ".join(p.key for _, p, _ in members)
         raise ValueError(f"single-file key {key!r} needs {first.parts} concatenated parts, found: {have}")
-    if len({s[1:] for _, _, s in members}) != 1 or len({s[0] for _, _, s in members}) != 1:
+    if len({s[1:] for _, _, s in members}) != 1:  # heights may differ (FLUX.1 linear1: q | k | v | mlp)
         raise ValueError(f"single-file key {key!r}: parts differ in shape {[s for _, _, s in members]}")
     pieces, start = [], 0
     for _, p, s in members:

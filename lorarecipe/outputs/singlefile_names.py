@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from ..families import Family, Split
+from ..families.original_names import original_place
 from ..recipe.vocabulary import ValueEnum
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "Target",
     "map_hf_clip_keys",
     "map_open_clip_keys",
+    "map_rule_keys",
     "map_unet_keys",
     "map_vae_keys",
 ]
@@ -36,6 +39,7 @@ class StoredForm(ValueEnum):
 
     CONV1X1 = "conv1x1"  # a Linear weight [o, i] stored as a 1×1 convolution [o, i, 1, 1] (VAE attention)
     TRANSPOSE = "transpose"  # [p, h] stored as [h, p] (OpenCLIP's text_projection)
+    SWAP_HALVES = "swap_halves"  # rows [a; b] stored as [b; a] (FLUX.1's final adaLN: scale|shift)
 
 
 class Target(NamedTuple):
@@ -319,3 +323,21 @@ def map_open_clip_keys(shapes: Mapping[str, Shape]) -> dict[str, Target | None]:
         return Target(f"transformer.resblocks.{layer}.{renamed}.{param}") if renamed else None
 
     return {key: target(key) for key in shapes}
+
+
+# ------------------------------------------------------------------------------- table-driven (DiTs)
+
+
+def map_rule_keys(family: Family, shapes: Mapping[str, Shape]) -> dict[str, Target | None]:
+    """A DiT's diffusers keys -> the family's original names, from its ModuleRule/ParamRule tables
+    (FLUX.1: the inverse of convert_flux_transformer_checkpoint_to_diffusers; fused q/k/v and
+    ``linear1`` parts are rows of one tensor, ``final_layer.adaLN_modulation.1`` has its halves swapped)."""
+    out: dict[str, Target | None] = {}
+    for key in shapes:
+        place = original_place(family, key)
+        if place is None:
+            out[key] = None
+        else:
+            swap = StoredForm.SWAP_HALVES if place.split is Split.SWAP_HALVES else None
+            out[key] = Target(place.key, place.part, place.parts, swap)
+    return out

@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 PLAN_FORMAT = 1
+OPTIONAL = "lorarecipe.optional"  # field metadata: omitted from the payload while at its default
 
 
 class Kind(ValueEnum):
@@ -140,11 +141,15 @@ class Step:
 
     def payload(self) -> dict[str, Any]:
         """Canonical content of the step: every field but those left out of comparisons (the origin,
-        execution choices)."""
+        execution choices such as a grid's ``compile``). A field added after plans were first
+        fingerprinted (metadata ``OPTIONAL``) is left out while it has its default, so the steps that
+        do not use it keep their keys."""
         doc: dict[str, Any] = {"op": self.op, "produces": self.produces.value}
         for f in fields(self):
-            if f.compare:
-                doc[f.name] = _jsonable(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if not f.compare or (f.metadata.get(OPTIONAL) and value == f.default):
+                continue
+            doc[f.name] = _jsonable(value)
         return doc
 
     def to_json(self) -> dict[str, Any]:
@@ -268,6 +273,7 @@ class RenderGrid(OutputStep):
     sweep_lora_scale: tuple[float, ...] | None = None
     trigger_words: tuple[tuple[str, tuple[str, ...]], ...] = ()  # adapter -> words, for prompts
     threads: int = 1  # torch intra-op threads while rendering: images depend on it on CPU
+    true_cfg_scale: float | None = field(default=None, metadata={OPTIONAL: True})  # FLUX.1 true CFG
     #: how to render (``none``/``regional``; None: as the build is told). An execution choice like
     #: the device, so not part of the step's key or the plan's fingerprint (``compare=False``).
     compile: str | None = field(default=None, compare=False)

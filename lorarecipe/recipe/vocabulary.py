@@ -1,7 +1,8 @@
 """The closed vocabularies of a recipe, as literal registries (no import-time magic).
 
 Everything here is data: PEFT combination types and the rules PEFT applies to them, pipeline
-families, LoRA-loadable components, dtypes, and the reserved grid-variant names. The recipe
+families (re-exported from :mod:`lorarecipe.families`, where each family is a module of tables),
+LoRA-loadable components, dtypes, and the reserved grid-variant names. The recipe
 schema, the compiler and the runner all read these tables, so a rule lives in exactly one place.
 """
 
@@ -10,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
+
+from ..families import FAMILIES as FAMILY_REGISTRY
+from ..families import Family as FamilyInfo
 
 __all__ = [
     "COMBINATION_TYPES",
@@ -122,34 +126,8 @@ CombinationType = Literal[
 ]
 
 
-@dataclass(frozen=True)
-class FamilyInfo:
-    """A pipeline family: its diffusers class and its LoRA-loadable components."""
-
-    label: str
-    pipeline_class: str
-    denoiser: str  # "unet" or "transformer"
-    lora_components: tuple[str, ...]
-    default_size: int
-    single_file: bool  # diffusers can write/read it as one file (we write LDM layout for these)
-
-
-FAMILIES: dict[str, FamilyInfo] = {
-    "sd1": FamilyInfo("SD 1.x", "StableDiffusionPipeline", "unet", ("unet", "text_encoder"), 512, True),
-    "sd2": FamilyInfo("SD 2.x", "StableDiffusionPipeline", "unet", ("unet", "text_encoder"), 768, True),
-    "sdxl": FamilyInfo(
-        "SDXL", "StableDiffusionXLPipeline", "unet", ("unet", "text_encoder", "text_encoder_2"), 1024, True
-    ),
-    "sd3": FamilyInfo(
-        "SD 3",
-        "StableDiffusion3Pipeline",
-        "transformer",
-        ("transformer", "text_encoder", "text_encoder_2"),
-        1024,
-        False,
-    ),
-    "flux": FamilyInfo("FLUX.1", "FluxPipeline", "transformer", ("transformer", "text_encoder"), 1024, False),
-}
+#: Pipeline families: the registry of :mod:`lorarecipe.families` (one module of tables per family).
+FAMILIES = FAMILY_REGISTRY
 
 Family = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]
 

@@ -11,6 +11,9 @@ not a second version). PEFT's formulas, in PEFT's order, so a float32 result is 
 - delta (``lora_product``): ``get_delta_weight`` of a Linear (``B @ A``), a 1×1 Conv2d (squeezed
   matmul) or a k×k Conv2d (``conv2d(A^T, B)^T``), then ``* scaling`` (``scaled_delta``);
 - fused (``fused_weight``): ``W.float() + Σ delta`` in fuse order, as PEFT's safe merge adds them.
+  For an output rounded below float32 (``peft_order=False``), where only the one final rounding is
+  kept, the Linear/1×1 terms are one GEMM instead, ``W.addmm_([s₁B₁ … sₙBₙ], [A₁; …; Aₙ])``: the same
+  value to float32 rounding, in one pass over the weight, without delta temporaries.
 
 ``tests/test_streaming_factors.py`` compares each delta and scaling with PEFT's own bit for bit.
 Importing this module does not import torch.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from ..errors import BuildError
@@ -80,6 +84,14 @@ class FuseTarget:
     def adapters(self) -> tuple[str, ...]:
         return tuple(t.adapter for t in self.terms)
 
+    @cached_property
+    def stacked_down(self) -> Any:
+        """The terms' ``A`` stacked, ``[A₁; …; Aₙ]`` as ``[Σr, in]`` (1×1 kernels flattened), computed
+        once per target for the one-GEMM fuse (every row chunk of the weight uses it)."""
+        import torch
+
+        return torch.cat([t.factor.a.flatten(1) for t in self.terms], dim=0)
+
 
 def native_scaling(factor: LoraFactor, weight: float, lora_scale: float) -> float:
     """PEFT's ``set_scale(weight)`` then ``scale_layer(lora_scale)``, same float operations in order."""
@@ -138,8 +150,33 @@ def scaled_delta(term: FuseTerm, rows: tuple[int, int] | None = None, out: Any =
     )  # in place: same values as product * scaling
 
 
+def _add_low_rank(weight: Any, target: FuseTarget, rows: tuple[int, int] | None) -> None:
+    """``weight += Σ sᵢ·BᵢAᵢ`` as one GEMM over the stacked factors, ``[s₁B₁ … sₙBₙ] @ [A₁; …; Aₙ]``
+    (Linear and 1×1 Conv2d terms): one pass over the weight whatever the number of adapters."""
+    import torch
+
+    ups = [t.factor.b.flatten(1) for t in target.terms]  # [out, r] (1×1 kernels flattened)
+    if rows is not None:
+        ups = [b[rows[0] : rows[1]] for b in ups]
+    down = target.stacked_down
+    out, inp = ups[0].shape[0], down.shape[1]
+    fits = all(k == 1 for k in weight.shape[2:]) and tuple(weight.shape[:2]) == (out, inp)
+    if not fits or any(b.shape[0] != out for b in ups):
+        raise BuildError(
+            f"{target.component}.{target.module_name}: LoRA delta {[out, inp]} does not fit the base "
+            f"weight {list(weight.shape)}"
+        )
+    up = torch.cat([b * t.scaling for b, t in zip(ups, target.terms, strict=True)], dim=1)
+    weight.view(out, inp).addmm_(up, down)
+
+
 def fused_weight(
-    base: Any, target: FuseTarget, rows: tuple[int, int] | None = None, scratch: Any = None, out: Any = None
+    base: Any,
+    target: FuseTarget,
+    rows: tuple[int, int] | None = None,
+    scratch: Any = None,
+    out: Any = None,
+    peft_order: bool = True,
 ) -> Any:
     """float32 ``base`` + each adapter's delta in fuse order, as PEFT's safe merge adds them.
 
@@ -148,7 +185,9 @@ def fused_weight(
     ``scratch(slot, shape)`` gives reusable float32 buffers for the result and the delta (fresh
     multi-MB allocations are page-faulted in by the kernel, which costs more than the arithmetic);
     without it they are allocated. ``out``: the float32 tensor to write the result into (when it must
-    outlive the scratch). Peak: base + result + one delta.
+    outlive the scratch). Peak: base + result + one delta. ``peft_order=False`` (outputs below
+    float32): Linear and 1×1 terms are added by one ``addmm_`` (see the module docstring); peak is base
+    + result.
     """
     import torch
 
@@ -160,7 +199,11 @@ def fused_weight(
     else:
         weight = scratch("weight", tuple(base.shape))
         weight.copy_(base)
-    for term in target.terms:
+    terms = target.terms
+    if not peft_order and len(terms) and all(t.factor.kind is not LayerKind.CONV for t in terms):
+        _add_low_rank(weight, target, rows)
+        return weight
+    for term in terms:
         shape = product_shape(term.factor, rows)
         if tuple(shape) != tuple(weight.shape):
             raise BuildError(

@@ -4,6 +4,13 @@ This deliberately shares no code with lorarecipe or diffusers' converters: keys 
 regular expressions here, alpha comes from the file (kohya ``.alpha`` tensors, PEFT
 ``lora_adapter_metadata``, or alpha = rank for the old layouts), and
 ``delta = alpha / rank · up @ down`` is computed in float64.
+
+FLUX.1 files in Black Forest Labs' names (kohya ``lora_unet_double_blocks_0_img_attn_qkv``,
+ai-toolkit ``diffusion_model.double_blocks.0.img_attn.qkv``, XLabs ``processor.qkv_lora1``) are read
+with this module's own table of the BFL layout: a fused weight's delta ``alpha/rank · up @ down`` is
+split by rows onto the diffusers modules it holds (``qkv`` = to_q | to_k | to_v, ``linear1`` = to_q |
+to_k | to_v | proj_mlp, heights read from the base's weights), and ``final_layer.adaLN_modulation.1``
+has its two row halves swapped (BFL shift|scale, diffusers scale|shift).
 """
 
 from __future__ import annotations
@@ -40,6 +47,80 @@ def read_component_weights(folder: Path, component: str) -> dict[str, torch.Tens
     for file in sorted((folder / component).glob("*.safetensors")):
         out.update(load_file(str(file)))
     return out
+
+
+_BFL_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_mod_lin": ("norm1_context.linear",),
+    "processor_qkv_lora1": ("attn.to_q", "attn.to_k", "attn.to_v"),  # XLabs
+    "processor_qkv_lora2": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "processor_proj_lora1": ("attn.to_out.0",),
+    "processor_proj_lora2": ("attn.to_add_out",),
+}
+_BFL_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+_BFL_TOP = {"final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear"}
+_BFL_KEY = re.compile(
+    r"^(?:lora_unet_|diffusion_model\.)?(?P<stem>(?:double_blocks|single_blocks)[._]\d+[._].+|final_layer[._].+)"
+    r"\.(?P<role>lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|down\.weight|up\.weight|alpha)$"
+)
+
+
+def _bfl_targets(stem: str) -> tuple[list[str], bool] | None:
+    """A BFL module name (dots or underscores) -> (its diffusers modules, halves swapped)."""
+    flat = stem.replace(".", "_")
+    if m := re.fullmatch(r"double_blocks_(\d+)_(.+)", flat):
+        parts = _BFL_DOUBLE.get(m[2])
+        return ([f"transformer_blocks.{m[1]}.{p}" for p in parts], False) if parts else None
+    if m := re.fullmatch(r"single_blocks_(\d+)_(.+)", flat):
+        parts = _BFL_SINGLE.get(m[2])
+        return ([f"single_transformer_blocks.{m[1]}.{p}" for p in parts], False) if parts else None
+    if flat in _BFL_TOP:
+        return [_BFL_TOP[flat]], flat.endswith("adaLN_modulation_1")
+    return None
+
+
+def _bfl_factors(
+    tensors: dict[str, torch.Tensor], transformer: Mapping[str, torch.Tensor]
+) -> dict[tuple[str, str], LoraFactors]:
+    """Consume a FLUX.1 file's BFL-named keys from ``tensors`` -> factors per diffusers base weight."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key in list(tensors):
+        m = _BFL_KEY.match(key)
+        if m is None or _bfl_targets(m["stem"]) is None:
+            continue
+        role = {"alpha": "alpha"}.get(
+            m["role"], "down" if m["role"].startswith(("lora_down", "lora_A", "down")) else "up"
+        )
+        groups.setdefault(m["stem"], {})[role] = tensors.pop(key)
+    factors: dict[tuple[str, str], LoraFactors] = {}
+    for stem, p in groups.items():
+        targets, swapped = _bfl_targets(stem)  # type: ignore[misc]
+        rank = p["down"].shape[0]
+        alpha = float(p["alpha"]) if "alpha" in p else float(rank)
+        up = p["up"]
+        if swapped:
+            half = up.shape[0] // 2
+            up = torch.cat([up[half:], up[:half]])
+        start = 0
+        for target in targets:
+            key = f"{target}.weight"
+            height = transformer[key].shape[0]
+            factors[("transformer", key)] = LoraFactors(p["down"], up[start : start + height], alpha, rank)
+            start += height
+        assert start == up.shape[0], f"{stem}: rows {up.shape[0]} do not split into {targets}"
+    return factors
 
 
 def _base_key(component_keys: Iterable[str], module: str, flat: bool) -> str | None:
@@ -88,6 +169,7 @@ def lora_factors(
 ) -> dict[tuple[str, str], LoraFactors]:
     """(component, base weight key) -> the file's factors and alpha, for the components in ``base``."""
     tensors = load_file(str(path))
+    bfl = _bfl_factors(tensors, base["transformer"]) if "transformer" in base else {}
     meta = read_metadata(path)
     peft_meta = json.loads(meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in meta else {}
     parts: dict[tuple[str, str, bool], dict[str, torch.Tensor]] = {}
@@ -123,7 +205,7 @@ def lora_factors(
         key = _base_key(base[component].keys(), module, flat)
         assert key is not None, f"{path.name}: no base weight for {component}.{module}"
         factors[(component, key)] = LoraFactors(p["down"], p["up"], alpha, rank)
-    return factors
+    return {**factors, **bfl}
 
 
 def lora_deltas(

@@ -324,7 +324,7 @@ def merge_oracle(
     files = [(lora_factors(path, base), weight, path) for path, weight in loras]
     out = OracleMerge()
     with torch.random.fork_rng(devices=[]):  # the replayed draws leave the caller's RNG alone
-        for component in COMPONENTS:
+        for component in base:  # SD: COMPONENTS; FLUX.1: transformer, text_encoder
             if params.components is not None and component not in params.components:
                 continue
             present = [(f, w, p) for f, w, p in files if any(m[0] == component for m in f)]

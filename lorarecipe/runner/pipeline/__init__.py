@@ -109,7 +109,7 @@ class PipelineExecutor:
                 renderers[grid.output].compiled = denoiser
         for step in plan.of_type(LoadAdapter):
             with state.step(step, f"load adapter {step.name}"):
-                loaded = load_adapter(pipe, step.name, state.inputs[step.id].path)
+                loaded = load_adapter(pipe, step.name, state.inputs[step.id].path, plan.family)
                 state.adapters[step.name] = loaded.modules
         for step in plan.of_type(MergeAdapters):
             with state.step(step, f"merge {step.name}"):
@@ -143,7 +143,7 @@ class PipelineExecutor:
         if fuse_steps and (checkpoints or any(r.needs_fused for r in renderers.values())):
             fuse = fuse_steps[0]
             with state.step(fuse, "fuse"):
-                report = fuse_adapters(pipe, fuse)
+                report = fuse_adapters(pipe, fuse, plan.family)
             check = FuseCheck(report.changed, report.expected, report.components)
             for grid in grids:
                 if renderers[grid.output].needs_fused:
@@ -165,7 +165,8 @@ class PipelineExecutor:
                     save_pipeline(pipe, final, options.stamp(step.output), hub_id, state.before_swap(step))
                     files = sorted(p for p in final.rglob("*") if p.is_file())
                 else:
-                    save_single_file(pipe, plan.family or "sd1", final, options.stamp(step.output))
+                    fused = check.components if check is not None else ()
+                    save_single_file(pipe, plan.family or "sd1", final, options.stamp(step.output), fused)
                     files = [final]
                 state.add_output(step.output, OutputRecord(self.name, files, fuse=check))
         return []

@@ -4,7 +4,9 @@ LoRA file -> adapter ``name`` injected into the pipeline, with every tensor of t
 for. Before diffusers sees the file: the header is validated, unsupported layouts (cloneofsimo,
 LyCORIS, DoRA, malformed kohya) are refused with the reason, every tensor must be finite, and the
 old attention-processor layout (which diffusers 0.42 loads as nothing) is converted to the PEFT
-layout. After loading, the LoRA modules injected per component must equal the modules in the file.
+layout, and so are LoRAs named in a family's original layout (FLUX.1's kohya/ai-toolkit/XLabs files:
+``runner.lora_conversion``). After loading, the LoRA modules injected per component must equal the
+modules in the file.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BuildError, UnsafeInputError
+from ...families import get_family
 from ...inspect import LoraInfo, inspect_lora, read_header
+from ..lora_conversion import convert_original_lora, is_original_layout
 
 __all__ = ["LoadedAdapter", "load_adapter"]
 
@@ -90,10 +94,24 @@ def _normal(name: str) -> str:
     return flat[len("text_model_") :] if flat.startswith("text_model_") else flat
 
 
-def _check_coverage(pipe: Any, name: str, info: LoraInfo, source: str) -> dict[str, int]:
+def _file_modules(info: LoraInfo) -> dict[str, set[str]]:
     expected: dict[str, set[str]] = {}
     for module in info.modules:
         expected.setdefault(module.component, set()).add(module.name)
+    return expected
+
+
+def _converted_modules(state_dict: dict[str, Any]) -> dict[str, set[str]]:
+    """``<component>.<module>.lora_A.weight`` keys -> {component: modules}."""
+    expected: dict[str, set[str]] = {}
+    for key in state_dict:
+        if key.endswith(".lora_A.weight"):
+            component, _, module = key[: -len(".lora_A.weight")].partition(".")
+            expected.setdefault(component, set()).add(module)
+    return expected
+
+
+def _check_coverage(pipe: Any, name: str, expected: dict[str, set[str]], source: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     missing: list[str] = []
     for component, names in expected.items():
@@ -134,8 +152,10 @@ def _discard(pipe: Any, name: str) -> None:
                     model.delete_adapter(name)
 
 
-def load_adapter(pipe: Any, name: str, path: Path) -> LoadedAdapter:
-    """Validate, convert if needed, load into ``pipe`` as adapter ``name``, and verify coverage."""
+def load_adapter(pipe: Any, name: str, path: Path, family: str | None = None) -> LoadedAdapter:
+    """Validate, convert if needed, load into ``pipe`` as adapter ``name``, and verify coverage.
+
+    ``family``: the base's family, whose original-layout LoRA names lorarecipe converts itself."""
     from safetensors.torch import load_file, save_file
 
     header = read_header(path)
@@ -149,20 +169,31 @@ def load_adapter(pipe: Any, name: str, path: Path) -> LoadedAdapter:
         )
     state_dict = load_file(str(path))
     _check_finite(state_dict, path.name)
+    known = get_family(family)
+    expected = _file_modules(info)
+    source: str | dict[str, Any] = str(path)
+    if known is not None and is_original_layout(known, state_dict):
+        encoders = {
+            c: [n for n, _ in getattr(pipe, c).named_modules()]
+            for c in known.lora_components
+            if c != known.denoiser and getattr(pipe, c, None) is not None
+        }
+        source = convert_original_lora(known, state_dict, encoders, path.name)
+        expected = _converted_modules(source)
     with tempfile.TemporaryDirectory(prefix="lorarecipe-adapter-") as tmp:
-        load_path = path
         if info.format == "attn_procs":
-            load_path = Path(tmp) / "converted.safetensors"
-            save_file(convert_attn_procs(state_dict), str(load_path))
+            source = str(Path(tmp) / "converted.safetensors")
+            save_file(convert_attn_procs(state_dict), source)
         del state_dict
         try:
-            pipe.load_lora_weights(
-                str(load_path), adapter_name=name, use_safetensors=True, local_files_only=True
-            )
+            if isinstance(source, dict):
+                pipe.load_lora_weights(source, adapter_name=name)
+            else:
+                pipe.load_lora_weights(source, adapter_name=name, use_safetensors=True, local_files_only=True)
         except Exception as exc:  # a file diffusers cannot read must not leave half an adapter
             _discard(pipe, name)
             raise UnsafeInputError(
                 f"{path.name}: diffusers could not load this LoRA: {type(exc).__name__}: {str(exc)[:500]}"
             ) from None
-    counts = _check_coverage(pipe, name, info, path.name)
+    counts = _check_coverage(pipe, name, expected, path.name)
     return LoadedAdapter(name, path, info, counts)

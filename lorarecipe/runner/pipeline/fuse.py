@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import BuildError
+from ...families import get_family
+from ...families.blocks import BlockWeights, block_counts_from_config, check_block_counts, parse_block_weights
 from ...plan import FuseAdapters, thaw_weight
 from .merge import lora_components
 
@@ -26,9 +28,54 @@ class FuseReport:
     components: tuple[str, ...]
 
 
-def apply_mix(pipe: Any, adapters: tuple[str, ...], weights: tuple[Any, ...]) -> None:
-    """``pipe.set_adapters(adapters, adapter_weights=weights)`` with plan weights thawed to dicts."""
-    pipe.set_adapters(list(adapters), adapter_weights=[thaw_weight(w) for w in weights])
+def block_weights(family_key: str | None, spec: Any, config: Any) -> BlockWeights:
+    """A per-block transformer spec -> BlockWeights, checked against the model's block counts (its
+    config); a BuildError names every problem (a hub base is only checked here, once loaded)."""
+    family = get_family(family_key)
+    if family is None:
+        raise BuildError("per-block transformer weights need the base's family")
+    weights, problems = parse_block_weights(family, spec)
+    if weights is not None:
+        problems = check_block_counts(weights, block_counts_from_config(family, dict(config)))
+    if weights is None or problems:
+        raise BuildError("per-block transformer weights: " + "; ".join(p.message for p in problems))
+    return weights
+
+
+def _set_block_scales(pipe: Any, family_key: str | None, specs: dict[str, Any]) -> None:
+    """Each module's PEFT scaling = its block's weight × alpha / r (``set_scale``, as set_adapters
+    sets a scalar weight), for the adapters with per-block transformer weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ...families.blocks import module_weight
+
+    family = get_family(family_key)
+    model = pipe.transformer
+    parsed = {adapter: block_weights(family_key, spec, model.config) for adapter, spec in specs.items()}
+    assert family is not None
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            for adapter, weights in parsed.items():
+                if adapter in getattr(module, "lora_A", {}):
+                    module.set_scale(adapter, module_weight(family, weights, name))
+
+
+def apply_mix(
+    pipe: Any, adapters: tuple[str, ...], weights: tuple[Any, ...], family: str | None = None
+) -> None:
+    """``pipe.set_adapters(adapters, adapter_weights=weights)`` with plan weights thawed to dicts.
+
+    Per-block transformer weights (diffusers has none for DiTs; a dict there would be matched by
+    substring) go to diffusers as 1.0, then each transformer module's scaling is set from its block."""
+    thawed = [thaw_weight(w) for w in weights]
+    blocks: dict[str, Any] = {}
+    for index, (adapter, weight) in enumerate(zip(adapters, thawed, strict=True)):
+        if isinstance(weight, dict) and isinstance(weight.get("transformer"), dict):
+            blocks[adapter] = weight["transformer"]
+            thawed[index] = {**weight, "transformer": 1.0}
+    pipe.set_adapters(list(adapters), adapter_weights=thawed)
+    if blocks:
+        _set_block_scales(pipe, family, blocks)
 
 
 def _base_name(name: str) -> str:
@@ -66,11 +113,11 @@ def _expected_targets(model: Any, adapters: tuple[str, ...], lora_scale: float) 
     return targets
 
 
-def fuse_adapters(pipe: Any, step: FuseAdapters) -> FuseReport:
+def fuse_adapters(pipe: Any, step: FuseAdapters, family: str | None = None) -> FuseReport:
     """Fuse the step's adapters with its weights and lora_scale, check, and unload all LoRA layers."""
     import torch
 
-    apply_mix(pipe, step.adapters, step.weights)
+    apply_mix(pipe, step.adapters, step.weights, family)
     available = lora_components(pipe)
     components = [c for c in (step.components or available) if c in available]
     if not components:

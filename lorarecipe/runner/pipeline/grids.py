@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...families import FAMILIES, GridCall
 from ...fs.atomic import atomic_dir, atomic_write_bytes
 from ...outputs.grid_image import compose_grid, png_bytes
 from ...outputs.manifest import library_versions
@@ -39,7 +40,7 @@ from ...plan import (
     thaw_weight,
 )
 from ...plan.view import describe_weight
-from ...recipe.vocabulary import FAMILIES
+from .fuse import apply_mix
 from .grid_cache import CachedBatch, CellCache, batch_key
 
 __all__ = ["GridRenderer", "GridResult"]
@@ -226,6 +227,8 @@ class GridRenderer:
         }
         if self.facts.get("compile"):  # compiled cells: keyed apart from eager ones
             context["compile"] = self.facts["compile"]
+        if step.true_cfg_scale is not None:  # FLUX.1 true CFG
+            context["true_cfg_scale"] = step.true_cfg_scale
         rows = [(self._prompt(col, self.rows[r][0]), self.rows[r][1]) for r in self.batches[batch]]
         return batch_key(context, column, rows)
 
@@ -276,16 +279,28 @@ class GridRenderer:
             weights = [_zero_unfused(w, self.fuse.components, comps) for w in col.weights]
         else:
             weights = [thaw_weight(w) for w in weights]
-        pipe.set_adapters(list(col.adapters), adapter_weights=weights)
+        apply_mix(pipe, col.adapters, tuple(weights), self.plan.family)
         if col.scale is None:
             return {}
+        return {self.call.attention_kwargs: {"scale": col.scale}}
+
+    @property
+    def call(self) -> GridCall:
+        """The family's call conventions (SD's when the family is unknown)."""
         family = FAMILIES.get(self.plan.family or "sd1")
-        key = (
-            "cross_attention_kwargs"
-            if family is None or family.denoiser == "unet"
-            else "joint_attention_kwargs"
-        )
-        return {key: {"scale": col.scale}}
+        return (family or FAMILIES["sd1"]).grid
+
+    def _guidance(self, rows: int) -> dict[str, Any]:
+        """Negative prompt and true CFG as the family takes them: always for CFG families; for
+        guidance-distilled ones (FLUX.1) only with true_cfg_scale."""
+        if self.call.negative_prompt == "native":
+            return {"negative_prompt": [self.step.negative_prompt] * rows}
+        if self.step.true_cfg_scale is not None:
+            return {
+                "negative_prompt": [self.step.negative_prompt] * rows,
+                "true_cfg_scale": self.step.true_cfg_scale,
+            }
+        return {}
 
     def _render(self, col: Column, batch: int) -> list[Any]:
         """One batch of one column as float images in [0, 1], at the grid's fixed thread count."""
@@ -302,7 +317,7 @@ class GridRenderer:
             with denoiser:
                 result = self.pipe(
                     prompt=[self._prompt(col, p) for p, _ in rows],
-                    negative_prompt=[step.negative_prompt] * len(rows),
+                    **self._guidance(len(rows)),
                     num_inference_steps=step.steps,
                     guidance_scale=step.guidance,
                     width=step.width,

@@ -66,6 +66,33 @@ def load_dtype(step: LoadBase, path: Path) -> str:
     return stored_dtype(path, denoiser, step.variant) or "float32"
 
 
+def _components_outside_the_file(
+    family: str, index: dict[str, Any], config: Path, dtype: Any
+) -> dict[str, Any]:
+    """Models a family's single file does not hold (FLUX.1's holds the transformer only), loaded from
+    the config folder: diffusers' from_single_file refuses to build them from an absent checkpoint."""
+    import diffusers
+    import transformers
+
+    held = set(FAMILIES[family].single_file_components)
+    out: dict[str, Any] = {}
+    for component, entry in index.items():
+        if component.startswith("_") or component in held or not isinstance(entry, list) or entry[0] is None:
+            continue
+        library = {"diffusers": diffusers, "transformers": transformers}.get(entry[0])
+        cls = getattr(library, entry[1], None) if library is not None else None
+        if (
+            cls is None
+            or not hasattr(cls, "from_pretrained")
+            or not (config / component / "config.json").is_file()
+        ):
+            continue  # tokenizers and schedulers: from_single_file takes them from the config folder
+        out[component] = cls.from_pretrained(
+            str(config / component), dtype=dtype, local_files_only=True, use_safetensors=True
+        )
+    return out
+
+
 def load_pipeline(step: LoadBase, path: Path, config: Path | None, device: str) -> tuple[Any, str]:
     """Load the base; returns (pipeline, dtype name actually used)."""
     import diffusers
@@ -80,8 +107,9 @@ def load_pipeline(step: LoadBase, path: Path, config: Path | None, device: str) 
         cls = getattr(diffusers, FAMILIES[family].pipeline_class)
         kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype), "local_files_only": True}
         if config is not None:
-            check_model_index(config)
+            index = check_model_index(config)
             kwargs["config"] = str(config)
+            kwargs.update(_components_outside_the_file(family, index, config, torch_dtype(dtype)))
         pipe = cls.from_single_file(str(path), **kwargs)
     else:
         index = check_model_index(path)

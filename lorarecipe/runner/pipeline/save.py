@@ -3,8 +3,8 @@
 Pipeline (+ adapter name) -> files at their final paths, each written to a temporary sibling and
 renamed into place, safetensors only, with provenance in every file's ``__metadata__``. LoRA files
 in diffusers layout go through diffusers' ``save_lora_weights`` (with ``lora_adapter_metadata`` so
-alpha survives); kohya layout is written from the PEFT layers themselves, with each module's own
-alpha (diffusers' ``convert_state_dict_to_kohya`` assumes alpha = rank).
+alpha survives); kohya layout is written from the PEFT layers themselves (``kohya_export``), with each
+module's own alpha (diffusers' ``convert_state_dict_to_kohya`` assumes alpha = rank).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from ...errors import BuildError
 from ...fs.atomic import atomic_dir, atomic_file
 from ...outputs.safetensors_meta import add_metadata, canonicalize_header, jsonable
+from .kohya_export import kohya_state_dict
 
 __all__ = [
     "cast_pipeline",
@@ -25,12 +26,6 @@ __all__ = [
     "save_single_file",
     "torch_dtype",
 ]
-
-_KOHYA_TE_PREFIX = {
-    "sd1": {"text_encoder": "lora_te"},
-    "sd2": {"text_encoder": "lora_te"},
-    "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
-}
 
 
 def refuse_overflow(tensors: Mapping[str, Any], dtype: Any, what: str) -> None:
@@ -121,13 +116,24 @@ def _config_dict(model: Any) -> dict[str, Any]:
     return dict(config.to_dict() if hasattr(config, "to_dict") else config)
 
 
-def save_single_file(pipe: Any, family: str, final: Path, metadata: Mapping[str, str]) -> None:
-    """The fused pipeline as one LDM/SGM-layout .safetensors file (SD 1.x, SD 2.x, SDXL)."""
+def save_single_file(
+    pipe: Any, family: str, final: Path, metadata: Mapping[str, str], fused: tuple[str, ...] = ()
+) -> None:
+    """The fused pipeline as one original-layout .safetensors file: LDM/SGM (SD 1.x, SD 2.x, SDXL)
+    or BFL (FLUX.1, transformer only). ``fused``: the components the fuse changed, all of which the
+    file must hold (a FLUX.1 file has no text encoder: a fused one would be lost)."""
     from safetensors.torch import save_file
 
+    from ...families import FAMILIES
     from ...outputs.singlefile import to_single_file_state_dict
 
-    components = ("unet", "vae", "text_encoder", "text_encoder_2")
+    components = FAMILIES[family].single_file_components
+    lost = [c for c in fused if c not in components]
+    if lost:
+        raise BuildError(
+            f"a {FAMILIES[family].label} single file holds {', '.join(components)} only, but the fuse also "
+            f"changed {', '.join(lost)}; fuse only {', '.join(components)} or write a pipeline output"
+        )
     state_dicts = {c: getattr(pipe, c).state_dict() for c in components if getattr(pipe, c, None) is not None}
     configs = {c: _config_dict(getattr(pipe, c)) for c in state_dicts}
     tensors = to_single_file_state_dict(family, state_dicts, configs)
@@ -135,31 +141,6 @@ def save_single_file(pipe: Any, family: str, final: Path, metadata: Mapping[str,
     with atomic_file(final) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
         canonicalize_header(tmp)
-
-
-def kohya_state_dict(pipe: Any, adapter: str, family: str | None) -> dict[str, Any]:
-    """An adapter's PEFT layers -> kohya/A1111 keys (``lora_unet_…``, ``lora_te…``) with per-module alpha."""
-    import torch
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    out: dict[str, Any] = {}
-    prefixes = {"unet": "lora_unet", **_KOHYA_TE_PREFIX.get(family or "sd1", _KOHYA_TE_PREFIX["sd1"])}
-    for comp, prefix in prefixes.items():
-        model = getattr(pipe, comp, None)
-        if model is None:
-            continue
-        for name, module in model.named_modules():
-            if not isinstance(module, BaseTunerLayer) or adapter not in getattr(module, "lora_A", {}):
-                continue
-            module_name = name if comp == "unet" or name.startswith("text_model.") else f"text_model.{name}"
-            key = f"{prefix}_{module_name.replace('.', '_')}"
-            # SVD merges leave non-contiguous factors, which clone() keeps and save_file refuses
-            out[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().contiguous().clone()
-            out[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().contiguous().clone()
-            out[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha[adapter]))
-    if not out:
-        raise BuildError(f"adapter {adapter!r} has no LoRA layers to export in kohya layout")
-    return out
 
 
 def save_lora(

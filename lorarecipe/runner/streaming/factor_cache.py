@@ -141,9 +141,11 @@ class FactorCache:
         for adapter, found in factors.items():
             path = self._path(self.keys[adapter])
             modules, tensors = [], {}
+            storages: set[int] = set()
             for index, ((component, module), f) in enumerate(sorted(found.items())):
                 modules.append([component, module, f.alpha, f.r, f.rslora, f.kind])
-                tensors[f"{index}.a"], tensors[f"{index}.b"] = f.a.contiguous(), f.b.contiguous()
+                tensors[f"{index}.a"] = _own(f.a, storages)
+                tensors[f"{index}.b"] = _own(f.b, storages)
             meta = {_META: json.dumps({"format": FORMAT, "modules": modules})}
             try:
                 with atomic_file(path) as tmp:
@@ -175,6 +177,19 @@ class FactorCache:
             )
         except (OSError, TypeError, ValueError):
             return
+
+
+def _own(tensor: Any, storages: set[int]) -> Any:
+    """A contiguous tensor with storage of its own among those saved together (save_file refuses
+    non-contiguous tensors and tensors sharing memory; factors loaded by diffusers may share one
+    ``down`` for q, k and v): copied only when it has to be, the cache must not double the memory."""
+    out = tensor.contiguous()
+    pointer = out.untyped_storage().data_ptr()
+    if pointer in storages:
+        out = out.clone()
+        pointer = out.untyped_storage().data_ptr()
+    storages.add(pointer)
+    return out
 
 
 def _jsonable(value: Any) -> Any:

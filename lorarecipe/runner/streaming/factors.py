@@ -2,7 +2,9 @@
 
 Adapter factors (per module: ``lora_A``, ``lora_B``, alpha, rank, rsLoRA, layer kind) + the
 FuseAdapters step -> for each base weight a fused adapter applies to, the terms ``scaling · ΔW`` in
-fuse order (``FuseTarget``). The factors come from a weightless pipeline on which diffusers and PEFT
+fuse order (``FuseTarget``). Each module's weight is its adapter's: a number, its component's, or
+for per-block transformer weights its block's (``families.blocks``); only diffusers' UNet block
+dicts need diffusers to expand them. The factors come from a weightless pipeline on which diffusers and PEFT
 ran (``skeleton``), or from the factor cache (``factor_cache``); the arithmetic on them is
 :mod:`lorarecipe.runner.fuse_math`'s. Importing this module does not import torch.
 """
@@ -13,17 +15,53 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ...errors import BuildError, StreamingUnsupported
-from ...plan import FuseAdapters
+from ...families import get_family
+from ...families.blocks import BlockWeights, module_weight
+from ...plan import FuseAdapters, thaw_weight
 from ..fuse_math import FuseTarget, FuseTerm, LayerKind, LoraFactor, native_scaling
 
-__all__ = ["factors_from_model", "scalar_weights", "targets_from_factors"]
+__all__ = ["factors_from_model", "fuse_block_weights", "resolvable_weights", "targets_from_factors"]
 
 ModuleKey = tuple[str, str]  # (component, module name)
 
 
-def scalar_weights(fuse: FuseAdapters) -> bool:
-    """Whether every fused adapter has one weight for all modules (no per-block/component dict)."""
-    return all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in fuse.weights)
+def resolvable_weights(fuse: FuseAdapters) -> bool:
+    """Whether every module's weight follows from the plan alone: numbers, per-component numbers and
+    per-block transformer weights, but not diffusers' UNet block dicts (diffusers expands those)."""
+    for weight in fuse.weights:
+        thawed = thaw_weight(weight)
+        if isinstance(thawed, dict) and isinstance(thawed.get("unet"), dict):
+            return False
+    return True
+
+
+def fuse_block_weights(
+    fuse: FuseAdapters, family: str | None, config: Mapping[str, Any]
+) -> dict[str, BlockWeights]:
+    """The fused adapters' per-block transformer specs, parsed and checked against the denoiser's
+    config (its block counts): adapter -> BlockWeights, for the adapters that have one."""
+    from ..pipeline.fuse import block_weights
+
+    out: dict[str, BlockWeights] = {}
+    for adapter, frozen in zip(fuse.adapters, fuse.weights, strict=True):
+        weight = thaw_weight(frozen)
+        if isinstance(weight, dict) and isinstance(weight.get("transformer"), dict):
+            out[adapter] = block_weights(family, weight["transformer"], config)
+    return out
+
+
+def _weight_of(
+    weight: Any, component: str, module: str, family: str | None, blocks: BlockWeights | None
+) -> float:
+    """One adapter's weight on one module (``blocks``: the adapter's parsed per-block spec, if any)."""
+    if not isinstance(weight, dict):
+        return float(weight)
+    value = weight.get(component, 1.0)
+    if isinstance(value, dict):
+        known = get_family(family)
+        assert known is not None and blocks is not None
+        return module_weight(known, blocks, module)
+    return float(value)
 
 
 def _kind(where: str, module: Any) -> LayerKind:
@@ -87,23 +125,28 @@ def targets_from_factors(
     factors: Mapping[str, Mapping[ModuleKey, LoraFactor]],
     fuse: FuseAdapters,
     scalings: Mapping[tuple[str, str, str], float] | None = None,
+    family: str | None = None,
+    blocks: Mapping[str, BlockWeights] | None = None,
 ) -> dict[tuple[str, str], FuseTarget]:
     """{(component, base weight key): target} for ``fuse``: each fused adapter's terms in fuse order.
 
-    Scalings are computed (``native_scaling``) unless given per (component, module, adapter), which
-    the skeleton route does for per-block weights (diffusers expands those).
+    Scalings are computed (``native_scaling`` of each module's weight; ``blocks``: the parsed
+    per-block transformer spec of each adapter that has one, checked against the model) unless given
+    per (component, module, adapter), which the skeleton route does for UNet block dicts.
     """
     terms: dict[ModuleKey, list[FuseTerm]] = {}
-    for adapter, weight in zip(fuse.adapters, fuse.weights, strict=True):
+    for adapter, frozen in zip(fuse.adapters, fuse.weights, strict=True):
         if adapter not in factors:
             raise BuildError(f"no LoRA factors for adapter {adapter!r}")
+        weight = thaw_weight(frozen)
         for (component, module), factor in factors[adapter].items():
             if fuse.components and component not in fuse.components:
                 continue
             if scalings is not None:
                 scaling = scalings[(component, module, adapter)]
             else:
-                scaling = native_scaling(factor, float(weight), fuse.lora_scale)
+                module_weight_ = _weight_of(weight, component, module, family, (blocks or {}).get(adapter))
+                scaling = native_scaling(factor, module_weight_, fuse.lora_scale)
             terms.setdefault((component, module), []).append(FuseTerm(adapter, factor, scaling))
     if not terms:
         raise BuildError("none of the requested components carries a LoRA adapter: nothing to fuse")

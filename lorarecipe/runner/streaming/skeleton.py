@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BuildError, StreamingUnsupported
+from ...families import FAMILIES
 from ...inspect.base_model import check_model_index
 from ...plan import FuseAdapters, LoadAdapter, MergeAdapters, Plan
 from ..fuse_math import FuseTarget, LoraFactor
-from .factors import factors_from_model, scalar_weights, targets_from_factors
+from .factors import factors_from_model, fuse_block_weights, resolvable_weights, targets_from_factors
 
 __all__ = ["LORA_MIXINS", "Architecture", "build_skeleton", "fuse_targets", "lora_mixin", "prepare_adapters"]
 
@@ -49,14 +50,10 @@ class Skeleton:
     arch: Architecture
 
 
-# pipeline class -> its LoRA loader mixin in diffusers.loaders.lora_pipeline, so the (slow) pipeline
-# modules need not be imported; tests/test_streaming.py checks each against the class's MRO.
-LORA_MIXINS = {
-    "StableDiffusionPipeline": "StableDiffusionLoraLoaderMixin",
-    "StableDiffusionXLPipeline": "StableDiffusionXLLoraLoaderMixin",
-    "StableDiffusion3Pipeline": "SD3LoraLoaderMixin",
-    "FluxPipeline": "FluxLoraLoaderMixin",
-}
+# pipeline class -> its LoRA loader mixin in diffusers.loaders.lora_pipeline (the family tables'), so
+# the (slow) pipeline modules need not be imported; tests/test_streaming.py checks each against the
+# class's MRO.
+LORA_MIXINS = {cls: family.lora_mixin for family in FAMILIES.values() for cls in family.pipeline_classes}
 
 
 def lora_mixin(pipeline_class: str) -> type:
@@ -164,18 +161,19 @@ def prepare_adapters(
     for step in loads:
         if step.name not in adapter_paths:
             raise BuildError(f"no file for adapter {step.name!r}")
-        load_adapter(skeleton.pipe, step.name, Path(adapter_paths[step.name]))
+        load_adapter(skeleton.pipe, step.name, Path(adapter_paths[step.name]), plan.family)
     for merge in merges:
         merge_adapters(skeleton.pipe, merge)
 
 
 def fuse_targets(
-    skeleton: Skeleton, fuse: FuseAdapters
+    skeleton: Skeleton, fuse: FuseAdapters, family: str | None = None
 ) -> tuple[dict[tuple[str, str], FuseTarget], dict[str, dict[tuple[str, str], LoraFactor]]]:
     """The fused adapters' factors, and the targets computed from them; cross-checked against what
-    diffusers and PEFT do on the skeleton (``set_adapters``, ``scale_layer(lora_scale)``,
+    diffusers and PEFT do on the skeleton (``set_adapters`` — for per-block transformer weights the
+    pipeline route's per-module ``set_scale`` —, ``scale_layer(lora_scale)``,
     ``check_adapters_to_merge``): the same modules, adapters in the same order, the same scalings bit
-    for bit. Per-block weights take diffusers' scalings. Refuses what a LoRA delta cannot express."""
+    for bit. UNet block dicts take diffusers' scalings. Refuses what a LoRA delta cannot express."""
     from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
     from ..pipeline.fuse import apply_mix
@@ -190,7 +188,7 @@ def fuse_targets(
     for component in available:  # all of them: the factors are cached per adapter, for any fuse
         for adapter, found in factors_from_model(component, getattr(pipe, component), fuse.adapters).items():
             factors[adapter].update(found)
-    apply_mix(pipe, fuse.adapters, fuse.weights)
+    apply_mix(pipe, fuse.adapters, fuse.weights, family)
     observed: dict[tuple[str, str, str], float] = {}  # (component, module, adapter) -> PEFT's scaling
     order: dict[tuple[str, str], tuple[str, ...]] = {}  # module -> adapters PEFT merges, in order
     for component in components:
@@ -205,7 +203,10 @@ def fuse_targets(
                 observed[(component, name, adapter)] = module.scaling[adapter]
             if merged:
                 order[(component, name)] = tuple(merged)
-    targets = targets_from_factors(factors, fuse, None if scalar_weights(fuse) else observed)
+    denoiser = getattr(pipe, "transformer", None)
+    blocks = fuse_block_weights(fuse, family, denoiser.config if denoiser is not None else {})
+    scalings = None if resolvable_weights(fuse) else observed
+    targets = targets_from_factors(factors, fuse, scalings, family, blocks)
     ours = {
         (t.component, t.module_name, term.adapter): term.scaling for t in targets.values() for term in t.terms
     }

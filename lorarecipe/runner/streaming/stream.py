@@ -33,10 +33,10 @@ from ...errors import BuildError, StreamingUnsupported
 from ...fs.atomic import atomic_dir, atomic_file
 from ...plan import CheckpointLayout, FuseAdapters, LoadBase, Plan, SaveCheckpoint
 from ...recipe.vocabulary import FAMILIES
-from ..fuse_math import FuseTarget
+from ..fuse_math import FuseTarget, LoraFactor
 from ..pipeline.load import load_dtype
 from .factor_cache import FactorCache
-from .factors import scalar_weights, targets_from_factors
+from .factors import fuse_block_weights, resolvable_weights, targets_from_factors
 from .positional_io import PositionalReader
 from .skeleton import Architecture, build_skeleton, fuse_targets, needed_adapters, prepare_adapters
 from .sources import (
@@ -189,10 +189,6 @@ def _copy_files(
             target.write_text(restated, encoding="utf-8")
 
 
-# Components a single-file layout needs besides the LoRA-loadable ones (their shapes and configs).
-_SINGLE_FILE_EXTRA = ("vae", "text_encoder", "text_encoder_2")
-
-
 class _Stream:
     """One streamed checkpoint: the base, what to add where, and the files being written.
 
@@ -236,7 +232,12 @@ class _Stream:
         else:
             self.folder = read_folder_base(base_path, base.variant)
             self.config_root, self.pipeline_class = base_path, None
-        self.dtype = save.dtype or load_dtype(base, base_path)
+        stored = load_dtype(base, base_path)
+        self.dtype = save.dtype or stored
+        # the pipeline route fuses in float32 (a float32 base, or a float32 load for an output in another
+        # dtype): reproduce PEFT's operations; it fuses a half-precision base in its own dtype only for
+        # an output in that dtype, which cannot match bit for bit anyway (see fuse_math.fused_weight)
+        self.peft_order = stored == "float32" or self.dtype != stored
         # folder -> folder needs no architecture: every output tensor is a base tensor, same key
         self.folder_to_folder = self.folder is not None and save.layout is CheckpointLayout.DIFFUSERS
         self.metadata = {"format": "pt", **metadata}
@@ -283,21 +284,22 @@ class _Stream:
 
     def _start_writer(self, root: Path, outs: list[OutFile]) -> StreamWriter:
         self.outs = outs
-        writer = StreamWriter(root, outs, self.reader, self.metadata)
+        writer = StreamWriter(root, outs, self.reader, self.metadata, peft_order=self.peft_order)
         writer.start_copier()
         return writer
 
     def _targets(self) -> tuple[dict[tuple[str, str], FuseTarget], Architecture | None]:
         """The fuse targets (from cached factors, or decided by diffusers/PEFT on the skeleton, whose
         factors are then cached in the background), and the architecture unless folder -> folder."""
-        extra = () if self.folder_to_folder else _SINGLE_FILE_EXTRA
+        # the components a single-file layout needs besides the LoRA-loadable ones (shapes and configs)
+        extra = () if self.folder_to_folder else FAMILIES[self.family].single_file_components
         cache = FactorCache(self.plan, self.fuse, self.adapter_paths, self.config_root, self.pipeline_class)
-        factors = cache.load(self.fuse.adapters) if scalar_weights(self.fuse) else None
+        factors = cache.load(self.fuse.adapters) if resolvable_weights(self.fuse) else None
         arch = None if self.folder_to_folder else cache.load_architecture(extra)
         needs_arch = arch is None and not self.folder_to_folder
         if factors is not None and not needs_arch:
             self.from_cache = True
-            return targets_from_factors(factors, self.fuse), arch
+            return self._from_factors(factors), arch
         from ..quiet import quiet_libraries
 
         quiet_libraries(load=True)
@@ -307,13 +309,24 @@ class _Stream:
             cache.store_architecture(extra, arch)
         if factors is not None:
             self.from_cache = True
-            return targets_from_factors(factors, self.fuse), arch
+            return self._from_factors(factors), arch
         prepare_adapters(skeleton, self.plan, self.fuse, self.adapter_paths)
-        targets, found = fuse_targets(skeleton, self.fuse)
+        targets, found = fuse_targets(skeleton, self.fuse, self.family)
         # written (with fsync) while the tensors stream; best effort, joined by close()
         self._storing.append(threading.Thread(target=cache.store, args=(found,), daemon=True))
         self._storing[-1].start()
         return targets, arch
+
+    def _from_factors(
+        self, factors: Mapping[str, Mapping[tuple[str, str], LoraFactor]]
+    ) -> dict[tuple[str, str], FuseTarget]:
+        """Targets from cached factors; per-block weights checked against the denoiser's config.json."""
+        blocks = {}
+        if any(isinstance(w, tuple) for w in self.fuse.weights):
+            denoiser = FAMILIES[self.family].denoiser
+            config = json.loads((self.config_root / denoiser / "config.json").read_text(encoding="utf-8"))
+            blocks = fuse_block_weights(self.fuse, self.family, config)
+        return targets_from_factors(factors, self.fuse, None, self.family, blocks)
 
     def close(self) -> None:
         for thread in self._storing:

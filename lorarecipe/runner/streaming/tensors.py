@@ -115,6 +115,8 @@ def _load_part(reader: PositionalReader, part: Part, scratch: Scratch | None = N
         return tensor.reshape(tensor.shape[:-2])
     if part.stored is StoredForm.TRANSPOSE:
         return tensor.t()
+    if part.stored is StoredForm.SWAP_HALVES:
+        return apply_transform(tensor, StoredForm.SWAP_HALVES)  # its own inverse
     return tensor
 
 
@@ -175,8 +177,10 @@ def compute(
     targets: Mapping[tuple[str, str], FuseTarget],
     stats: WriteStats,
     scratch: Scratch,
+    peft_order: bool = True,
 ) -> Any:
-    """One output tensor, whole: its parts read, fused where a target applies, converted, joined."""
+    """One output tensor, whole: its parts read, fused where a target applies, converted, joined.
+    ``peft_order``: see ``fuse_math.fused_weight``."""
     import torch
 
     out_dtype = torch_dtype_of(tensor.dtype)
@@ -190,9 +194,10 @@ def compute(
         base = _load_part(reader, part, scratch)
         stats.used.add((part.component, part.key))
         if out_dtype == torch.float32:  # the fused weight is the output: a tensor of its own
-            fused = fused_weight(base, target, scratch=scratch, out=torch.empty(tuple(base.shape)))
+            out = torch.empty(tuple(base.shape))
+            fused = fused_weight(base, target, scratch=scratch, out=out, peft_order=peft_order)
         else:
-            fused = fused_weight(base, target, scratch=scratch)
+            fused = fused_weight(base, target, scratch=scratch, peft_order=peft_order)
         rounded = fused.to(out_dtype)
         _check_rounding(fused, rounded, target, stats, scratch)
         if not torch.equal(rounded, base.to(out_dtype)):
@@ -228,24 +233,57 @@ def write_chunked(
     stats: WriteStats,
     behind: WriteBehind,
     scratch: Scratch,
+    peft_order: bool = True,
 ) -> bool:
-    """Write ``tensor`` in row chunks; False (nothing written) when it must go through ``compute``."""
+    """Write ``tensor`` in row chunks; False (nothing written) when it must go through ``compute``.
+
+    A tensor made of several parts stacked along dim 0 (a BFL single file's fused qkv or linear1)
+    is written part after part, each at its rows' offset in the output tensor."""
+    if tensor.dtype == "F32" or tensor.transform not in SAME_BYTES_FORMS:
+        return False
+    parts = tensor.parts
+    if any(p.stored not in SAME_BYTES_FORMS or not p.stored_shape or not p.stored_shape[0] for p in parts):
+        return False
+    if not all(rows_capable(targets.get((p.component, p.key))) for p in parts):
+        return False
+    if math.prod(tensor.shape) <= _CHUNK_ELEMENTS:
+        return False  # small: the whole-tensor path is as cheap
+    out_row = tensor.entry.nbytes // tensor.shape[0]
+    first_row = 0
+    for part in parts:
+        at = first_row * out_row
+        _write_part_chunks(
+            reader, writer, tensor.key, part, targets, stats, behind, scratch, at, tensor.dtype, peft_order
+        )
+        first_row += part.stored_shape[0]
+    return True
+
+
+def _write_part_chunks(
+    reader: PositionalReader,
+    writer: SafetensorsWriter,
+    key: str,
+    part: Part,
+    targets: Mapping[tuple[str, str], FuseTarget],
+    stats: WriteStats,
+    behind: WriteBehind,
+    scratch: Scratch,
+    out_offset: int,
+    out_dtype_name: str,
+    peft_order: bool,
+) -> None:
+    """One part's rows, read, fused (when a target has it) and written a chunk at a time from
+    ``out_offset`` bytes into the output tensor ``key``."""
     import torch
 
-    if len(tensor.parts) != 1 or tensor.dtype == "F32" or tensor.transform not in SAME_BYTES_FORMS:
-        return False
-    part = tensor.parts[0]
     target = targets.get((part.component, part.key))
     shape = part.stored_shape
-    if part.stored not in SAME_BYTES_FORMS or not shape or not shape[0] or not rows_capable(target):
-        return False
     row_elements = math.prod(shape[1:])
-    if row_elements * shape[0] <= _CHUNK_ELEMENTS:
-        return False  # small: the whole-tensor path is as cheap
-    stored, out_dtype = torch_dtype_of(part.tensor.dtype), torch_dtype_of(tensor.dtype)
+    stored, out_dtype = torch_dtype_of(part.tensor.dtype), torch_dtype_of(out_dtype_name)
     diffusers_shape = shape[:-2] if part.stored is StoredForm.CONV1X1 else shape
     offset, length = part.byte_range
-    stored_row, out_row = length // shape[0], tensor.entry.nbytes // shape[0]
+    stored_row = length // shape[0]
+    out_row = torch.empty((), dtype=out_dtype).element_size() * row_elements
     step = chunk_rows(row_elements)
     changed = False
     for start in range(0, shape[0], step):
@@ -259,17 +297,16 @@ def write_chunked(
             view = scratch.view("read", where[1])
             reader.read_into(part.path, where[0], view)
             base = torch.frombuffer(view, dtype=stored).reshape(rows)
-            fused = fused_weight(base, target, (start, stop), scratch)
+            fused = fused_weight(base, target, (start, stop), scratch, peft_order=peft_order)
             out = fused.to(out_dtype)
             _check_rounding(fused, out, target, stats, scratch)
             changed = changed or not torch.equal(out, base.to(out_dtype))
             del fused
         data_out = as_bytes(out)
         behind.submit(
-            functools.partial(writer.write_part, tensor.key, start * out_row, data_out), data_out.nbytes
+            functools.partial(writer.write_part, key, out_offset + start * out_row, data_out), data_out.nbytes
         )
         del out, base, data_out
     if target is not None:
         stats.used.add((part.component, part.key))
         stats.changed += int(changed)
-    return True

@@ -90,8 +90,16 @@ class StreamWriter:
     """
 
     def __init__(
-        self, root: Path, outs: Sequence[OutFile], reader: PositionalReader, metadata: Mapping[str, str]
+        self,
+        root: Path,
+        outs: Sequence[OutFile],
+        reader: PositionalReader,
+        metadata: Mapping[str, str],
+        peft_order: bool = True,
     ) -> None:
+        """``peft_order``: the pipeline route fuses in float32, so every fused tensor reproduces PEFT's
+        float operations (False for half-precision bases: see ``fuse_math.fused_weight``)."""
+        self._peft_order = peft_order
         self._outs = list(outs)
         self._reader = reader
         self._writers: list[SafetensorsWriter] = []
@@ -200,9 +208,12 @@ class StreamWriter:
                             self._lock.wait()
                     trimmer.account(4 * tensor.entry.nbytes)  # roughly what computing it allocates
                     with torch.no_grad():
-                        if write_chunked(self._reader, writer, tensor, targets, stats, behind, scratch):
+                        chunked = write_chunked(
+                            self._reader, writer, tensor, targets, stats, behind, scratch, self._peft_order
+                        )
+                        if chunked:
                             continue
-                        result = compute(self._reader, tensor, targets, stats, scratch)
+                        result = compute(self._reader, tensor, targets, stats, scratch, self._peft_order)
                     data = as_bytes(result)
                     behind.submit(functools.partial(writer.write, tensor.key, data), data.nbytes)
                     del result, data

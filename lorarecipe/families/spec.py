@@ -1,0 +1,141 @@
+"""What a model family is, as data: the record every family module fills in (torch-free).
+
+A family module (``sd``, ``flux1``, …) builds one :class:`Family` from tables — its pipeline classes
+and LoRA-loadable components, its block groups for per-block weights, its original-layout module
+table (single-file names, kohya/BFL LoRA names), its grid call conventions — and the rest of
+lorarecipe reads those tables instead of branching on the family's name. Nothing here imports
+torch, diffusers or the recipe package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Literal
+
+__all__ = [
+    "BlockGroup",
+    "Family",
+    "GridCall",
+    "ModuleRule",
+    "ParamRule",
+    "SingleFileComponent",
+    "Split",
+]
+
+
+class Split(str, Enum):
+    """How one original-layout weight's output rows are shared by the diffusers modules it holds."""
+
+    WHOLE = "whole"  # one diffusers module, the same rows
+    EQUAL = "equal"  # n modules of equal height, concatenated (a fused q/k/v projection)
+    QKV_REST = "qkv_rest"  # q, k, v of height = in_features, then the rest (FLUX.1 single-block linear1)
+    SWAP_HALVES = "swap_halves"  # one module whose two row halves are stored swapped (shift/scale)
+
+
+@dataclass(frozen=True)
+class ModuleRule:
+    """One module of the original (BFL/LDM) layout and the diffusers modules its weight is made of.
+
+    ``original`` and ``diffusers`` are templates over the block index ``{i}``; ``split`` says how
+    the original weight's rows are shared out (its columns are the same input for every part).
+    """
+
+    original: str
+    diffusers: tuple[str, ...]
+    split: Split = Split.WHOLE
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """A parameter stored under another name in the original layout (e.g. a norm's ``scale``)."""
+
+    original: str
+    diffusers: str
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """A run of numbered blocks a recipe can weight per block (``double_blocks: {0-9: 0.5}``).
+
+    ``name`` is the name users know (BFL/ComfyUI/kohya), ``module_prefix`` the diffusers module
+    path of block ``i`` without the index, ``config_key`` the denoiser config entry holding the
+    number of blocks.
+    """
+
+    name: str
+    module_prefix: str
+    config_key: str
+    description: str
+
+
+@dataclass(frozen=True)
+class GridCall:
+    """How a family's pipeline is called for one grid cell.
+
+    ``attention_kwargs`` is the call argument that carries a LoRA ``scale``; ``negative_prompt`` is
+    ``"native"`` (classifier-free guidance: always passed) or ``"true_cfg"`` (guidance-distilled:
+    passed only with ``true_cfg_scale`` > 1); ``guidance`` says what ``guidance_scale`` means.
+    """
+
+    attention_kwargs: Literal["cross_attention_kwargs", "joint_attention_kwargs"]
+    negative_prompt: Literal["native", "true_cfg"]
+    default_guidance: float
+    guidance: str
+
+
+@dataclass(frozen=True)
+class SingleFileComponent:
+    """Where one component goes in the family's single-file checkpoint: a key prefix and a naming
+    scheme (``unet``, ``vae``, ``hf_clip``, ``open_clip``: the LDM/SGM mappers; ``rules``: the
+    family's :class:`ModuleRule` table)."""
+
+    prefix: str
+    scheme: Literal["unet", "vae", "hf_clip", "open_clip", "rules"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A pipeline family, as every stage of lorarecipe needs it (see the module docstring)."""
+
+    key: str
+    label: str
+    pipeline_class: str  # the class a single-file base or a built-in is loaded as
+    pipeline_classes: tuple[str, ...]  # every model_index.json class that belongs to the family
+    lora_mixin: str  # diffusers.loaders.lora_pipeline class that loads its LoRAs
+    denoiser: Literal["unet", "transformer"]
+    lora_components: tuple[str, ...]
+    default_size: int
+    grid: GridCall
+    #: component -> place in the single-file checkpoint ({} = no single-file export)
+    single_file_layout: MappingProxyType[str, SingleFileComponent] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
+    #: blocks a recipe weights per block on a transformer denoiser (UNet families use diffusers' own)
+    block_groups: tuple[BlockGroup, ...] = ()
+    #: original-layout modules of the denoiser (single-file names, kohya/BFL LoRA names)
+    original_modules: tuple[ModuleRule, ...] = ()
+    original_params: tuple[ParamRule, ...] = ()
+    #: modules named only in LoRA files of other layouts (XLabs' ``processor.qkv_lora1``, …)
+    lora_only_modules: tuple[ModuleRule, ...] = ()
+    #: component -> kohya key prefix, for reading and writing kohya-layout LoRA files
+    kohya_prefixes: MappingProxyType[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
+    #: lorarecipe converts LoRAs named in the original layout itself (diffusers' converter cannot)
+    converts_original_loras: bool = False
+
+    @property
+    def single_file(self) -> bool:
+        """Whether lorarecipe writes (and streams) this family's single-file checkpoint."""
+        return bool(self.single_file_layout)
+
+    @property
+    def single_file_components(self) -> tuple[str, ...]:
+        return tuple(self.single_file_layout)
+
+    @property
+    def unet_block_weights(self) -> bool:
+        """Per-block weights are diffusers' UNet dicts (``{down: …, mid: …, up: …}``)."""
+        return self.denoiser == "unet"
