@@ -18,7 +18,7 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from lorarecipe.adapter_math import dora_weight, loha_delta, lokr_delta, lora_delta
+from lorarecipe.runner.adapter_math import dora_weight, loha_delta, lokr_delta, lora_delta
 from lorarecipe.inspect import SafetensorsHeader, TensorInfo, read_header
 from lorarecipe.inspect.lycoris_keys import LycorisInfo, LycorisModule, fits, inspect_lycoris
 from lorarecipe.inspect.safetensors_header import DTYPE_BITS

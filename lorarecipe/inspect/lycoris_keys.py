@@ -1,7 +1,7 @@
 """A LoRA/LyCORIS file's header -> its adapted modules: algorithm, factor shapes, ranks, ΔW shape.
 
 Header only (names and shapes, never values), pure Python, torch-free. Keys are grouped per module
-by their suffix; each module is classified as one ΔW algorithm of :mod:`lorarecipe.adapter_math`
+by their suffix; each module is classified as one ΔW algorithm of :mod:`lorarecipe.runner.adapter_math`
 (lora, locon-tucker, loha, loha-tucker, lokr-full, lokr-decomposed, lokr-tucker), plus an optional
 DoRA magnitude (dora-peft, dora-lycoris). Every key ends up in exactly one module or in
 ``unclassified`` with a reason: nothing is dropped silently. Module names are split into component
@@ -12,16 +12,25 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
-from ..adapter_math import dora_axis
 from ..fs.json_files import JsonFileError, parse_json
 from .safetensors_header import SafetensorsHeader
 
-__all__ = ["ALGORITHMS", "LycorisInfo", "LycorisModule", "UnclassifiedKey", "fits", "inspect_lycoris"]
+__all__ = [
+    "ALGORITHMS",
+    "DoraAxis",
+    "LycorisInfo",
+    "LycorisModule",
+    "UnclassifiedKey",
+    "dora_axis",
+    "fits",
+    "inspect_lycoris",
+]
 
+DoraAxis = Literal["row", "column"]
 ALGORITHMS = ("lora", "locon-tucker", "loha", "loha-tucker", "lokr-full", "lokr-decomposed", "lokr-tucker")
 Shape = tuple[int, ...]
 
@@ -124,6 +133,44 @@ def fits(module: LycorisModule, weight_shape: Shape) -> bool:
         and module.delta_shape[0] == weight_shape[0]
         and (math.prod(module.delta_shape) == math.prod(weight_shape))
     )
+
+
+def dora_axis(
+    scale_shape: Sequence[int], weight_shape: Sequence[int], *, source: Literal["lycoris", "peft"] = "lycoris"
+) -> DoraAxis:
+    """(magnitude shape, weight shape) -> the axis DoRA's norm runs along, or ValueError.
+
+    ``row``: one norm per output channel (PEFT ``lora_magnitude_vector`` (out,); LyCORIS
+    ``dora_scale`` (out, 1[, 1, 1]) with ``wd_on_out``). ``column``: one norm per input channel
+    (LyCORIS/OneTrainer ``dora_scale`` (1, in[, 1, 1]), the pre-4.x LyCORIS default). A 1-D
+    ``dora_scale`` (a squeezed LyCORIS scale) counts as row if its length is ``out`` and column if
+    it is ``in``. When a shape fits both — a 1-D scale on a square weight — the axis is refused:
+    picking one silently is how diffusers came to drop DoRA (LyCORIS#216). The only exception
+    is out == in == 1, where both norms run over the whole tensor and agree. ``source="peft"`` is
+    for ``lora_magnitude_vector``, which PEFT defines per output row whatever the weight's shape.
+    """
+    scale, weight = tuple(int(d) for d in scale_shape), tuple(int(d) for d in weight_shape)
+    if len(weight) < 2:
+        raise ValueError(f"DoRA needs a weight with at least 2 dims, got {weight}")
+    out, inp, ones = weight[0], weight[1], (1,) * (len(weight) - 2)
+    if source == "peft":
+        if math.prod(scale) != out:
+            raise ValueError(
+                f"lora_magnitude_vector {scale} does not hold one value per output row of {weight}"
+            )
+        return "row"
+    row = scale in {(out,), (out, 1), (out, 1, *ones)}
+    column = scale in {(inp,), (1, inp), (1, inp, *ones)}
+    if row and column and out == inp == 1:
+        return "row"
+    if row and column:
+        raise ValueError(
+            f"dora_scale {scale} fits both the output-row and the input-column norm of the {weight} weight; "
+            "refusing to guess (store it as (out, 1) or (1, in))"
+        )
+    if row or column:
+        return "row" if row else "column"
+    raise ValueError(f"dora_scale {scale} fits neither (out, 1) nor (1, in) of the {weight} weight")
 
 
 def _place(stem: str) -> tuple[str, str, str]:
