@@ -94,6 +94,7 @@ def _steps(
                 source=inputs.adapters[name].source,
                 format=adapter.format,
                 trigger_words=tuple(adapter.trigger_words),
+                scale_convention=adapter.scale_convention,
             )
         )
     for name in merge_order:
@@ -112,6 +113,7 @@ def _steps(
                 majority_sign_method=merge.majority_sign_method,
                 svd_rank=merge.svd_rank,
                 svd_clamp=merge.svd_clamp,
+                svd_energy=merge.svd_energy,
                 svd_full_matrices=merge.svd_full_matrices,
                 svd_driver=merge.svd_driver,
                 seed=merge.seed,

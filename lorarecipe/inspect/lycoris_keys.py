@@ -28,6 +28,7 @@ __all__ = [
     "dora_axis",
     "fits",
     "inspect_lycoris",
+    "module_tensors",
 ]
 
 DoraAxis = Literal["row", "column"]
@@ -124,6 +125,12 @@ class LycorisInfo:
     unclassified: tuple[UnclassifiedKey, ...]
     algorithms: tuple[tuple[str, int], ...]  # (algorithm, module count), most common first
     convention: str  # lycoris | peft | mixed | none
+
+
+def module_tensors(module: LycorisModule) -> dict[str, str]:
+    """A module's keys by role: ``down``/``up``/``mid``, ``w1_a``…, ``t2``, ``alpha``, ``dora_scale``,
+    ``magnitude`` (what the rebuild in :mod:`lorarecipe.runner.adapter_math` reads)."""
+    return {_split_key(key)[2]: key for key in module.keys}
 
 
 def fits(module: LycorisModule, weight_shape: Shape) -> bool:

@@ -192,6 +192,12 @@ class AdapterSpec(_SourceSpec):
         description="Key layout of the file; 'auto' detects it from the safetensors header "
         "('peft' is the same layout as 'diffusers').",
     )
+    scale_convention: Literal["lycoris", "peft"] | None = Field(
+        None,
+        description="LyCORIS LoKr files: how alpha/rank applies. 'lycoris' (kohya, LyCORIS, ai-toolkit, "
+        "ComfyUI): alpha/rank only when a Kronecker factor is stored decomposed, else 1; 'peft' (PEFT's "
+        "LoKrModel): always alpha/rank. Default: what the file's trainer meant (detected from its keys).",
+    )
     trigger_words: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
         default_factory=list,
         max_length=32,
@@ -292,9 +298,14 @@ class _AdapterWeights(_Spec):
 
 
 class MergeSpec(_AdapterWeights):
-    """A PEFT ``add_weighted_adapter`` merge creating a new adapter named by its key."""
+    """A merge creating a new adapter named by its key: PEFT ``add_weighted_adapter``, or ``extract``."""
 
-    method: CombinationType = Field(..., description="PEFT combination_type: " + ", ".join(COMBINATION_TYPES))
+    method: CombinationType = Field(
+        ...,
+        description="PEFT combination_type ("
+        + ", ".join(k for k, r in COMBINATION_TYPES.items() if r.peft)
+        + "), or 'extract': any adapters (LoRA, LyCORIS, DoRA, merges) turned into a plain LoRA by SVD.",
+    )
     adapters: list[Name] | dict[Name, FiniteFloat] = Field(
         ..., description="Adapters to merge, or name -> weight."
     )
@@ -307,7 +318,13 @@ class MergeSpec(_AdapterWeights):
         None, description="Sign election for ties / dare_ties (+ _svd). PEFT default: total."
     )
     svd_rank: Annotated[int, Field(ge=1, le=4096), _NO_BOOL] | None = Field(
-        None, description="Rank of *_svd results (default: max rank)."
+        None,
+        description="Rank of *_svd results (default: max rank); required by 'extract' (its largest rank).",
+    )
+    svd_energy: Annotated[float, Field(gt=0.0, le=1.0), _NO_BOOL] | None = Field(
+        None,
+        description="'extract' only: per-module rank, the fewest singular values holding this fraction of "
+        "the module's squared Frobenius norm (e.g. 0.99), at most svd_rank.",
     )
     svd_clamp: (
         Annotated[float, Field(le=1.0, json_schema_extra={"exclusiveMinimum": SVD_CLAMP_MIN}), _NO_BOOL]
@@ -347,6 +364,19 @@ class MergeSpec(_AdapterWeights):
             raise ValueError(
                 f"'svd_rank'/'svd_clamp'/'svd_driver' only apply to svd methods, not {self.method!r}"
             )
+        if self.method == "extract":
+            if self.svd_rank is None:
+                raise ValueError(
+                    "method 'extract' needs 'svd_rank', the rank of the LoRA it writes (an SVD truncated to "
+                    "that rank; 'svd_energy' can lower it per module)"
+                )
+            set_here = self.model_fields_set
+            if self.svd_driver is not None or "svd_full_matrices" in set_here:
+                raise ValueError(
+                    "'svd_driver'/'svd_full_matrices' are PEFT options; 'extract' does not use them"
+                )
+        elif self.svd_energy is not None:
+            raise ValueError(f"'svd_energy' only applies to method 'extract', not {self.method!r}")
         return self
 
     @field_validator("svd_clamp")
