@@ -43,6 +43,7 @@ __all__ = [
     "LayerKind",
     "LoraFactor",
     "apply_delta_term",
+    "delta_term_update",
     "fused_weight",
     "lora_product",
     "native_scaling",
@@ -144,6 +145,19 @@ def rows_capable(target: FuseTarget | None) -> bool:
     if target is None:
         return True
     return not target.deltas and all(t.factor.kind is not LayerKind.CONV for t in target.terms)
+
+
+def delta_term_update(weight: Any, term: DeltaTerm) -> Any:
+    """The change a term would make to a float32 ``weight``, not applied: s·ΔW, or for DoRA
+    s·(W' − W) (what an ``extract`` merge sums; :func:`apply_delta_term` applies a term)."""
+    from .adapter_math import dora_weight
+
+    delta = term.delta()
+    if term.dora is None:
+        return delta.mul_(term.strength) if term.strength != 1 else delta
+    found = term.dora()
+    updated = dora_weight(weight, delta, found.magnitude, found.axis, eps=found.eps)
+    return updated.sub_(weight).mul_(term.strength)
 
 
 def apply_delta_term(weight: Any, term: DeltaTerm) -> None:

@@ -54,9 +54,11 @@ class PipelineExecutor:
     name = "diffusers"
 
     def build(self, plan: Plan, outputs: Sequence[str], state: BuildState) -> list[str]:
+        from ...recipe.vocabulary import COMBINATION_TYPES
         from ..lycoris_adapters import LycorisAdapter, is_lycoris_file
         from ..quiet import quiet_libraries
         from .adapters import load_adapter
+        from .extract import extract_merge
         from .fuse import fuse_adapters
         from .grids import GridRenderer
         from .load import load_pipeline
@@ -102,10 +104,11 @@ class PipelineExecutor:
                     state.adapters[step.name] = load_adapter(pipe, step.name, path, plan.family).modules
         for step in plan.of_type(MergeAdapters):
             with state.step(step, f"merge {step.name}"):
-                refuse_lycoris(
-                    step.name, step.adapters, lycoris, "PEFT's add_weighted_adapter merges only LoRAs"
-                )
-                merge_adapters(pipe, step)
+                if COMBINATION_TYPES[step.method].peft:
+                    refuse_lycoris(step.name, step.adapters, lycoris, "PEFT's merges take only LoRAs")
+                    merge_adapters(pipe, step)
+                else:  # extract: any adapters -> a plain LoRA adapter, by SVD
+                    state.extractions[step.name] = extract_merge(pipe, step, lycoris, plan.family)
         for step in plan.of_type(SaveLora):
             if step.output not in wanted:
                 continue

@@ -19,10 +19,10 @@ from typing import Any
 from ...errors import BuildError
 from ...families import get_family
 from ...inspect.adapter_targets import ModelKeys
-from ..fuse_math import DeltaTerm, apply_delta_term
+from ..fuse_math import DeltaTerm, apply_delta_term, delta_term_update
 from ..lycoris_adapters import LycorisAdapter
 
-__all__ = ["applied", "apply_terms", "load_lycoris", "model_keys"]
+__all__ = ["applied", "apply_terms", "load_lycoris", "model_keys", "update_of"]
 
 _PEFT_PARTS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_", ".lora_dropout")
 
@@ -87,6 +87,19 @@ def apply_terms(pipe: Any, terms: Mapping[tuple[str, str], Sequence[DeltaTerm]])
     for (component, key), found in terms.items():
         changed += _apply_one(_parameter(pipe, component, key), found, f"{component}.{key}")
     return changed, len(terms)
+
+
+def update_of(pipe: Any, component: str, key: str, terms: Sequence[DeltaTerm]) -> Any:
+    """The float32 change ``terms`` would make to one weight of the pipeline (summed, not applied)."""
+    import torch
+
+    with torch.no_grad():
+        weight = _parameter(pipe, component, key).data.to(torch.float32)
+        total = None
+        for term in terms:
+            update = delta_term_update(weight, term)
+            total = update if total is None else total.add_(update)
+    return total
 
 
 @contextlib.contextmanager
