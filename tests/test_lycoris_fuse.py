@@ -1,0 +1,397 @@
+"""LyCORIS (LoCon, LoHa, LoKr) and DoRA adapters fused by both executors, against independent oracles.
+
+Each module's ΔW comes from ``lycoris.functional`` (the trainers' own rebuild) and DoRA from plain
+float64 torch loops (``tests/helpers/lycoris_files.py``); names are mapped by the tests' own tables
+(kohya flattening, SDXL's SGM block numbering, FLUX.1's BFL layout written out below); per-block UNet
+weights come from diffusers' own ``set_adapters`` on PEFT layers. Every build runs on both executors:
+the streamed checkpoint must be bit-identical to the pipeline route's (float32), and every weight must
+equal the oracle to float32 rounding; weights no adapter touches must be untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
+from tests.helpers.lora_math import lora_deltas
+from tests.helpers.lycoris_files import (
+    Module,
+    add_dora,
+    adapter_metadata,
+    dora_reference,
+    expected_weight,
+    make_module,
+    state_dict,
+    weights_of,
+)
+from tests.helpers.recipes import build_text, messages, problems_of
+
+pytest.importorskip("lycoris.functional")
+
+TOLERANCE = 2e-6  # float32 fuse vs float64 oracle, |W| ≲ 2
+SD_COMPONENTS = ("unet", "text_encoder")
+
+
+def both_routes(folder: Path, text: str, components: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """Build ``text`` with the pipeline route and the stream; the fused folders must be bit-identical.
+    Returns the fused weights per component."""
+    build_text(folder, text, out="pipe", executor="diffusers")
+    build_text(folder, text, out="stream", executor="streaming")
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for component in components:
+        pipe, stream = (
+            weights_of(folder / "pipe" / "fused", component),
+            weights_of(folder / "stream" / "fused", component),
+        )
+        assert pipe.keys() == stream.keys()
+        differ = [k for k in pipe if not torch.equal(pipe[k], stream[k])]
+        assert not differ, f"{component}: streaming differs from the pipeline route in {differ[:5]}"
+        fused[component] = pipe
+    return fused
+
+
+def assert_fused(
+    base: dict[str, dict[str, torch.Tensor]],
+    fused: dict[str, dict[str, torch.Tensor]],
+    expected: dict[tuple[str, str], torch.Tensor],
+) -> dict[tuple[str, str], float]:
+    """Expected weights equal to TOLERANCE, every other weight untouched; returns each max difference."""
+    diffs = {}
+    for component, weights in fused.items():
+        for key, tensor in weights.items():
+            if (component, key) in expected:
+                diffs[(component, key)] = float((tensor.double() - expected[(component, key)]).abs().max())
+            else:
+                assert torch.equal(tensor, base[component][key]), f"{component}.{key} changed"
+    assert expected.keys() <= diffs.keys(), sorted(expected.keys() - diffs.keys())
+    worst = max(diffs, key=diffs.__getitem__)
+    assert diffs[worst] <= TOLERANCE, (worst, diffs[worst])
+    return diffs
+
+
+# ---------------------------------------------------------------------------------------------
+# SD 1.x: every algorithm, in the kohya, LyCORIS and PEFT/diffusers layouts
+# ---------------------------------------------------------------------------------------------
+
+_A = "down_blocks.0.attentions.0.transformer_blocks.0."
+SD_MODULES = [  # (component, module, weight shape, algorithm, DoRA axis)
+    ("unet", _A + "attn1.to_q", (32, 32), "lora", "column"),
+    ("unet", "down_blocks.0.attentions.0.proj_in", (32, 32, 1, 1), "lora", None),
+    ("unet", "down_blocks.0.resnets.0.conv1", (32, 32, 3, 3), "locon-tucker", None),
+    ("unet", _A + "ff.net.0.proj", (256, 32), "loha", "row"),
+    ("unet", "down_blocks.0.resnets.0.conv2", (32, 32, 3, 3), "loha-tucker", None),
+    ("unet", _A + "attn1.to_k", (32, 32), "lokr-full", None),
+    ("unet", "down_blocks.1.resnets.0.conv2", (64, 64, 3, 3), "lokr-full", None),  # 4-D W2
+    ("unet", _A + "attn1.to_v", (32, 32), "lokr-decomposed", "row"),
+    ("unet", "down_blocks.1.resnets.0.conv1", (64, 32, 3, 3), "lokr-decomposed", None),  # flat W2
+    ("unet", "mid_block.resnets.0.conv1", (64, 64, 3, 3), "lokr-tucker", None),
+    ("text_encoder", "encoder.layers.0.mlp.fc1", (37, 32), "loha", None),
+    ("text_encoder", "encoder.layers.1.self_attn.q_proj", (32, 32), "lokr-decomposed", "column"),
+]
+
+
+def sd_modules(layout: str) -> list[Module]:
+    modules = []
+    for i, (component, name, shape, algorithm, dora) in enumerate(SD_MODULES):
+        module = make_module(component, name, shape, algorithm, seed=100 * i)
+        if dora and (layout != "diffusers" or dora == "row"):  # PEFT's magnitude is per row only
+            add_dora(module, dora, seed=100 * i + 50, peft=layout == "diffusers")
+        if layout == "diffusers" and algorithm == "lokr-full":
+            module.delta = module.delta * 1.5  # type: ignore[operator]  # PEFT's LoKr: always α/r (3/2)
+        modules.append(module)
+    return modules
+
+
+@pytest.mark.parametrize("layout", ["kohya", "lycoris", "diffusers"])
+def test_sd_every_algorithm_fuses_to_the_oracle_on_both_executors(tmp_path: Path, layout: str) -> None:
+    modules = sd_modules(layout)
+    metadata = adapter_metadata("unet", 2, 3.0) if layout == "diffusers" else {}
+    if layout == "diffusers":
+        metadata = {
+            "lora_adapter_metadata": json.dumps(
+                {"unet.r": 2, "unet.lora_alpha": 3.0, "text_encoder.r": 2, "text_encoder.lora_alpha": 3.0}
+            )
+        }
+    save_file(state_dict(modules, layout), str(tmp_path / "lyco.safetensors"), metadata=metadata)
+    mix = (
+        "{lyco: {unet: 0.7, text_encoder: 0.4}, style: 0.6}"
+        if layout == "kohya"
+        else "{lyco: {unet: 0.7, text_encoder: 0.4}}"
+    )
+    text = f"""\
+        base: builtin:tiny-sd
+        adapters: {{lyco: {{file: lyco.safetensors}}, style: builtin:tiny-sd/style}}
+        set_adapters: {{adapters: {mix}}}
+        fuse: {{lora_scale: 0.8}}
+        outputs: {{fused: {{kind: pipeline, path: fused}}}}
+        """
+    fused = both_routes(tmp_path, textwrap.dedent(text), SD_COMPONENTS)
+    base_path = builtin_base_path("tiny-sd")
+    base = {c: weights_of(base_path, c) for c in SD_COMPONENTS}
+    strength = {"unet": 0.7 * 0.8, "text_encoder": 0.4 * 0.8}
+    expected = {
+        (m.component, f"{m.module}.weight"): expected_weight(
+            base[m.component][f"{m.module}.weight"], [(m, strength[m.component])]
+        )
+        for m in modules
+    }
+    if layout == "kohya":  # the LoRA's terms come after the LyCORIS/DoRA ones
+        for key, delta in lora_deltas(builtin_lora_path("tiny-sd/style"), base).items():
+            start = expected.get(key, base[key[0]][key[1]].double())
+            expected[key] = start + 0.6 * 0.8 * delta
+    assert_fused(base, fused, expected)
+
+
+def test_peft_saved_loha_lokr_and_dora_files_fuse_like_peft_merges(tmp_path: Path) -> None:
+    """Files PEFT itself writes (diffusers' save_lora_weights with lora_adapter_metadata): fused at
+    weight 1 they equal PEFT's own merge_and_unload of the same layers (PEFT's LoKr scales by α/r
+    even for full factors; its DoRA normalizes each output row with no eps)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    configs = {
+        "loha": LoHaConfig(r=4, alpha=6, target_modules=["to_q", "conv1"], init_weights=False),
+        "lokr": LoKrConfig(r=8, alpha=6, target_modules=["to_k", "conv2"], init_weights=False),
+        "dora": LoraConfig(
+            r=4, lora_alpha=6, target_modules=["to_v", "proj_in"], init_lora_weights=False, use_dora=True
+        ),
+    }
+    for name, config in configs.items():
+        pipe = StableDiffusionPipeline.from_pretrained(builtin_base_path("tiny-sd"))
+        unet = pipe.unet
+        torch.manual_seed(1)
+        inject_adapter_in_model(config, unet, adapter_name=name)
+        with torch.no_grad():
+            for key, param in unet.named_parameters():
+                if "lora_magnitude_vector" in key:
+                    param.copy_(torch.rand(param.shape) + 0.5)  # a trained magnitude, not ‖W‖
+        layers = get_peft_model_state_dict(unet, adapter_name=name)
+        folder = tmp_path / name
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
+        )
+        merged = {k: v.detach().clone() for k, v in _merged(unet, name).items()}
+        assert len(merged) >= 6 and any(
+            k.endswith(("conv1.weight", "conv2.weight", "proj_in.weight")) for k in merged
+        )
+        text = f"""\
+            base: builtin:tiny-sd
+            adapters: {{a: {{file: pytorch_lora_weights.safetensors}}}}
+            fuse: {{adapters: [a]}}
+            outputs: {{fused: {{kind: pipeline, path: fused}}}}
+            """
+        fused = both_routes(folder, textwrap.dedent(text), ("unet",))["unet"]
+        worst = max(float((fused[k] - v).abs().max()) for k, v in merged.items())
+        assert worst <= 1e-6, (name, worst)  # PEFT builds a k×k conv's DoRA product with conv2d
+
+
+def _merged(unet: Any, name: str) -> dict[str, torch.Tensor]:
+    """PEFT's merge of every layer of adapter ``name``: the base weights after merge_and_unload."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = {}
+    for module_name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer) and name in module.active_adapters:
+            module.merge(adapter_names=[name])
+            out[f"{module_name}.weight"] = module.get_base_layer().weight
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL: kohya's SGM block names, both text encoders, diffusers' UNet block weights
+# ---------------------------------------------------------------------------------------------
+
+SDXL_MODULES = [  # (kohya stem, component, diffusers module, shape, algorithm, DoRA axis)
+    ("lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q", "unet",
+     "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", (64, 64), "loha", None),
+    ("lora_unet_middle_block_1_proj_out", "unet", "mid_block.attentions.0.proj_out", (64, 64), "lokr-decomposed", None),
+    ("lora_unet_output_blocks_1_1_transformer_blocks_1_ff_net_2", "unet",
+     "up_blocks.0.attentions.1.transformer_blocks.1.ff.net.2", (64, 256), "lora", "column"),
+    ("lora_unet_input_blocks_1_0_in_layers_2", "unet", "down_blocks.0.resnets.0.conv1", (32, 32, 3, 3), "locon-tucker", None),
+    ("lora_unet_input_blocks_1_0_out_layers_3", "unet", "down_blocks.0.resnets.0.conv2", (32, 32, 3, 3), "lokr-tucker", None),
+    ("lora_unet_output_blocks_0_0_emb_layers_1", "unet", "up_blocks.0.resnets.0.time_emb_proj", (64, 128), "lokr-full", "row"),
+    ("lora_te1_text_model_encoder_layers_0_self_attn_k_proj", "text_encoder",
+     "encoder.layers.0.self_attn.k_proj", (32, 32), "lokr-full", None),
+    ("lora_te2_text_model_encoder_layers_1_mlp_fc1", "text_encoder_2", "encoder.layers.1.mlp.fc1", (37, 32), "loha", None),
+]  # fmt: skip
+SDXL_UNET_WEIGHTS = {"down": 0.5, "mid": 1.5, "up": {"block_0": [0.2, 0.4]}}
+
+
+def diffusers_unet_weights(modules: list[str], spec: dict[str, Any]) -> dict[str, float]:
+    """The weight diffusers' set_adapters gives a LoRA layer on each module under a UNet block dict:
+    PEFT layers injected on exactly these modules of tiny-sdxl's UNet, scaling / (α/r) read back."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    unet = UNet2DConditionModel.from_pretrained(builtin_base_path("tiny-sdxl") / "unet")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=modules), adapter_name="probe")
+    unet.set_adapters(["probe"], weights=[spec])
+    return {
+        name: float(module.scaling["probe"])
+        for name, module in unet.named_modules()
+        if isinstance(module, BaseTunerLayer) and name in modules
+    }
+
+
+def test_sdxl_sgm_named_kohya_file_with_unet_block_weights(tmp_path: Path) -> None:
+    modules, stems = [], {}
+    for i, (stem, component, name, shape, algorithm, dora) in enumerate(SDXL_MODULES):
+        module = make_module(component, name, shape, algorithm, seed=300 + 10 * i)
+        if dora:
+            add_dora(module, dora, seed=305 + 10 * i)
+        modules.append(module)
+        stems[name] = stem
+    tensors = {}
+    for module in modules:
+        for suffix, tensor in module.tensors.items():
+            tensors[f"{stems[module.module]}.{suffix}"] = tensor
+    save_file(tensors, str(tmp_path / "xl.safetensors"))
+    text = f"""\
+        base: builtin:tiny-sdxl
+        adapters: {{xl: {{file: xl.safetensors}}}}
+        set_adapters:
+          adapters: {{xl: {{unet: {json.dumps(SDXL_UNET_WEIGHTS)}, text_encoder: 0.7, text_encoder_2: 0.3}}}}
+        fuse: {{lora_scale: 0.9}}
+        outputs: {{fused: {{kind: pipeline, path: fused}}}}
+        """
+    components = ("unet", "text_encoder", "text_encoder_2")
+    fused = both_routes(tmp_path, textwrap.dedent(text), components)
+    unet_weights = diffusers_unet_weights(
+        [m.module for m in modules if m.component == "unet"], SDXL_UNET_WEIGHTS
+    )
+    assert unet_weights["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == 0.5
+    assert unet_weights["down_blocks.0.resnets.0.conv1"] == 1.0  # block 0 has no attention
+    assert unet_weights["up_blocks.0.resnets.0.time_emb_proj"] == 0.2  # a resnet takes attention 0's weight
+    base = {c: weights_of(builtin_base_path("tiny-sdxl"), c) for c in components}
+    weight = {**unet_weights, "text_encoder": 0.7, "text_encoder_2": 0.3}
+    expected = {}
+    for m in modules:
+        strength = weight[m.module if m.component == "unet" else m.component] * 0.9
+        # CLIPTextModelWithProjection's file keeps the 'text_model.' its module names no longer have
+        key = next(
+            k for k in (f"{m.module}.weight", f"text_model.{m.module}.weight") if k in base[m.component]
+        )
+        expected[(m.component, key)] = expected_weight(base[m.component][key], [(m, strength)])
+    assert_fused(base, fused, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.1: BFL names (fused qkv and linear1 narrowed by rows, swapped final-layer halves),
+# OneTrainer's flattened diffusers names, CLIP, per-block weights
+# ---------------------------------------------------------------------------------------------
+
+_D, _S = "transformer_blocks", "single_transformer_blocks"
+FLUX_PARTS = {  # BFL module -> (diffusers parts, their heights), the FLUX.1 layout written out
+    "double_blocks.0.img_attn.qkv": (
+        [f"{_D}.0.attn.to_q", f"{_D}.0.attn.to_k", f"{_D}.0.attn.to_v"],
+        [32] * 3,
+    ),
+    "single_blocks.1.linear1": (
+        [f"{_S}.1.attn.to_q", f"{_S}.1.attn.to_k", f"{_S}.1.attn.to_v", f"{_S}.1.proj_mlp"],
+        [32, 32, 32, 128],
+    ),
+    "double_blocks.1.img_mlp.0": ([f"{_D}.1.ff.net.0.proj"], [128]),
+    "final_layer.adaLN_modulation.1": (["norm_out.linear"], [64]),
+}
+FLUX_BLOCKS = {"double_blocks": {0: 0.5, 1: 1.2}, "single_blocks": 0.8, "default": 0.3}
+
+
+def _flux_expected(
+    base: dict[str, torch.Tensor], bfl: str, module: Module, strength: float
+) -> dict[tuple[str, str], torch.Tensor]:
+    """A BFL module's fused weights: the parts stacked into the fused weight, the oracle applied to it,
+    then split by rows (and FLUX.1's final layer: BFL shift|scale rows are diffusers' scale|shift)."""
+    parts, heights = FLUX_PARTS[bfl]
+    stacked = torch.cat([base[f"{p}.weight"] for p in parts])
+    if bfl.startswith("final_layer"):
+        stacked = torch.cat(stacked.chunk(2)[::-1])
+    fused = expected_weight(stacked, [(module, strength)])
+    if bfl.startswith("final_layer"):
+        fused = torch.cat(fused.chunk(2)[::-1])
+    return {("transformer", f"{p}.weight"): t for p, t in zip(parts, fused.split(heights), strict=True)}
+
+
+def test_flux_bfl_names_fused_qkv_linear1_final_layer_and_blocks(tmp_path: Path) -> None:
+    bfl = {
+        "double_blocks.0.img_attn.qkv": make_module(
+            "transformer", "qkv", (96, 32), "lokr-decomposed", seed=400
+        ),
+        "single_blocks.1.linear1": make_module("transformer", "linear1", (224, 32), "loha", seed=410),
+        "double_blocks.1.img_mlp.0": make_module("transformer", "mlp", (128, 32), "lora", seed=420),
+        "final_layer.adaLN_modulation.1": make_module(
+            "transformer", "final", (64, 32), "lokr-full", seed=430
+        ),
+    }
+    add_dora(bfl["double_blocks.0.img_attn.qkv"], "row", seed=405)  # rows narrow like ΔW's
+    tensors = {}
+    for name, module in bfl.items():
+        for suffix, tensor in module.tensors.items():
+            tensors[f"lora_unet_{name.replace('.', '_')}.{suffix}"] = tensor
+    onetrainer = make_module("transformer", f"{_D}.1.attn.to_k", (32, 32), "loha", seed=440)
+    add_dora(onetrainer, "column", seed=445)
+    clip = make_module("text_encoder", "encoder.layers.0.self_attn.q_proj", (32, 32), "lokr-full", seed=450)
+    for suffix, tensor in onetrainer.tensors.items():
+        tensors[f"lora_transformer_{_D}_1_attn_to_k.{suffix}"] = tensor
+    for suffix, tensor in clip.tensors.items():
+        tensors[f"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.{suffix}"] = tensor
+    save_file(tensors, str(tmp_path / "flux.safetensors"))
+    aitk = make_module("transformer", "proj", (32, 32), "lokr-decomposed", seed=460)  # ai-toolkit's LDM names
+    save_file(
+        {f"diffusion_model.double_blocks.1.txt_attn.proj.{k}": v for k, v in aitk.tensors.items()},
+        str(tmp_path / "aitk.safetensors"),
+    )
+    text = f"""\
+        base: builtin:tiny-flux
+        adapters: {{f: {{file: flux.safetensors}}, a: {{file: aitk.safetensors}}}}
+        set_adapters:
+          adapters:
+            f: {{transformer: {json.dumps(FLUX_BLOCKS)}, text_encoder: 0.6}}
+            a: -0.7
+        fuse: {{lora_scale: 0.9}}
+        outputs: {{fused: {{kind: pipeline, path: fused}}}}
+        """
+    fused = both_routes(tmp_path, textwrap.dedent(text), ("transformer", "text_encoder"))
+    flux = builtin_base_path("tiny-flux")
+    base = {c: weights_of(flux, c) for c in ("transformer", "text_encoder")}
+    block = {"double_blocks.0": 0.5, "double_blocks.1": 1.2, "single_blocks": 0.8, "final_layer": 0.3}
+    expected: dict[tuple[str, str], torch.Tensor] = {}
+    for name, module in bfl.items():
+        weight = next(w for prefix, w in block.items() if name.startswith(prefix))
+        expected.update(_flux_expected(base["transformer"], name, module, weight * 0.9))
+    key = f"{_D}.1.attn.to_k.weight"
+    expected[("transformer", key)] = expected_weight(base["transformer"][key], [(onetrainer, 1.2 * 0.9)])
+    key = f"{_D}.1.attn.to_add_out.weight"
+    expected[("transformer", key)] = expected_weight(base["transformer"][key], [(aitk, -0.7 * 0.9)])
+    key = "encoder.layers.0.self_attn.q_proj.weight"
+    expected[("text_encoder", key)] = expected_weight(base["text_encoder"][key], [(clip, 0.6 * 0.9)])
+    assert len(expected) == 12
+    assert_fused(base, fused, expected)
+
+
+def test_flux_dora_per_column_on_a_fused_module_is_refused(tmp_path: Path) -> None:
+    """A column norm of the fused qkv spans to_q, to_k and to_v, three weights here: refused, not split."""
+    module = make_module("transformer", "qkv", (96, 32), "lora", seed=1)
+    add_dora(module, "column", seed=2)
+    save_file(
+        {f"lora_unet_double_blocks_0_img_attn_qkv.{k}": v for k, v in module.tensors.items()},
+        str(tmp_path / "d.safetensors"),
+    )
+    text = """\
+        base: builtin:tiny-flux
+        adapters: {d: {file: d.safetensors}}
+        fuse: {adapters: [d]}
+        outputs: {fused: {kind: pipeline, path: fused}}
+        """
+    found = messages(problems_of(tmp_path, text))
+    assert (
+        len(found) == 1
+        and "lora_unet_double_blocks_0_img_attn_qkv: DoRA normalizes each input column" in found[0]
+    )
