@@ -22,9 +22,25 @@ from ..inspect.lycoris_keys import LycorisInfo
 from ..plan import Check
 from .context import CompileContext
 
-__all__ = ["base_keys", "check_lycoris_adapter", "lycoris_convention"]
+__all__ = ["algorithm_names", "base_keys", "check_lycoris_adapter", "lycoris_convention"]
 
 _LISTED = 5
+#: each algorithm as users know it (LyCORIS's names)
+_LABELS = {
+    "lora": "LoRA/LoCon",
+    "locon-tucker": "LoCon (Tucker)",
+    "loha": "LoHa",
+    "loha-tucker": "LoHa (Tucker)",
+    "lokr-full": "LoKr (full)",
+    "lokr-decomposed": "LoKr (decomposed)",
+    "lokr-tucker": "LoKr (Tucker)",
+}
+
+
+def algorithm_names(info: LycorisInfo) -> str:
+    """'LoKr (decomposed) ×350, LoHa ×2' (with ' + DoRA' when a module has a magnitude)."""
+    text = ", ".join(f"{_LABELS.get(a, a)} ×{n}" for a, n in info.algorithms)
+    return text + (" + DoRA" if any(m.dora for m in info.modules) else "")
 
 
 def base_keys(info: BaseInfo) -> ModelKeys:
@@ -74,7 +90,7 @@ def _convention(ctx: CompileContext, where: tuple[Any, ...], info: LycorisInfo, 
 def _summary(
     info: LycorisInfo, report: PlacementReport | None, convention: str, family_key: str | None
 ) -> str:
-    algorithms = ", ".join(f"{a} ×{n}" for a, n in info.algorithms)
+    algorithms = ", ".join(f"{_LABELS.get(a, a)} ×{n}" for a, n in info.algorithms)
     ranks = sorted({m.rank for m in info.modules if m.rank is not None})
     rank_text = f", factor rank {'/'.join(map(str, ranks))}" if ranks else ""
     effective = max((m.effective_rank for m in info.modules), default=0)
@@ -126,7 +142,7 @@ def check_lycoris_adapter(
             report = None
         elif report.problems:
             ok = False
-            kinds = "/".join(a for a, _ in info.algorithms) or "adapter"
+            kinds = "/".join(_LABELS.get(a, a) for a, _ in info.algorithms) or "adapter"
             ctx.error(
                 where,
                 f"cannot load this LoRA: {len(report.problems)} of {len(info.modules)} {kinds} modules find "

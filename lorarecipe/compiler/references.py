@@ -23,6 +23,7 @@ from ..recipe.vocabulary import COMBINATION_TYPES, FAMILIES, RESERVED_VARIANTS, 
 from .block_weights import check_transformer_blocks
 from .context import CompileContext
 from .inputs import InputFacts, component_ranks
+from .lycoris import algorithm_names
 
 __all__ = ["check_references", "lycoris_kind", "merge_order"]
 
@@ -169,14 +170,13 @@ def _check_svd_rank(ctx: CompileContext, inputs: InputFacts, name: str, svd_rank
 
 
 def lycoris_kind(inputs: InputFacts, name: str) -> str | None:
-    """'LyCORIS lokr-decomposed' (its algorithms) when adapter ``name`` is a file lorarecipe applies
+    """'LyCORIS (LoKr (decomposed) ×350)' when adapter ``name`` is a file lorarecipe applies
     itself (LyCORIS/DoRA), else None (a plain LoRA, a merge, or a header not available yet)."""
     facts = inputs.adapters.get(name)
     lycoris = facts.info.lycoris if facts is not None and facts.info is not None else None
     if lycoris is None:
         return None
-    dora = " with DoRA" if any(m.dora for m in lycoris.modules) else ""
-    return f"LyCORIS {'/'.join(a for a, _ in lycoris.algorithms)}{dora}"
+    return f"LyCORIS ({algorithm_names(lycoris)})"
 
 
 def _lycoris_components(inputs: InputFacts, name: str) -> dict[str, tuple[int, ...]]:
