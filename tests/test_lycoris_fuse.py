@@ -23,9 +23,8 @@ from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from tests.helpers.lora_math import lora_deltas
 from tests.helpers.lycoris_files import (
     Module,
-    add_dora,
     adapter_metadata,
-    dora_reference,
+    add_dora,
     expected_weight,
     make_module,
     state_dict,
@@ -112,13 +111,7 @@ def sd_modules(layout: str) -> list[Module]:
 @pytest.mark.parametrize("layout", ["kohya", "lycoris", "diffusers"])
 def test_sd_every_algorithm_fuses_to_the_oracle_on_both_executors(tmp_path: Path, layout: str) -> None:
     modules = sd_modules(layout)
-    metadata = adapter_metadata("unet", 2, 3.0) if layout == "diffusers" else {}
-    if layout == "diffusers":
-        metadata = {
-            "lora_adapter_metadata": json.dumps(
-                {"unet.r": 2, "unet.lora_alpha": 3.0, "text_encoder.r": 2, "text_encoder.lora_alpha": 3.0}
-            )
-        }
+    metadata = adapter_metadata(SD_COMPONENTS, 2, 3.0) if layout == "diffusers" else {}
     save_file(state_dict(modules, layout), str(tmp_path / "lyco.safetensors"), metadata=metadata)
     mix = (
         "{lyco: {unet: 0.7, text_encoder: 0.4}, style: 0.6}"
@@ -181,11 +174,11 @@ def test_peft_saved_loha_lokr_and_dora_files_fuse_like_peft_merges(tmp_path: Pat
         assert len(merged) >= 6 and any(
             k.endswith(("conv1.weight", "conv2.weight", "proj_in.weight")) for k in merged
         )
-        text = f"""\
+        text = """\
             base: builtin:tiny-sd
-            adapters: {{a: {{file: pytorch_lora_weights.safetensors}}}}
-            fuse: {{adapters: [a]}}
-            outputs: {{fused: {{kind: pipeline, path: fused}}}}
+            adapters: {a: {file: pytorch_lora_weights.safetensors}}
+            fuse: {adapters: [a]}
+            outputs: {fused: {kind: pipeline, path: fused}}
             """
         fused = both_routes(folder, textwrap.dedent(text), ("unet",))["unet"]
         worst = max(float((fused[k] - v).abs().max()) for k, v in merged.items())
@@ -395,3 +388,94 @@ def test_flux_dora_per_column_on_a_fused_module_is_refused(tmp_path: Path) -> No
         len(found) == 1
         and "lora_unet_double_blocks_0_img_attn_qkv: DoRA normalizes each input column" in found[0]
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers' UNet block weights, resolved without diffusers
+# ---------------------------------------------------------------------------------------------
+
+UNET_SPECS = [
+    {"down": 0.5},
+    {"mid": 1.5, "up": 0.25},
+    {"down": {"block_1": [0.3]}, "up": {"block_0": [0.2, 0.4]}, "mid": [0.9]},
+    {"up": {"block_0": 0.7}},
+]
+
+
+@pytest.mark.parametrize("spec", UNET_SPECS, ids=lambda s: json.dumps(s))
+def test_unet_block_weights_equal_diffusers_set_adapters_on_every_module(spec: dict[str, Any]) -> None:
+    """Every Linear/Conv2d module of tiny-sdxl's UNet that diffusers' block expansion reaches (all but
+    the few outside the down/mid/up blocks, where diffusers fails): lorarecipe's weight == the one
+    diffusers' set_adapters gives a LoRA layer there."""
+    from diffusers import UNet2DConditionModel
+
+    from lorarecipe.families.unet_blocks import expand_unet_weights, unet_module_weight
+
+    unet = UNet2DConditionModel.from_pretrained(builtin_base_path("tiny-sdxl") / "unet")
+    modules = [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and len(name.split(".")) >= 4
+    ]
+    theirs = diffusers_unet_weights(modules, spec)
+    expanded = expand_unet_weights(spec, unet.state_dict().keys())
+    ours = {name: unet_module_weight(expanded, name) for name in modules}
+    assert len(modules) > 100 and ours == theirs
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids: LyCORIS columns apply the deltas in place and restore the base from copies
+# ---------------------------------------------------------------------------------------------
+
+
+def test_grid_columns_of_a_lycoris_adapter_equal_the_fused_model_and_restore_the_base(tmp_path: Path) -> None:
+    """With a LoRA loaded too (disabled for these cells), the 'lyco' column (weight 1) and the sweep cell
+    at 0.5 render exactly what the base column of a model fused with that weight renders; the base
+    column, rendered after them, is the base's own."""
+    from PIL import Image
+
+    modules = sd_modules("kohya")
+    save_file(state_dict(modules, "kohya"), str(tmp_path / "lyco.safetensors"))
+    grid = "prompts: [a cat], seeds: [0], steps: 2, size: 32"
+    text = f"""\
+        base: builtin:tiny-sd
+        adapters: {{lyco: {{file: lyco.safetensors}}, style: builtin:tiny-sd/style}}
+        set_adapters: {{adapters: {{lyco: 0.5}}}}
+        fuse: {{lora_scale: 1.0}}
+        outputs:
+          grid: {{kind: grid, path: g.png, {grid}, variants: [lyco, base, style, mix, fused], sweep: {{adapter: lyco, weights: [0.5]}}}}
+        """
+    build_text(tmp_path, textwrap.dedent(text), out="a")
+    assert json.loads((tmp_path / "a" / "g.json").read_text())["fused_vs_runtime_max_abs_diff"] == 0.0
+
+    def pixels(root: Path, variant: str) -> bytes:
+        """A cell's pixels (the PNGs' text chunks name their recipe, so the files differ)."""
+        doc = json.loads((root / "g.json").read_text())
+        cell = next(c for c in doc["cells"] if c["variant"] == variant)
+        with Image.open(root / cell["file"]) as image:
+            return image.tobytes()
+
+    for scale, variant in ((1.0, "lyco"), (0.5, "sweep")):
+        fuse = f"""\
+            base: builtin:tiny-sd
+            adapters: {{lyco: {{file: lyco.safetensors}}}}
+            fuse: {{adapters: [lyco], lora_scale: {scale}}}
+            outputs: {{fused: {{kind: pipeline, path: fused}}}}
+            """
+        build_text(tmp_path, textwrap.dedent(fuse), out=f"f{scale}", name=f"f{scale}.yaml")
+        show = f"""\
+            base: {{path: f{scale}/fused}}
+            adapters: {{style: builtin:tiny-sd/style}}
+            outputs: {{grid: {{kind: grid, path: g.png, {grid}, variants: [base]}}}}
+            """
+        build_text(tmp_path, textwrap.dedent(show), out=f"g{scale}", name=f"g{scale}.yaml")
+        assert pixels(tmp_path / "a", variant) == pixels(tmp_path / f"g{scale}", "base"), variant
+    assert pixels(tmp_path / "a", "mix") == pixels(tmp_path / "a", "sweep")
+    plain = f"""\
+        base: builtin:tiny-sd
+        adapters: {{style: builtin:tiny-sd/style}}
+        outputs: {{grid: {{kind: grid, path: g.png, {grid}, variants: [base, style]}}}}
+        """
+    build_text(tmp_path, textwrap.dedent(plain), out="p", name="p.yaml")
+    assert pixels(tmp_path / "a", "base") == pixels(tmp_path / "p", "base")
+    assert pixels(tmp_path / "a", "style") == pixels(tmp_path / "p", "style")

@@ -216,11 +216,14 @@ def expected_weight(base: torch.Tensor, modules: list[tuple[Module, float]]) -> 
     return weight
 
 
-def adapter_metadata(component: str, rank: int, alpha: float) -> dict[str, str]:
-    """diffusers' ``lora_adapter_metadata`` giving a PEFT-layout file its alpha."""
+def adapter_metadata(components: tuple[str, ...], rank: int, alpha: float) -> dict[str, str]:
+    """diffusers' ``lora_adapter_metadata`` giving a PEFT-layout file its rank and alpha per component."""
     import json
 
-    return {"lora_adapter_metadata": json.dumps({f"{component}.r": rank, f"{component}.lora_alpha": alpha})}
+    doc: dict[str, float] = {}
+    for component in components:
+        doc.update({f"{component}.r": rank, f"{component}.lora_alpha": alpha})
+    return {"lora_adapter_metadata": json.dumps(doc)}
 
 
 def weights_of(folder: Any, component: str) -> dict[str, torch.Tensor]:
