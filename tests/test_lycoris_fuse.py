@@ -479,3 +479,27 @@ def test_grid_columns_of_a_lycoris_adapter_equal_the_fused_model_and_restore_the
     build_text(tmp_path, textwrap.dedent(plain), out="p", name="p.yaml")
     assert pixels(tmp_path / "a", "base") == pixels(tmp_path / "p", "base")
     assert pixels(tmp_path / "a", "style") == pixels(tmp_path / "p", "style")
+
+
+@pytest.mark.parametrize("convention", [None, "lycoris", "peft"])
+def test_scale_convention_of_a_full_matrix_lokr(tmp_path: Path, convention: str | None) -> None:
+    """A PEFT-layout LoKr of full factors (α 3, r 2 in its metadata): PEFT's meaning, α/r = 1.5, by
+    default; 'lycoris' makes it 1 (what kohya/LyCORIS files mean); 'peft' states the default."""
+    module = make_module("unet", _A + "attn1.to_k", (32, 32), "lokr-full", seed=7)
+    save_file(
+        state_dict([module], "diffusers"),
+        str(tmp_path / "k.safetensors"),
+        metadata=adapter_metadata(("unet",), 2, 3.0),
+    )
+    option = f", scale_convention: {convention}" if convention else ""
+    text = f"""\
+        base: builtin:tiny-sd
+        adapters: {{k: {{file: k.safetensors{option}}}}}
+        fuse: {{adapters: [k]}}
+        outputs: {{fused: {{kind: pipeline, path: fused}}}}
+        """
+    fused = both_routes(tmp_path, textwrap.dedent(text), ("unet",))
+    base = {"unet": weights_of(builtin_base_path("tiny-sd"), "unet")}
+    key = f"{_A}attn1.to_k.weight"
+    scale = 1.0 if convention == "lycoris" else 1.5
+    assert_fused(base, fused, {("unet", key): base["unet"][key].double() + scale * module.delta})  # type: ignore[operator]

@@ -25,6 +25,7 @@ from .context import CompileContext
 __all__ = ["algorithm_names", "base_keys", "check_lycoris_adapter", "lycoris_convention"]
 
 _LISTED = 5
+_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 #: each algorithm as users know it (LyCORIS's names)
 _LABELS = {
     "lora": "LoRA/LoCon",
@@ -98,8 +99,10 @@ def _summary(
     dora_text = "".join(f", DoRA per {axis} ×{n}" for axis, n in sorted(dora.items()))
     text = f"LyCORIS {algorithms}{rank_text}, ΔW rank ≤ {effective}, scale convention {convention}{dora_text}"
     if report is not None:
-        touched = report.touched()
-        text += "; changes " + " + ".join(f"{n} {c}" for c, n in touched.items()) + " weights"
+        touched = sorted(
+            report.touched().items(), key=lambda item: _ORDER.index(item[0]) if item[0] in _ORDER else 9
+        )
+        text += "; changes " + " + ".join(f"{n} {c}" for c, n in touched) + " weights"
         family = get_family(family_key)
         if family is not None and family.block_groups:
             modules = [
