@@ -208,3 +208,14 @@ def test_bfl_lokr_manifest_maps_through_the_flux_table_but_its_shapes_are_not_fl
         "cannot be split into double_blocks.0.img_attn.qkv's parts" in qkv
         or "part transformer_blocks.0.attn.to_q" in qkv
     ), qkv
+
+
+def test_anchored_peft_pattern_keys_name_exactly_their_module() -> None:
+    """diffusers writes rank/alpha pattern keys as '^module' (PEFT reads them as anchored regexes);
+    lorarecipe reads them literally: the module itself, not one that merely ends with it."""
+    from lorarecipe.inspect.lycoris_keys import peft_pattern_matches
+
+    assert peft_pattern_matches("^mid_block.attn.to_k", "mid_block.attn.to_k")
+    assert not peft_pattern_matches("^attn.to_k", "mid_block.attn.to_k")
+    assert peft_pattern_matches("attn.to_k", "mid_block.attn.to_k")
+    assert not peft_pattern_matches("(a+)+$", "aaaa")

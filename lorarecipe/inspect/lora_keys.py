@@ -21,7 +21,7 @@ from ..families import FAMILIES
 from ..families.original_names import match_lora_module
 from ..fs.json_files import JsonFileError, parse_json
 from .lora_family import detect_family
-from .lycoris_keys import LycorisInfo, inspect_lycoris
+from .lycoris_keys import LycorisInfo, inspect_lycoris, peft_pattern_matches
 from .safetensors_header import SafetensorsHeader, TensorInfo
 
 __all__ = ["COMPONENT_ORDER", "LoraInfo", "LoraModule", "inspect_lora"]
@@ -275,12 +275,13 @@ def _number(value: Any) -> float | None:
 
 
 def _metadata_alpha(config: dict[str, Any], component: str, name: str) -> float | None:
-    """LoraConfig alpha for one module. alpha_pattern keys are matched as literal module-name
-    suffixes, not as regular expressions: the metadata is untrusted and a regex could hang."""
+    """LoraConfig alpha for one module. alpha_pattern keys are matched as literal module names
+    (``peft_pattern_matches``), not as regular expressions: the metadata is untrusted and a regex
+    could hang."""
     pattern = config.get(f"{component}.alpha_pattern")
     if isinstance(pattern, dict):
         for key, value in pattern.items():
-            if (name == key or name.endswith("." + key)) and _number(value) is not None:
+            if isinstance(key, str) and peft_pattern_matches(key, name) and _number(value) is not None:
                 return _number(value)
     return _number(config.get(f"{component}.lora_alpha"))
 

@@ -29,6 +29,7 @@ __all__ = [
     "fits",
     "inspect_lycoris",
     "module_tensors",
+    "peft_pattern_matches",
 ]
 
 DoraAxis = Literal["row", "column"]
@@ -314,6 +315,15 @@ def _adapter_config(header: SafetensorsHeader, config: Mapping[str, Any] | None)
     return parsed if isinstance(parsed, dict) else {}
 
 
+def peft_pattern_matches(key: str, module: str) -> bool:
+    """Whether a PEFT ``rank_pattern``/``alpha_pattern`` key names ``module``, read literally (never as
+    a regex: the metadata is untrusted): ``x.y`` names ``x.y`` and any module ending in ``.x.y`` (PEFT's
+    ``(.*\\.)?key$``), ``^x.y`` only ``x.y`` itself (diffusers anchors the keys it writes that way)."""
+    if key.startswith("^"):
+        return module == key[1:]
+    return module == key or module.endswith("." + key)
+
+
 def _config_value(config: Mapping[str, Any], component: str, module: str, fields: tuple[str, ...]) -> Any:
     """A PEFT field for one module: its pattern dict (module-name suffixes matched literally, never
     as regexes: the metadata is untrusted), then '<component>.<field>' (diffusers), then '<field>'."""
@@ -321,8 +331,8 @@ def _config_value(config: Mapping[str, Any], component: str, module: str, fields
     for name in (f"{component}.{pattern_name}", pattern_name):
         pattern = config.get(name)
         if isinstance(pattern, dict):
-            for suffix, value in pattern.items():
-                if module == suffix or module.endswith("." + suffix):
+            for key, value in pattern.items():
+                if isinstance(key, str) and peft_pattern_matches(key, module):
                     return value
     for field in fields:
         for name in (f"{component}.{field}", field):
