@@ -285,3 +285,90 @@ def test_flux_fused_qkv_lokr_extracts_into_a_kohya_file_with_bfl_names(tmp_path:
     for part, rows in zip(("to_q", "to_k", "to_v"), module.delta.split(32), strict=True):
         got = deltas[("transformer", f"transformer_blocks.0.attn.{part}.weight")]
         assert _relative(got, rows) < 2e-6, part
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint's difference from the base
+# ---------------------------------------------------------------------------------------------
+
+
+def _fine_tuned(folder: Path) -> dict[str, torch.Tensor]:
+    """tiny-sd with rank-3 changes to three UNet weights and one text-encoder weight, and a changed
+    bias (no LoRA can hold it); returns the changes by 'component.key'."""
+    import shutil
+
+    shutil.copytree(builtin_base_path("tiny-sd"), folder)
+    changes = {
+        "unet." + _A + "attn1.to_q.weight": rand(32, 3, seed=1) @ rand(3, 32, seed=2) * 0.1,
+        "unet." + _A + "ff.net.0.proj.weight": rand(256, 3, seed=3) @ rand(3, 32, seed=4) * 0.1,
+        "unet.down_blocks.0.resnets.0.conv1.weight": (rand(32, 3, seed=5) @ rand(3, 288, seed=6)).reshape(
+            32, 32, 3, 3
+        )
+        * 0.1,
+        "text_encoder.encoder.layers.1.mlp.fc2.weight": rand(32, 3, seed=7) @ rand(3, 37, seed=8) * 0.1,
+        "unet.down_blocks.0.resnets.0.conv1.bias": torch.full((32,), 0.01),
+    }
+    for component in ("unet", "text_encoder"):
+        (file,) = (folder / component).glob("*.safetensors")
+        tensors = load_file(str(file))
+        for name, change in changes.items():
+            owner, key = name.split(".", 1)
+            if owner == component:
+                tensors[key] = tensors[key] + change
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    return changes
+
+
+def test_a_checkpoint_difference_extracts_into_the_lora_of_its_changes(tmp_path: Path) -> None:
+    changes = _fine_tuned(tmp_path / "tuned")
+    text = """\
+        base: builtin:tiny-sd
+        adapters: {tuned: {checkpoint: tuned}}
+        merges: {x: {method: extract, adapters: {tuned: 0.5}, svd_rank: 3}}
+        outputs: {lora: {kind: lora, adapter: x, path: lora, layout: kohya}}
+        """
+    build_text(tmp_path, textwrap.dedent(text), out="out")
+    base = {c: weights_of(builtin_base_path("tiny-sd"), c) for c in ("unet", "text_encoder")}
+    written = lora_deltas(tmp_path / "out" / "lora" / "x.safetensors", base)
+    weights = {k: v for k, v in changes.items() if k.endswith(".weight")}
+    assert {f"{c}.{k}" for c, k in written} == set(weights)
+    for name, change in weights.items():
+        component, key = name.split(".", 1)
+        assert _relative(written[(component, key)], 0.5 * change.double()) < 1e-5, name
+    report = json.loads((tmp_path / "out" / "manifest.json").read_text())["checks"]["extract"]["x"]
+    assert report["max_relative_error"] < 1e-5 and len(report["modules"]) == 4
+    assert list(report["not_representable"]) == ["unet.down_blocks.0.resnets.0.conv1.bias"]
+    assert len(report["zero_modules"]) > 50  # every other Linear/Conv2d weight: unchanged
+    from lorarecipe.gitops.lock import create_lock
+
+    locked = next(i for i in create_lock(tmp_path / "recipe.yaml").inputs if i.step == "adapter:tuned")
+    assert {f.path for f in locked.files} >= {"model_index.json", "unet/config.json", "text_encoder/config.json"}
+
+
+def test_a_checkpoint_difference_is_only_an_input_of_extract(tmp_path: Path) -> None:
+    from tests.helpers.recipes import messages, problems_of
+
+    _fine_tuned(tmp_path / "tuned")
+    text = """\
+        base: builtin:tiny-sd
+        adapters: {tuned: {checkpoint: tuned}, style: builtin:tiny-sd/style, flux: {checkpoint: flux}}
+        merges: {m: {method: cat, adapters: [tuned, style]}}
+        set_adapters: {adapters: [tuned]}
+        fuse: {lora_scale: 1.0}
+        outputs:
+          fused: {kind: pipeline, path: fused}
+          grid: {kind: grid, path: g.png, prompts: [x], variants: [tuned]}
+        """
+    import shutil
+
+    shutil.copytree(builtin_base_path("tiny-flux"), tmp_path / "flux")
+    found = messages(problems_of(tmp_path, text))
+    assert (
+        "adapters.flux.checkpoint: the checkpoint is FLUX.1 (model_index.json names FluxPipeline (FLUX.1)), the base SD 1.x: their difference is no adapter"
+        in found
+    )
+    for where in ("merges.m.method", "set_adapters.adapters[0]", "outputs.grid.variants[0]"):
+        assert any(m.startswith(f"{where}: 'tuned' is a checkpoint difference") for m in found), (
+            where,
+            found,
+        )

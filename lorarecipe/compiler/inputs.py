@@ -38,6 +38,7 @@ from ..plan import Check, Source
 from ..recipe.load import path_text
 from ..recipe.vocabulary import FAMILIES
 from .context import CompileContext
+from .difference import check_difference
 from .lycoris import check_lycoris_adapter
 
 __all__ = ["AdapterFacts", "InputFacts", "check_inputs"]
@@ -49,6 +50,7 @@ class AdapterFacts:
     source: Source
     path: Path | None = None
     info: LoraInfo | None = None
+    difference: BaseInfo | None = None  # a checkpoint whose difference from the base is the adapter
 
 
 @dataclass
@@ -302,6 +304,15 @@ def _family_mismatch(info: LoraInfo, inputs: InputFacts) -> str:
 
 def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any) -> None:
     where = ("adapters", name)
+    if spec.checkpoint is not None:
+        facts = inputs.adapters[name] = AdapterFacts(name, Source("local", spec.checkpoint))
+        facts.path = _local(ctx, (*where, "checkpoint"), spec.checkpoint, want_dir=True)
+        if facts.path is not None:
+            describe = facts.source.describe()
+            facts.difference = check_difference(
+                ctx, name, facts.path, inputs.base_info, inputs.family, describe
+            )
+        return
     facts = _adapter_header(ctx, name, spec)
     inputs.adapters[name] = facts
     info = facts.info

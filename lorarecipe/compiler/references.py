@@ -22,6 +22,7 @@ from ..recipe.models import ComponentWeights, UnetBlockWeights
 from ..recipe.vocabulary import COMBINATION_TYPES, FAMILIES, RESERVED_VARIANTS, lone_adapter_merge_is_exact
 from .block_weights import check_transformer_blocks
 from .context import CompileContext
+from .difference import difference_components
 from .inputs import InputFacts, component_ranks
 from .lycoris import algorithm_names
 
@@ -185,6 +186,45 @@ def _lycoris_components(inputs: InputFacts, name: str) -> dict[str, tuple[int, .
     return {m.component: (m.effective_rank,) for m in facts.info.lycoris.modules}
 
 
+def _is_difference(ctx: CompileContext, name: str) -> bool:
+    spec = ctx.recipe.adapters.get(name)
+    return spec is not None and spec.checkpoint is not None
+
+
+def _difference_ranks(inputs: InputFacts, name: str) -> dict[str, tuple[int, ...]] | None:
+    facts = inputs.adapters.get(name)
+    if facts is None or facts.difference is None:
+        return None
+    return {c: (0,) for c in difference_components(facts.difference, inputs.family)}
+
+
+def _check_difference_uses(ctx: CompileContext) -> None:
+    """A checkpoint difference is a full-rank ΔW of every weight: only ``extract`` turns it into an
+    adapter; a mix, a fuse, a grid or a LoRA output of it is refused where it is named."""
+    names = {n for n in ctx.recipe.adapters if _is_difference(ctx, n)}
+    if not names:
+        return
+
+    uses: list[tuple[tuple[Any, ...], str]] = []
+    if ctx.recipe.set_adapters is not None:
+        uses += [(p, n) for n, p in _adapter_list_paths(ctx.recipe.set_adapters, ("set_adapters",))]
+    if ctx.recipe.fuse is not None:
+        uses += [(("fuse", "adapters", i), n) for i, n in enumerate(ctx.recipe.fuse.adapters or [])]
+    for output, spec in ctx.recipe.outputs.items():
+        if spec.kind == "lora":
+            uses.append((("outputs", output, "adapter"), spec.adapter))
+        elif spec.kind == "grid":
+            uses += [(("outputs", output, "variants", i), v) for i, v in enumerate(spec.variants)]
+            if spec.sweep is not None and spec.sweep.adapter:
+                uses.append((("outputs", output, "sweep", "adapter"), spec.sweep.adapter))
+    for path, name in uses:
+        if name in names:
+            hint = (
+                f"extract it first (a merge with method: extract, adapters: [{name}], svd_rank) and use that"
+            )
+            ctx.error(path, f"{name!r} is a checkpoint difference, which only an 'extract' merge takes", hint)
+
+
 def _check_extract(
     ctx: CompileContext, inputs: InputFacts, name: str, per_input: list[dict[str, tuple[int, ...]] | None]
 ) -> dict[str, tuple[int, ...]] | None:
@@ -237,8 +277,21 @@ def _check_merges(ctx: CompileContext, inputs: InputFacts) -> list[str]:
             ranks_of[name] = None
             continue
         lycoris_names = {n for n, _ in lycoris}
+        differences = [n for n, _ in spec.pairs() if _is_difference(ctx, n)]
+        if rule.peft and differences:
+            ctx.error(
+                (*where, "method"),
+                f"{differences[0]!r} is a checkpoint difference, which only an 'extract' merge takes",
+                "use method: extract (with svd_rank)",
+            )
+            ranks_of[name] = None
+            continue
         per_input = [
-            _lycoris_components(inputs, n) if n in lycoris_names else _lora_ranks(inputs, ranks_of, n)
+            _lycoris_components(inputs, n)
+            if n in lycoris_names
+            else _difference_ranks(inputs, n)
+            if n in differences
+            else _lora_ranks(inputs, ranks_of, n)
             for n, _ in spec.pairs()
         ]
         if not rule.peft:
@@ -371,4 +424,5 @@ def check_references(ctx: CompileContext, inputs: InputFacts) -> list[str]:
     order = _check_merges(ctx, inputs)
     _check_mix_and_fuse(ctx, inputs)
     _check_lora_outputs(ctx, inputs)
+    _check_difference_uses(ctx)
     return order

@@ -186,6 +186,8 @@ class LoadAdapter(Step):
     #: LoKr alpha/rank convention the recipe asks for (None: the file's own, detected). Whether an
     #: adapter is a plain LoRA or a LyCORIS/DoRA file is read from its header when it is loaded.
     scale_convention: str | None = field(default=None, metadata={OPTIONAL: True})
+    #: the source is a checkpoint folder: the adapter is its weights minus the base's (extract only)
+    difference: bool = field(default=False, metadata={OPTIONAL: True})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -174,7 +174,8 @@ class BaseSpec(_SourceSpec):
 
 
 class AdapterSpec(_SourceSpec):
-    """One LoRA file: from the hub (repo + explicit weight_name), a local file, or a built-in."""
+    """One LoRA file: from the hub (repo + explicit weight_name), a local file, or a built-in; or a
+    checkpoint whose difference from the base is the adapter (for ``extract`` merges)."""
 
     _builtins: ClassVar[Mapping[str, object]] = BUILTIN_LORAS
 
@@ -187,6 +188,11 @@ class AdapterSpec(_SourceSpec):
     revision: str | None = Field(None, description="Hub branch, tag or commit. Default: main.")
     file: str | None = Field(None, description="Local .safetensors file, relative to the recipe.")
     builtin: str | None = Field(None, description=f"A built-in tiny LoRA: {', '.join(BUILTIN_LORAS)}.")
+    checkpoint: str | None = Field(
+        None,
+        description="A fused or fine-tuned checkpoint of the base's family (local diffusers folder, relative "
+        "to the recipe): the adapter is its weights minus the base's. Only an input of 'extract' merges.",
+    )
     format: Literal["auto", "diffusers", "peft", "kohya"] = Field(
         "auto",
         description="Key layout of the file; 'auto' detects it from the safetensors header "
@@ -207,11 +213,14 @@ class AdapterSpec(_SourceSpec):
 
     @model_validator(mode="after")
     def _one_source(self) -> AdapterSpec:
-        given = [k for k in ("hub", "file", "builtin") if getattr(self, k) is not None]
+        given = [k for k in ("hub", "file", "builtin", "checkpoint") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of hub, file or builtin" + (f" (got {', '.join(given)})" if given else "")
+                "give exactly one of hub, file, builtin or checkpoint"
+                + (f" (got {', '.join(given)})" if given else "")
             )
+        if self.checkpoint is not None and (self.format != "auto" or self.scale_convention is not None):
+            raise ValueError("'format'/'scale_convention' describe adapter files, not a checkpoint")
         if self.hub is not None and not self.weight_name:
             raise ValueError("a hub adapter needs 'weight_name': the exact .safetensors file to load")
         if self.weight_name is not None and self.hub is None:

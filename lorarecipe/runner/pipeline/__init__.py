@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BuildError
@@ -93,13 +94,16 @@ class PipelineExecutor:
             pipe, state.dtype = load_pipeline(base, state.inputs["base"].path, state.config, options.device)
         keys = model_keys(pipe, plan.family)  # before any PEFT layer renames a weight
         lycoris: dict[str, LycorisAdapter] = {}  # LyCORIS/DoRA adapters: applied by lorarecipe itself
+        differences: dict[str, Path] = {}  # checkpoint differences: read by extract merges
         for step in plan.of_type(LoadAdapter):
             with state.step(step, f"load adapter {step.name}"):
                 path = state.inputs[step.id].path
-                if is_lycoris_file(path):
-                    found = load_lycoris(step.name, path, keys, plan.family, step.scale_convention)
-                    lycoris[step.name] = found
-                    state.adapters[step.name] = found.modules_per_component()
+                if step.difference:
+                    differences[step.name] = path
+                elif is_lycoris_file(path):
+                    placed = load_lycoris(step.name, path, keys, plan.family, step.scale_convention)
+                    lycoris[step.name] = placed
+                    state.adapters[step.name] = placed.modules_per_component()
                 else:
                     state.adapters[step.name] = load_adapter(pipe, step.name, path, plan.family).modules
         for step in plan.of_type(MergeAdapters):
@@ -108,7 +112,8 @@ class PipelineExecutor:
                     refuse_lycoris(step.name, step.adapters, lycoris, "PEFT's merges take only LoRAs")
                     merge_adapters(pipe, step)
                 else:  # extract: any adapters -> a plain LoRA adapter, by SVD
-                    state.extractions[step.name] = extract_merge(pipe, step, lycoris, plan.family)
+                    extracted = extract_merge(pipe, step, lycoris, plan.family, differences)
+                    state.extractions[step.name] = extracted
         for step in plan.of_type(SaveLora):
             if step.output not in wanted:
                 continue

@@ -5,7 +5,9 @@ LoRA outputs in diffusers and kohya layouts, mixes, fuses and grids take it like
 for the manifest: each module's rank and relative Frobenius error. Per module the inputs' deltas are
 summed in float32 in the merge's order, each times its weight: a LoRA or PEFT merge as PEFT computes it
 (``fuse_math``'s PEFT-exact product), a LyCORIS adapter's ΔW (``lycoris_adapters``), a DoRA adapter's
-update W' − W against the base weight; then ``extract.extract_lora`` re-factors the sum. One module's
+update W' − W against the base weight, a checkpoint's difference from the base (read weight by weight;
+what no LoRA can hold — biases, norms, embeddings — is listed in the report, not dropped silently);
+then ``extract.extract_lora`` re-factors the sum. One module's
 delta at a time, on one thread (the SVD's result depends on the thread count).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from ...errors import BuildError
@@ -55,18 +58,97 @@ def _lycoris_deltas(
     }
 
 
+def _checkpoint_index(folder: Path) -> dict[str, Path]:
+    """Every tensor key of a diffusers component folder's safetensors files -> its file."""
+    from safetensors import safe_open
+
+    from ...inspect.base_model import weight_files
+
+    index: dict[str, Path] = {}
+    for file in weight_files(folder, None)[0]:
+        with safe_open(str(file), framework="pt") as handle:
+            index.update(dict.fromkeys(handle.keys(), file))
+    return index
+
+
+def _read(file: Path, key: str) -> Any:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return handle.get_tensor(key).to(torch.float32)
+
+
+def _difference_deltas(
+    pipe: Any, folder: Path, weight: float, family: str | None, unrepresented: dict[str, float]
+) -> dict[ModuleKey, Callable[[], Any]]:
+    """(checkpoint − base) × weight for every Linear/Conv2d weight of the adapter components. Every
+    other parameter that differs (a bias, a norm, an embedding: no LoRA holds it) is recorded in
+    ``unrepresented`` with its relative difference, never dropped silently."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ..streaming.sources import resolve_key
+    from .lycoris import model_keys
+
+    out: dict[ModuleKey, Callable[[], Any]] = {}
+    for component in model_keys(pipe, family).shapes:
+        if not (folder / component).is_dir():
+            continue
+        index, model = _checkpoint_index(folder / component), getattr(pipe, component)
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                continue
+            key = name.replace(".base_layer.", ".")
+            stored = resolve_key(index, key)
+            if stored is None:
+                unrepresented[f"{component}.{key}"] = float("nan")  # the checkpoint lacks it
+                continue
+            module_name, _, attribute = key.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            if isinstance(module, BaseTunerLayer):
+                module = module.get_base_layer()
+            if attribute == "weight" and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                out[(component, module_name)] = functools.partial(
+                    _difference, index[stored], stored, param, weight
+                )
+                continue
+            base = param.detach().to(torch.float32)
+            change = _read(index[stored], stored) - base
+            if bool((change != 0).any()):
+                unrepresented[f"{component}.{key}"] = float(change.norm() / base.norm().clamp(min=1e-30))
+    return out
+
+
+def _difference(file: Path, key: str, param: Any, weight: float) -> Any:
+    import torch
+
+    with torch.no_grad():
+        change = _read(file, key) - param.detach().to(torch.float32)
+        return change.mul_(weight) if weight != 1 else change
+
+
 def extract_merge(
-    pipe: Any, step: MergeAdapters, lycoris: Mapping[str, LycorisAdapter], family: str | None
+    pipe: Any,
+    step: MergeAdapters,
+    lycoris: Mapping[str, LycorisAdapter],
+    family: str | None,
+    checkpoints: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Run one ``extract`` merge into adapter ``step.name`` of ``pipe``; returns its manifest report."""
+    """Run one ``extract`` merge into adapter ``step.name`` of ``pipe``; returns its manifest report.
+    ``checkpoints``: the inputs that are checkpoint differences (name -> diffusers folder)."""
     import torch
 
     if step.svd_rank is None:
         raise BuildError(f"merge {step.name!r}: method 'extract' needs svd_rank")
+    checkpoints = checkpoints or {}
+    unrepresented: dict[str, float] = {}
     sources: list[dict[ModuleKey, Callable[[], Any]]] = []
     for name, weight in zip(step.adapters, step.weights, strict=True):
         if name in lycoris:
             sources.append(_lycoris_deltas(pipe, lycoris[name], weight, family))
+        elif name in checkpoints:
+            sources.append(_difference_deltas(pipe, checkpoints[name], weight, family, unrepresented))
         else:
             sources.append(_lora_deltas(pipe, name, weight))
     modules = sorted(
@@ -117,4 +199,5 @@ def extract_merge(
         "max_relative_error": max(e["relative_error"] for e in errors.values()),
         "modules": errors,
         "zero_modules": zero,
+        **({"not_representable": unrepresented} if checkpoints else {}),
     }
