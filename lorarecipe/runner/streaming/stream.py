@@ -372,7 +372,8 @@ def stream_fuse(
     ``config_path`` is its diffusers config folder); ``adapter_paths`` maps adapter names to LoRA
     files; ``metadata`` goes into every safetensors file written; ``before_swap(folder)`` completes a
     folder output (its model card) before it replaces the final one. Raises ``StreamingUnsupported`` for
-    what the stream cannot reproduce exactly (LoRA bias, DoRA, unreadable single-file layouts), and
+    what the stream cannot reproduce exactly (LoRA bias, an ``extract`` merge, unreadable single-file
+    layouts; LyCORIS/DoRA files are fused, with ``lycoris_targets``), and
     ``BuildError`` for what no route could build (NaN/Inf, a LoRA that fits no base weight).
     """
     started = time.perf_counter()
