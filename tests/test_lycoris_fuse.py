@@ -503,3 +503,76 @@ def test_scale_convention_of_a_full_matrix_lokr(tmp_path: Path, convention: str 
     key = f"{_A}attn1.to_k.weight"
     scale = 1.0 if convention == "lycoris" else 1.5
     assert_fused(base, fused, {("unet", key): base["unet"][key].double() + scale * module.delta})  # type: ignore[operator]
+
+
+def test_single_file_output_and_single_file_base(tmp_path: Path) -> None:
+    """The LDM single-file layout both ways: a LyCORIS fuse written as a single file (placed on the
+    diffusers architecture), and a single-file base fused again; streamed == pipeline route, bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    save_file(state_dict(sd_modules("kohya"), "kohya"), str(tmp_path / "lyco.safetensors"))
+    text = """\
+        base: builtin:tiny-sd
+        adapters: {lyco: {file: lyco.safetensors}}
+        fuse: {adapters: [lyco], lora_scale: 0.5}
+        outputs:
+          fused: {kind: pipeline, path: fused}
+          single: {kind: single_file, path: single.safetensors}
+        """
+    both_routes(tmp_path, textwrap.dedent(text), SD_COMPONENTS)
+    one, two = (
+        load_file(str(tmp_path / "pipe" / "single.safetensors")),
+        load_file(str(tmp_path / "stream" / "single.safetensors")),
+    )
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    shutil.copytree(builtin_base_path("tiny-sd"), tmp_path / "config")
+    shutil.copy(tmp_path / "pipe" / "single.safetensors", tmp_path / "base.safetensors")
+    again = """\
+        base: {file: base.safetensors, config: config}
+        adapters: {lyco: {file: lyco.safetensors}}
+        fuse: {adapters: [lyco], lora_scale: -0.5}
+        outputs: {fused: {kind: pipeline, path: fused}}
+        """
+    folder = tmp_path / "again"
+    folder.mkdir()
+    for name in ("lyco.safetensors", "base.safetensors"):
+        shutil.copy(tmp_path / name, folder / name)
+    shutil.copytree(tmp_path / "config", folder / "config")
+    fused = both_routes(folder, textwrap.dedent(again), SD_COMPONENTS)
+    base = {c: weights_of(builtin_base_path("tiny-sd"), c) for c in SD_COMPONENTS}
+    for module in sd_modules("kohya"):
+        if module.dora is None:  # ±0.5 of an additive ΔW cancels up to float32 rounding
+            key = f"{module.module}.weight"
+            assert float((fused[module.component][key] - base[module.component][key]).abs().max()) < 1e-5
+
+
+def test_half_precision_base_rounds_once_on_both_routes(tmp_path: Path) -> None:
+    """A float16 base: both routes fuse each weight in float32 and round it once (a LyCORIS/DoRA term
+    is applied to the whole float32 weight), so they agree bit for bit, within half an ulp of exact."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(builtin_base_path("tiny-sd"), tmp_path / "half")
+    for file in (tmp_path / "half").glob("*/*.safetensors"):
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    modules = sd_modules("kohya")
+    save_file(state_dict(modules, "kohya"), str(tmp_path / "lyco.safetensors"))
+    text = """\
+        base: {path: half}
+        adapters: {lyco: {file: lyco.safetensors}}
+        fuse: {adapters: [lyco], lora_scale: 0.8}
+        outputs: {fused: {kind: pipeline, path: fused}}
+        """
+    fused = both_routes(tmp_path, textwrap.dedent(text), SD_COMPONENTS)
+    base = {c: weights_of(tmp_path / "half", c) for c in SD_COMPONENTS}
+    for module in modules:
+        key = f"{module.module}.weight"
+        got = fused[module.component][key]
+        expected = expected_weight(base[module.component][key].float(), [(module, 0.8)])
+        assert got.dtype == torch.float16
+        ulp = torch.finfo(torch.float16).eps * expected.abs().clamp(min=2**-14)
+        assert bool(((got.double() - expected).abs() <= 0.5 * ulp + 1e-6).all()), key
