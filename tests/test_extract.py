@@ -342,7 +342,11 @@ def test_a_checkpoint_difference_extracts_into_the_lora_of_its_changes(tmp_path:
     from lorarecipe.gitops.lock import create_lock
 
     locked = next(i for i in create_lock(tmp_path / "recipe.yaml").inputs if i.step == "adapter:tuned")
-    assert {f.path for f in locked.files} >= {"model_index.json", "unet/config.json", "text_encoder/config.json"}
+    assert {f.path for f in locked.files} >= {
+        "model_index.json",
+        "unet/config.json",
+        "text_encoder/config.json",
+    }
 
 
 def test_a_checkpoint_difference_is_only_an_input_of_extract(tmp_path: Path) -> None:
