@@ -576,3 +576,71 @@ def test_half_precision_base_rounds_once_on_both_routes(tmp_path: Path) -> None:
         assert got.dtype == torch.float16
         ulp = torch.finfo(torch.float16).eps * expected.abs().clamp(min=2**-14)
         assert bool(((got.double() - expected).abs() <= 0.5 * ulp + 1e-6).all()), key
+
+
+def test_a_warm_pipeline_after_lycoris_fuses_grids_and_extraction_builds_like_a_fresh_one(
+    tmp_path: Path,
+) -> None:
+    """A warm batch: a build that applies a LyCORIS/DoRA adapter in place (fuse, grid cells) and extracts
+    it, then a build of plain LoRAs on the same (reused) pipeline; each equals its build alone."""
+    from safetensors.torch import load_file
+
+    from lorarecipe.gitops.batch import BatchOptions, build_recipes
+    from lorarecipe.recipe.load import find_recipe_files
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    save_file(state_dict(sd_modules("kohya"), "kohya"), str(folder / "lyco.safetensors"))
+    grid = "{kind: grid, path: g.png, prompts: [a cat], seeds: [0], steps: 2, size: 32, variants: [base, lyco, mix, fused]}"
+    (folder / "a.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            name: a
+            base: builtin:tiny-sd
+            adapters: {{lyco: {{file: lyco.safetensors}}, style: builtin:tiny-sd/style}}
+            merges: {{x: {{method: extract, adapters: [lyco, style], svd_rank: 4}}}}
+            set_adapters: {{adapters: {{lyco: 0.5, style: 0.7}}}}
+            fuse: {{lora_scale: 1.0}}
+            outputs:
+              fused: {{kind: pipeline, path: fused}}
+              lora: {{kind: lora, adapter: x, path: lora}}
+              grid: {grid}
+            """
+        )
+    )
+    (folder / "b.yaml").write_text(
+        textwrap.dedent(
+            """\
+            name: b
+            base: builtin:tiny-sd
+            adapters: {style: builtin:tiny-sd/style}
+            fuse: {adapters: [style], lora_scale: 0.3}
+            outputs:
+              fused: {kind: pipeline, path: fused}
+              grid: {kind: grid, path: g.png, prompts: [a cat], seeds: [0], steps: 2, size: 32, variants: [base, fused]}
+            """
+        )
+    )
+    from tests.helpers.batch_builds import forget_rendered_cells
+
+    forget_rendered_cells()
+    options = BatchOptions(out=tmp_path / "warm", executor="diffusers")
+    outcomes = build_recipes(find_recipe_files([str(folder)]), options, several=True)
+    assert [o.ok for o in outcomes] == [True, True], [o.problems for o in outcomes]
+    assert [o.worker["pipeline"]["loaded"] for o in outcomes if o.worker] == [1, 0]
+    for name in ("a", "b"):
+        forget_rendered_cells()
+        text = (folder / f"{name}.yaml").read_text()
+        build_text(folder, text, out=f"cold-{name}", name=f"{name}-cold.yaml", executor="diffusers")
+        warm, cold = tmp_path / "warm" / name, folder / f"cold-{name}"
+        files = sorted(p.relative_to(cold) for p in cold.rglob("*.safetensors"))
+        assert files
+        for rel in files:
+            x, y = load_file(str(cold / rel)), load_file(str(warm / rel))
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), rel
+        cells = sorted(p.relative_to(cold) for p in (cold / "g_cells").glob("*.png"))
+        from PIL import Image
+
+        for rel in cells:
+            with Image.open(cold / rel) as one, Image.open(warm / rel) as two:
+                assert one.tobytes() == two.tobytes(), rel
