@@ -36,6 +36,7 @@ from ..recipe.models import ComponentWeights, GridOutput, LoraOutput, PipelineOu
 from ..recipe.vocabulary import FAMILIES
 from .block_weights import canonical_component_weights
 from .context import CompileContext
+from .difference import difference_components
 from .estimates import estimate_memory
 from .inputs import InputFacts, check_inputs
 from .outputs import check_outputs, default_weight_name
@@ -94,6 +95,8 @@ def _steps(
                 source=inputs.adapters[name].source,
                 format=adapter.format,
                 trigger_words=tuple(adapter.trigger_words),
+                scale_convention=adapter.scale_convention,
+                difference=adapter.checkpoint is not None,
             )
         )
     for name in merge_order:
@@ -112,6 +115,7 @@ def _steps(
                 majority_sign_method=merge.majority_sign_method,
                 svd_rank=merge.svd_rank,
                 svd_clamp=merge.svd_clamp,
+                svd_energy=merge.svd_energy,
                 svd_full_matrices=merge.svd_full_matrices,
                 svd_driver=merge.svd_driver,
                 seed=merge.seed,
@@ -243,6 +247,8 @@ def _adapter_components(
     merge = ctx.recipe.merges.get(name)
     if merge is None:
         facts = inputs.adapters.get(name)
+        if facts is not None and facts.difference is not None:
+            return set(difference_components(facts.difference, inputs.family))
         return set(facts.info.components) if facts is not None and facts.info is not None else None
     found: set[str] = set()
     for dep, _ in merge.pairs():

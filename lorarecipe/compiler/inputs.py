@@ -38,6 +38,8 @@ from ..plan import Check, Source
 from ..recipe.load import path_text
 from ..recipe.vocabulary import FAMILIES
 from .context import CompileContext
+from .difference import check_difference
+from .lycoris import check_lycoris_adapter
 
 __all__ = ["AdapterFacts", "InputFacts", "check_inputs"]
 
@@ -48,6 +50,7 @@ class AdapterFacts:
     source: Source
     path: Path | None = None
     info: LoraInfo | None = None
+    difference: BaseInfo | None = None  # a checkpoint whose difference from the base is the adapter
 
 
 @dataclass
@@ -301,6 +304,15 @@ def _family_mismatch(info: LoraInfo, inputs: InputFacts) -> str:
 
 def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any) -> None:
     where = ("adapters", name)
+    if spec.checkpoint is not None:
+        facts = inputs.adapters[name] = AdapterFacts(name, Source("local", spec.checkpoint))
+        facts.path = _local(ctx, (*where, "checkpoint"), spec.checkpoint, want_dir=True)
+        if facts.path is not None:
+            describe = facts.source.describe()
+            facts.difference = check_difference(
+                ctx, name, facts.path, inputs.base_info, inputs.family, describe
+            )
+        return
     facts = _adapter_header(ctx, name, spec)
     inputs.adapters[name] = facts
     info = facts.info
@@ -320,6 +332,23 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
     if info.unsupported and info.family and inputs.family and info.family != inputs.family:
         ctx.error(where, _family_mismatch(info, inputs), on_key=True)  # the more basic problem
         return
+    if info.lycoris is not None:  # LyCORIS/DoRA: applied by lorarecipe, checked on its own terms
+        named = {"diffusers": ("peft", "diffusers"), "peft": ("peft", "diffusers"), "kohya": ("kohya",)}
+        layouts = sorted({m.layout for m in info.lycoris.modules})
+        if spec.format in named and not set(layouts) <= set(named[spec.format]):
+            ctx.error(
+                (*where, "format"),
+                f"declared format {spec.format!r} but the file's modules are in {', '.join(layouts)} layout",
+                "remove 'format' to detect it",
+            )
+        describe = facts.source.describe()
+        check_lycoris_adapter(ctx, name, spec, info.lycoris, inputs.base_info, inputs.family, describe)
+        return
+    if spec.scale_convention is not None:
+        ctx.error(
+            (*where, "scale_convention"),
+            "scale_convention applies to LyCORIS LoKr files; this is a plain LoRA (scale alpha/rank)",
+        )
     if info.unsupported:
         ctx.error(where, f"cannot load this LoRA: {info.unsupported}", on_key=True)
         return

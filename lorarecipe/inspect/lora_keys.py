@@ -3,7 +3,10 @@
 Works from tensor names and shapes only (never values), so it is instant and torch-free. The
 family comes from shapes (cross-attention input widths, hidden sizes), never from ``ss_*``
 metadata, which trainers get wrong. ``unsupported`` names the reason when diffusers 0.42 cannot
-load the file (or would silently load nothing) and lorarecipe does not convert it itself.
+load the file (or would silently load nothing) and lorarecipe does not convert it itself. LyCORIS
+(LoCon with ``lora_mid``, LoHa, LoKr) and DoRA files are among those diffusers cannot load, and
+lorarecipe applies them itself: for them ``lycoris`` holds every module as its adapter math reads
+it (:mod:`.lycoris_keys`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ..families import FAMILIES
 from ..families.original_names import match_lora_module
 from ..fs.json_files import JsonFileError, parse_json
 from .lora_family import detect_family
+from .lycoris_keys import LycorisInfo, inspect_lycoris, peft_pattern_matches
 from .safetensors_header import SafetensorsHeader, TensorInfo
 
 __all__ = ["COMPONENT_ORDER", "LoraInfo", "LoraModule", "inspect_lora"]
@@ -123,6 +127,8 @@ class LoraInfo:
     unsupported: str | None
     unrecognized_keys: tuple[str, ...]
     metadata: Mapping[str, str] = field(hash=False)
+    #: LyCORIS/DoRA files: every module as lorarecipe's adapter math reads it (None for plain LoRAs)
+    lycoris: LycorisInfo | None = field(default=None, hash=False)
 
 
 @dataclass
@@ -172,11 +178,14 @@ def _dims(info: TensorInfo | None, *lengths: int) -> tuple[int, ...] | None:
     return info.shape
 
 
+_LOCON_MID = "uses LoCon's CP decomposition ('lora_mid'); diffusers cannot load it"
+
+
 def _lowrank(group: _Group) -> tuple[int, int, int, tuple[int, ...]] | str:
     """(rank, in, out, kernel) of a down/up pair, or a reason the pair is broken."""
     down, up = _dims(group.parts.get("down"), 2, 4), _dims(group.parts.get("up"), 2, 4)
     if "mid" in group.parts:
-        return f"module {group.stem!r} uses LoCon's CP decomposition ('lora_mid'); diffusers cannot load it"
+        return f"module {group.stem!r} {_LOCON_MID}"
     if down is None or up is None:
         return f"module {group.stem!r} has no usable down/A and up/B weight pair"
     if up[1] != down[0]:
@@ -266,12 +275,13 @@ def _number(value: Any) -> float | None:
 
 
 def _metadata_alpha(config: dict[str, Any], component: str, name: str) -> float | None:
-    """LoraConfig alpha for one module. alpha_pattern keys are matched as literal module-name
-    suffixes, not as regular expressions: the metadata is untrusted and a regex could hang."""
+    """LoraConfig alpha for one module. alpha_pattern keys are matched as literal module names
+    (``peft_pattern_matches``), not as regular expressions: the metadata is untrusted and a regex
+    could hang."""
     pattern = config.get(f"{component}.alpha_pattern")
     if isinstance(pattern, dict):
         for key, value in pattern.items():
-            if (name == key or name.endswith("." + key)) and _number(value) is not None:
+            if isinstance(key, str) and peft_pattern_matches(key, name) and _number(value) is not None:
                 return _number(value)
     return _number(config.get(f"{component}.lora_alpha"))
 
@@ -286,12 +296,12 @@ def _unsupported(formats: Counter[str], groups: list[_Group], broken: list[str],
     if "lycoris_lokr" in formats:
         return (
             f"LyCORIS LoKr (Kronecker) weights (e.g. '{first['lycoris_lokr']}.lokr_w1…'): diffusers 0.42 "
-            "cannot load LoKr; bake it with LyCORIS tools or extract a plain LoRA first"
+            "cannot load LoKr (lorarecipe applies it itself)"
         )
     if "lycoris_loha" in formats:
         return (
             f"LyCORIS LoHa (Hadamard) weights (e.g. '{first['lycoris_loha']}.hada_w1_a'): diffusers 0.42 "
-            "cannot load LoHa; bake it with LyCORIS tools or extract a plain LoRA first"
+            "cannot load LoHa (lorarecipe applies it itself)"
         )
     if "malformed" in formats:
         stem = first["malformed"]
@@ -305,7 +315,8 @@ def _unsupported(formats: Counter[str], groups: list[_Group], broken: list[str],
         dora = next(g.stem for g in groups if g.dora)
         return (
             f"DoRA (dora_scale / lora_magnitude_vector, e.g. on '{dora}'): diffusers 0.42 drops the "
-            "magnitude vectors and would apply a different update than the one trained"
+            "magnitude vectors and would apply a different update than the one trained (lorarecipe "
+            "applies it itself)"
         )
     if broken:
         return broken[0]
@@ -411,6 +422,12 @@ def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
     present = {m.component for m in modules}
     control = any(k.endswith("query_norm.scale") for k in unrecognized)  # BFL Flux-control LoRA
     unsupported = _unsupported(formats, listed, broken, control) or _non_float_weights(header)
+    lycoris = None
+    lycoris_like = {"lycoris_lokr", "lycoris_loha"} & set(formats) or any(g.dora for g in listed)
+    other = {"cloneofsimo", "malformed"} & set(formats)
+    if (lycoris_like or any(_LOCON_MID in b for b in broken)) and not other:
+        lycoris = inspect_lycoris(header)
+        present |= {m.component for m in lycoris.modules}  # LoCon Tucker modules are among them
     return LoraInfo(
         format=fmt,
         modules=tuple(modules),
@@ -422,4 +439,5 @@ def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
         unsupported=unsupported,
         unrecognized_keys=tuple(unrecognized),
         metadata=header.metadata,
+        lycoris=lycoris,
     )

@@ -194,12 +194,11 @@ def lora_factors(
         if "alpha" in p:
             alpha = float(p["alpha"])
         elif peft_meta:
-            alpha = float(
-                peft_meta.get(f"{component}.alpha_pattern", {}).get(
-                    module, peft_meta[f"{component}.lora_alpha"]
-                )
-            )
-            rank = int(peft_meta.get(f"{component}.rank_pattern", {}).get(module, rank))
+            # diffusers writes pattern keys anchored ('^module'): both spellings name the module
+            alphas = peft_meta.get(f"{component}.alpha_pattern", {})
+            ranks = peft_meta.get(f"{component}.rank_pattern", {})
+            alpha = float(alphas.get(module, alphas.get(f"^{module}", peft_meta[f"{component}.lora_alpha"])))
+            rank = int(ranks.get(module, ranks.get(f"^{module}", rank)))
         else:
             alpha = float(rank)
         key = _base_key(base[component].keys(), module, flat)

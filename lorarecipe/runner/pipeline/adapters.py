@@ -22,7 +22,7 @@ from ...families import get_family
 from ...inspect import LoraInfo, inspect_lora, read_header
 from ..lora_conversion import convert_original_lora, is_original_layout
 
-__all__ = ["LoadedAdapter", "load_adapter"]
+__all__ = ["LoadedAdapter", "check_injected", "load_adapter"]
 
 _ATTN_PROC = re.compile(
     r"^(?:unet\.)?(?P<module>.+)\.processor\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<which>down|up)\.weight$"
@@ -111,7 +111,9 @@ def _converted_modules(state_dict: dict[str, Any]) -> dict[str, set[str]]:
     return expected
 
 
-def _check_coverage(pipe: Any, name: str, expected: dict[str, set[str]], source: str) -> dict[str, int]:
+def check_injected(pipe: Any, name: str, expected: dict[str, set[str]], source: str) -> dict[str, int]:
+    """The LoRA modules diffusers injected for adapter ``name`` must be the ``expected`` ones (per
+    component), or the build fails naming what would be silently ignored; returns the counts."""
     counts: dict[str, int] = {}
     missing: list[str] = []
     for component, names in expected.items():
@@ -195,5 +197,5 @@ def load_adapter(pipe: Any, name: str, path: Path, family: str | None = None) ->
             raise UnsafeInputError(
                 f"{path.name}: diffusers could not load this LoRA: {type(exc).__name__}: {str(exc)[:500]}"
             ) from None
-    counts = _check_coverage(pipe, name, expected, path.name)
+    counts = check_injected(pipe, name, expected, path.name)
     return LoadedAdapter(name, path, info, counts)

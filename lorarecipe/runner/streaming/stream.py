@@ -37,6 +37,7 @@ from ..fuse_math import FuseTarget, LoraFactor
 from ..pipeline.load import load_dtype
 from .factor_cache import FactorCache
 from .factors import fuse_block_weights, resolvable_weights, targets_from_factors
+from .lycoris_targets import split_fuse
 from .positional_io import PositionalReader
 from .skeleton import Architecture, build_skeleton, fuse_targets, needed_adapters, prepare_adapters
 from .sources import (
@@ -109,6 +110,11 @@ def _rekey(targets: dict[tuple[str, str], FuseTarget], base: FolderBase) -> dict
             )
         out[(component, found)] = target
     return out
+
+
+def _folder_shapes(folder: FolderBase) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Each component's weight keys and shapes as a diffusers folder stores them."""
+    return {c: {k: h.tensors[k].shape for k, (_, h) in folder.keys(c).items()} for c in folder.files}
 
 
 def _check_all_used(targets: Mapping[tuple[str, str], FuseTarget], stats: WriteStats) -> None:
@@ -212,7 +218,9 @@ class _Stream:
         fuses = plan.of_type(FuseAdapters)
         if not isinstance(base, LoadBase) or not fuses:
             raise BuildError("internal: the plan has no base or no fuse step to stream")
-        self.plan, self.save, self.fuse = plan, save, fuses[0]
+        self.plan, self.save = plan, save
+        # diffusers/PEFT decide the LoRA part on the skeleton; LyCORIS/DoRA adapters are lorarecipe's own
+        self.fuse, self.lycoris = split_fuse(plan, fuses[0], adapter_paths)
         for merge in needed_adapters(plan, self.fuse)[1]:
             if merge.svd_driver is not None:
                 raise StreamingUnsupported(
@@ -268,6 +276,11 @@ class _Stream:
             if self.folder_to_folder:
                 assert self.folder is not None
                 targets = _rekey(targets, self.folder)
+                shapes = _folder_shapes(self.folder)
+            else:
+                assert arch is not None
+                shapes = arch.shapes
+            targets = self.lycoris.join(targets, shapes, self.adapter_paths, self.family)
             writer.finish(targets, self.stats)
             _check_all_used(targets, self.stats)
             self.hashes = {
@@ -297,6 +310,14 @@ class _Stream:
         factors = cache.load(self.fuse.adapters) if resolvable_weights(self.fuse) else None
         arch = None if self.folder_to_folder else cache.load_architecture(extra)
         needs_arch = arch is None and not self.folder_to_folder
+        if not self.fuse.adapters:  # only LyCORIS/DoRA adapters: no LoRA for diffusers/PEFT to decide
+            if needs_arch:
+                from ..quiet import quiet_libraries
+
+                quiet_libraries(load=True)
+                arch = build_skeleton(self.config_root, self.pipeline_class, extra).arch
+                cache.store_architecture(extra, arch)
+            return {}, arch
         if factors is not None and not needs_arch:
             self.from_cache = True
             return self._from_factors(factors), arch
@@ -351,7 +372,8 @@ def stream_fuse(
     ``config_path`` is its diffusers config folder); ``adapter_paths`` maps adapter names to LoRA
     files; ``metadata`` goes into every safetensors file written; ``before_swap(folder)`` completes a
     folder output (its model card) before it replaces the final one. Raises ``StreamingUnsupported`` for
-    what the stream cannot reproduce exactly (LoRA bias, DoRA, unreadable single-file layouts), and
+    what the stream cannot reproduce exactly (LoRA bias, an ``extract`` merge, unreadable single-file
+    layouts; LyCORIS/DoRA files are fused, with ``lycoris_targets``), and
     ``BuildError`` for what no route could build (NaN/Inf, a LoRA that fits no base weight).
     """
     started = time.perf_counter()
