@@ -247,11 +247,11 @@ def _inspect(ctx: CompileContext, path: tuple[Any, ...], fn: Any) -> Any:
     return None
 
 
-def _adapter_header(ctx: CompileContext, name: str, spec: Any) -> AdapterFacts:
+def _adapter_header(ctx: CompileContext, name: str, spec: Any, family: str | None) -> AdapterFacts:
     where = ("adapters", name)
     if spec.builtin:
         facts = AdapterFacts(name, Source("builtin", spec.builtin))
-        facts.info = inspect_lora(_builtin_header(spec.builtin))
+        facts.info = inspect_lora(_builtin_header(spec.builtin), family)
         return facts
     if spec.hub:
         facts = AdapterFacts(name, Source("hub", spec.hub, revision=spec.revision, filename=spec.weight_name))
@@ -283,7 +283,7 @@ def _adapter_header(ctx: CompileContext, name: str, spec: Any) -> AdapterFacts:
             return facts
     header = _inspect(ctx, (*where, "hub" if spec.hub else "file"), lambda: read_header(facts.path))
     if header is not None:
-        facts.info = _inspect(ctx, where, lambda: inspect_lora(header))
+        facts.info = _inspect(ctx, where, lambda: inspect_lora(header, family))
     return facts
 
 
@@ -301,7 +301,7 @@ def _family_mismatch(info: LoraInfo, inputs: InputFacts) -> str:
 
 def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any) -> None:
     where = ("adapters", name)
-    facts = _adapter_header(ctx, name, spec)
+    facts = _adapter_header(ctx, name, spec, inputs.family)
     inputs.adapters[name] = facts
     info = facts.info
     if (
@@ -379,7 +379,11 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
                 f"{facts.source.describe()}: {info.format}, {len(info.modules)} modules in "
                 f"{', '.join(info.components)}, rank {'/'.join(map(str, info.ranks))}"
                 + (f"; {blocks}" if blocks else "")
-                + (f"; {fused} fused original-layout modules split by lorarecipe" if fused else ""),
+                + (
+                    f"; {fused} fused original-layout modules, each split into its diffusers modules"
+                    if fused
+                    else ""
+                ),
                 (
                     ("format", info.format),
                     ("modules", len(info.modules)),

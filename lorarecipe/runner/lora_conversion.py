@@ -1,7 +1,10 @@
 """LoRA files named in a family's original layout -> the diffusers/PEFT layout, with diffusers' float ops.
 
-A FLUX.1 LoRA in kohya/ComfyUI names (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``),
-ai-toolkit names (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``) or XLabs names
+Families whose diffusers loader cannot read their original names convert here (FLUX.1; SD 3, whose
+loader reads diffusers keys only: kohya sd-scripts' ``lora_unet_joint_blocks_0_x_block_attn_qkv``,
+CLIPs as ``lora_te1_``/``lora_te2_``). A FLUX.1 LoRA in kohya/ComfyUI names
+(``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``), ai-toolkit names
+(``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``) or XLabs names
 (``double_blocks.0.processor.qkv_lora1.down.weight``), plus kohya CLIP keys (``lora_te1_…``) ->
 ``transformer.<module>.lora_A/B.weight`` and ``text_encoder.<module>.lora_A/B.weight`` for
 ``load_lora_weights``, with alpha/rank folded into the factors as diffusers does (alpha = rank after).
@@ -23,8 +26,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import UnsafeInputError
-from ..families import Family, Split
-from ..families.original_names import match_lora_module, split_heights
+from ..families import Family
+from ..families.original_names import halves_swapped, match_lora_module, split_heights
 
 __all__ = ["convert_original_lora", "is_original_layout"]
 
@@ -110,7 +113,7 @@ def _denoiser_factors(family: Family, name: str, parts: Mapping[str, Any], where
     xlabs = ".processor." in match.original  # XLabs files carry no alpha; diffusers applies none
     fused = len(match.diffusers) > 1
     down, up = (parts["down"], parts["up"]) if xlabs else _scaled(parts, fused)
-    if match.split is Split.SWAP_HALVES:  # BFL shift|scale -> diffusers scale|shift (swap_scale_shift)
+    if halves_swapped(match.split, down.shape[1], up.shape[0]):  # shift|scale -> diffusers scale|shift
         shift, scale = up.chunk(2, dim=0)
         up = torch.cat([scale, shift], dim=0)
     heights = split_heights(match.split, len(match.diffusers), down.shape[1], up.shape[0])

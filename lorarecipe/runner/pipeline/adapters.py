@@ -159,7 +159,7 @@ def load_adapter(pipe: Any, name: str, path: Path, family: str | None = None) ->
     from safetensors.torch import load_file, save_file
 
     header = read_header(path)
-    info = inspect_lora(header)
+    info = inspect_lora(header, family)
     if info.unsupported:
         raise UnsafeInputError(f"{path.name}: cannot load this LoRA: {info.unsupported}")
     if info.unrecognized_keys:

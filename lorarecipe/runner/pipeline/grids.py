@@ -306,7 +306,7 @@ class GridRenderer:
                 prompt=[self._prompt(col, p) for p, _ in rows],
                 **self._guidance(len(rows)),
                 num_inference_steps=step.steps,
-                guidance_scale=step.guidance,
+                **{self.call.guidance_argument: step.guidance},
                 width=step.width,
                 height=step.height,
                 generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in rows],
