@@ -154,7 +154,7 @@ _Z_IMAGE_LORAS = (
         2.0,
         False,
         33,
-        "ComfyUI layout, original names ('lora_unet_layers_0_attention_qkv', fused q/k/v), r4 α2: blocks",
+        "ComfyUI layout in original names ('lora_unet_layers_0_attention_qkv', fused q/k/v), r4 α2",
     ),
     BuiltinLora(
         "tiny-z-image/aitk",

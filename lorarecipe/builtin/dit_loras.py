@@ -9,7 +9,7 @@ Input: a pipeline (module names and shapes only), a family, a layout, rank/alpha
   every Linear of the transformer: diffusers' module names (Qwen-Image, Z-Image), or the original
   names of the family table where its trainers use them (SD 3's ``joint_blocks_0_x_block_attn_qkv``,
   fused q/k/v as one module, plus ``lora_te1_``/``lora_te2_`` CLIPs);
-- ``comfy``: the original names with a fused ``qkv`` (musubi's Z-Image ComfyUI layout), blocks only;
+- ``comfy``: the original names with a fused ``qkv`` (musubi's Z-Image ComfyUI layout);
 - ``aitk``: ai-toolkit/ComfyUI ``diffusion_model.<module>.lora_A.weight``, no alpha;
 - ``diffsynth``: DiffSynth-Studio's PEFT keys ``<module>.lora_A.default.weight``, no alpha;
 - ``bare``: ``<module>.lora_down.weight`` + ``.alpha`` without a prefix (InvokeAI's Qwen-Image fixture).
@@ -72,13 +72,11 @@ def _linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]:
 
 
 def _wanted(family: Family, layout: str, name: str) -> bool:
-    """Which transformer modules a layout adapts: every Linear (kohya), blocks only (comfy), else
-    the attention and MLP projections."""
-    if layout == "kohya":
+    """Which transformer modules a layout adapts: every Linear (kohya, comfy), else the attention and
+    MLP projections."""
+    if layout in ("kohya", "comfy"):
         return True
     in_block = any(name.startswith(g.module_prefix + ".") for g in family.block_groups)
-    if layout == "comfy":
-        return in_block
     return in_block and any(name == t or name.endswith("." + t) for t in DIT_PEFT_TARGETS[family.key])
 
 

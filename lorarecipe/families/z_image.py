@@ -6,10 +6,12 @@
   the patch-size-keyed embedder and final layer (``x_embedder`` = ``all_x_embedder.2-1``). Every other
   module keeps its name (``feed_forward.w1``, ``adaLN_modulation.0``, ``t_embedder``, ``cap_embedder``).
   The inverse of diffusers' ``convert_z_image_transformer_checkpoint_to_diffusers``.
-- LoRAs are read by diffusers' ``ZImageLoraLoaderMixin`` (kohya in diffusers names or in the original
-  names with a fused ``qkv``, ai-toolkit/ComfyUI ``diffusion_model.``, bare names with ``.alpha``);
-  lorarecipe writes the kohya/ComfyUI layout in the original names (fused ``qkv``, block-diagonal),
-  which ComfyUI and diffusers both read.
+- LoRAs in diffusers names are read by diffusers' ``ZImageLoraLoaderMixin`` (kohya/musubi, ai-toolkit
+  and ComfyUI ``diffusion_model.``, bare names with ``.alpha``); LoRAs in the original names (ComfyUI's
+  kohya layout ``lora_unet_layers_0_attention_qkv``, musubi's ComfyUI conversion) are converted by
+  lorarecipe from these tables: diffusers splits their ``qkv`` too, but drops ``x_embedder`` and
+  ``final_layer``. lorarecipe writes the kohya/ComfyUI layout in the original names (fused ``qkv``,
+  block-diagonal), which ComfyUI reads.
 - ``BLOCK_GROUPS``: ``layers``, ``noise_refiner``, ``context_refiner`` (the original and diffusers names).
 - ``GRID``: classifier-free guidance with a negative prompt, diffusers' default 5.0; Z-Image-Turbo is
   guidance-distilled: give it ``guidance: 0`` and about 9 steps.
@@ -77,6 +79,7 @@ Z_IMAGE = Family(
     original_modules=ORIGINAL_MODULES,
     original_params=ORIGINAL_PARAMS,
     kohya_prefixes=MappingProxyType({"transformer": "lora_unet"}),
+    converts_original_loras=True,
     original_keeps_names=True,
     lora_layouts=frozenset({"diffusion_model", "bare"}),
 )
