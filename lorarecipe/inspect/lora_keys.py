@@ -450,7 +450,7 @@ def inspect_lora(header: SafetensorsHeader, family: str | None = None) -> LoraIn
     else:
         fmt = next((k for k in ("cloneofsimo", "lycoris_lokr", "lycoris_loha") if k in formats), "")
         fmt = fmt or ("dora" if any(g.dora for g in listed) else formats.most_common(1)[0][0])
-    family, evidence = detect_family(modules, single_te=any(g.stem.startswith("lora_te_") for g in listed))
+    detected, evidence = detect_family(modules, single_te=any(g.stem.startswith("lora_te_") for g in listed))
     present = {m.component for m in modules}
     control = any(k.endswith("query_norm.scale") for k in unrecognized)  # BFL Flux-control LoRA
     reads = _readable_layouts(family, listed, list(header.tensors))
@@ -460,7 +460,7 @@ def inspect_lora(header: SafetensorsHeader, family: str | None = None) -> LoraIn
         modules=tuple(modules),
         components=tuple(c for c in COMPONENT_ORDER if c in present),
         ranks=tuple(sorted({m.rank for m in modules})),
-        family=family,
+        family=detected,
         family_evidence=evidence,
         alpha_source="keys" if "keys" in sources else "metadata" if sources else "default (alpha = rank)",
         unsupported=unsupported,
