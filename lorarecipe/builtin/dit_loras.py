@@ -17,7 +17,7 @@ Input: a pipeline (module names and shapes only), a family, a layout, rank/alpha
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +80,13 @@ def _wanted(family: Family, layout: str, name: str) -> bool:
     return in_block and any(name == t or name.endswith("." + t) for t in DIT_PEFT_TARGETS[family.key])
 
 
-def _original_modules(family: Family, transformer: torch.nn.Module, layout: str) -> dict[str, list[Any]]:
+def _original_modules(
+    family: Family, transformer: torch.nn.Module, wanted: Callable[[str], bool]
+) -> dict[str, list[Any]]:
     """Original-layout module name -> [in_features, [out_features of each part in order]]."""
     fused: dict[str, list[Any]] = {}
     for name, module in _linears(transformer):
-        if not _wanted(family, layout, name):
+        if not wanted(name):
             continue
         place = original_place(family, f"{name}.weight")
         if place is None:
@@ -94,10 +96,17 @@ def _original_modules(family: Family, transformer: torch.nn.Module, layout: str)
     return fused
 
 
-def _pair(generator: torch.Generator, rank: int, inp: int, out: int, scale: float) -> tuple[Any, Any]:
+def _pair(
+    generator: torch.Generator,
+    rank: int,
+    inp: int,
+    out: int,
+    scale: float,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, Any]:
     return (
-        torch.randn((rank, inp), generator=generator) * scale,
-        torch.randn((out, rank), generator=generator) * scale,
+        (torch.randn((rank, inp), generator=generator) * scale).to(dtype),
+        (torch.randn((out, rank), generator=generator) * scale).to(dtype),
     )
 
 
@@ -133,8 +142,12 @@ def make_dit_lora(
     seed: int,
     text_encoders: bool = True,
     scale: float = 0.2,
+    select: Callable[[str], bool] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """DiT pipeline + family + layout + rank/alpha/seed -> ``path`` (see the module docstring)."""
+    """DiT pipeline + family + layout + rank/alpha/seed -> ``path`` (see the module docstring).
+    ``select``: which transformer modules (diffusers names) to adapt instead of the layout's usual set;
+    ``dtype``: of the factors (not ``peft``)."""
     info = FAMILIES[family]
     path = Path(path)
     if layout == "peft":
@@ -149,14 +162,16 @@ def make_dit_lora(
         )
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, Any] = {}
+    wanted = select or (lambda name: _wanted(info, layout, name))
     original = layout == "comfy" or (layout == "kohya" and info.converts_original_loras)
     if original:
-        for name, (inp, heights) in _original_modules(info, pipe.transformer, layout).items():
-            tensors.update(_keyed(layout, name, *_pair(generator, rank, inp, sum(heights), scale), alpha))
+        for name, (inp, heights) in _original_modules(info, pipe.transformer, wanted).items():
+            down, up = _pair(generator, rank, inp, sum(heights), scale, dtype)
+            tensors.update(_keyed(layout, name, down, up, alpha))
     else:
         for name, module in _linears(pipe.transformer):
-            if _wanted(info, layout, name):
-                down, up = _pair(generator, rank, module.in_features, module.out_features, scale)
+            if wanted(name):
+                down, up = _pair(generator, rank, module.in_features, module.out_features, scale, dtype)
                 tensors.update(_keyed(layout, name, down, up, alpha))
     if layout == "kohya" and text_encoders:  # CLIPs as kohya names them: one 'text_model_' segment
         for component, prefix in info.kohya_prefixes.items():
