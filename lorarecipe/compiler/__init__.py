@@ -227,6 +227,7 @@ def _grid_step(ctx: CompileContext, name: str, out: GridOutput, path: str, famil
         trigger_words=words if out.trigger_words else (),
         threads=out.threads,
         true_cfg_scale=out.true_cfg_scale,
+        compile=out.compile,
     )
 
 

@@ -11,10 +11,15 @@ nothing but speed. Seeds use CPU generators and rendering runs at the grid's fix
 Cells are rendered in batches (one column × up to ``BATCH`` rows) and each batch is kept in the cell
 cache (``grid_cache``) under a key of everything its pixels depend on: a rebuild renders only the
 batches whose key changed, and loads no pipeline when none did.
+
+With ``compiled`` set (grid ``compile: regional``), each batch renders through that compiled copy of
+the denoiser, the column's weights copied in first (``compiled``); its cells are keyed apart from
+eager ones (``facts["compile"]``), since their pixels may differ by rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +124,9 @@ class GridRenderer:
     def attach(self, pipe: Any) -> None:
         self.pipe = pipe
 
+    #: a CompiledDenoiser to render through (``compile: regional``), set by the executor
+    compiled: Any = None
+
     # -- layout -------------------------------------------------------------------------------
     def _words(self, adapters: tuple[str, ...]) -> tuple[str, ...]:
         out: list[str] = []
@@ -217,6 +225,8 @@ class GridRenderer:
             "device": self.facts["device"],
             "libraries": library_versions(),
         }
+        if self.facts.get("compile"):  # compiled cells: keyed apart from eager ones
+            context["compile"] = self.facts["compile"]
         if step.true_cfg_scale is not None:  # FLUX.1 true CFG
             context["true_cfg_scale"] = step.true_cfg_scale
         rows = [(self._prompt(col, self.rows[r][0]), self.rows[r][1]) for r in self.batches[batch]]
@@ -301,18 +311,21 @@ class GridRenderer:
         rows = [self.rows[r] for r in self.batches[batch]]
         previous = torch.get_num_threads()
         torch.set_num_threads(step.threads)
+        compiled = self.compiled
+        denoiser = compiled.rendering(self.pipe, col.scale) if compiled else contextlib.nullcontext()
         try:
-            result = self.pipe(
-                prompt=[self._prompt(col, p) for p, _ in rows],
-                **self._guidance(len(rows)),
-                num_inference_steps=step.steps,
-                **{self.call.guidance_argument: step.guidance},
-                width=step.width,
-                height=step.height,
-                generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in rows],
-                output_type="np",
-                **extra,
-            )
+            with denoiser:
+                result = self.pipe(
+                    prompt=[self._prompt(col, p) for p, _ in rows],
+                    **self._guidance(len(rows)),
+                    num_inference_steps=step.steps,
+                    **{self.call.guidance_argument: step.guidance},
+                    width=step.width,
+                    height=step.height,
+                    generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in rows],
+                    output_type="np",
+                    **extra,
+                )
         finally:
             torch.set_num_threads(previous)
             if col.variant == "base" and getattr(self.pipe, "get_list_adapters", lambda: {})():
