@@ -272,6 +272,9 @@ def test_single_file_round_trips_and_serves_as_a_base(fam: Fam, tmp_path: Path) 
     fused = read_component_weights(tmp_path / "stream" / "fused", "transformer")
     assert set(fam.single_keys) <= set(single)
     assert sum(t.numel() for t in single.values()) == sum(t.numel() for t in fused.values())
+    for component in fam.components[1:]:  # fuse.components: [transformer] leaves SD 3's CLIPs alone
+        fused_te = read_component_weights(tmp_path / "stream" / "fused", component)
+        assert all(torch.equal(v, _base(fam)[component][k]) for k, v in fused_te.items()), component
     model_class = type(fam.pipeline.from_pretrained(str(tmp_path / "stream" / "fused")).transformer)
     loaded = model_class.from_single_file(
         str(tmp_path / "stream" / "single.safetensors"),
@@ -493,9 +496,10 @@ def test_a_sibling_family_lora_is_refused_naming_both(tmp_path: Path) -> None:
     assert len(found) == 1 and found[0].startswith("adapters.other: the LoRA is a Z-Image LoRA ('")
     assert "but the base is Qwen-Image (built-in tiny-qwen-image)" in found[0]
     shutil.copy(builtin_lora_path("tiny-qwen-image/detail"), tmp_path / "other.safetensors")
-    found = messages(problems_of(tmp_path, text.format(base="tiny-z-image")))
-    assert len(found) == 1 and found[0].startswith("adapters.other: the LoRA is a Qwen-Image LoRA ('")
-    assert "but the base is Z-Image (built-in tiny-z-image)" in found[0]
+    for base, label in (("tiny-z-image", "Z-Image"), ("tiny-sd3", "SD 3")):
+        found = messages(problems_of(tmp_path, text.format(base=base)))
+        assert len(found) == 1 and found[0].startswith("adapters.other: the LoRA is a Qwen-Image LoRA ('")
+        assert f"but the base is {label} (built-in {base})" in found[0]
 
 
 def test_an_edit_pipeline_builds_but_renders_no_grid(tmp_path: Path) -> None:
