@@ -482,6 +482,8 @@ def test_dora_and_lokr_are_refused_with_the_reason(fam: Fam, tmp_path: Path) -> 
     assert len(found) == 2
     assert found[0].startswith("adapters.d: cannot load this LoRA: DoRA (dora_scale") and "drops" in found[0]
     assert found[1].startswith("adapters.k: cannot load this LoRA: LyCORIS LoKr")
+    loads = "diffusers 0.42 loads ai-toolkit's LoKr for this family, but lorarecipe fuses and merges LoRA factors only"
+    assert (loads in found[1]) == (fam.key == "z_image")  # diffusers builds PEFT LoKr layers for Z-Image
 
 
 def test_a_sibling_family_lora_is_refused_naming_both(tmp_path: Path) -> None:

@@ -136,7 +136,8 @@ class Family:
     original_keeps_names: bool = False
     #: LoRA key layouts the family's diffusers loader converts besides ``<component>.`` PEFT keys and
     #: kohya ``lora_unet_`` names: ``diffusion_model`` (ai-toolkit/ComfyUI prefix), ``bare`` (module
-    #: names without a prefix, read when the file has ``.alpha`` keys or PEFT's ``default.`` name)
+    #: names without a prefix, read when the file has ``.alpha`` keys or PEFT's ``default.`` name),
+    #: ``lokr`` (LyCORIS LoKr, which lorarecipe does not fuse: named in the refusal)
     lora_layouts: frozenset[str] = frozenset()
     #: pipeline classes that need an input image (edit models): built and fused, not rendered in grids
     image_input_pipelines: tuple[str, ...] = ()

@@ -81,5 +81,5 @@ Z_IMAGE = Family(
     kohya_prefixes=MappingProxyType({"transformer": "lora_unet"}),
     converts_original_loras=True,
     original_keeps_names=True,
-    lora_layouts=frozenset({"diffusion_model", "bare"}),
+    lora_layouts=frozenset({"diffusion_model", "bare", "lokr"}),
 )

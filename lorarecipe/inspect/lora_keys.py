@@ -293,6 +293,12 @@ def _unsupported(
             f"cloneofsimo lora_diffusion layout (keys like '{first['cloneofsimo']}:down'): modules are "
             "numbered in traversal order, not named, so neither diffusers nor lorarecipe can place them"
         )
+    if "lycoris_lokr" in formats and "lokr" in reads:  # Z-Image: diffusers builds PEFT LoKr layers
+        return (
+            f"LyCORIS LoKr (Kronecker) weights (e.g. '{first['lycoris_lokr']}.lokr_w1…'): diffusers 0.42 "
+            "loads ai-toolkit's LoKr for this family, but lorarecipe fuses and merges LoRA factors only; "
+            "bake it with LyCORIS tools or extract a plain LoRA first"
+        )
     if "lycoris_lokr" in formats:
         return (
             f"LyCORIS LoKr (Kronecker) weights (e.g. '{first['lycoris_lokr']}.lokr_w1…'): diffusers 0.42 "
