@@ -63,6 +63,9 @@ DIT_PEFT_TARGETS: dict[str, tuple[str, ...]] = {
     ),
 }
 _TE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+#: families whose kohya trainer names modules in the original layout (sd-scripts' SD 3 MMDiT); musubi
+#: names Qwen-Image's and Z-Image's as diffusers does
+_KOHYA_ORIGINAL = ("sd3",)
 
 
 def _linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]:
@@ -163,7 +166,7 @@ def make_dit_lora(
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, Any] = {}
     wanted = select or (lambda name: _wanted(info, layout, name))
-    original = layout == "comfy" or (layout == "kohya" and info.converts_original_loras)
+    original = layout == "comfy" or (layout == "kohya" and family in _KOHYA_ORIGINAL)
     if original:
         for name, (inp, heights) in _original_modules(info, pipe.transformer, wanted).items():
             down, up = _pair(generator, rank, inp, sum(heights), scale, dtype)
