@@ -530,3 +530,28 @@ def test_an_edit_pipeline_builds_but_renders_no_grid(tmp_path: Path) -> None:
     base = read_component_weights(builtin_base_path("tiny-qwen-image"), "transformer")
     for (_, key), delta in terms.items():
         torch.testing.assert_close(single[key].double(), base[key].double() + delta, atol=1e-5, rtol=0)
+
+
+def test_an_edit_pipeline_known_only_when_loaded_renders_no_grid(tmp_path: Path) -> None:
+    """A hub base's class is known once it is loaded: the grid refuses an edit pipeline then too."""
+    from lorarecipe.errors import BuildError
+    from lorarecipe.plan import RenderGrid
+    from lorarecipe.runner.pipeline.grids import GridRenderer
+    from tests.helpers.recipes import compile_text
+
+    plan = compile_text(
+        tmp_path,
+        """\
+        base: builtin:tiny-qwen-image
+        adapters: {style: builtin:tiny-qwen-image/style}
+        outputs: {grid: {kind: grid, path: g.png, prompts: [a cat], variants: [base, style]}}
+        """,
+    )
+    renderer = GridRenderer(
+        plan, plan.of_type(RenderGrid)[0], {"dtype": "float32", "device": "cpu", "digests": {}}
+    )
+    edit = type("QwenImageEditPlusPipeline", (), {})()
+    with pytest.raises(
+        BuildError, match="the base is a QwenImageEditPlusPipeline, which edits an input image"
+    ):
+        renderer.attach(edit)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...errors import BuildError
 from ...families import FAMILIES, GridCall
 from ...fs.atomic import atomic_dir, atomic_write_bytes
 from ...outputs.grid_image import compose_grid, png_bytes
@@ -122,6 +123,13 @@ class GridRenderer:
         self.pending = self._lookup()
 
     def attach(self, pipe: Any) -> None:
+        """Render on ``pipe`` (a hub base's class is known only now: an edit pipeline renders no grid)."""
+        family = FAMILIES.get(self.plan.family or "")
+        if family is not None and type(pipe).__name__ in family.image_input_pipelines:
+            raise BuildError(
+                f"the base is a {type(pipe).__name__}, which edits an input image: grids render from "
+                "prompts only; remove the grid output"
+            )
         self.pipe = pipe
 
     #: a CompiledDenoiser to render through (``compile: regional``), set by the executor
