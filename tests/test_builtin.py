@@ -34,6 +34,7 @@ from lorarecipe.builtin.materialize import (
 )
 from lorarecipe.builtin.tokenizer import DEFAULT_WORDS
 from lorarecipe.errors import InputUnavailableError
+from lorarecipe.families import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
 INVENTORY = REPO / "lorarecipe" / "builtin" / "inventory.json"
@@ -222,8 +223,9 @@ def _loaded_deltas(pipe: DiffusionPipeline, adapter: str) -> dict[tuple[str, str
 
 
 # UNet bases, loaded through diffusers alone; tiny-flux's original-layout LoRAs go through lorarecipe's
-# converter (diffusers' hard-codes FLUX.1-dev widths): tests/test_flux_loras.py checks them the same way.
-@pytest.mark.parametrize("base", [b for b, spec in BUILTIN_BASES.items() if spec.family != "flux"])
+# converter (diffusers' hard-codes FLUX.1-dev widths): tests/test_flux_loras.py checks them the same way,
+# and tests/test_dit_families.py the Qwen-Image, Z-Image and SD 3 built-ins.
+@pytest.mark.parametrize("base", [b for b, spec in BUILTIN_BASES.items() if FAMILIES[spec.family].denoiser == "unet"])
 def test_builtin_loras_load_with_exact_values(cache: Path, base: str) -> None:
     pipe = DiffusionPipeline.from_pretrained(builtin_base_path_in(cache, base))
     loras = [spec for spec in BUILTIN_LORAS.values() if spec.base == base]

@@ -48,6 +48,8 @@ from .catalog import (
     materialized_base,
     materialized_lora,
 )
+from .dit_loras import make_dit_lora
+from .dit_pipelines import build_qwen_image, build_sd3, build_z_image
 from .flux_loras import FLUX_PEFT_TARGETS, make_flux_lora
 from .loras import canonicalize_safetensors, make_kohya_lora, make_peft_lora
 from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
@@ -258,7 +260,17 @@ def _build_flux() -> FluxPipeline:
     )
 
 
-_BUILDERS = {"sd1": _build_sd, "sdxl": _build_sdxl, "flux": _build_flux}
+_BUILDERS = {
+    "sd1": _build_sd,
+    "sdxl": _build_sdxl,
+    "flux": _build_flux,
+    "qwen_image": build_qwen_image,
+    "z_image": build_z_image,
+    "sd3": build_sd3,
+}
+
+
+_DIT_LORA_FAMILIES = ("qwen_image", "z_image", "sd3")  # LoRAs written by builtin/dit_loras.py
 
 
 def build_base_pipeline(name: str) -> DiffusionPipeline:
@@ -320,7 +332,8 @@ def builtin_lora_path(name: str) -> Path:
     with _build_lock():
         if not materialized_lora(name):
             pipe = build_base_pipeline(spec.base)  # only module names and shapes are used
-            flux = BUILTIN_BASES[spec.base].family == "flux"
+            family = BUILTIN_BASES[spec.base].family
+            flux = family == "flux"
             with atomic_file(final) as tmp:
                 common: dict[str, Any] = {
                     "rank": spec.rank,
@@ -328,7 +341,9 @@ def builtin_lora_path(name: str) -> Path:
                     "seed": spec.seed,
                     "text_encoders": spec.text_encoders,
                 }
-                if spec.layout == "peft" and flux:
+                if family in _DIT_LORA_FAMILIES:
+                    make_dit_lora(pipe, tmp, family=family, layout=spec.layout, **common)
+                elif spec.layout == "peft" and flux:
                     make_peft_lora(pipe, tmp, **common, targets=FLUX_PEFT_TARGETS)
                 elif spec.layout == "peft":
                     make_peft_lora(pipe, tmp, **common)

@@ -295,7 +295,8 @@ def compile_recipe(
     ctx = CompileContext(loaded, build, allow_read=tuple(allow_read))
     inputs = check_inputs(ctx)
     order = check_references(ctx, inputs)
-    paths = check_outputs(ctx, inputs.family, _fused_components(ctx, inputs))
+    pipeline_class = inputs.base_info.pipeline_class if inputs.base_info is not None else None
+    paths = check_outputs(ctx, inputs.family, _fused_components(ctx, inputs), pipeline_class)
     publish = check_publish(ctx, build.recipe.name or loaded.name)
     if ctx.errors:
         raise RecipeCompileError(ctx.errors[0].message, ctx.problems)

@@ -250,11 +250,11 @@ def _inspect(ctx: CompileContext, path: tuple[Any, ...], fn: Any) -> Any:
     return None
 
 
-def _adapter_header(ctx: CompileContext, name: str, spec: Any) -> AdapterFacts:
+def _adapter_header(ctx: CompileContext, name: str, spec: Any, family: str | None) -> AdapterFacts:
     where = ("adapters", name)
     if spec.builtin:
         facts = AdapterFacts(name, Source("builtin", spec.builtin))
-        facts.info = inspect_lora(_builtin_header(spec.builtin))
+        facts.info = inspect_lora(_builtin_header(spec.builtin), family)
         return facts
     if spec.hub:
         facts = AdapterFacts(name, Source("hub", spec.hub, revision=spec.revision, filename=spec.weight_name))
@@ -286,7 +286,7 @@ def _adapter_header(ctx: CompileContext, name: str, spec: Any) -> AdapterFacts:
             return facts
     header = _inspect(ctx, (*where, "hub" if spec.hub else "file"), lambda: read_header(facts.path))
     if header is not None:
-        facts.info = _inspect(ctx, where, lambda: inspect_lora(header))
+        facts.info = _inspect(ctx, where, lambda: inspect_lora(header, family))
     return facts
 
 
@@ -313,7 +313,7 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
                 ctx, name, facts.path, inputs.base_info, inputs.family, describe
             )
         return
-    facts = _adapter_header(ctx, name, spec)
+    facts = _adapter_header(ctx, name, spec, inputs.family)
     inputs.adapters[name] = facts
     info = facts.info
     if (
@@ -408,7 +408,11 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
                 f"{facts.source.describe()}: {info.format}, {len(info.modules)} modules in "
                 f"{', '.join(info.components)}, rank {'/'.join(map(str, info.ranks))}"
                 + (f"; {blocks}" if blocks else "")
-                + (f"; {fused} fused original-layout modules split by lorarecipe" if fused else ""),
+                + (
+                    f"; {fused} fused original-layout modules, each split into its diffusers modules"
+                    if fused
+                    else ""
+                ),
                 (
                     ("format", info.format),
                     ("modules", len(info.modules)),

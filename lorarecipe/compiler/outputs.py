@@ -123,6 +123,19 @@ def _check_grid(ctx: CompileContext, name: str, spec: GridOutput, family: str | 
         ctx.warn((*where, "size"), "image size will be the pipeline's default (family unknown until fetched)")
 
 
+def _check_grid_pipeline(
+    ctx: CompileContext, name: str, family: str | None, pipeline_class: str | None
+) -> None:
+    """Grids call text-to-image pipelines: an edit pipeline (Qwen-Image-Edit) needs an input image."""
+    known = FAMILIES.get(family or "")
+    if known is not None and pipeline_class in known.image_input_pipelines:
+        ctx.error(
+            ("outputs", name, "kind"),
+            f"the base is a {pipeline_class}, which edits an input image: grids render from prompts only",
+            "build the fused pipeline and LoRA files here, and sample the edit model with its own images",
+        )
+
+
 def _single_file_problem(family: str, fused: set[str] | None) -> tuple[str, str] | None:
     info = FAMILIES[family]
     if not info.single_file:
@@ -142,9 +155,11 @@ def _single_file_problem(family: str, fused: set[str] | None) -> tuple[str, str]
     return None
 
 
-def check_outputs(ctx: CompileContext, family: str | None, fused: set[str] | None = None) -> dict[str, str]:
+def check_outputs(
+    ctx: CompileContext, family: str | None, fused: set[str] | None = None, pipeline_class: str | None = None
+) -> dict[str, str]:
     """Check every output; returns output name -> normalized relative path. ``fused``: the components
-    the fuse changes, when the LoRA headers tell."""
+    the fuse changes, when the LoRA headers tell; ``pipeline_class``: the base's, when known."""
     normalized = _check_paths(ctx)
     names = set(ctx.recipe.adapters) | set(ctx.recipe.merges)
     for name, spec in ctx.recipe.outputs.items():
@@ -166,8 +181,7 @@ def check_outputs(ctx: CompileContext, family: str | None, fused: set[str] | Non
                     did_you_mean(spec.adapter, names) or f"known: {', '.join(sorted(names))}",
                 )
             info = FAMILIES.get(family or "")
-            kohya = info is not None and (info.denoiser == "unet" or bool(info.original_modules))
-            if spec.layout == "kohya" and info is not None and not (kohya and info.kohya_prefixes):
+            if spec.layout == "kohya" and info is not None and not info.kohya_prefixes:
                 writable = ", ".join(f.label for f in FAMILIES.values() if f.kohya_prefixes)
                 ctx.error(
                     (*where, "layout"),
@@ -176,4 +190,5 @@ def check_outputs(ctx: CompileContext, family: str | None, fused: set[str] | Non
                 )
         if isinstance(spec, GridOutput):
             _check_grid(ctx, name, spec, family)
+            _check_grid_pipeline(ctx, name, family, pipeline_class)
     return normalized

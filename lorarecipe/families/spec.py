@@ -32,6 +32,9 @@ class Split(str, Enum):
     EQUAL = "equal"  # n modules of equal height, concatenated (a fused q/k/v projection)
     QKV_REST = "qkv_rest"  # q, k, v of height = in_features, then the rest (FLUX.1 single-block linear1)
     SWAP_HALVES = "swap_halves"  # one module whose two row halves are stored swapped (shift/scale)
+    # SWAP_HALVES where the weight is twice as tall as wide (an AdaLayerNormContinuous: SD 3's last
+    # context block, whose siblings are AdaLayerNormZero, 6× as tall, and stored as they are)
+    SWAP_HALVES_IF_PAIR = "swap_halves_if_pair"
 
 
 @dataclass(frozen=True)
@@ -76,13 +79,16 @@ class GridCall:
 
     ``attention_kwargs`` is the call argument that carries a LoRA ``scale``; ``negative_prompt`` is
     ``"native"`` (classifier-free guidance: always passed) or ``"true_cfg"`` (guidance-distilled:
-    passed only with ``true_cfg_scale`` > 1); ``guidance`` says what ``guidance_scale`` means.
+    passed only with ``true_cfg_scale`` > 1); ``guidance`` says what the grid's ``guidance`` means and
+    ``guidance_argument`` which call argument takes it (Qwen-Image's classifier-free guidance is
+    ``true_cfg_scale``: its ``guidance_scale`` is for guidance-distilled variants only).
     """
 
-    attention_kwargs: Literal["cross_attention_kwargs", "joint_attention_kwargs"]
+    attention_kwargs: Literal["cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"]
     negative_prompt: Literal["native", "true_cfg"]
     default_guidance: float
     guidance: str
+    guidance_argument: Literal["guidance_scale", "true_cfg_scale"] = "guidance_scale"
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,16 @@ class Family:
     )
     #: lorarecipe converts LoRAs named in the original layout itself (diffusers' converter cannot)
     converts_original_loras: bool = False
+    #: the original layout stores every module no rule names under its diffusers name (Qwen-Image's
+    #: checkpoints are diffusers-named; Z-Image's differ only where a rule says)
+    original_keeps_names: bool = False
+    #: LoRA key layouts the family's diffusers loader converts besides ``<component>.`` PEFT keys and
+    #: kohya ``lora_unet_`` names: ``diffusion_model`` (ai-toolkit/ComfyUI prefix), ``bare`` (module
+    #: names without a prefix, read when the file has ``.alpha`` keys or PEFT's ``default.`` name),
+    #: ``lokr`` (LyCORIS LoKr, which lorarecipe does not fuse: named in the refusal)
+    lora_layouts: frozenset[str] = frozenset()
+    #: pipeline classes that need an input image (edit models): built and fused, not rendered in grids
+    image_input_pipelines: tuple[str, ...] = ()
 
     @property
     def single_file(self) -> bool:

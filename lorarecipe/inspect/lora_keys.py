@@ -67,6 +67,13 @@ _DIT_HEADS = (
     "vector_in",
     "guidance_in",
     "final_layer",
+    "layers",  # Z-Image (NextDiT)
+    "noise_refiner",
+    "context_refiner",
+    "all_x_embedder",
+    "all_final_layer",
+    "cap_embedder",
+    "t_embedder",
 )
 _KOHYA_STARTS = tuple(prefix for prefix, _ in _KOHYA_PREFIXES)
 
@@ -80,6 +87,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("xlabs", re.compile(r"^(.+\.processor\.(?:qkv|proj)_lora\d?)\.(down|up)\.weight$")),
     ("diffusers_old", re.compile(r"^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")),
     ("peft", re.compile(r"^(.+)\.lora_(A|B)\.weight$")),
+    ("peft", re.compile(r"^(.+)\.lora_(A|B)\.default\.weight$")),  # DiffSynth-Studio (PEFT adapter name)
     ("peft", re.compile(r"^(.+)\.lora_B\.(bias)$")),
     ("peft", re.compile(r"^(.+)\.lora_(magnitude_vector)$")),
     ("kohya", re.compile(r"^(.+)\.lora_(down|up|mid)\.weight$")),
@@ -286,7 +294,9 @@ def _metadata_alpha(config: dict[str, Any], component: str, name: str) -> float 
     return _number(config.get(f"{component}.lora_alpha"))
 
 
-def _unsupported(formats: Counter[str], groups: list[_Group], broken: list[str], control: bool) -> str | None:
+def _unsupported(
+    formats: Counter[str], groups: list[_Group], broken: list[str], control: bool, reads: frozenset[str]
+) -> str | None:
     first = {kind: next(g.stem for g in groups if g.kind == kind) for kind in formats}
     if "cloneofsimo" in formats:
         return (
@@ -294,9 +304,11 @@ def _unsupported(formats: Counter[str], groups: list[_Group], broken: list[str],
             "numbered in traversal order, not named, so neither diffusers nor lorarecipe can place them"
         )
     if "lycoris_lokr" in formats:
+        how = "loads LoKr for this family into PEFT layers, whose alpha convention differs from the file's" \
+            if "lokr" in reads else "cannot load LoKr"
         return (
             f"LyCORIS LoKr (Kronecker) weights (e.g. '{first['lycoris_lokr']}.lokr_w1…'): diffusers 0.42 "
-            "cannot load LoKr (lorarecipe applies it itself)"
+            f"{how} (lorarecipe applies it itself)"
         )
     if "lycoris_loha" in formats:
         return (
@@ -324,16 +336,36 @@ def _unsupported(formats: Counter[str], groups: list[_Group], broken: list[str],
         return f"mixes key layouts {sorted(formats)}; diffusers would load only part of it"
     if not formats:
         return "no LoRA weights recognized (no lora_A/lora_B, lora_down/lora_up or LyCORIS keys)"
-    return _prefix_problem(next(iter(formats)), [g.stem for g in groups], control)
+    return _prefix_problem(next(iter(formats)), [g.stem for g in groups], control, reads)
 
 
-def _prefix_problem(kind: str, stems: list[str], control: bool) -> str | None:
-    """Layouts diffusers 0.42 reads without error but loads nothing from (or misreads)."""
+def _family_reads(stems: list[str], reads: frozenset[str]) -> bool:
+    """Whether the base family's diffusers loader converts every stem's prefix style (``reads``: the
+    family's ``lora_layouts``, 'bare' only when the file triggers its converter)."""
+    if not reads:
+        return False
+    for stem in stems:
+        head = stem.split(".", 1)[0]
+        if stem.startswith("diffusion_model."):
+            if "diffusion_model" not in reads:
+                return False
+        elif (
+            head in COMPONENT_ORDER or stem.startswith((*_KOHYA_STARTS, "base_model.")) or "bare" not in reads
+        ):
+            return False
+    return True
+
+
+def _prefix_problem(kind: str, stems: list[str], control: bool, reads: frozenset[str]) -> str | None:
+    """Layouts diffusers 0.42 reads without error but loads nothing from (or misreads); ``reads``: the
+    prefix styles the base family's loader converts (Qwen-Image, Z-Image)."""
     if kind == "peft" and any(s.startswith("base_model.model.") for s in stems):
         return (
             "raw PEFT adapter keys ('base_model.model.' prefix): diffusers 0.42 misreads them "
             "(Flux fails, SD loads nothing); re-save with the pipeline's save_lora_weights"
         )
+    if _family_reads(stems, reads):
+        return None
     converted = _original_names(stems)
     if kind == "peft" and any(s.startswith("diffusion_model.") for s in stems) and not converted:
         return (
@@ -382,8 +414,21 @@ def _non_float_weights(header: SafetensorsHeader) -> str | None:
     return None
 
 
-def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
-    """Header -> LoraInfo. Never raises for odd files: oddities end up in ``unsupported``."""
+def _readable_layouts(family: str | None, groups: list[_Group], keys: list[str]) -> frozenset[str]:
+    """The base family's ``lora_layouts``, without 'bare' when nothing triggers its converter (no
+    ``.alpha`` key and no PEFT ``default.`` adapter name: diffusers would pass the keys through)."""
+    known = FAMILIES.get(family or "")
+    reads = set(known.lora_layouts) if known is not None else set()
+    if not any(g.alpha for g in groups) and not any(".default." in k for k in keys):
+        reads.discard("bare")
+    return frozenset(reads)
+
+
+def inspect_lora(header: SafetensorsHeader, family: str | None = None) -> LoraInfo:
+    """Header -> LoraInfo. Never raises for odd files: oddities end up in ``unsupported``.
+
+    ``family``: the base's family when known, whose diffusers loader may convert layouts others
+    load as nothing (Qwen-Image and Z-Image read ``diffusion_model.`` and bare names)."""
     groups, unrecognized = _group_keys(header)
     config = _peft_alphas(header.metadata)
     readers = {"lycoris_lokr": _lokr, "lycoris_loha": _loha}
@@ -418,10 +463,11 @@ def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
     else:
         fmt = next((k for k in ("cloneofsimo", "lycoris_lokr", "lycoris_loha") if k in formats), "")
         fmt = fmt or ("dora" if any(g.dora for g in listed) else formats.most_common(1)[0][0])
-    family, evidence = detect_family(modules, single_te=any(g.stem.startswith("lora_te_") for g in listed))
+    detected, evidence = detect_family(modules, single_te=any(g.stem.startswith("lora_te_") for g in listed))
     present = {m.component for m in modules}
     control = any(k.endswith("query_norm.scale") for k in unrecognized)  # BFL Flux-control LoRA
-    unsupported = _unsupported(formats, listed, broken, control) or _non_float_weights(header)
+    reads = _readable_layouts(family, listed, list(header.tensors))
+    unsupported = _unsupported(formats, listed, broken, control, reads) or _non_float_weights(header)
     lycoris = None
     lycoris_like = {"lycoris_lokr", "lycoris_loha"} & set(formats) or any(g.dora for g in listed)
     other = {"cloneofsimo", "malformed"} & set(formats)
@@ -433,7 +479,7 @@ def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
         modules=tuple(modules),
         components=tuple(c for c in COMPONENT_ORDER if c in present),
         ranks=tuple(sorted({m.rank for m in modules})),
-        family=family,
+        family=detected,
         family_evidence=evidence,
         alpha_source="keys" if "keys" in sources else "metadata" if sources else "default (alpha = rank)",
         unsupported=unsupported,

@@ -144,7 +144,7 @@ CombinationType = Literal[
 #: Pipeline families: the registry of :mod:`lorarecipe.families` (one module of tables per family).
 FAMILIES = FAMILY_REGISTRY
 
-Family = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]
+Family = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux", "qwen_image", "z_image"]
 
 COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 Component = Literal["unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"]

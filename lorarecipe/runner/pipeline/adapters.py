@@ -161,7 +161,7 @@ def load_adapter(pipe: Any, name: str, path: Path, family: str | None = None) ->
     from safetensors.torch import load_file, save_file
 
     header = read_header(path)
-    info = inspect_lora(header)
+    info = inspect_lora(header, family)
     if info.unsupported:
         raise UnsafeInputError(f"{path.name}: cannot load this LoRA: {info.unsupported}")
     if info.unrecognized_keys:
@@ -175,12 +175,12 @@ def load_adapter(pipe: Any, name: str, path: Path, family: str | None = None) ->
     expected = _file_modules(info)
     source: str | dict[str, Any] = str(path)
     if known is not None and is_original_layout(known, state_dict):
-        encoders = {
+        modules = {  # the denoiser's too where the original layout keeps diffusers names
             c: [n for n, _ in getattr(pipe, c).named_modules()]
             for c in known.lora_components
-            if c != known.denoiser and getattr(pipe, c, None) is not None
+            if (c != known.denoiser or known.original_keeps_names) and getattr(pipe, c, None) is not None
         }
-        source = convert_original_lora(known, state_dict, encoders, path.name)
+        source = convert_original_lora(known, state_dict, modules, path.name)
         expected = _converted_modules(source)
     with tempfile.TemporaryDirectory(prefix="lorarecipe-adapter-") as tmp:
         if info.format == "attn_procs":

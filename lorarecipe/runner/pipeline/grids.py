@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...errors import BuildError
 from ...families import FAMILIES, GridCall, get_family
 from ...fs.atomic import atomic_dir, atomic_write_bytes
 from ...outputs.grid_image import compose_grid, png_bytes
@@ -128,8 +129,15 @@ class GridRenderer:
         self.pending = self._lookup()
 
     def attach(self, pipe: Any, lycoris: Mapping[str, LycorisAdapter] | None = None) -> None:
-        """The loaded pipeline, and the LyCORIS/DoRA adapters lorarecipe applies itself (their columns
-        change the weights in place for the cell and restore them afterwards)."""
+        """Render on ``pipe`` (a hub base's class is known only now: an edit pipeline renders no grid),
+        with the LyCORIS/DoRA adapters lorarecipe applies itself (their columns change the weights in
+        place for the cell and restore them afterwards)."""
+        family = FAMILIES.get(self.plan.family or "")
+        if family is not None and type(pipe).__name__ in family.image_input_pipelines:
+            raise BuildError(
+                f"the base is a {type(pipe).__name__}, which edits an input image: grids render from "
+                "prompts only; remove the grid output"
+            )
         self.pipe = pipe
         self.lycoris = dict(lycoris or {})
 
@@ -349,7 +357,7 @@ class GridRenderer:
                     prompt=[self._prompt(col, p) for p, _ in rows],
                     **self._guidance(len(rows)),
                     num_inference_steps=step.steps,
-                    guidance_scale=step.guidance,
+                    **{self.call.guidance_argument: step.guidance},
                     width=step.width,
                     height=step.height,
                     generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in rows],

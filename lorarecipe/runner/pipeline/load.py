@@ -93,6 +93,30 @@ def _components_outside_the_file(
     return out
 
 
+def _denoiser_from_single_file(family: str, path: Path, config: Path | None, dtype: Any) -> Any:
+    """A pipeline whose class reads no single file (Qwen-Image's): the denoiser through its model
+    class's ``from_single_file``, everything else from the config folder."""
+    import diffusers
+
+    info = FAMILIES[family]
+    if config is None or tuple(info.single_file_components) != (info.denoiser,):
+        raise BuildError(f"a {info.label} single file loads with 'config:' naming a diffusers folder of it")
+    index = check_model_index(config)
+    entry = index.get(info.denoiser)
+    model_cls = (
+        getattr(diffusers, entry[1], None) if isinstance(entry, list) and entry[0] == "diffusers" else None
+    )
+    if model_cls is None or not hasattr(model_cls, "from_single_file"):
+        raise BuildError(f"{config}: its {info.denoiser} class cannot read a single file")
+    denoiser = model_cls.from_single_file(
+        str(path), config=str(config), subfolder=info.denoiser, torch_dtype=dtype, local_files_only=True
+    )
+    cls = getattr(diffusers, index["_class_name"])
+    return cls.from_pretrained(
+        str(config), **{info.denoiser: denoiser}, dtype=dtype, use_safetensors=True, local_files_only=True
+    )
+
+
 def load_pipeline(step: LoadBase, path: Path, config: Path | None, device: str) -> tuple[Any, str]:
     """Load the base; returns (pipeline, dtype name actually used)."""
     import diffusers
@@ -106,15 +130,18 @@ def load_pipeline(step: LoadBase, path: Path, config: Path | None, device: str) 
             raise BuildError("a single-file base needs 'family' (it cannot be detected from this file)")
         cls = getattr(diffusers, FAMILIES[family].pipeline_class)
         kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype), "local_files_only": True}
-        if config is not None:
-            index = check_model_index(config)
-            kwargs["config"] = str(config)
-            kwargs.update(_components_outside_the_file(family, index, config, torch_dtype(dtype)))
-        pipe = cls.from_single_file(str(path), **kwargs)
+        if not hasattr(cls, "from_single_file"):  # Qwen-Image: the denoiser alone reads a single file
+            pipe = _denoiser_from_single_file(family, path, config, torch_dtype(dtype))
+        else:
+            if config is not None:
+                index = check_model_index(config)
+                kwargs["config"] = str(config)
+                kwargs.update(_components_outside_the_file(family, index, config, torch_dtype(dtype)))
+            pipe = cls.from_single_file(str(path), **kwargs)
     else:
         index = check_model_index(path)
         cls_name = index["_class_name"]
-        if family is not None and FAMILIES[family].pipeline_class != cls_name:
+        if family is not None and cls_name not in FAMILIES[family].pipeline_classes:
             raise BuildError(f"the base folder holds a {cls_name}, but the recipe's family is {family}")
         cls = getattr(diffusers, cls_name)
         pipe = cls.from_pretrained(

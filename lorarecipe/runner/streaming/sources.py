@@ -31,6 +31,7 @@ __all__ = [
     "OutFile",
     "OutTensor",
     "Part",
+    "config_components",
     "folder_parts",
     "folder_to_folder",
     "read_folder_base",
@@ -276,7 +277,8 @@ def to_folder(
     parts: Mapping[tuple[str, str], Part],
     dtype: Callable[[str], str],
 ) -> list[OutFile]:
-    """A diffusers folder from a single-file base: one weight file per component, state-dict keys sorted."""
+    """A diffusers folder from a single-file base: one weight file per component the file holds,
+    state-dict keys sorted (the others come from the config folder: :func:`config_components`)."""
     out = []
     for component, keys in shapes.items():
         tensors = []
@@ -285,8 +287,22 @@ def to_folder(
             if part is None:
                 continue
             tensors.append(OutTensor(key, dtype(part.tensor.dtype), _diffusers_shape(part), (part,)))
-        out.append(OutFile(f"{component}/{_FILE_NAME[libraries[component]]}", tuple(tensors)))
+        if tensors:
+            out.append(OutFile(f"{component}/{_FILE_NAME[libraries[component]]}", tuple(tensors)))
     return out
+
+
+def config_components(config: FolderBase, held: set[str]) -> FolderBase:
+    """The config folder of a single-file base, without the components the single file holds: the
+    models the pipeline route loads from it (FLUX.1's, SD 3's, Qwen-Image's and Z-Image's files hold
+    the transformer only), copied as they are into a folder output."""
+    return FolderBase(
+        config.root,
+        config.index,
+        {c: files for c, files in config.files.items() if c not in held},
+        {c: index for c, index in config.shard_indexes.items() if c not in held},
+        config.copies,
+    )
 
 
 def shard_index(base: FolderBase, component: str, files: list[OutFile]) -> tuple[str, str] | None:

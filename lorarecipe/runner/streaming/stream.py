@@ -45,6 +45,7 @@ from .sources import (
     FolderBase,
     OutFile,
     Part,
+    config_components,
     folder_parts,
     folder_to_folder,
     read_folder_base,
@@ -133,16 +134,32 @@ def _plan_outputs(
     folder: FolderBase | None,
     arch: Architecture,
     out_dtype: Callable[[str], str],
+    config: FolderBase | None = None,
 ) -> list[OutFile]:
-    """The output files of every layout but folder -> folder (which needs no shapes or configs)."""
+    """The output files of every layout but folder -> folder (which needs no shapes or configs); a
+    folder from a single file takes the components the file lacks from ``config``, as they are."""
     parts: dict[tuple[str, str], Part]
     if folder is not None:
         parts = folder_parts(folder, arch.shapes)
     else:
         parts = single_file_parts(base_path, family, arch.shapes, arch.configs)
         if save.layout is CheckpointLayout.DIFFUSERS:
-            return to_folder(arch.shapes, arch.libraries, parts, out_dtype)
+            outs = to_folder(arch.shapes, arch.libraries, parts, out_dtype)
+            return outs + (folder_to_folder(config, out_dtype) if config is not None else [])
     return [to_single_file(family, arch.shapes, arch.configs, parts, out_dtype)]
+
+
+def _held_components(family: str, targets: Mapping[tuple[str, str], FuseTarget]) -> set[str]:
+    """The components a single-file base holds; a fuse into another one (loaded from the config folder
+    by the pipeline route) is left to that route."""
+    held = set(FAMILIES[family].single_file_components)
+    outside = sorted({component for component, _ in targets} - held)
+    if outside:
+        raise StreamingUnsupported(
+            f"the fuse changes {', '.join(outside)}, which the single-file base does not hold (its config "
+            "folder does)"
+        )
+    return held
 
 
 def _config_stating(source: Path, dtype: str) -> str | None:
@@ -170,21 +187,16 @@ def _config_stating(source: Path, dtype: str) -> str | None:
     return json.dumps(doc, indent=2, sort_keys=True) + "\n" if restate(doc) else None
 
 
-def _copy_files(
-    root: Path, folder: FolderBase | None, config_path: Path | None, outs: list[OutFile], dtype: str
-) -> None:
-    """Non-weight files (model_index.json, configs, tokenizers, scheduler) of the base or config folder;
-    model configs state the dtype the weights beside them were written in."""
-    if folder is not None:
-        copies = folder.copies
-        for component in folder.files:
-            written = shard_index(folder, component, outs)
-            if written is not None:
-                (root / written[0]).parent.mkdir(parents=True, exist_ok=True)
-                (root / written[0]).write_text(written[1], encoding="utf-8")
-    else:
-        assert config_path is not None
-        copies = read_folder_base(config_path, None).copies
+def _copy_files(root: Path, folder: FolderBase, outs: list[OutFile], dtype: str) -> None:
+    """Non-weight files (model_index.json, configs, tokenizers, scheduler) of the base or config folder,
+    and the shard indexes of the weights written from it; model configs state the dtype the weights
+    beside them were written in."""
+    copies = folder.copies
+    for component in folder.files:
+        written = shard_index(folder, component, outs)
+        if written is not None:
+            (root / written[0]).parent.mkdir(parents=True, exist_ok=True)
+            (root / written[0]).write_text(written[1], encoding="utf-8")
     for source, rel in copies:
         target = root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -230,6 +242,7 @@ class _Stream:
         self.base_path, self.config_path, self.adapter_paths = base_path, config_path, adapter_paths
         self.family = plan.family or "sd1"
         self.folder: FolderBase | None = None
+        self.config: FolderBase | None = None  # a single-file base's other components, for a folder
         self.pipeline_class: str | None = None  # None: the one model_index.json names
         if base.single_file:
             if config_path is None:
@@ -269,8 +282,12 @@ class _Stream:
             targets, arch = self._targets()
             if writer is None:
                 assert arch is not None
+                if self.folder is None and self.save.layout is CheckpointLayout.DIFFUSERS:
+                    assert self.config_path is not None
+                    held = _held_components(self.family, targets)
+                    self.config = config_components(read_folder_base(self.config_path, None), held)
                 outs = _plan_outputs(
-                    self.save, self.family, self.base_path, self.folder, arch, self.out_dtype
+                    self.save, self.family, self.base_path, self.folder, arch, self.out_dtype, self.config
                 )
                 writer = self._start_writer(root, outs)
             if self.folder_to_folder:
@@ -291,9 +308,6 @@ class _Stream:
             if writer is not None:
                 writer.abort()
             raise
-
-    def _outputs(self, arch: Architecture) -> list[OutFile]:
-        return _plan_outputs(self.save, self.family, self.base_path, self.folder, arch, self.out_dtype)
 
     def _start_writer(self, root: Path, outs: list[OutFile]) -> StreamWriter:
         self.outs = outs
@@ -382,7 +396,9 @@ def stream_fuse(
         if save.layout is CheckpointLayout.DIFFUSERS:
             with atomic_dir(final) as tmp:
                 stream.write(tmp)
-                _copy_files(tmp, stream.folder, config_path, stream.outs, stream.dtype)
+                source = stream.folder or stream.config
+                assert source is not None
+                _copy_files(tmp, source, stream.outs, stream.dtype)
                 if before_swap is not None:
                     before_swap(tmp)
         else:
