@@ -86,6 +86,40 @@ def test_modules_that_fit_no_base_weight_are_named(tmp_path: Path) -> None:
     assert "lora_unet_no_such_layer: no such module in the base's unet" in found[0]
 
 
+def test_modules_that_fit_but_cannot_be_applied_are_named_with_their_reason_not_a_wrong_base(
+    tmp_path: Path,
+) -> None:
+    """A bias delta, integer factors and a 1-D dora_scale on a square weight: each module names a weight
+    of tiny-sd it fits, so the error says why it cannot be applied, never 'made for another base?'."""
+    k, v = Q.replace("to_q", "to_k"), Q.replace("to_q", "to_v")
+    peft = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    extra = {
+        f"{k}.lora_down.weight": torch.ones(2, 32),
+        f"{k}.lora_up.weight": torch.ones(32, 2),
+        f"{k}.dora_scale": torch.ones(32),
+        f"{v}.lokr_w1": torch.ones(4, 4, dtype=torch.int32),
+        f"{v}.lokr_w2": torch.ones(8, 8),
+        f"{peft}.lora_A.weight": torch.ones(2, 32),
+        f"{peft}.lora_B.weight": torch.ones(32, 2),
+        f"{peft}.lora_B.bias": torch.ones(32),
+        "lora_unet_no_such_layer.lokr_w1": torch.ones(2, 2),
+        "lora_unet_no_such_layer.lokr_w2": torch.ones(2, 2),
+    }
+    problems = problems_of(tmp_path, _recipe(_lokr(tmp_path, extra), "fuse: {adapters: [k]}"))
+    found = messages(problems)
+    assert len(found) == 2, found
+    misplaced, refused = found
+    assert misplaced.startswith("adapters.k: cannot load this LoRA: 1 of 6 ")
+    assert "lora_unet_no_such_layer: no such module in the base's unet" in misplaced
+    assert refused.startswith("adapters.k: 3 of 6 modules cannot be applied: ")
+    assert (
+        f"{k}: DoRA axis undecided: dora_scale (32,) fits both the output-row and the input-column" in refused
+    )
+    assert f"{v}: non-float factor dtypes ['I32']" in refused
+    assert f"{peft}: also adds a bias delta (lora_B.bias (32,)), which lorarecipe does not apply" in refused
+    assert problems[1].hint is None and problems[0].hint == "is this adapter made for another base model?"
+
+
 def test_scale_convention_is_checked(tmp_path: Path) -> None:
     text = _recipe(_lokr(tmp_path), "fuse: {adapters: [k]}")
     peft = text.replace("{file: k.safetensors}", "{file: k.safetensors, scale_convention: peft}")

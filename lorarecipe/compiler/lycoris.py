@@ -3,7 +3,8 @@
 An adapter's ``LoraInfo.lycoris`` + the base's weight keys -> located problems and the check that
 ``lorarecipe plan`` shows. Problems: keys no adapter rule applies to (they would be dropped), modules
 that find no base weight or do not fit the one they name (``inspect.adapter_targets``, the same
-placement both executors use), DoRA magnitudes whose axis the shapes cannot decide, a ``peft`` scale
+placement both executors use), modules that fit but hold what lorarecipe does not apply (bias deltas,
+non-float factors, DoRA magnitudes whose axis the shapes cannot decide), a ``peft`` scale
 convention on a full-matrix LoKr without a rank. The check: algorithms, factor ranks, the largest
 rank ΔW can have, the scale convention, DoRA axes, the base weights changed per component and, on a
 block-grouped DiT, which blocks.
@@ -116,6 +117,44 @@ def _summary(
     return text
 
 
+def _placed(
+    ctx: CompileContext, where: tuple[Any, ...], info: LycorisInfo, base: BaseInfo, family_key: str | None
+) -> tuple[PlacementReport | None, bool]:
+    """The adapter placed on the base (None: a single-file base, whose names are checked when loaded),
+    and whether every module was: errors for modules that fit no weight and for those that fit but
+    cannot be applied (each with its own reason; only the first suggests another base model)."""
+    report = place_adapter(info, base_keys(base), get_family(family_key or base.family))
+    ok, unnamed = True, bool(report.problems) and base.kind == "single_file"
+    if unnamed:
+        ctx.checks.append(
+            Check(
+                f"adapters.{where[1]}",
+                "unchecked",
+                f"{len(report.problems)} modules are not named in the base file's layout (a single "
+                "file): checked when it is loaded",
+            )
+        )
+    elif report.problems:
+        ok = False
+        kinds = "/".join(_LABELS.get(a, a) for a, _ in info.algorithms) or "adapter"
+        ctx.error(
+            where,
+            f"cannot load this LoRA: {len(report.problems)} of {len(info.modules)} {kinds} modules find "
+            f"no base weight they fit: {_listing(list(report.problems), len(report.problems))}",
+            "is this adapter made for another base model?",
+            on_key=True,
+        )
+    if report.refused:
+        ok = False
+        ctx.error(
+            where,
+            f"{len(report.refused)} of {len(info.modules)} modules cannot be applied: "
+            f"{_listing(list(report.refused), len(report.refused))}",
+            on_key=True,
+        )
+    return (None if unnamed else report), ok
+
+
 def check_lycoris_adapter(
     ctx: CompileContext,
     name: str,
@@ -132,27 +171,8 @@ def check_lycoris_adapter(
     _convention(ctx, where, info, convention)
     report = None
     if base is not None:
-        report = place_adapter(info, base_keys(base), get_family(family_key or base.family))
-        if report.problems and base.kind == "single_file":
-            ctx.checks.append(
-                Check(
-                    f"adapters.{name}",
-                    "unchecked",
-                    f"{len(report.problems)} modules are not named in the base file's layout (a single "
-                    "file): checked when it is loaded",
-                )
-            )
-            report = None
-        elif report.problems:
-            ok = False
-            kinds = "/".join(_LABELS.get(a, a) for a, _ in info.algorithms) or "adapter"
-            ctx.error(
-                where,
-                f"cannot load this LoRA: {len(report.problems)} of {len(info.modules)} {kinds} modules find "
-                f"no base weight they fit: {_listing(list(report.problems), len(report.problems))}",
-                "is this adapter made for another base model?",
-                on_key=True,
-            )
+        report, placed = _placed(ctx, where, info, base, family_key)
+        ok = ok and placed
     if ok:
         facts: list[tuple[str, Any]] = [
             ("format", "lycoris"),
