@@ -59,6 +59,35 @@ def test_plan_shows_algorithms_ranks_convention_and_the_weights_changed(tmp_path
     facts = dict(check.facts)
     assert facts["algorithms"] == {"lokr-full": 1, "loha": 1}
     assert facts["weights_changed"] == {"unet": 1, "text_encoder": 1}
+    fc1 = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    assert sorted(facts["per_module"], key=lambda m: m["stem"]) == [  # the shapes _lokr wrote
+        {"stem": fc1, "algorithm": "loha", "rank": 2, "effective_rank": 4, "delta_shape": [37, 32],
+         "factors": {"w1_a": [37, 2], "w1_b": [2, 32], "w2_a": [37, 2], "w2_b": [2, 32]},
+         "weights": ["text_encoder.encoder.layers.0.mlp.fc1.weight"]},
+        {"stem": Q, "algorithm": "lokr-full", "rank": None, "effective_rank": 32, "delta_shape": [32, 32],
+         "factors": {"w1": [4, 4], "w2": [8, 8]},
+         "weights": ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"]},
+    ]  # fmt: skip
+
+
+def test_plan_json_lists_each_module_with_its_dora_axis_and_the_rows_of_a_fused_module(
+    tmp_path: Path,
+) -> None:
+    """FLUX.1's BFL qkv: one module, three weights, each with the rows of ΔW it receives."""
+    stem = "lora_unet_double_blocks_0_img_attn_qkv"
+    save_file(
+        {f"{stem}.lora_down.weight": torch.ones(2, 32), f"{stem}.lora_up.weight": torch.ones(96, 2),
+         f"{stem}.alpha": torch.tensor(2.0), f"{stem}.dora_scale": torch.ones(96, 1)},
+        str(tmp_path / "q.safetensors"),
+    )  # fmt: skip
+    text = "base: builtin:tiny-flux\nadapters: {q: {file: q.safetensors}}\nfuse: {adapters: [q]}\n"
+    plan = compile_text(tmp_path, text + "outputs: {fused: {kind: pipeline, path: fused}}\n")
+    (module,) = dict(next(c for c in plan.checks if c.subject == "adapters.q").facts)["per_module"]
+    assert module["dora"] == {"kind": "dora-lycoris", "axis": "row"}
+    assert module["weights"] == [
+        f"transformer.transformer_blocks.0.attn.to_{p}.weight[{a}:{a + 32}]"
+        for p, a in zip("qkv", (0, 32, 64), strict=True)
+    ]
 
 
 def test_keys_no_rule_applies_to_fail_the_build_naming_them(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ placement both executors use), modules that fit but hold what lorarecipe does no
 non-float factors, DoRA magnitudes whose axis the shapes cannot decide), a ``peft`` scale
 convention on a full-matrix LoKr without a rank. The check: algorithms, factor ranks, the largest
 rank ΔW can have, the scale convention, DoRA axes, the base weights changed per component and, on a
-block-grouped DiT, which blocks.
+block-grouped DiT, which blocks; its facts (``plan --json``) list every module with its factor shapes
+and the weights it changes.
 """
 
 from __future__ import annotations
@@ -117,6 +118,33 @@ def _summary(
     return text
 
 
+def _module_facts(info: LycorisInfo, report: PlacementReport | None) -> list[dict[str, Any]]:
+    """Each module as ``plan --json`` lists it: algorithm, factor shapes by role, r, the largest rank
+    ΔW can have, ΔW's shape, the DoRA kind and axis, and the base weights it changes (rows of a
+    fused module's parts as ``[start:end]``)."""
+    placed = {p.module.stem: p for p in report.placed} if report is not None else {}
+    out = []
+    for module in info.modules:
+        entry: dict[str, Any] = {
+            "stem": module.stem,
+            "algorithm": module.algorithm,
+            "factors": {role: list(shape) for role, shape in module.factors},
+            "rank": module.rank,
+            "effective_rank": module.effective_rank,
+            "delta_shape": list(module.delta_shape),
+        }
+        where = placed.get(module.stem)
+        if module.dora:
+            entry["dora"] = {"kind": module.dora, "axis": where.dora_axis if where else module.dora_axis}
+        if where is not None:
+            entry["weights"] = [
+                f"{p.component}.{p.key}" + (f"[{p.rows[0]}:{p.rows[1]}]" if p.rows else "")
+                for p in where.placements
+            ]
+        out.append(entry)
+    return out
+
+
 def _placed(
     ctx: CompileContext, where: tuple[Any, ...], info: LycorisInfo, base: BaseInfo, family_key: str | None
 ) -> tuple[PlacementReport | None, bool]:
@@ -185,5 +213,6 @@ def check_lycoris_adapter(
         ]
         if report is not None:
             facts.append(("weights_changed", report.touched()))
+        facts.append(("per_module", _module_facts(info, report)))
         summary = _summary(info, report, convention, family_key)
         ctx.checks.append(Check(f"adapters.{name}", "ok", f"{describe}: {summary}", tuple(facts)))
