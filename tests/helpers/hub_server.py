@@ -441,3 +441,24 @@ def loopback_allowed(port: int) -> Iterator[None]:
         yield
     finally:
         socket.socket.connect = blocked  # type: ignore[method-assign]
+
+
+def _serve_until_interrupted() -> None:
+    """``python -m tests.helpers.hub_server``: serve the mock Hub until Ctrl-C (or SIGTERM), printing
+    the two environment variables huggingface_hub's client reads (for a publish transcript by hand)."""
+    import signal
+    import sys
+
+    hub = MockHub().start()
+    print(f"HF_ENDPOINT={hub.endpoint}\nHF_TOKEN={hub.token}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        signal.pause()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        hub.stop()
+
+
+if __name__ == "__main__":
+    _serve_until_interrupted()
