@@ -59,6 +59,35 @@ def test_plan_shows_algorithms_ranks_convention_and_the_weights_changed(tmp_path
     facts = dict(check.facts)
     assert facts["algorithms"] == {"lokr-full": 1, "loha": 1}
     assert facts["weights_changed"] == {"unet": 1, "text_encoder": 1}
+    fc1 = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    assert sorted(facts["per_module"], key=lambda m: m["stem"]) == [  # the shapes _lokr wrote
+        {"stem": fc1, "algorithm": "loha", "rank": 2, "effective_rank": 4, "delta_shape": [37, 32],
+         "factors": {"w1_a": [37, 2], "w1_b": [2, 32], "w2_a": [37, 2], "w2_b": [2, 32]},
+         "weights": ["text_encoder.encoder.layers.0.mlp.fc1.weight"]},
+        {"stem": Q, "algorithm": "lokr-full", "rank": None, "effective_rank": 32, "delta_shape": [32, 32],
+         "factors": {"w1": [4, 4], "w2": [8, 8]},
+         "weights": ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"]},
+    ]  # fmt: skip
+
+
+def test_plan_json_lists_each_module_with_its_dora_axis_and_the_rows_of_a_fused_module(
+    tmp_path: Path,
+) -> None:
+    """FLUX.1's BFL qkv: one module, three weights, each with the rows of ΔW it receives."""
+    stem = "lora_unet_double_blocks_0_img_attn_qkv"
+    save_file(
+        {f"{stem}.lora_down.weight": torch.ones(2, 32), f"{stem}.lora_up.weight": torch.ones(96, 2),
+         f"{stem}.alpha": torch.tensor(2.0), f"{stem}.dora_scale": torch.ones(96, 1)},
+        str(tmp_path / "q.safetensors"),
+    )  # fmt: skip
+    text = "base: builtin:tiny-flux\nadapters: {q: {file: q.safetensors}}\nfuse: {adapters: [q]}\n"
+    plan = compile_text(tmp_path, text + "outputs: {fused: {kind: pipeline, path: fused}}\n")
+    (module,) = dict(next(c for c in plan.checks if c.subject == "adapters.q").facts)["per_module"]
+    assert module["dora"] == {"kind": "dora-lycoris", "axis": "row"}
+    assert module["weights"] == [
+        f"transformer.transformer_blocks.0.attn.to_{p}.weight[{a}:{a + 32}]"
+        for p, a in zip("qkv", (0, 32, 64), strict=True)
+    ]
 
 
 def test_keys_no_rule_applies_to_fail_the_build_naming_them(tmp_path: Path) -> None:
@@ -84,6 +113,40 @@ def test_modules_that_fit_no_base_weight_are_named(tmp_path: Path) -> None:
     )
     assert "lora_unet_conv_in: ΔW 16×4 does not fit unet.conv_in (32×4×3×3)" in found[0]
     assert "lora_unet_no_such_layer: no such module in the base's unet" in found[0]
+
+
+def test_modules_that_fit_but_cannot_be_applied_are_named_with_their_reason_not_a_wrong_base(
+    tmp_path: Path,
+) -> None:
+    """A bias delta, integer factors and a 1-D dora_scale on a square weight: each module names a weight
+    of tiny-sd it fits, so the error says why it cannot be applied, never 'made for another base?'."""
+    k, v = Q.replace("to_q", "to_k"), Q.replace("to_q", "to_v")
+    peft = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    extra = {
+        f"{k}.lora_down.weight": torch.ones(2, 32),
+        f"{k}.lora_up.weight": torch.ones(32, 2),
+        f"{k}.dora_scale": torch.ones(32),
+        f"{v}.lokr_w1": torch.ones(4, 4, dtype=torch.int32),
+        f"{v}.lokr_w2": torch.ones(8, 8),
+        f"{peft}.lora_A.weight": torch.ones(2, 32),
+        f"{peft}.lora_B.weight": torch.ones(32, 2),
+        f"{peft}.lora_B.bias": torch.ones(32),
+        "lora_unet_no_such_layer.lokr_w1": torch.ones(2, 2),
+        "lora_unet_no_such_layer.lokr_w2": torch.ones(2, 2),
+    }
+    problems = problems_of(tmp_path, _recipe(_lokr(tmp_path, extra), "fuse: {adapters: [k]}"))
+    found = messages(problems)
+    assert len(found) == 2, found
+    misplaced, refused = found
+    assert misplaced.startswith("adapters.k: cannot load this LoRA: 1 of 6 ")
+    assert "lora_unet_no_such_layer: no such module in the base's unet" in misplaced
+    assert refused.startswith("adapters.k: 3 of 6 modules cannot be applied: ")
+    assert (
+        f"{k}: DoRA axis undecided: dora_scale (32,) fits both the output-row and the input-column" in refused
+    )
+    assert f"{v}: non-float factor dtypes ['I32']" in refused
+    assert f"{peft}: also adds a bias delta (lora_B.bias (32,)), which lorarecipe does not apply" in refused
+    assert problems[1].hint is None and problems[0].hint == "is this adapter made for another base model?"
 
 
 def test_scale_convention_is_checked(tmp_path: Path) -> None:

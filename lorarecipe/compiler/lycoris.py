@@ -3,10 +3,12 @@
 An adapter's ``LoraInfo.lycoris`` + the base's weight keys -> located problems and the check that
 ``lorarecipe plan`` shows. Problems: keys no adapter rule applies to (they would be dropped), modules
 that find no base weight or do not fit the one they name (``inspect.adapter_targets``, the same
-placement both executors use), DoRA magnitudes whose axis the shapes cannot decide, a ``peft`` scale
+placement both executors use), modules that fit but hold what lorarecipe does not apply (bias deltas,
+non-float factors, DoRA magnitudes whose axis the shapes cannot decide), a ``peft`` scale
 convention on a full-matrix LoKr without a rank. The check: algorithms, factor ranks, the largest
 rank ΔW can have, the scale convention, DoRA axes, the base weights changed per component and, on a
-block-grouped DiT, which blocks.
+block-grouped DiT, which blocks; its facts (``plan --json``) list every module with its factor shapes
+and the weights it changes.
 """
 
 from __future__ import annotations
@@ -116,6 +118,71 @@ def _summary(
     return text
 
 
+def _module_facts(info: LycorisInfo, report: PlacementReport | None) -> list[dict[str, Any]]:
+    """Each module as ``plan --json`` lists it: algorithm, factor shapes by role, r, the largest rank
+    ΔW can have, ΔW's shape, the DoRA kind and axis, and the base weights it changes (rows of a
+    fused module's parts as ``[start:end]``)."""
+    placed = {p.module.stem: p for p in report.placed} if report is not None else {}
+    out = []
+    for module in info.modules:
+        entry: dict[str, Any] = {
+            "stem": module.stem,
+            "algorithm": module.algorithm,
+            "factors": {role: list(shape) for role, shape in module.factors},
+            "rank": module.rank,
+            "effective_rank": module.effective_rank,
+            "delta_shape": list(module.delta_shape),
+        }
+        where = placed.get(module.stem)
+        if module.dora:
+            entry["dora"] = {"kind": module.dora, "axis": where.dora_axis if where else module.dora_axis}
+        if where is not None:
+            entry["weights"] = [
+                f"{p.component}.{p.key}" + (f"[{p.rows[0]}:{p.rows[1]}]" if p.rows else "")
+                for p in where.placements
+            ]
+        out.append(entry)
+    return out
+
+
+def _placed(
+    ctx: CompileContext, where: tuple[Any, ...], info: LycorisInfo, base: BaseInfo, family_key: str | None
+) -> tuple[PlacementReport | None, bool]:
+    """The adapter placed on the base (None: a single-file base, whose names are checked when loaded),
+    and whether every module was: errors for modules that fit no weight and for those that fit but
+    cannot be applied (each with its own reason; only the first suggests another base model)."""
+    report = place_adapter(info, base_keys(base), get_family(family_key or base.family))
+    ok, unnamed = True, bool(report.problems) and base.kind == "single_file"
+    if unnamed:
+        ctx.checks.append(
+            Check(
+                f"adapters.{where[1]}",
+                "unchecked",
+                f"{len(report.problems)} modules are not named in the base file's layout (a single "
+                "file): checked when it is loaded",
+            )
+        )
+    elif report.problems:
+        ok = False
+        kinds = "/".join(_LABELS.get(a, a) for a, _ in info.algorithms) or "adapter"
+        ctx.error(
+            where,
+            f"cannot load this LoRA: {len(report.problems)} of {len(info.modules)} {kinds} modules find "
+            f"no base weight they fit: {_listing(list(report.problems), len(report.problems))}",
+            "is this adapter made for another base model?",
+            on_key=True,
+        )
+    if report.refused:
+        ok = False
+        ctx.error(
+            where,
+            f"{len(report.refused)} of {len(info.modules)} modules cannot be applied: "
+            f"{_listing(list(report.refused), len(report.refused))}",
+            on_key=True,
+        )
+    return (None if unnamed else report), ok
+
+
 def check_lycoris_adapter(
     ctx: CompileContext,
     name: str,
@@ -132,27 +199,8 @@ def check_lycoris_adapter(
     _convention(ctx, where, info, convention)
     report = None
     if base is not None:
-        report = place_adapter(info, base_keys(base), get_family(family_key or base.family))
-        if report.problems and base.kind == "single_file":
-            ctx.checks.append(
-                Check(
-                    f"adapters.{name}",
-                    "unchecked",
-                    f"{len(report.problems)} modules are not named in the base file's layout (a single "
-                    "file): checked when it is loaded",
-                )
-            )
-            report = None
-        elif report.problems:
-            ok = False
-            kinds = "/".join(_LABELS.get(a, a) for a, _ in info.algorithms) or "adapter"
-            ctx.error(
-                where,
-                f"cannot load this LoRA: {len(report.problems)} of {len(info.modules)} {kinds} modules find "
-                f"no base weight they fit: {_listing(list(report.problems), len(report.problems))}",
-                "is this adapter made for another base model?",
-                on_key=True,
-            )
+        report, placed = _placed(ctx, where, info, base, family_key)
+        ok = ok and placed
     if ok:
         facts: list[tuple[str, Any]] = [
             ("format", "lycoris"),
@@ -165,5 +213,6 @@ def check_lycoris_adapter(
         ]
         if report is not None:
             facts.append(("weights_changed", report.touched()))
+        facts.append(("per_module", _module_facts(info, report)))
         summary = _summary(info, report, convention, family_key)
         ctx.checks.append(Check(f"adapters.{name}", "ok", f"{describe}: {summary}", tuple(facts)))

@@ -59,10 +59,13 @@ class PlacedModule:
 
 @dataclass(frozen=True)
 class PlacementReport:
-    """Every classified module placed, or a line saying why it cannot be (``problems``)."""
+    """Every classified module placed, or a line saying why it cannot be: ``problems`` (no base weight
+    it fits: names, shapes, clashes) or ``refused`` (it fits, but holds what lorarecipe does not apply:
+    a bias delta, non-float factors, a DoRA axis the shapes cannot decide or a fused module splits)."""
 
     placed: tuple[PlacedModule, ...]
     problems: tuple[str, ...]
+    refused: tuple[str, ...] = ()
 
     def touched(self) -> dict[str, int]:
         """component -> number of base weights the adapter changes."""
@@ -250,20 +253,24 @@ def place_adapter(info: LycorisInfo, keys: ModelKeys, family: Family | None) -> 
     """Every classified module of ``info`` -> its placements on ``keys`` (see the module docstring)."""
     placed: list[PlacedModule] = []
     problems: list[str] = []
+    refused: list[str] = []
     changed: dict[tuple[str, str], str] = {}  # weight -> the module that changes it
     for module in info.modules:
-        refused = [n for n in module.notes if n.startswith(("also adds a bias delta", "non-float factor"))]
-        if refused:
-            problems.append(f"{module.stem}: {refused[0]}, which lorarecipe does not apply")
+        held = [n for n in module.notes if n.startswith(("also adds a bias delta", "non-float factor"))]
+        if held:
+            refused.append(f"{module.stem}: {held[0]}, which lorarecipe does not apply")
             continue
         found = _place(module, keys, family)
         for placement in () if isinstance(found, str) else found:
             other = changed.setdefault((placement.component, placement.module), module.stem)
             if other != module.stem:
                 found = f"changes {placement.component}.{placement.module}, which {other} changes too"
-        axis = found if isinstance(found, str) else _dora(module, found, keys)
-        if isinstance(found, str) or (isinstance(axis, str) and axis not in ("row", "column")):
-            problems.append(f"{module.stem}: {found if isinstance(found, str) else axis}")
+        if isinstance(found, str):
+            problems.append(f"{module.stem}: {found}")
+            continue
+        axis = _dora(module, found, keys)
+        if isinstance(axis, str) and axis not in ("row", "column"):
+            refused.append(f"{module.stem}: {axis}")
             continue
         placed.append(PlacedModule(module, found, axis))  # type: ignore[arg-type]
-    return PlacementReport(tuple(placed), tuple(problems))
+    return PlacementReport(tuple(placed), tuple(problems), tuple(refused))

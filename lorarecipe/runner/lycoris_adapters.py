@@ -67,6 +67,12 @@ class LycorisAdapter:
                 f"{path.name}: {len(report.problems)} of {len(self.info.modules)} modules find no weight of "
                 f"this model they fit: {shown}"
             )
+        if report.refused:
+            shown = "; ".join(report.refused[:5])
+            raise BuildError(
+                f"{path.name}: {len(report.refused)} of {len(self.info.modules)} modules cannot be applied: "
+                f"{shown}"
+            )
         self.placed: dict[ModuleKey, tuple[PlacedModule, Placement]] = {
             (p.component, p.module): (placed, p) for placed in report.placed for p in placed.placements
         }
