@@ -304,8 +304,11 @@ def _unsupported(
             "numbered in traversal order, not named, so neither diffusers nor lorarecipe can place them"
         )
     if "lycoris_lokr" in formats:
-        how = "loads LoKr for this family into PEFT layers, whose alpha convention differs from the file's" \
-            if "lokr" in reads else "cannot load LoKr"
+        how = (
+            "loads LoKr for this family into PEFT layers, whose alpha convention differs from the file's"
+            if "lokr" in reads
+            else "cannot load LoKr"
+        )
         return (
             f"LyCORIS LoKr (Kronecker) weights (e.g. '{first['lycoris_lokr']}.lokr_w1…'): diffusers 0.42 "
             f"{how} (lorarecipe applies it itself)"
