@@ -37,6 +37,7 @@ from diffusers import (
 from filelock import FileLock
 
 from ..errors import InputUnavailableError
+from ..families import FAMILIES
 from ..fs.atomic import atomic_dir, atomic_file, atomic_write_text, clean_stale_temporaries
 from .catalog import (
     BUILTIN_BASES,
@@ -48,6 +49,8 @@ from .catalog import (
     materialized_base,
     materialized_lora,
 )
+from .dit_loras import PEFT_TARGETS, default_selection, make_original_lora
+from .dit_pipelines import build_flux2, build_flux2_klein, build_wan, build_wan22
 from .flux_loras import FLUX_PEFT_TARGETS, make_flux_lora
 from .loras import canonicalize_safetensors, make_kohya_lora, make_peft_lora
 from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
@@ -258,7 +261,15 @@ def _build_flux() -> FluxPipeline:
     )
 
 
-_BUILDERS = {"sd1": _build_sd, "sdxl": _build_sdxl, "flux": _build_flux}
+_BUILDERS = {
+    "tiny-sd": _build_sd,
+    "tiny-sdxl": _build_sdxl,
+    "tiny-flux": _build_flux,
+    "tiny-flux2": build_flux2,
+    "tiny-flux2-klein": build_flux2_klein,
+    "tiny-wan": build_wan,
+    "tiny-wan22": build_wan22,
+}
 
 
 def build_base_pipeline(name: str) -> DiffusionPipeline:
@@ -271,7 +282,7 @@ def build_base_pipeline(name: str) -> DiffusionPipeline:
     if spec is None:
         raise _unknown("base", name, list(BUILTIN_BASES))
     with torch.random.fork_rng(devices=[]):
-        pipe = _BUILDERS[spec.family]()
+        pipe = _BUILDERS[name]()
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # as after from_pretrained
@@ -320,22 +331,26 @@ def builtin_lora_path(name: str) -> Path:
     with _build_lock():
         if not materialized_lora(name):
             pipe = build_base_pipeline(spec.base)  # only module names and shapes are used
-            flux = BUILTIN_BASES[spec.base].family == "flux"
+            family = BUILTIN_BASES[spec.base].family
             with atomic_file(final) as tmp:
-                common: dict[str, Any] = {
-                    "rank": spec.rank,
-                    "alpha": spec.alpha,
-                    "seed": spec.seed,
-                    "text_encoders": spec.text_encoders,
-                }
-                if spec.layout == "peft" and flux:
-                    make_peft_lora(pipe, tmp, **common, targets=FLUX_PEFT_TARGETS)
+                common: dict[str, Any] = {"rank": spec.rank, "alpha": spec.alpha, "seed": spec.seed}
+                if spec.layout == "peft" and family in PEFT_TARGETS:
+                    make_peft_lora(pipe, tmp, **common, text_encoders=False, targets=PEFT_TARGETS[family])
+                elif family in PEFT_TARGETS:
+                    select = default_selection(family, spec.layout)
+                    make_original_lora(
+                        FAMILIES[family], pipe, tmp, layout=spec.layout, select=select, **common
+                    )
+                elif spec.layout == "peft" and family == "flux":
+                    make_peft_lora(
+                        pipe, tmp, **common, text_encoders=spec.text_encoders, targets=FLUX_PEFT_TARGETS
+                    )
                 elif spec.layout == "peft":
-                    make_peft_lora(pipe, tmp, **common)
-                elif flux:
-                    make_flux_lora(pipe, tmp, layout=spec.layout, **common)
+                    make_peft_lora(pipe, tmp, **common, text_encoders=spec.text_encoders)
+                elif family == "flux":
+                    make_flux_lora(pipe, tmp, layout=spec.layout, text_encoders=spec.text_encoders, **common)
                 else:
-                    make_kohya_lora(pipe, tmp, **common)
+                    make_kohya_lora(pipe, tmp, text_encoders=spec.text_encoders, **common)
                 _finish_file(tmp)
     return final
 

@@ -1,6 +1,7 @@
 """Model families as data: one small module of tables per family, and this registry (torch-free).
 
-Each family module (``sd``: SD 1.x/2.x/SDXL/SD 3; ``flux1``: FLUX.1) fills in a
+Each family module (``sd``: SD 1.x/2.x/SDXL/SD 3; ``flux1``: FLUX.1; ``flux2``: FLUX.2; ``wan``: Wan
+2.1/2.2 video) fills in a
 :class:`~lorarecipe.families.spec.Family`: pipeline classes and LoRA components, block groups for
 per-block weights, its original-layout module table (single-file names, kohya/BFL LoRA names), kohya
 prefixes and grid call conventions. Every stage reads these tables — ``validate``/``plan`` included,
@@ -18,8 +19,10 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from .flux1 import FLUX1
+from .flux2 import FLUX2
 from .sd import SD1, SD2, SD3, SDXL
-from .spec import BlockGroup, Family, GridCall, ModuleRule, ParamRule, SingleFileComponent, Split
+from .spec import BlockGroup, Family, GridCall, ModuleRule, ParamRule, SingleFileComponent, Split, Variant
+from .wan import WAN
 
 __all__ = [
     "FAMILIES",
@@ -31,16 +34,19 @@ __all__ = [
     "ParamRule",
     "SingleFileComponent",
     "Split",
+    "Variant",
     "family_label",
     "family_of_pipeline",
     "get_family",
 ]
 
 #: The families lorarecipe builds, by the key a recipe's ``base.family`` names.
-FAMILIES: Mapping[str, Family] = MappingProxyType({f.key: f for f in (SD1, SD2, SDXL, SD3, FLUX1)})
+FAMILIES: Mapping[str, Family] = MappingProxyType(
+    {f.key: f for f in (SD1, SD2, SDXL, SD3, FLUX1, FLUX2, WAN)}
+)
 
 #: Architectures recognized in LoRA headers but not built yet (key -> label), for mismatch errors.
-OTHER_ARCHITECTURES: Mapping[str, str] = MappingProxyType({"flux2": "FLUX.2", "qwen_image": "Qwen-Image"})
+OTHER_ARCHITECTURES: Mapping[str, str] = MappingProxyType({"qwen_image": "Qwen-Image"})
 
 
 def get_family(key: str | None) -> Family | None:

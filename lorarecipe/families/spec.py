@@ -22,6 +22,7 @@ __all__ = [
     "ParamRule",
     "SingleFileComponent",
     "Split",
+    "Variant",
 ]
 
 
@@ -75,14 +76,17 @@ class GridCall:
     """How a family's pipeline is called for one grid cell.
 
     ``attention_kwargs`` is the call argument that carries a LoRA ``scale``; ``negative_prompt`` is
-    ``"native"`` (classifier-free guidance: always passed) or ``"true_cfg"`` (guidance-distilled:
-    passed only with ``true_cfg_scale`` > 1); ``guidance`` says what ``guidance_scale`` means.
+    ``"native"`` (classifier-free guidance: always passed), ``"true_cfg"`` (guidance-distilled:
+    passed only with ``true_cfg_scale`` > 1) or ``"none"`` (the pipeline takes no negative prompt);
+    ``guidance`` says what ``guidance_scale`` means. ``frames``: a video family's default number of
+    frames per grid cell (0: the family makes images).
     """
 
-    attention_kwargs: Literal["cross_attention_kwargs", "joint_attention_kwargs"]
-    negative_prompt: Literal["native", "true_cfg"]
+    attention_kwargs: Literal["cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"]
+    negative_prompt: Literal["native", "true_cfg", "none"]
     default_guidance: float
     guidance: str
+    frames: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,15 @@ class SingleFileComponent:
 
     prefix: str
     scheme: Literal["unet", "vae", "hf_clip", "open_clip", "rules"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of a family, told apart by its denoiser's hidden width (FLUX.2 dev or Klein 4B/9B,
+    Wan 1.3B/5B/14B), so that a LoRA made for a sibling is refused naming both models."""
+
+    label: str
+    width: int
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,18 @@ class Family:
     )
     #: lorarecipe converts LoRAs named in the original layout itself (diffusers' converter cannot)
     converts_original_loras: bool = False
+    #: models of the family by denoiser width, named in mismatch errors
+    variants: tuple[Variant, ...] = ()
+    #: denoisers a LoRA file can be loaded into, one at a time (Wan 2.2 A14B's two experts:
+    #: ``transformer`` for high noise, ``transformer_2`` for low noise; diffusers'
+    #: ``load_into_transformer_2``); () when the family has one denoiser
+    experts: tuple[str, ...] = ()
+    #: LoRA files saved from a bare PEFT model (``base_model.model.`` + diffusers module names) load
+    #: (diffusers' loader for this family converts them)
+    reads_raw_peft: bool = False
+    #: other pipeline classes of the family that a base folder may hold and that lorarecipe loads as
+    #: they are (FLUX.2 Klein's own pipeline, with its Qwen3 text encoder)
+    also_loads: tuple[str, ...] = ()
 
     @property
     def single_file(self) -> bool:
@@ -134,6 +159,16 @@ class Family:
     @property
     def single_file_components(self) -> tuple[str, ...]:
         return tuple(self.single_file_layout)
+
+    @property
+    def loadable_pipelines(self) -> tuple[str, ...]:
+        """The pipeline classes a base folder of this family may hold (``model_index.json``)."""
+        return (self.pipeline_class, *self.also_loads)
+
+    @property
+    def denoisers(self) -> tuple[str, ...]:
+        """The components that denoise: the experts, or the one denoiser."""
+        return self.experts or (self.denoiser,)
 
     @property
     def unet_block_weights(self) -> bool:

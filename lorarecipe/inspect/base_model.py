@@ -291,6 +291,16 @@ _BARE_DIT = (
     "proj_out.",
     "norm_out.",
     "pos_embed.",
+    "double_stream_modulation_img.",
+    "double_stream_modulation_txt.",
+    "single_stream_modulation.",
+    "blocks.",
+    "patch_embedding.",
+    "text_embedding.",
+    "time_embedding.",
+    "time_projection.",
+    "head.",
+    "img_emb.",
 )
 _BARE_UNET = (
     "down_blocks.",
@@ -316,6 +326,10 @@ def _single_family(keys: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[str
 
     if key := first("joint_blocks."):
         return "sd3", f"MMDiT key '{key}' (SD 3)"
+    if key := first("single_stream_modulation.lin.", "double_stream_modulation_img.lin."):
+        return "flux2", f"BFL key '{key}' with shared modulation (FLUX.2)"
+    if (key := first("head.modulation")) and first("patch_embedding."):
+        return "wan", f"Wan key '{key}' (Wan)"
     if key := first("double_blocks."):
         return "flux", f"BFL key '{key}' (FLUX.1)"
     if (key := first("model.diffusion_model.input_blocks.")) and (te := first("conditioner.embedders.1.")):
@@ -376,7 +390,7 @@ def inspect_single_file(path: Path) -> BaseInfo:
 
 _ALLOWED_LIBRARIES = {"diffusers", "transformers", None}
 _COMPONENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_KNOWN_PIPELINES = {info.pipeline_class for info in FAMILIES.values()}
+_KNOWN_PIPELINES = {cls for info in FAMILIES.values() for cls in info.loadable_pipelines}
 
 
 def check_model_index(folder: Path) -> dict[str, Any]:

@@ -20,9 +20,17 @@ from ..fs.json_files import JsonFileError, parse_json
 from .lora_family import detect_family
 from .safetensors_header import SafetensorsHeader, TensorInfo
 
-__all__ = ["COMPONENT_ORDER", "LoraInfo", "LoraModule", "inspect_lora"]
+__all__ = ["COMPONENT_ORDER", "RAW_PEFT", "LoraInfo", "LoraModule", "inspect_lora"]
 
-COMPONENT_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "unknown")
+COMPONENT_ORDER = (
+    "unet",
+    "transformer",
+    "transformer_2",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "unknown",
+)
 _KOHYA_PREFIXES = (
     ("lora_te1_", "text_encoder"),
     ("lora_te2_", "text_encoder_2"),
@@ -123,6 +131,8 @@ class LoraInfo:
     unsupported: str | None
     unrecognized_keys: tuple[str, ...]
     metadata: Mapping[str, str] = field(hash=False)
+    #: the only problem is the bare-PEFT ``base_model.model.`` prefix, which some families read
+    raw_peft: bool = False
 
 
 @dataclass
@@ -316,20 +326,23 @@ def _unsupported(formats: Counter[str], groups: list[_Group], broken: list[str],
     return _prefix_problem(next(iter(formats)), [g.stem for g in groups], control)
 
 
+RAW_PEFT = (
+    "raw PEFT adapter keys ('base_model.model.' prefix): diffusers 0.42 misreads them "
+    "(Flux fails, SD loads nothing); re-save with the pipeline's save_lora_weights"
+)
+
+
 def _prefix_problem(kind: str, stems: list[str], control: bool) -> str | None:
     """Layouts diffusers 0.42 reads without error but loads nothing from (or misreads)."""
     if kind == "peft" and any(s.startswith("base_model.model.") for s in stems):
-        return (
-            "raw PEFT adapter keys ('base_model.model.' prefix): diffusers 0.42 misreads them "
-            "(Flux fails, SD loads nothing); re-save with the pipeline's save_lora_weights"
-        )
+        return RAW_PEFT
     converted = _original_names(stems)
     if kind == "peft" and any(s.startswith("diffusion_model.") for s in stems) and not converted:
         return (
             "'diffusion_model.' prefix with original (BFL/LDM) block names, as ai-toolkit writes: "
             "diffusers 0.42's Flux/SD loaders return it unchanged and load nothing"
         )
-    if kind == "kohya" and not any(s.startswith(_KOHYA_STARTS) for s in stems):
+    if kind == "kohya" and not any(s.startswith(_KOHYA_STARTS) for s in stems) and not converted:
         return (
             "kohya suffixes ('.lora_down.weight') on dotted module names without 'lora_unet_'/"
             "'lora_te_' prefixes: diffusers' SD/SDXL/Flux loaders do not read this layout"
@@ -410,7 +423,8 @@ def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
     family, evidence = detect_family(modules, single_te=any(g.stem.startswith("lora_te_") for g in listed))
     present = {m.component for m in modules}
     control = any(k.endswith("query_norm.scale") for k in unrecognized)  # BFL Flux-control LoRA
-    unsupported = _unsupported(formats, listed, broken, control) or _non_float_weights(header)
+    problem, non_float = _unsupported(formats, listed, broken, control), _non_float_weights(header)
+    raw_peft = problem == RAW_PEFT and non_float is None
     return LoraInfo(
         format=fmt,
         modules=tuple(modules),
@@ -419,7 +433,8 @@ def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
         family=family,
         family_evidence=evidence,
         alpha_source="keys" if "keys" in sources else "metadata" if sources else "default (alpha = rank)",
-        unsupported=unsupported,
+        unsupported=problem or non_float,
         unrecognized_keys=tuple(unrecognized),
         metadata=header.metadata,
+        raw_peft=raw_peft,
     )

@@ -30,6 +30,7 @@ from .vocabulary import (
     CombinationType,
     Component,
     DType,
+    Expert,
     Family,
     SaveDType,
 )
@@ -198,6 +199,14 @@ class AdapterSpec(_SourceSpec):
         description="Words that activate the LoRA; used in grids and cards.",
     )
     description: str | None = Field(None, max_length=2000, description="Free text for the model card.")
+    load_into: list[Expert] | None = Field(
+        None,
+        min_length=1,
+        max_length=2,
+        description="Families with two denoisers (Wan 2.2 A14B): the experts this LoRA file is loaded "
+        "into, as diffusers' load_lora_weights(load_into_transformer_2=...): transformer (high-noise "
+        "steps), transformer_2 (low-noise steps), or both. Required when the base has two experts.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> AdapterSpec:
@@ -212,6 +221,8 @@ class AdapterSpec(_SourceSpec):
             raise ValueError("'weight_name' only applies to a hub adapter")
         if self.revision is not None and self.hub is None:
             raise ValueError("'revision' only applies to a hub adapter")
+        if self.load_into is not None and len(set(self.load_into)) != len(self.load_into):
+            raise ValueError("'load_into' lists an expert twice")
         return self
 
 
@@ -244,6 +255,11 @@ class ComponentWeights(_Spec):
         "diffusers has none for transformers), e.g. FLUX.1 {double_blocks: {0-9: 0.5}, "
         "single_blocks: 1.0, default: 1.0}: one weight per group or per block index / inclusive "
         "range; blocks not listed and modules outside blocks take 'default' (1.0).",
+    )
+    transformer_2: FiniteFloat | TransformerBlockWeights | None = Field(
+        None,
+        description="Wan 2.2 A14B's second (low-noise) expert: a number or per-block weights, as for "
+        "'transformer' (the high-noise expert).",
     )
     text_encoder: FiniteFloat | None = Field(
         None, description="A number (diffusers silently ignores a dict here, so lorarecipe refuses it)."
@@ -429,11 +445,17 @@ class PipelineOutput(_Spec):
 
 
 class SingleFileOutput(_Spec):
-    """The fused checkpoint as one .safetensors file (SD1/SD2/SDXL layouts)."""
+    """The fused checkpoint as one .safetensors file in the family's original layout."""
 
     kind: Literal["single_file"]
     path: RelPath = Field(..., description="A .safetensors file, relative to the output root.")
     dtype: SaveDType | None = Field(None, description="Save dtype (default: the base dtype).")
+    component: Expert | None = Field(
+        None,
+        description="Families with two denoisers (Wan 2.2 A14B): the expert this file holds, "
+        "transformer (high noise) or transformer_2 (low noise); one file per expert, as the original "
+        "checkpoints. Default: transformer.",
+    )
     publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
 
     @field_validator("path")
@@ -460,6 +482,11 @@ class LoraOutput(_Spec):
         "for diffusers, <adapter>.safetensors for kohya).",
     )
     dtype: SaveDType | None = Field(None, description="Save dtype (default: as computed).")
+    component: Expert | None = Field(
+        None,
+        description="Families with two denoisers (Wan 2.2 A14B): the expert whose layers the file "
+        "holds (a LoRA file is loaded into one expert at a time). Default: the adapter's only expert.",
+    )
     card: bool = Field(True, description="Write a README.md model card into the folder.")
     publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
 
@@ -515,6 +542,11 @@ class GridOutput(_Spec):
     size: Integer | list[Integer] | None = Field(
         None, description="Image size: N or [width, height] (default: the family's native size)."
     )
+    frames: Annotated[int, Field(ge=1, le=257), _NO_BOOL] | None = Field(
+        None,
+        description="Video families (Wan): frames per cell, 4k+1 (default 81; 9 on the built-in models). "
+        "Each cell is an animated WebP; the grid shows its frames as a strip.",
+    )
     variants: list[str] = Field(
         default_factory=lambda: ["base", "mix"],
         min_length=1,
@@ -541,6 +573,15 @@ class GridOutput(_Spec):
     def _suffix(cls, value: str) -> str:
         if not value.endswith(".png"):
             raise ValueError("a grid path must end with .png")
+        return value
+
+    @field_validator("frames")
+    @classmethod
+    def _frames(cls, value: int | None) -> int | None:
+        if value is not None and value % 4 != 1:
+            raise ValueError(
+                f"frames {value} must be 4k+1 (Wan's VAE compresses 4 frames into one): e.g. 5, 9, 81"
+            )
         return value
 
     @field_validator("size")

@@ -88,7 +88,9 @@ class PipelineExecutor:
             pipe, state.dtype = load_pipeline(base, state.inputs["base"].path, state.config, options.device)
         for step in plan.of_type(LoadAdapter):
             with state.step(step, f"load adapter {step.name}"):
-                loaded = load_adapter(pipe, step.name, state.inputs[step.id].path, plan.family)
+                loaded = load_adapter(
+                    pipe, step.name, state.inputs[step.id].path, plan.family, step.load_into
+                )
                 state.adapters[step.name] = loaded.modules
         for step in plan.of_type(MergeAdapters):
             with state.step(step, f"merge {step.name}"):
@@ -108,6 +110,7 @@ class PipelineExecutor:
                     options.stamp(step.output),
                     step.dtype,
                     before_swap=state.before_swap(step),
+                    component=step.component,
                 )
                 files = sorted(p for p in file.parent.rglob("*") if p.is_file())
                 state.add_output(step.output, OutputRecord(self.name, files))
@@ -142,7 +145,9 @@ class PipelineExecutor:
                     files = sorted(p for p in final.rglob("*") if p.is_file())
                 else:
                     fused = check.components if check is not None else ()
-                    save_single_file(pipe, plan.family or "sd1", final, options.stamp(step.output), fused)
+                    family = plan.family or "sd1"
+                    stamp = options.stamp(step.output)
+                    save_single_file(pipe, family, final, stamp, fused, step.component)
                     files = [final]
                 state.add_output(step.output, OutputRecord(self.name, files, fuse=check))
         return []

@@ -114,7 +114,7 @@ def load_pipeline(step: LoadBase, path: Path, config: Path | None, device: str) 
     else:
         index = check_model_index(path)
         cls_name = index["_class_name"]
-        if family is not None and FAMILIES[family].pipeline_class != cls_name:
+        if family is not None and cls_name not in FAMILIES[family].loadable_pipelines:
             raise BuildError(f"the base folder holds a {cls_name}, but the recipe's family is {family}")
         cls = getattr(diffusers, cls_name)
         pipe = cls.from_pretrained(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BuildError, StreamingUnsupported
+from ...families import FAMILIES as FAMILY_REGISTRY
 from ...fs.json_files import read_json
 from ...inspect import SafetensorsHeader, TensorInfo, read_header
 from ...inspect.base_model import check_model_index, weight_files
@@ -250,8 +251,20 @@ def to_single_file(
     configs: Mapping[str, Mapping[str, Any]],
     parts: Mapping[tuple[str, str], Part],
     dtype: Callable[[str], str],
+    expert: str | None = None,
 ) -> OutFile:
-    """The single-file output: its layout over the model's state-dict keys, each piece read from ``parts``."""
+    """The single-file output: its layout over the model's state-dict keys, each piece read from ``parts``.
+
+    ``expert``: a family with two experts writes one of them (Wan 2.2 A14B's ``transformer_2`` in the
+    layout of its ``transformer``)."""
+    denoiser = FAMILY_REGISTRY[family].denoiser if family in FAMILY_REGISTRY else ""
+    source = expert if expert and expert != denoiser else denoiser
+    if source != denoiser:
+        shapes = {
+            denoiser: shapes[source],
+            **{c: v for c, v in shapes.items() if c not in (denoiser, source)},
+        }
+        configs = {**configs, denoiser: configs.get(source, {})}
     components = _layout_components(family, shapes)
     try:
         layout = single_file_layout(family, components, configs)
@@ -259,7 +272,8 @@ def to_single_file(
         raise BuildError(f"single-file output: {exc}") from None
     tensors = []
     for tensor in layout:
-        pieces = tuple(parts[(p.component, p.key)] for p in tensor.sources if (p.component, p.key) in parts)
+        keys = [(source if p.component == denoiser else p.component, p.key) for p in tensor.sources]
+        pieces = tuple(parts[key] for key in keys if key in parts)
         if len(pieces) != len(tensor.sources):
             continue  # a derived buffer (position_ids) the base does not store
         stored = pieces[0].tensor.dtype

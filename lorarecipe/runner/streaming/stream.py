@@ -36,7 +36,7 @@ from ...recipe.vocabulary import FAMILIES
 from ..fuse_math import FuseTarget, LoraFactor
 from ..pipeline.load import load_dtype
 from .factor_cache import FactorCache
-from .factors import fuse_block_weights, resolvable_weights, targets_from_factors
+from .factors import block_specs, fuse_block_weights, resolvable_weights, targets_from_factors
 from .positional_io import PositionalReader
 from .skeleton import Architecture, build_skeleton, fuse_targets, needed_adapters, prepare_adapters
 from .sources import (
@@ -136,7 +136,7 @@ def _plan_outputs(
         parts = single_file_parts(base_path, family, arch.shapes, arch.configs)
         if save.layout is CheckpointLayout.DIFFUSERS:
             return to_folder(arch.shapes, arch.libraries, parts, out_dtype)
-    return [to_single_file(family, arch.shapes, arch.configs, parts, out_dtype)]
+    return [to_single_file(family, arch.shapes, arch.configs, parts, out_dtype, save.component)]
 
 
 def _config_stating(source: Path, dtype: str) -> str | None:
@@ -268,6 +268,7 @@ class _Stream:
             if self.folder_to_folder:
                 assert self.folder is not None
                 targets = _rekey(targets, self.folder)
+            targets = self._held(targets)
             writer.finish(targets, self.stats)
             _check_all_used(targets, self.stats)
             self.hashes = {
@@ -278,6 +279,14 @@ class _Stream:
             if writer is not None:
                 writer.abort()
             raise
+
+    def _held(self, targets: dict[tuple[str, str], FuseTarget]) -> dict[tuple[str, str], FuseTarget]:
+        """A single file of one expert (Wan 2.2 A14B) leaves the other expert's targets to its own output."""
+        info = FAMILIES[self.family]
+        if self.save.layout is not CheckpointLayout.SINGLE_FILE or not info.experts:
+            return targets
+        other = set(info.experts) - {self.save.component or info.denoiser}
+        return {key: target for key, target in targets.items() if key[0] not in other}
 
     def _outputs(self, arch: Architecture) -> list[OutFile]:
         return _plan_outputs(self.save, self.family, self.base_path, self.folder, arch, self.out_dtype)
@@ -322,10 +331,15 @@ class _Stream:
     ) -> dict[tuple[str, str], FuseTarget]:
         """Targets from cached factors; per-block weights checked against the denoiser's config.json."""
         blocks = {}
-        if any(isinstance(w, tuple) for w in self.fuse.weights):
-            denoiser = FAMILIES[self.family].denoiser
-            config = json.loads((self.config_root / denoiser / "config.json").read_text(encoding="utf-8"))
-            blocks = fuse_block_weights(self.fuse, self.family, config)
+        specs = block_specs(self.fuse)
+        if specs:
+            configs = {
+                component: json.loads(
+                    (self.config_root / component / "config.json").read_text(encoding="utf-8")
+                )
+                for component in {c for _, c in specs}
+            }
+            blocks = fuse_block_weights(self.fuse, self.family, configs)
         return targets_from_factors(factors, self.fuse, None, self.family, blocks)
 
     def close(self) -> None:
