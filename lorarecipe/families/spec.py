@@ -147,6 +147,9 @@ class Family:
     #: LoRA files saved from a bare PEFT model (``base_model.model.`` + diffusers module names) load
     #: (diffusers' loader for this family converts them)
     reads_raw_peft: bool = False
+    #: module names the denoiser's class keeps in float32 when diffusers loads it in half precision
+    #: (``_keep_in_fp32_modules``: Wan's time embedder, norms and modulation), matched per dotted part
+    keep_in_float32: tuple[str, ...] = ()
     #: other pipeline classes of the family that a base folder may hold and that lorarecipe loads as
     #: they are (FLUX.2 Klein's own pipeline, with its Qwen3 text encoder)
     also_loads: tuple[str, ...] = ()

@@ -107,4 +107,5 @@ WAN = Family(
     converts_original_loras=True,
     variants=VARIANTS,
     experts=("transformer", "transformer_2"),
+    keep_in_float32=("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"),
 )

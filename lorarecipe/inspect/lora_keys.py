@@ -409,10 +409,16 @@ def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
             alpha = float(rank)
         modules.append(LoraModule(component, name, rank, alpha, inp, out, kernel))
         kept.append(group)
-    # kohya calls every denoiser 'lora_unet_'; if some of its names are DiT blocks, all of them are.
-    denoisers = {m.component for m, g in zip(modules, kept, strict=True) if g.stem.startswith("lora_unet_")}
-    if denoisers == {"unet", "transformer"}:
-        modules = [replace(m, component="transformer") if m.component == "unet" else m for m in modules]
+    # kohya calls every denoiser 'lora_unet_', ComfyUI 'diffusion_model.': if some of those names are DiT
+    # blocks, all of them are (embedders named like a UNet's, FLUX.2's shared modulation, Wan's head)
+    for prefix, others in (("lora_unet_", {"unet"}), ("diffusion_model.", {"unet", "unknown"})):
+        mine = [g.stem.startswith(prefix) for g in kept]
+        denoisers = {m.component for m, own in zip(modules, mine, strict=True) if own}
+        if "transformer" in denoisers and denoisers & others:
+            modules = [
+                replace(m, component="transformer") if own and m.component in others else m
+                for m, own in zip(modules, mine, strict=True)
+            ]
     formats = Counter(g.kind for g in groups.values())
     listed = list(groups.values())
     if "malformed" in formats or not formats:

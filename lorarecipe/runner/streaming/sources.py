@@ -25,6 +25,9 @@ from ...outputs.singlefile import single_file_layout
 from ...outputs.singlefile_names import StoredForm
 from .positional_io import OutputEntry
 
+#: stored dtype, component, state-dict key -> the dtype an output tensor is written in
+DTypeRule = Callable[[str, str, str], str]
+
 __all__ = [
     "FLOAT_DTYPES",
     "SAME_BYTES_FORMS",
@@ -145,7 +148,7 @@ def read_folder_base(root: Path, variant: str | None) -> FolderBase:
     return base
 
 
-def folder_to_folder(base: FolderBase, dtype: Callable[[str], str]) -> list[OutFile]:
+def folder_to_folder(base: FolderBase, dtype: DTypeRule) -> list[OutFile]:
     """Diffusers folder -> diffusers folder: every weight file rewritten with the same keys, in data order."""
     out = []
     for component, files in base.files.items():
@@ -153,7 +156,8 @@ def folder_to_folder(base: FolderBase, dtype: Callable[[str], str]) -> list[OutF
             tensors = []
             for info in sorted(header.tensors.values(), key=lambda t: (t.start, t.name)):
                 part = Part(component, info.name, path, info, header.data_offset)
-                tensors.append(OutTensor(info.name, dtype(info.dtype), info.shape, (part,)))
+                out_dtype = dtype(info.dtype, component, info.name)
+                tensors.append(OutTensor(info.name, out_dtype, info.shape, (part,)))
             out.append(OutFile(rel, tuple(tensors)))
     return out
 
@@ -250,7 +254,7 @@ def to_single_file(
     shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
     configs: Mapping[str, Mapping[str, Any]],
     parts: Mapping[tuple[str, str], Part],
-    dtype: Callable[[str], str],
+    dtype: DTypeRule,
     expert: str | None = None,
 ) -> OutFile:
     """The single-file output: its layout over the model's state-dict keys, each piece read from ``parts``.
@@ -280,7 +284,8 @@ def to_single_file(
         if any(p.tensor.dtype != stored for p in pieces):
             raise BuildError(f"single-file output: the parts of {tensor.key} have different dtypes")
         shape = tuple(tensor.shape) if tensor.shape is not None else _diffusers_shape(pieces[0])
-        tensors.append(OutTensor(tensor.key, dtype(stored), shape, pieces, tensor.transform))
+        out = dtype(stored, pieces[0].component, pieces[0].key)
+        tensors.append(OutTensor(tensor.key, out, shape, pieces, tensor.transform))
     return OutFile("", tuple(tensors))
 
 
@@ -288,7 +293,7 @@ def to_folder(
     shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
     libraries: Mapping[str, str],
     parts: Mapping[tuple[str, str], Part],
-    dtype: Callable[[str], str],
+    dtype: DTypeRule,
 ) -> list[OutFile]:
     """A diffusers folder from a single-file base: one weight file per component, state-dict keys sorted."""
     out = []
@@ -298,7 +303,8 @@ def to_folder(
             part = parts.get((component, key))
             if part is None:
                 continue
-            tensors.append(OutTensor(key, dtype(part.tensor.dtype), _diffusers_shape(part), (part,)))
+            out = dtype(part.tensor.dtype, component, key)
+            tensors.append(OutTensor(key, out, _diffusers_shape(part), (part,)))
         out.append(OutFile(f"{component}/{_FILE_NAME[libraries[component]]}", tuple(tensors)))
     return out
 

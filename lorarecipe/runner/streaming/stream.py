@@ -41,6 +41,7 @@ from .positional_io import PositionalReader
 from .skeleton import Architecture, build_skeleton, fuse_targets, needed_adapters, prepare_adapters
 from .sources import (
     FLOAT_DTYPES,
+    DTypeRule,
     FolderBase,
     OutFile,
     Part,
@@ -126,7 +127,7 @@ def _plan_outputs(
     base_path: Path,
     folder: FolderBase | None,
     arch: Architecture,
-    out_dtype: Callable[[str], str],
+    out_dtype: DTypeRule,
 ) -> list[OutFile]:
     """The output files of every layout but folder -> folder (which needs no shapes or configs)."""
     parts: dict[tuple[str, str], Part]
@@ -233,6 +234,7 @@ class _Stream:
             self.folder = read_folder_base(base_path, base.variant)
             self.config_root, self.pipeline_class = base_path, None
         stored = load_dtype(base, base_path)
+        self.stored = stored
         self.dtype = save.dtype or stored
         # the pipeline route fuses in float32 (a float32 base, or a float32 load for an output in another
         # dtype): reproduce PEFT's operations; it fuses a half-precision base in its own dtype only for
@@ -248,8 +250,20 @@ class _Stream:
         self.hashes: dict[str, tuple[str, int]] = {}  # sha256 and size per output file (relative path)
         self._storing: list[threading.Thread] = []
 
-    def out_dtype(self, stored: str) -> str:
-        return FLOAT_DTYPES[self.dtype] if stored in FLOAT_DTYPES.values() else stored
+    def out_dtype(self, stored: str, component: str = "", key: str = "") -> str:
+        """The dtype an output tensor is written in: the output's (the base's by default) — but float32
+        for the modules the denoiser's class keeps in float32 when diffusers loads it in the half
+        dtype the output has (Wan's time embedder, norms, modulation), as the pipeline route saves them."""
+        if stored not in FLOAT_DTYPES.values():
+            return stored
+        info = FAMILIES.get(self.family)
+        kept = (
+            info is not None
+            and self.dtype == self.stored != "float32"
+            and component in info.denoisers
+            and any(name in key.split(".") for name in info.keep_in_float32)
+        )
+        return FLOAT_DTYPES["float32" if kept else self.dtype]
 
     def write(self, root: Path) -> None:
         """Write the output files under ``root`` (a temporary folder, or the temporary file)."""
