@@ -284,8 +284,8 @@ def to_single_file(
         if any(p.tensor.dtype != stored for p in pieces):
             raise BuildError(f"single-file output: the parts of {tensor.key} have different dtypes")
         shape = tuple(tensor.shape) if tensor.shape is not None else _diffusers_shape(pieces[0])
-        out = dtype(stored, pieces[0].component, pieces[0].key)
-        tensors.append(OutTensor(tensor.key, out, shape, pieces, tensor.transform))
+        written = dtype(stored, pieces[0].component, pieces[0].key)
+        tensors.append(OutTensor(tensor.key, written, shape, pieces, tensor.transform))
     return OutFile("", tuple(tensors))
 
 
@@ -303,8 +303,8 @@ def to_folder(
             part = parts.get((component, key))
             if part is None:
                 continue
-            out = dtype(part.tensor.dtype, component, key)
-            tensors.append(OutTensor(key, out, _diffusers_shape(part), (part,)))
+            written = dtype(part.tensor.dtype, component, key)
+            tensors.append(OutTensor(key, written, _diffusers_shape(part), (part,)))
         out.append(OutFile(f"{component}/{_FILE_NAME[libraries[component]]}", tuple(tensors)))
     return out
 
