@@ -93,6 +93,36 @@ def _components_outside_the_file(
     return out
 
 
+def _from_model_files(family: str, path: Path, config: Path | None, dtype: Any) -> Any:
+    """A single file whose pipeline class has no ``from_single_file`` (FLUX.2, Wan): each model the file
+    holds through its own class's ``from_single_file`` (diffusers' reader of the original layout), the
+    rest of the pipeline from the config folder, as the folder's own pipeline class."""
+    import diffusers
+
+    if config is None:
+        raise BuildError(
+            f"a {FAMILIES[family].label} single file needs 'config': the diffusers folder of its pipeline"
+        )
+    index = check_model_index(config)
+    if index["_class_name"] not in FAMILIES[family].loadable_pipelines:
+        raise BuildError(
+            f"the config folder holds a {index['_class_name']}, not a {FAMILIES[family].label} pipeline"
+        )
+    models: dict[str, Any] = {}
+    for component in FAMILIES[family].single_file_components:
+        entry = index.get(component)
+        model_cls = getattr(diffusers, entry[1], None) if isinstance(entry, list) else None
+        if model_cls is None or not hasattr(model_cls, "from_single_file"):
+            raise BuildError(f"{config}: no diffusers model class for {component} that reads single files")
+        models[component] = model_cls.from_single_file(
+            str(path), config=str(config), subfolder=component, torch_dtype=dtype, local_files_only=True
+        )
+    pipe_cls = getattr(diffusers, index["_class_name"])
+    return pipe_cls.from_pretrained(
+        str(config), **models, dtype=dtype, use_safetensors=True, local_files_only=True
+    )
+
+
 def load_pipeline(step: LoadBase, path: Path, config: Path | None, device: str) -> tuple[Any, str]:
     """Load the base; returns (pipeline, dtype name actually used)."""
     import diffusers
@@ -106,11 +136,14 @@ def load_pipeline(step: LoadBase, path: Path, config: Path | None, device: str) 
             raise BuildError("a single-file base needs 'family' (it cannot be detected from this file)")
         cls = getattr(diffusers, FAMILIES[family].pipeline_class)
         kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype), "local_files_only": True}
-        if config is not None:
-            index = check_model_index(config)
-            kwargs["config"] = str(config)
-            kwargs.update(_components_outside_the_file(family, index, config, torch_dtype(dtype)))
-        pipe = cls.from_single_file(str(path), **kwargs)
+        if not hasattr(cls, "from_single_file"):
+            pipe = _from_model_files(family, path, config, torch_dtype(dtype))
+        else:
+            if config is not None:
+                index = check_model_index(config)
+                kwargs["config"] = str(config)
+                kwargs.update(_components_outside_the_file(family, index, config, torch_dtype(dtype)))
+            pipe = cls.from_single_file(str(path), **kwargs)
     else:
         index = check_model_index(path)
         cls_name = index["_class_name"]

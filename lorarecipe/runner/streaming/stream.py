@@ -128,15 +128,21 @@ def _plan_outputs(
     folder: FolderBase | None,
     arch: Architecture,
     out_dtype: DTypeRule,
+    config: FolderBase | None = None,
 ) -> list[OutFile]:
-    """The output files of every layout but folder -> folder (which needs no shapes or configs)."""
+    """The output files of every layout but folder -> folder (which needs no shapes or configs). A
+    folder from a single file takes the components the file does not hold (FLUX's text encoders and
+    VAE, Wan's other expert) from the config folder, as the pipeline route loads them."""
     parts: dict[tuple[str, str], Part]
     if folder is not None:
         parts = folder_parts(folder, arch.shapes)
     else:
         parts = single_file_parts(base_path, family, arch.shapes, arch.configs)
         if save.layout is CheckpointLayout.DIFFUSERS:
-            return to_folder(arch.shapes, arch.libraries, parts, out_dtype)
+            held = {component for component, _ in parts}
+            outs = [f for f in to_folder(arch.shapes, arch.libraries, parts, out_dtype) if f.tensors]
+            rest = folder_to_folder(config, out_dtype) if config is not None else []
+            return outs + [f for f in rest if f.rel.split("/", 1)[0] not in held]
     return [to_single_file(family, arch.shapes, arch.configs, parts, out_dtype, save.component)]
 
 
@@ -166,20 +172,25 @@ def _config_stating(source: Path, dtype: str) -> str | None:
 
 
 def _copy_files(
-    root: Path, folder: FolderBase | None, config_path: Path | None, outs: list[OutFile], dtype: str
+    root: Path,
+    folder: FolderBase | None,
+    config_path: Path | None,
+    outs: list[OutFile],
+    dtype: str,
+    from_file: set[str] | None = None,
 ) -> None:
     """Non-weight files (model_index.json, configs, tokenizers, scheduler) of the base or config folder;
-    model configs state the dtype the weights beside them were written in."""
-    if folder is not None:
-        copies = folder.copies
-        for component in folder.files:
-            written = shard_index(folder, component, outs)
-            if written is not None:
-                (root / written[0]).parent.mkdir(parents=True, exist_ok=True)
-                (root / written[0]).write_text(written[1], encoding="utf-8")
-    else:
+    model configs state the dtype the weights beside them were written in. ``from_file``: components a
+    single-file base gave (written unsharded: no shard index of the config folder applies to them)."""
+    if folder is None:  # a single-file base: the config folder's files, and the weights it gave
         assert config_path is not None
-        copies = read_folder_base(config_path, None).copies
+        folder = read_folder_base(config_path, None)
+    copies = folder.copies
+    for component in set(folder.files) - (from_file or set()):
+        written = shard_index(folder, component, outs)
+        if written is not None:
+            (root / written[0]).parent.mkdir(parents=True, exist_ok=True)
+            (root / written[0]).write_text(written[1], encoding="utf-8")
     for source, rel in copies:
         target = root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -247,6 +258,7 @@ class _Stream:
         self.stats = WriteStats()
         self.outs: list[OutFile] = []
         self.from_cache = False
+        self.file_components: set[str] = set()  # folder outputs of a single-file base: what the file gave
         self.hashes: dict[str, tuple[str, int]] = {}  # sha256 and size per output file (relative path)
         self._storing: list[threading.Thread] = []
 
@@ -275,10 +287,18 @@ class _Stream:
             targets, arch = self._targets()
             if writer is None:
                 assert arch is not None
+                config = self._config_folder()
                 outs = _plan_outputs(
-                    self.save, self.family, self.base_path, self.folder, arch, self.out_dtype
+                    self.save, self.family, self.base_path, self.folder, arch, self.out_dtype, config
                 )
                 writer = self._start_writer(root, outs)
+                if config is not None:  # components taken from the config folder: its stored keys
+                    given = {f.rel.split("/", 1)[0]: f.tensors[0].parts[0].path for f in outs if f.tensors}
+                    from_config = {c for c, path in given.items() if config.root in path.parents}
+                    self.file_components = set(given) - from_config
+                    held = {k: t for k, t in targets.items() if k[0] not in from_config}
+                    moved = {k: t for k, t in targets.items() if k[0] in from_config}
+                    targets = {**held, **_rekey(moved, config)}
             if self.folder_to_folder:
                 assert self.folder is not None
                 targets = _rekey(targets, self.folder)
@@ -294,6 +314,12 @@ class _Stream:
                 writer.abort()
             raise
 
+    def _config_folder(self) -> FolderBase | None:
+        """A single-file base's config folder, when a diffusers folder is written from the file."""
+        if self.folder is not None or self.save.layout is not CheckpointLayout.DIFFUSERS:
+            return None
+        return read_folder_base(self.config_root, None)
+
     def _held(self, targets: dict[tuple[str, str], FuseTarget]) -> dict[tuple[str, str], FuseTarget]:
         """A single file of one expert (Wan 2.2 A14B) leaves the other expert's targets to its own output."""
         info = FAMILIES[self.family]
@@ -303,7 +329,9 @@ class _Stream:
         return {key: target for key, target in targets.items() if key[0] not in other}
 
     def _outputs(self, arch: Architecture) -> list[OutFile]:
-        return _plan_outputs(self.save, self.family, self.base_path, self.folder, arch, self.out_dtype)
+        return _plan_outputs(
+            self.save, self.family, self.base_path, self.folder, arch, self.out_dtype, self._config_folder()
+        )
 
     def _start_writer(self, root: Path, outs: list[OutFile]) -> StreamWriter:
         self.outs = outs
@@ -388,7 +416,9 @@ def stream_fuse(
         if save.layout is CheckpointLayout.DIFFUSERS:
             with atomic_dir(final) as tmp:
                 stream.write(tmp)
-                _copy_files(tmp, stream.folder, config_path, stream.outs, stream.dtype)
+                _copy_files(
+                    tmp, stream.folder, config_path, stream.outs, stream.dtype, stream.file_components
+                )
                 if before_swap is not None:
                     before_swap(tmp)
         else:
