@@ -21,6 +21,10 @@ FLUX.1 (tiny-flux): FLUX_EQUAL (style r4 α8 PEFT with CLIP, aitk r4 ai-toolkit 
 qkv/linear1 lorarecipe splits) and FLUX_UNEQUAL (+ detail r8 α4 kohya BFL with CLIP, xlabs r4 XLabs);
 the oracle reads the BFL files with ``lora_math``'s own table. Their kohya-layout files fuse q/k/v
 again (rank Σr, block-diagonal), so only their deltas are compared, not the α = r convention.
+
+FLUX.2 Klein (tiny-flux2-klein) and Wan (tiny-wan): DIT_EQUAL (style r4 α8 PEFT + the r4 ai-toolkit /
+ComfyUI file) and DIT_UNEQUAL (+ detail r8 α4 kohya/musubi with embedders, modulation and final
+layer), read by ``dit_math``'s own tables; a representative subset of the combination types each.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 
 from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from lorarecipe.errors import BuildError, RecipeError
+from tests.helpers.dit_math import dit_reader
 from tests.helpers.lora_math import LoraFactors, lora_factors, read_component_weights
 from tests.helpers.merge_oracle import (
     COMBINATION_TYPES,
@@ -100,7 +105,7 @@ class Case:
             parts.append(f"rank{p.svd_rank}")
         if p.svd_clamp is not None:
             parts.append(f"clamp{p.svd_clamp}")
-        if self.adapters not in (EQUAL, UNEQUAL, FLUX_EQUAL, FLUX_UNEQUAL):
+        if self.adapters not in (EQUAL, UNEQUAL, FLUX_EQUAL, FLUX_UNEQUAL, *DIT_SETS):
             parts.append("+".join(name for name, _ in self.adapters))
         if p.components is not None:
             parts.append("only-" + "+".join(p.components))
@@ -227,7 +232,7 @@ def alternatives(case: Case) -> list[MergeParams]:
     for these ranks (each sign election), the other sign election, another density, the SVD
     without svd_rank / svd_clamp, another seed."""
     p = case.params
-    equal_ranks = case.adapters not in (UNEQUAL, FLUX_UNEQUAL)
+    equal_ranks = case.adapters not in (UNEQUAL, FLUX_UNEQUAL, KLEIN_UNEQUAL, WAN_UNEQUAL)
     density = p.density or 0.5
     out: list[MergeParams] = []
     for method in COMBINATION_TYPES:
@@ -278,11 +283,16 @@ def lora_files(out: Path) -> dict[str, Path]:
 
 
 def check_lora_file(
-    file: Path, oracle: OracleMerge, tol: Mapping[Module, float], base: Base, convention: bool = True
+    file: Path,
+    oracle: OracleMerge,
+    tol: Mapping[Module, float],
+    base: Base,
+    convention: bool = True,
+    reader: Callable[[Path, Base], Mapping[Module, LoraFactors]] = lora_factors,
 ) -> dict[Module, float]:
     """(a): the file's per-module delta is the oracle's, and (``convention``) its α = r convention;
     returns the errors."""
-    factors = lora_factors(file, base)
+    factors = reader(file, base)
     assert factors.keys() == oracle.deltas.keys(), file.name
     errors = {}
     for module, f in factors.items():
@@ -423,6 +433,53 @@ def test_flux_merge_matches_the_oracle(
     got = deltas_of(built, flux_base)
     distances = {
         alt: distance(got, merge_oracle(flux_base_dir, flux_base, case.loras(), alt, gauge).deltas, tol)
+        for alt in alternatives(case)
+    }
+    closest = min(distances, key=distances.__getitem__)
+    assert distances[closest] >= SWAP_FACTOR, f"{closest} is as close to the build as the oracle"
+
+
+KLEIN_EQUAL = (("style", 0.8), ("aitk", -0.6))  # r4 PEFT + r4 ai-toolkit (BFL names, fused qkv)
+KLEIN_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("aitk", 0.4))  # + r8 kohya BFL (modulation, final layer)
+WAN_EQUAL = (("style", 0.8), ("comfy", -0.6))  # r4 PEFT + r4 ComfyUI (diffusion_model., alpha 2)
+WAN_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("comfy", 0.4))  # + r8 musubi (blocks, embedders, head)
+DIT_SETS = (KLEIN_EQUAL, KLEIN_UNEQUAL, WAN_EQUAL, WAN_UNEQUAL)
+DIT_CASES = [
+    Case(MergeParams("linear"), KLEIN_EQUAL, "tiny-flux2-klein"),
+    Case(MergeParams("ties", density=0.5, majority_sign_method="frequency"), KLEIN_EQUAL, "tiny-flux2-klein"),
+    Case(MergeParams("dare_linear", density=0.7, seed=3), KLEIN_EQUAL, "tiny-flux2-klein"),
+    Case(MergeParams("cat"), KLEIN_UNEQUAL, "tiny-flux2-klein"),
+    Case(MergeParams("svd", svd_rank=6), KLEIN_UNEQUAL, "tiny-flux2-klein"),
+    Case(MergeParams("dare_ties_svd", density=0.7, seed=4), KLEIN_UNEQUAL, "tiny-flux2-klein"),
+    Case(MergeParams("linear"), WAN_EQUAL, "tiny-wan"),
+    Case(MergeParams("dare_ties", density=0.7, seed=3), WAN_EQUAL, "tiny-wan"),
+    Case(MergeParams("magnitude_prune", density=0.4), WAN_EQUAL, "tiny-wan"),
+    Case(MergeParams("cat"), WAN_UNEQUAL, "tiny-wan"),
+    Case(MergeParams("ties_svd", density=0.5, svd_rank=6, svd_clamp=0.95), WAN_UNEQUAL, "tiny-wan"),
+]
+
+
+@pytest.mark.parametrize("case", DIT_CASES, ids=lambda c: c.id)
+def test_flux2_and_wan_merges_match_the_oracle(case: Case, tmp_path: Path) -> None:
+    """FLUX.2 Klein and Wan merges across layouts: (a) the diffusers file per module (α = r) and the
+    kohya/musubi file's deltas, (b) the fused transformer, (c) no swapped method passes."""
+    base_dir = builtin_base_path(case.base)
+    base = {"transformer": read_component_weights(base_dir, "transformer")}
+    reader = dit_reader("wan" if case.base == "tiny-wan" else "flux2")
+    build_text(tmp_path, one_merge_recipe(case))
+    files = lora_files(tmp_path / "out")
+    built = lora_factors(files["diffusers"], base)
+    gauge = {k: (f.up, f.down) for k, f in built.items()}
+    oracle = merge_oracle(base_dir, base, case.loras(), case.params, gauge, reader)
+    tol = tolerances(oracle)
+    if "detail" in dict(case.adapters):  # modules outside the blocks: embedders, shared modulation, head
+        assert ("transformer", "proj_out.weight") in oracle.deltas
+    check_lora_file(files["diffusers"], oracle, tol, base)
+    check_lora_file(files["kohya"], oracle, tol, base, convention=False, reader=reader)
+    check_fused(tmp_path / "out" / "fused", oracle, tol, base)
+    got = deltas_of(built, base)
+    distances = {
+        alt: distance(got, merge_oracle(base_dir, base, case.loras(), alt, gauge, reader).deltas, tol)
         for alt in alternatives(case)
     }
     closest = min(distances, key=distances.__getitem__)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from lorarecipe.outputs.safetensors_meta import read_metadata
+from tests.helpers.lora_math import LoraFactors
 
 # original name ({i}: the block index) -> diffusers module(s); several = fused, split equally
 FLUX2 = {
@@ -109,9 +111,9 @@ def _targets(family: str, stem: str) -> tuple[tuple[str, ...], bool]:
     raise AssertionError(f"unexpected key stem {stem}")
 
 
-def dit_deltas(path: Path, family: str, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers weight key -> float64 delta of one FLUX.2/Wan LoRA file at weight 1 (heights of fused
-    parts read from ``base``, the transformer's tensors)."""
+def dit_factors(path: Path, family: str, base: Mapping[str, torch.Tensor]) -> dict[str, LoraFactors]:
+    """diffusers weight key -> the file's factors for that weight (a fused original weight's ``up`` rows
+    split onto its parts; the final adaLN's ``up`` halves swapped), with alpha and rank."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(str(path)).items():
         found = _ROLE.match(key)
@@ -126,19 +128,53 @@ def dit_deltas(path: Path, family: str, base: dict[str, torch.Tensor]) -> dict[s
         groups.setdefault(found["stem"], {})[role] = tensor
     meta = read_metadata(path)
     peft = json.loads(meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in meta else {}
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, LoraFactors] = {}
     for stem, parts in groups.items():
         targets, swapped = _targets(family, stem)
         rank = parts["down"].shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else float(peft.get("transformer.lora_alpha", rank))
-        delta = (alpha / rank) * (parts["up"].double() @ parts["down"].double())
+        up = parts["up"]
         if swapped:
-            half = delta.shape[0] // 2
-            delta = torch.cat([delta[half:], delta[:half]])
+            half = up.shape[0] // 2
+            up = torch.cat([up[half:], up[:half]])
         start = 0
         for target in targets:
             height = base[f"{target}.weight"].shape[0]
-            out[f"{target}.weight"] = delta[start : start + height]
+            out[f"{target}.weight"] = LoraFactors(parts["down"], up[start : start + height], alpha, rank)
             start += height
-        assert start == delta.shape[0], stem
+        assert start == up.shape[0], stem
     return out
+
+
+def _folded(factors: LoraFactors) -> LoraFactors:
+    """The factors as loaded: an original-layout file's alpha/rank is folded into them, split between
+    ``down`` and ``up`` by powers of two (the convention of diffusers' FLUX/Wan converters, which
+    lorarecipe's follows), leaving alpha = rank. A factor-level merge (linear, TIES, DARE, magnitude
+    pruning) sees these factors."""
+    scale = factors.alpha / factors.rank
+    down_scale, up_scale = scale, 1.0
+    while down_scale * 2 < up_scale:
+        down_scale, up_scale = down_scale * 2, up_scale / 2
+    return LoraFactors(factors.down * down_scale, factors.up * up_scale, float(factors.rank), factors.rank)
+
+
+def dit_reader(
+    family: str,
+) -> Callable[[Path, Mapping[str, Mapping[str, torch.Tensor]]], dict[tuple[str, str], LoraFactors]]:
+    """A ``lora_factors``-like reader of this family's files (for the merge oracle): (component, key) ->
+    factors as loaded (alphas of original-layout files folded in), for ``base``'s ``transformer``."""
+
+    def read(
+        path: Path, base: Mapping[str, Mapping[str, torch.Tensor]]
+    ) -> dict[tuple[str, str], LoraFactors]:
+        factors = dit_factors(path, family, base["transformer"])
+        original = any(k.startswith(("lora_unet_", "diffusion_model.")) for k in load_file(str(path)))
+        return {("transformer", k): _folded(f) if original else f for k, f in factors.items()}
+
+    return read
+
+
+def dit_deltas(path: Path, family: str, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers weight key -> float64 delta of one FLUX.2/Wan LoRA file at weight 1 (heights of fused
+    parts read from ``base``, the transformer's tensors)."""
+    return {key: f.delta(base[key].shape) for key, f in dit_factors(path, family, base).items()}
