@@ -29,6 +29,7 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 
 from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
+from lorarecipe.errors import BuildError
 from lorarecipe.runner.pipeline.adapters import injected_modules, load_adapter
 from tests.helpers.dit_math import dit_deltas
 from tests.helpers.lora_math import read_component_weights
@@ -149,6 +150,8 @@ def test_wan_expert_lora_files_load_into_that_expert(tmp_path: Path) -> None:
         ),
     )
     pipe = WanPipeline.from_pretrained(str(builtin_base_path("tiny-wan22")))
+    with pytest.raises(BuildError, match="the base has two experts"):  # a hub base is checked once loaded
+        load_adapter(pipe, "nowhere", tmp_path / "out" / "low" / "pytorch_lora_weights.safetensors", "wan")
     base = read_component_weights(builtin_base_path("tiny-wan22"), "transformer_2")
     expected = dit_deltas(builtin_lora_path("tiny-wan22/style"), "wan", base)
     for adapter, path in (("d", "low/pytorch_lora_weights.safetensors"), ("k", "low_k/style.safetensors")):

@@ -194,6 +194,14 @@ def load_adapter(
         }
         source = convert_original_lora(known, state_dict, encoders, path.name)
         expected = _converted_modules(source)
+    present = [e for e in (known.experts if known is not None else ()) if getattr(pipe, e, None) is not None]
+    if load_into is None and len(present) > 1:  # a hub base checked only now that it is loaded
+        raise BuildError(
+            f"{path.name}: the base has two experts ({', '.join(present)}: high-noise and low-noise steps); "
+            "say which this LoRA is loaded into with load_into"
+        )
+    if load_into is not None and any(e not in present for e in load_into):
+        raise BuildError(f"{path.name}: load_into {list(load_into)}, but the base's denoisers are {present}")
     targets = load_into or ((known.denoiser,) if known is not None else ("",))
     if known is not None and load_into:
         expected = _into_experts(expected, known.denoiser, load_into)
