@@ -422,3 +422,44 @@ def test_attention_only_width_3072_is_undecided_between_flux1_and_klein_4b() -> 
         "lora_unet_double_blocks_3_img_mod_lin.lora_up.weight": torch.empty(18432, 4),
     }
     assert inspect_lora(_header(modulation)).family == "flux"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {
+                "diffusion_model.blocks.0.self_attn.q.diff_b": torch.empty(24),
+                "diffusion_model.blocks.0.norm3.diff": torch.empty(24),
+            },
+            "2 tensors of the file belong to no LoRA module and would be dropped: "
+            "diffusion_model.blocks.0.norm3.diff, diffusion_model.blocks.0.self_attn.q.diff_b",
+        ),
+        (
+            {"diffusion_model.blocks.0.self_attn.q.dora_scale": torch.empty(1, 24)},
+            "cannot load this LoRA: DoRA (dora_scale / lora_magnitude_vector, e.g. on "
+            "'diffusion_model.blocks.0.self_attn.q')",
+        ),
+    ],
+)
+def test_wan_bias_diffs_and_dora_are_refused_naming_the_keys(
+    tmp_path: Any, extra: dict[str, torch.Tensor], message: str
+) -> None:
+    """lightx2v-style ``diff``/``diff_b`` keys (diffusers drops the norm ones silently) and DoRA
+    magnitudes (diffusers drops them in every family) are compile errors naming the keys."""
+    from safetensors.torch import save_file
+
+    from tests.helpers.recipes import messages, problems_of
+
+    tensors = {
+        "diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 24),
+        "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(24, 4),
+        **{k: torch.zeros_like(v) for k, v in extra.items()},
+    }
+    save_file(tensors, str(tmp_path / "lora.safetensors"))
+    text = (
+        "base: builtin:tiny-wan\nadapters: {a: {file: lora.safetensors}}\nfuse: {adapters: [a]}\n"
+        "outputs: {f: {kind: pipeline, path: f}}\n"
+    )
+    found = messages(problems_of(tmp_path, text))
+    assert any(message in m for m in found), found
