@@ -26,7 +26,7 @@ demo: install
 test: install-dev
 	$(BIN)/ruff check lorarecipe tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4  # one worker per core (tests are single-threaded)
 
 clean:
 	rm -rf build $(VENV)

@@ -67,3 +67,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
         if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
             pytest.skip("needs a CUDA or MPS device")
+
+
+@pytest.fixture(scope="session")
+def cold_batch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The warm/Ray tests' batch of recipes and its cold reference: each build made alone in a fresh
+    process (built once per session: both test modules compare against it)."""
+    from tests.helpers.batch_builds import build_cold, write_batch
+
+    root = tmp_path_factory.mktemp("batch")
+    recipes = write_batch(root / "recipes")
+    build_cold(recipes, root / "cold")
+    return {"recipes": recipes, "cold": root / "cold"}

@@ -21,6 +21,7 @@ from .. import __version__
 from ..diagnostics import printable
 from ..errors import InternalError, LorarecipeError, UsageError
 from ..runner.executor import EXECUTOR_MODES
+from ..runner.pipeline.compiled import COMPILE_MODES
 from .commands import (
     BUG_BANNER,
     EXIT_BUG,
@@ -117,6 +118,33 @@ def make_parser() -> argparse.ArgumentParser:
         "--publish",
         action="store_true",
         help="then publish the outputs that have a 'publish' section (only if every build succeeded)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=tuple(COMPILE_MODES),
+        default="none",
+        help="how grids that do not say render: "
+        + "; ".join(f"{k}: {v}" for k, v in COMPILE_MODES.items()),
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="build on a Ray cluster: one actor per GPU (or per --worker-cpus CPUs) keeps a base warm; "
+        "ADDRESS is host:6379, ray://host:10001 or auto (default: RAY_ADDRESS, else the cluster `ray start` "
+        "started on this machine, else a new local cluster)",
+    )
+    p.add_argument("--workers", type=int, metavar="N", help="with --ray: number of actors")
+    p.add_argument(
+        "--worker-cpus", type=float, default=1.0, metavar="N", help="with --ray: CPUs each actor reserves"
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --ray: times a build is retried after its worker died (default 2)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print a JSON summary")

@@ -155,8 +155,17 @@ def cmd_build(args: argparse.Namespace) -> int:
         overrides=parse_overrides(args.set),
         allow_read=tuple(args.allow_read),
         reporter=make_reporter(args.quiet or args.json, lines=True),
+        compile=args.compile,
+        ray=args.ray,
+        workers=args.workers,
+        worker_cpus=args.worker_cpus,
+        retries=args.retries,
         threads=args.threads,
     )
+    if args.ray is None and (args.workers is not None or args.retries != 2 or args.worker_cpus != 1.0):
+        raise UsageError("--workers, --worker-cpus and --retries apply to --ray builds only")
+    if (args.workers is not None and args.workers < 1) or args.worker_cpus <= 0 or args.retries < 0:
+        raise UsageError("--workers and --worker-cpus must be positive, --retries 0 or more")
     outcomes = build_recipes(files, options, several)
     failed = [o for o in outcomes if not o.ok]
     published: list[Any] = []

@@ -234,6 +234,7 @@ def _grid_step(ctx: CompileContext, name: str, out: GridOutput, path: str, famil
         threads=out.threads,
         true_cfg_scale=out.true_cfg_scale,
         frames=frames,
+        compile=out.compile,
     )
 
 

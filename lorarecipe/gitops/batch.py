@@ -5,27 +5,28 @@ Each build compiles, then runs in its own output folder (``<out>/<recipe>`` and,
 with ``frozen``, rehashing every input against the recipe's lock first (``lock``). A failing build
 does not stop the others: each ends in a ``BuildOutcome`` (ok, or its problems). Library code: it
 returns outcomes; the CLI prints them.
+
+Every recipe is loaded and compiled first (cheap: headers only, no torch), into ``BuildJob``s
+(``jobs``). The jobs then run grouped by the base model they load, in this process on one warm
+pipeline per base (``WarmPipelines``: each build starts from the pristine base weights), or with
+``ray`` on a Ray cluster's actors (``cluster``). Outcomes come back in recipe order either way.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from ..errors import BuildError, InternalError, LockError, LorarecipeError, Problem, UsageError
-from ..fs.paths import check_output_root
-from ..recipe.load import LoadedRecipe, RecipeBuild, load_recipe
+from ..errors import InternalError, LockError, LorarecipeError, Problem, UsageError
+from ..recipe.load import LoadedRecipe, load_recipe
 from ..runner.progress import Reporter
+from .jobs import BuildJob, BuildOutcome, JobSettings, run_job
 
-__all__ = ["BatchOptions", "BuildOutcome", "build_recipes", "out_root_for"]
-
-T = TypeVar("T")
+__all__ = ["BatchOptions", "BuildOutcome", "build_recipes", "out_root_for", "plan_jobs"]
 
 
 @dataclass(frozen=True)
@@ -40,36 +41,16 @@ class BatchOptions:
     overrides: Mapping[str, str] = field(default_factory=dict)
     allow_read: tuple[Path, ...] = ()
     reporter: Reporter | None = None
-    threads: int | None = None  # torch intra-op threads (None: the runner's policy)
+    threads: int | None = None  # torch intra-op threads (None: the runner's policy; Ray: worker_cpus)
+    compile: str = "none"  # grids whose recipe does not say: "none" or "regional"
+    ray: str | None = None  # None: build here; "": Ray's default (RAY_ADDRESS, this node's, or a new one)
+    workers: int | None = None  # Ray actors (default: one per GPU, else one per worker_cpus CPUs)
+    worker_cpus: float = 1.0  # CPUs each Ray actor reserves (its torch threads)
+    retries: int = 2  # times a build is retried after its Ray worker died
 
-
-@dataclass
-class BuildOutcome:
-    recipe: str
-    build: str
-    out: str
-    ok: bool
-    seconds: float = 0.0
-    outputs: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-    fingerprint: str | None = None
-    internal: bool = False  # failed on a bug in lorarecipe (InternalError), not on the user's input
-    traceback: str = ""  # with ``internal``: where the bug surfaced, for the report
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "recipe": self.recipe,
-            "build": self.build,
-            "out": self.out,
-            "ok": self.ok,
-            "seconds": round(self.seconds, 3),
-            "outputs": self.outputs,
-            "up_to_date": self.skipped,
-            "fingerprint": self.fingerprint,
-            "internal_error": self.internal,
-            "problems": [p.to_json() for p in self.problems],
-        }
+    @property
+    def settings(self) -> JobSettings:
+        return JobSettings(self.device, self.executor, self.allow_read, self.force, self.threads)
 
 
 def out_root_for(options: BatchOptions, name: str, several: bool) -> Path:
@@ -95,86 +76,14 @@ def _checked_lock(path: Path, loaded: LoadedRecipe, options: BatchOptions) -> An
     return lock
 
 
-def _in_background(function: Callable[..., T], *args: Any) -> Future[T]:
-    """``function(*args)`` in a daemon thread; its result (or exception) through the future."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(function(*args))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="lorarecipe-build-keys", daemon=True).start()
-    return future
-
-
-def _run_build(
-    loaded: LoadedRecipe, build: RecipeBuild, out: Path, options: BatchOptions, lock: Any
-) -> BuildOutcome:
-    """Compile one build, skip the outputs that are up to date, run the rest."""
+def _plan_file(
+    path: Path, options: BatchOptions, several: bool, first: int
+) -> list[BuildJob | BuildOutcome]:
+    """Load (and with ``frozen`` check the lock of) one recipe file and compile each of its builds:
+    a job per build, or the outcome of a build that failed to compile."""
     from ..compiler import compile_recipe
-    from .incremental import has_state, output_keys, record_state, stale_outputs
     from .lock import lock_path
 
-    outcome = BuildOutcome(loaded.display, build.label, str(out), False)
-    plan = compile_recipe(loaded, build, allow_read=options.allow_read)
-    outcome.fingerprint = plan.fingerprint()
-    resolved = None
-    if lock is not None:  # every input rehashed against the lock before anything uses it
-        from .lock import resolve_frozen
-
-        resolved = resolve_frozen(plan, lock, loaded.root, options.allow_read)
-    check_output_root(out)  # its state is read below: never through a symlink
-    outputs = [s.output for s in plan.output_steps()]
-    keys: Future[dict[str, str | None]]
-    if options.force or not has_state(out):
-        # everything is built anyway: the build keys (content hashes of every input, a full read of
-        # a multi-GB base the first time) are computed in the background while the build streams
-        # the same files, and are only needed to record the state afterwards
-        keys = _in_background(output_keys, plan, loaded.root, options.allow_read)
-        stale = set(outputs)
-    else:
-        keys = Future()
-        keys.set_result(output_keys(plan, loaded.root, options.allow_read))
-        stale = stale_outputs(out, keys.result())
-    outcome.skipped = sorted(set(outputs) - stale)
-    if stale:  # otherwise nothing to do: no model is loaded, torch is not even imported
-        from ..runner import require_build_extra, run_plan
-
-        require_build_extra()
-
-        def remember(written: dict[str, list[Path]]) -> None:  # runs under the output root's lock
-            found = keys.result()
-            if any(key is None for key in found.values()):  # an input appeared during the build (a
-                found = output_keys(plan, loaded.root, options.allow_read)  # built-in model made, a download)
-            try:
-                record_state(out, found, written)
-            except OSError as exc:
-                raise BuildError(f"cannot record the build state in {out}: {exc.strerror or exc}") from None
-
-        result = run_plan(
-            plan,
-            out_root=out,
-            recipe_root=loaded.root,
-            recipe_text=loaded.text,
-            device=options.device,
-            allow_read=options.allow_read,
-            outputs=stale,
-            resolved=resolved,
-            reporter=options.reporter,
-            on_success=remember,
-            executor=options.executor,
-            protected=(loaded.path, lock_path(loaded.path)),
-            threads=options.threads,
-        )
-        outcome.outputs = sorted(result.outputs)
-    outcome.ok = True
-    return outcome
-
-
-def build_recipe_file(path: Path, options: BatchOptions, several: bool) -> list[BuildOutcome]:
-    """Load (and with ``frozen`` check the lock of) one recipe file, then run each of its builds."""
     try:
         loaded = load_recipe(path, dict(options.overrides))
         lock = _checked_lock(path, loaded, options) if options.frozen else None
@@ -183,26 +92,68 @@ def build_recipe_file(path: Path, options: BatchOptions, several: bool) -> list[
     except LorarecipeError as exc:
         return [BuildOutcome(str(path), "", "", False, problems=exc.problems)]
     root = Path(os.path.abspath(out_root_for(options, loaded.name, several)))
-    outcomes = []
+    planned: list[BuildJob | BuildOutcome] = []
     for build in loaded.builds:
         out = root / build.label if build.label else root
         started = time.perf_counter()
         try:
-            outcome = _run_build(loaded, build, out, options, lock)
+            plan = compile_recipe(loaded, build, allow_read=options.allow_read)
         except UsageError:
             raise
         except LorarecipeError as exc:
-            outcome = BuildOutcome(loaded.display, build.label, str(out), False, problems=exc.problems)
+            failed = BuildOutcome(loaded.display, build.label, str(out), False, problems=exc.problems)
             if isinstance(exc, InternalError):
-                outcome.internal, outcome.traceback = True, exc.traceback
-        outcome.seconds = time.perf_counter() - started
-        outcomes.append(outcome)
-    return outcomes
+                failed.internal, failed.traceback = True, exc.traceback
+            failed.seconds = time.perf_counter() - started
+            planned.append(failed)
+            continue
+        protected = (loaded.path, lock_path(loaded.path))
+        seconds = time.perf_counter() - started
+        index = first + len(planned)
+        job = BuildJob(
+            index, loaded.display, build.label, out, plan, loaded.root, loaded.text, protected, lock, seconds
+        )
+        planned.append(job)
+    return planned
+
+
+def plan_jobs(files: Sequence[Path], options: BatchOptions, several: bool) -> list[BuildJob | BuildOutcome]:
+    """Every build of every recipe file, in order: a job, or the outcome of a build that failed before
+    it could run (a recipe that does not load or compile, a stale lock)."""
+    planned: list[BuildJob | BuildOutcome] = []
+    for path in files:
+        planned.extend(_plan_file(path, options, several, len(planned)))
+    return planned
+
+
+def by_base(jobs: Sequence[BuildJob]) -> list[BuildJob]:
+    """Jobs grouped by the base they load (groups in order of first appearance, jobs in order within)."""
+    order: dict[tuple[Any, ...], int] = {}
+    for job in jobs:
+        order.setdefault(job.group, len(order))
+    return sorted(jobs, key=lambda j: (order[j.group], j.index))
 
 
 def build_recipes(files: Sequence[Path], options: BatchOptions, several: bool) -> list[BuildOutcome]:
     """Build every recipe file; ``several`` puts each recipe in ``<out>/<recipe name>``."""
-    outcomes: list[BuildOutcome] = []
-    for path in files:
-        outcomes.extend(build_recipe_file(path, options, several))
-    return outcomes
+    planned = plan_jobs(files, options, several)
+    jobs = [p for p in planned if isinstance(p, BuildJob)]
+    if options.ray is not None and jobs:
+        from .cluster import run_on_ray
+
+        done = run_on_ray(jobs, options)
+    else:
+        done = _run_here(jobs, options)
+    return [done[p.index] if isinstance(p, BuildJob) else p for p in planned]
+
+
+def _run_here(jobs: Sequence[BuildJob], options: BatchOptions) -> dict[int, BuildOutcome]:
+    """Run the jobs in this process, grouped by base, on one warm pipeline per base (kept only when
+    some base has several builds: a lone build does not pay for the pristine copy)."""
+    from collections import Counter
+
+    from ..runner.pipeline.warm import WarmPipelines
+
+    shared = max(Counter(job.group for job in jobs).values(), default=0) > 1
+    pipelines = WarmPipelines(keep=shared, compile=options.compile)
+    return {job.index: run_job(job, options.settings, pipelines, options.reporter) for job in by_base(jobs)}

@@ -140,13 +140,14 @@ class Step:
     origin: Origin | None = field(default=None, compare=False, hash=False)
 
     def payload(self) -> dict[str, Any]:
-        """Canonical content of the step (everything but the origin). A field added after plans were
-        first fingerprinted (metadata ``OPTIONAL``) is left out while it has its default, so the
-        steps that do not use it keep their keys."""
+        """Canonical content of the step: every field but those left out of comparisons (the origin,
+        execution choices such as a grid's ``compile``). A field added after plans were first
+        fingerprinted (metadata ``OPTIONAL``) is left out while it has its default, so the steps that
+        do not use it keep their keys."""
         doc: dict[str, Any] = {"op": self.op, "produces": self.produces.value}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "origin" or (f.metadata.get(OPTIONAL) and value == f.default):
+            if not f.compare or (f.metadata.get(OPTIONAL) and value == f.default):
                 continue
             doc[f.name] = _jsonable(value)
         return doc
@@ -281,6 +282,9 @@ class RenderGrid(OutputStep):
     threads: int = 1  # torch intra-op threads while rendering: images depend on it on CPU
     true_cfg_scale: float | None = field(default=None, metadata={OPTIONAL: True})  # FLUX.1 true CFG
     frames: int | None = field(default=None, metadata={OPTIONAL: True})  # video families: frames per cell
+    #: how to render (``none``/``regional``; None: as the build is told). An execution choice like
+    #: the device, so not part of the step's key or the plan's fingerprint (``compare=False``).
+    compile: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

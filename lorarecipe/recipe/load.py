@@ -20,8 +20,9 @@ from pydantic import ValidationError
 
 from ..diagnostics import did_you_mean
 from ..errors import MAX_PROBLEMS, Problem, RecipeValidationError, UsageError
+from .fields import NAME_PATTERN
 from .matrix import build_label, combinations, duplicate_values
-from .models import NAME_PATTERN, Recipe
+from .models import Recipe
 from .pydantic_errors import pydantic_problems
 from .yaml_source import (
     LIMITS,

@@ -8,14 +8,10 @@ between sections (an adapter named in a merge, …) are checked by the compiler,
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
     StringConstraints,
     field_validator,
@@ -26,13 +22,11 @@ from ..builtin.catalog import BUILTIN_BASES, BUILTIN_LORAS
 from ..diagnostics import did_you_mean
 from .vocabulary import (
     COMBINATION_TYPES,
-    RESERVED_VARIANTS,
     CombinationType,
     Component,
     DType,
     Expert,
     Family,
-    SaveDType,
 )
 
 __all__ = [
@@ -52,34 +46,27 @@ __all__ = [
     "SweepSpec",
     "UnetBlockWeights",
 ]
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
-VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
-VarName = Annotated[str, StringConstraints(pattern=VAR_PATTERN)]
-Scalar = str | bool | int | float
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
-BLOCK_KEY = Annotated[str, StringConstraints(pattern=r"^block_[0-9]{1,3}$")]
-
-
-def _not_a_boolean(value: Any) -> Any:
-    """YAML ``true``/``false`` are booleans, never the numbers 1 and 0 (pydantic would convert them)."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {str(value).lower()} (a boolean)")
-    return value
-
-
-#: Numbers as a recipe writes them: ``weight: true`` or ``steps: false`` is an error, not 1 or 0. (The
-#: validator comes after each type's own constraints, which then stay in the JSON Schema.)
-_NO_BOOL = BeforeValidator(_not_a_boolean)
-Integer = Annotated[int, _NO_BOOL]
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6), _NO_BOOL]
-SvdDriver = Literal["gesvd", "gesvdj", "gesvda"]  # torch.linalg.svd's cuSOLVER drivers (CUDA only)
-SVD_CLAMP_MIN = 0.5  # PEFT's clamp quantile must lie above the median, see MergeSpec._clamp_above_the_median
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+from .fields import (
+    BLOCK_KEY,
+    HUB_ID,
+    NO_BOOL,
+    SVD_CLAMP_MIN,
+    FiniteFloat,
+    Name,
+    Scalar,
+    SpecModel,
+    SvdDriver,
+    VarName,
+)
+from .output_models import (
+    GridOutput,
+    LoraOutput,
+    OutputSpec,
+    PipelineOutput,
+    PublishSpec,
+    SingleFileOutput,
+    SweepSpec,
+)
 
 
 def _builtin_shorthand(value: Any) -> Any:
@@ -99,7 +86,7 @@ def _check_hub_id(value: str | None) -> str | None:
     return value
 
 
-class _SourceSpec(_Spec):
+class _SourceSpec(SpecModel):
     """Shared rules of base and adapter sources: the ``builtin:NAME`` short form, hub repo ids and
     known built-in names (``_builtins`` of the subclass)."""
 
@@ -226,7 +213,7 @@ class AdapterSpec(_SourceSpec):
         return self
 
 
-class UnetBlockWeights(_Spec):
+class UnetBlockWeights(SpecModel):
     """Per-block UNet weights as diffusers accepts them (attention layers only)."""
 
     down: FiniteFloat | dict[BLOCK_KEY, FiniteFloat | list[FiniteFloat]] | None = Field(
@@ -245,7 +232,7 @@ TransformerBlockWeights = dict[
 ]
 
 
-class ComponentWeights(_Spec):
+class ComponentWeights(SpecModel):
     """Per-component weights of one adapter (diffusers' weight-dict form)."""
 
     unet: FiniteFloat | UnetBlockWeights | None = None
@@ -271,7 +258,7 @@ class ComponentWeights(_Spec):
 Weight = FiniteFloat | ComponentWeights
 
 
-class _AdapterWeights(_Spec):
+class _AdapterWeights(SpecModel):
     """Shared form: ``adapters: [a, b]`` with ``weights: [...]``, or ``adapters: {a: 0.7, b: 0.8}``."""
 
     adapters: list[Name] | dict[Name, Any] = Field(
@@ -315,19 +302,18 @@ class MergeSpec(_AdapterWeights):
         ..., description="Adapters to merge, or name -> weight."
     )
     weights: list[FiniteFloat] | None = Field(None, description="One weight per adapter (default 1.0).")
-    density: Annotated[float, Field(gt=0.0, le=1.0), _NO_BOOL] | None = Field(
+    density: Annotated[float, Field(gt=0.0, le=1.0), NO_BOOL] | None = Field(
         None,
         description="Fraction kept (ties, dare_*, magnitude_prune and their _svd forms).",
     )
     majority_sign_method: Literal["total", "frequency"] | None = Field(
         None, description="Sign election for ties / dare_ties (+ _svd). PEFT default: total."
     )
-    svd_rank: Annotated[int, Field(ge=1, le=4096), _NO_BOOL] | None = Field(
+    svd_rank: Annotated[int, Field(ge=1, le=4096), NO_BOOL] | None = Field(
         None, description="Rank of *_svd results (default: max rank)."
     )
     svd_clamp: (
-        Annotated[float, Field(le=1.0, json_schema_extra={"exclusiveMinimum": SVD_CLAMP_MIN}), _NO_BOOL]
-        | None
+        Annotated[float, Field(le=1.0, json_schema_extra={"exclusiveMinimum": SVD_CLAMP_MIN}), NO_BOOL] | None
     ) = Field(
         None,
         description="Quantile clamp of SVD results: both factors are clamped to ±(this quantile of their "
@@ -340,7 +326,7 @@ class MergeSpec(_AdapterWeights):
         description="torch.linalg.svd driver for svd methods (cuSOLVER: gesvd, gesvdj, gesvda). Only on "
         "CUDA builds; default: torch's choice.",
     )
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1), _NO_BOOL] = Field(
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1), NO_BOOL] = Field(
         0, description="Seed of torch's RNG before the merge (DARE draws)."
     )
     components: list[Component] | None = Field(None, description="Components to merge (default: all).")
@@ -395,7 +381,7 @@ class SetAdaptersSpec(_AdapterWeights):
         return self
 
 
-class FuseSpec(_Spec):
+class FuseSpec(SpecModel):
     """``pipe.fuse_lora(adapter_names, lora_scale, components)`` into the base weights."""
 
     adapters: list[Name] | None = Field(None, description="Adapters to fuse (default: the set_adapters mix).")
@@ -411,207 +397,7 @@ class FuseSpec(_Spec):
         return self
 
 
-RelPath = Annotated[str, StringConstraints(min_length=1, max_length=512)]
-
-
-class PublishSpec(_Spec):
-    """Where ``lorarecipe publish`` (or ``build --publish``) puts this output on the Hugging Face Hub.
-
-    Not part of the plan's fingerprint: changing it never rebuilds anything. ``repo`` and
-    ``commit_message`` may use the recipe's variables and ``{{ name }}`` (the recipe's name),
-    ``{{ build }}`` (the matrix label) and ``{{ output }}`` (this output's name)."""
-
-    repo: Annotated[str, StringConstraints(min_length=1, max_length=300)] = Field(
-        ..., description="Hub model repo id 'namespace/name', e.g. 'myorg/{{ name }}-{{ output }}'."
-    )
-    private: bool = Field(True, description="Create the repo private (when it does not exist yet).")
-    revision: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
-        "main", description="Branch to commit to."
-    )
-    create: bool = Field(True, description="Create the repo when it does not exist (else: an error).")
-    commit_message: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
-        None, description="First line of the commit message (default: names the recipe and output)."
-    )
-
-
-class PipelineOutput(_Spec):
-    """The fused pipeline as a diffusers folder (safetensors only)."""
-
-    kind: Literal["pipeline"]
-    path: RelPath = Field(..., description="Folder, relative to the output root.")
-    dtype: SaveDType | None = Field(None, description="Save dtype (default: the base dtype).")
-    card: bool = Field(True, description="Write a README.md model card into the folder.")
-    publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
-
-
-class SingleFileOutput(_Spec):
-    """The fused checkpoint as one .safetensors file in the family's original layout."""
-
-    kind: Literal["single_file"]
-    path: RelPath = Field(..., description="A .safetensors file, relative to the output root.")
-    dtype: SaveDType | None = Field(None, description="Save dtype (default: the base dtype).")
-    component: Expert | None = Field(
-        None,
-        description="Families with two denoisers (Wan 2.2 A14B): the expert this file holds, "
-        "transformer (high noise) or transformer_2 (low noise); one file per expert, as the original "
-        "checkpoints. Default: transformer.",
-    )
-    publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
-
-    @field_validator("path")
-    @classmethod
-    def _suffix(cls, value: str) -> str:
-        if not value.endswith(".safetensors"):
-            raise ValueError("a single-file checkpoint path must end with .safetensors")
-        return value
-
-
-class LoraOutput(_Spec):
-    """One adapter (usually a merge) saved as a LoRA file in a folder, with a model card."""
-
-    kind: Literal["lora"]
-    adapter: Name = Field(..., description="The adapter or merge to save.")
-    path: RelPath = Field(..., description="Folder, relative to the output root.")
-    layout: Literal["diffusers", "kohya"] = Field(
-        "diffusers",
-        description="Key layout: diffusers (with lora_adapter_metadata) or kohya (ComfyUI/A1111).",
-    )
-    weight_name: str | None = Field(
-        None,
-        description="File name (default pytorch_lora_weights.safetensors "
-        "for diffusers, <adapter>.safetensors for kohya).",
-    )
-    dtype: SaveDType | None = Field(None, description="Save dtype (default: as computed).")
-    component: Expert | None = Field(
-        None,
-        description="Families with two denoisers (Wan 2.2 A14B): the expert whose layers the file "
-        "holds (a LoRA file is loaded into one expert at a time). Default: the adapter's only expert.",
-    )
-    card: bool = Field(True, description="Write a README.md model card into the folder.")
-    publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
-
-    @field_validator("weight_name")
-    @classmethod
-    def _weight_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value.endswith(".safetensors") or "/" in value or "\\" in value):
-            raise ValueError("weight_name must be a plain file name ending with .safetensors")
-        return value
-
-
-class SweepSpec(_Spec):
-    """An extra grid axis: one adapter's weight, or the fuse lora_scale."""
-
-    adapter: Name | None = Field(None, description="Adapter whose weight is swept (others keep the mix).")
-    weights: list[FiniteFloat] | None = Field(None, min_length=1, max_length=16)
-    lora_scale: list[FiniteFloat] | None = Field(
-        None, min_length=1, max_length=16, description="lora_scale values for the mix."
-    )
-
-    @model_validator(mode="after")
-    def _one_axis(self) -> SweepSpec:
-        if (self.adapter is None) != (self.weights is None):
-            raise ValueError("a weight sweep needs both 'adapter' and 'weights'")
-        if (self.weights is None) == (self.lora_scale is None):
-            raise ValueError("sweep either an adapter's 'weights' or 'lora_scale', exactly one")
-        return self
-
-
-class GridOutput(_Spec):
-    """A labelled PNG grid: rows prompt × seed, columns the variants (× the sweep)."""
-
-    kind: Literal["grid"]
-    path: RelPath = Field(..., description="A .png file, relative to the output root.")
-    prompts: list[Annotated[str, StringConstraints(max_length=1000)]] = Field(
-        ..., min_length=1, max_length=64
-    )
-    negative_prompt: str = Field("", max_length=1000)
-    seeds: list[Annotated[int, Field(ge=0, le=2**63 - 1), _NO_BOOL]] = Field(
-        default_factory=lambda: [0], min_length=1, max_length=64
-    )
-    steps: Annotated[int, Field(ge=1, le=500), _NO_BOOL] = 20
-    guidance: FiniteFloat | None = Field(
-        None,
-        description="guidance_scale: classifier-free guidance for SD (default 7.5); FLUX.1's distilled "
-        "guidance embedding (default 3.5; schnell ignores it).",
-    )
-    true_cfg_scale: Annotated[float, Field(allow_inf_nan=False, gt=1.0, le=1e6), _NO_BOOL] | None = Field(
-        None,
-        description="FLUX.1 only: true classifier-free guidance with negative_prompt (two passes per "
-        "step). Guidance-distilled FLUX.1 takes no negative prompt without it.",
-    )
-    size: Integer | list[Integer] | None = Field(
-        None, description="Image size: N or [width, height] (default: the family's native size)."
-    )
-    frames: Annotated[int, Field(ge=1, le=257), _NO_BOOL] | None = Field(
-        None,
-        description="Video families (Wan): frames per cell, 4k+1 (default 81; 9 on the built-in models). "
-        "Each cell is an animated WebP; the grid shows its frames as a strip.",
-    )
-    variants: list[str] = Field(
-        default_factory=lambda: ["base", "mix"],
-        min_length=1,
-        max_length=32,
-        description="Columns: 'base', 'mix', 'fused', or adapter/merge names.",
-    )
-    sweep: SweepSpec | None = None
-    threads: int = Field(
-        1,
-        ge=1,
-        le=256,
-        description="torch intra-op threads while rendering (the setting is restored afterwards). A "
-        "fixed count makes CPU images byte-identical on any machine (results depend on how sums are "
-        "split between threads); 1 is fastest for the built-in tiny models, raise it for real models "
-        "on CPU. No effect on GPU kernels.",
-    )
-    trigger_words: bool = Field(
-        True, description="Prefix each prompt with the trigger words of the adapters active in the cell."
-    )
-    publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
-
-    @field_validator("path")
-    @classmethod
-    def _suffix(cls, value: str) -> str:
-        if not value.endswith(".png"):
-            raise ValueError("a grid path must end with .png")
-        return value
-
-    @field_validator("frames")
-    @classmethod
-    def _frames(cls, value: int | None) -> int | None:
-        if value is not None and value % 4 != 1:
-            raise ValueError(
-                f"frames {value} must be 4k+1 (Wan's VAE compresses 4 frames into one): e.g. 5, 9, 81"
-            )
-        return value
-
-    @field_validator("size")
-    @classmethod
-    def _size(cls, value: int | list[int] | None) -> int | list[int] | None:
-        sizes = [value] if isinstance(value, int) else (value or [])
-        if isinstance(value, list) and len(value) != 2:
-            raise ValueError("size is N or [width, height]")
-        for s in sizes:
-            if not 8 <= s <= 4096 or s % 8:
-                raise ValueError(f"image size {s} must be a multiple of 8 between 8 and 4096")
-        return value
-
-    @field_validator("variants")
-    @classmethod
-    def _variant_names(cls, value: list[str]) -> list[str]:
-        for v in value:
-            if v not in RESERVED_VARIANTS and not re.match(NAME_PATTERN, v):
-                raise ValueError(f"{v!r} is not a variant name")
-        if len(set(value)) != len(value):
-            raise ValueError("a variant is listed twice")
-        return value
-
-
-OutputSpec = Annotated[
-    PipelineOutput | SingleFileOutput | LoraOutput | GridOutput, Field(discriminator="kind")
-]
-
-
-class Recipe(_Spec):
+class Recipe(SpecModel):
     """A lorarecipe merge recipe (YAML kept in git)."""
 
     version: Literal[1] = Field(1, description="Recipe format version.")

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BuildError, LockError, UsageError
 from ..fs.atomic import clean_stale_temporaries
@@ -35,6 +35,10 @@ from .journal import ManifestJournal
 from .progress import Reporter, make_reporter
 from .records import finish_manifest, output_entry, provenance
 from .step_context import step_context
+from .worker import worker_identity, worker_label
+
+if TYPE_CHECKING:
+    from .pipeline.warm import WarmPipelines
 
 __all__ = ["LOCK_NAME", "BuildResult", "require_build_extra", "run_plan"]
 
@@ -50,6 +54,7 @@ class BuildResult:
     manifest: Path | None = None
     device: str = "cpu"
     seconds: float = 0.0
+    worker: dict[str, Any] = field(default_factory=dict)  # who built it (manifest ``worker``)
 
 
 @contextlib.contextmanager
@@ -119,6 +124,7 @@ def run_plan(
     on_success: Callable[[dict[str, list[Path]]], None] | None = None,
     executor: str = "auto",
     protected: Sequence[Path] = (),
+    pipelines: WarmPipelines | None = None,
     threads: int | None = None,
 ) -> BuildResult:
     """Build ``outputs`` (default: all) of ``plan`` into ``out_root``; returns what was written.
@@ -128,6 +134,8 @@ def run_plan(
     recorded there, so no other build can interleave). ``protected``: files no output may replace or
     contain besides the inputs (the recipe, its lock). ``threads``: torch's intra-op threads
     (default: :func:`~lorarecipe.runner.device.thread_policy`), recorded in the manifest.
+    ``pipelines``: the worker's warm pipeline cache (a batch passes one so that builds of the same
+    base share one load); default: load afresh.
     """
     from filelock import FileLock, Timeout
 
@@ -136,6 +144,11 @@ def run_plan(
     quiet_libraries()
     from .device import pick_device, thread_policy
     from .executor import executors_for
+    from .pipeline.warm import WarmPipelines
+
+    pool = pipelines or WarmPipelines(keep=False)
+    loads, reuses = pool.loads, pool.reuses
+    identity = worker_identity()
 
     started = time.perf_counter()
     check_output_root(out_root)
@@ -182,13 +195,14 @@ def run_plan(
 
         def record(name: str, built: OutputRecord) -> None:
             entry = output_entry(plan, plan.output_step(name), built)
+            entry["worker"] = worker_label(identity)
             journal.record(name, entry, built.files, built.hashes)
 
         state.on_output = record
         state.card_writer = card_writer(plan, state, recipe_text)
         left = wanted
         with _torch_threads(policy.threads):
-            for runner in executors_for(executor):
+            for runner in executors_for(executor, pool):
                 if not left:
                     break
                 left = runner.build(plan, left, state)
@@ -196,9 +210,13 @@ def run_plan(
             raise BuildError(f"internal: no executor built {', '.join(left)}")
         add_grid_to_cards(plan, state, recipe_text, journal)
         reporter.step("write manifest")
-        manifest, built = finish_manifest(plan, state, recipe_text, journal)
+        usage = {"loaded": pool.loads - loads, "reused": pool.reuses - reuses, "worker_loads": pool.loads}
+        worker = {**identity, "pipeline": usage}
+        manifest, built = finish_manifest(plan, state, recipe_text, journal, worker)
         written = state.files()
-        result = BuildResult(plan, out_root, outputs=built, written=written, manifest=manifest, device=chosen)
+        result = BuildResult(
+            plan, out_root, outputs=built, written=written, manifest=manifest, device=chosen, worker=worker
+        )
         if on_success is not None:
             on_success(written)
         result.seconds = time.perf_counter() - started

@@ -71,6 +71,7 @@ class OutputRecord:
     files: list[Path]
     fuse: FuseCheck | None = None
     fused_vs_runtime_max_diff: float | None = None  # grids that show ``fused``
+    compiled: str | None = None  # grids rendered through a compiled denoiser: the compile mode
     #: sha256 and size of files the executor hashed while writing them (not read again)
     hashes: dict[Path, tuple[str, int]] = field(default_factory=dict)
 

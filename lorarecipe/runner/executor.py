@@ -11,10 +11,13 @@ implement this protocol and join the registry.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..plan import Plan
 from .build_state import BuildState
+
+if TYPE_CHECKING:
+    from .pipeline.warm import WarmPipelines
 
 __all__ = ["EXECUTOR_MODES", "Executor", "executors_for"]
 
@@ -36,14 +39,15 @@ class Executor(Protocol):
         ...
 
 
-def executors_for(mode: str) -> list[Executor]:
-    """The executors a mode tries, in order (the last one must take every output kind)."""
+def executors_for(mode: str, pipelines: WarmPipelines | None = None) -> list[Executor]:
+    """The executors a mode tries, in order (the last one must take every output kind); the pipeline
+    executor takes its pipeline from ``pipelines`` (a worker's warm cache; default: a fresh load)."""
     from .pipeline import PipelineExecutor
     from .streaming import StreamingExecutor
 
     registry: dict[str, list[Executor]] = {
-        "auto": [StreamingExecutor(strict=False), PipelineExecutor()],
-        "streaming": [StreamingExecutor(strict=True), PipelineExecutor()],
-        "diffusers": [PipelineExecutor()],
+        "auto": [StreamingExecutor(strict=False), PipelineExecutor(pipelines)],
+        "streaming": [StreamingExecutor(strict=True), PipelineExecutor(pipelines)],
+        "diffusers": [PipelineExecutor(pipelines)],
     }
     return registry[mode]

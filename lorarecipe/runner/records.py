@@ -81,13 +81,19 @@ def output_entry(plan: Plan, step: OutputStep, record: OutputRecord) -> dict[str
     }
     if isinstance(step, RenderGrid):
         entry["fused_vs_runtime_max_abs_diff"] = record.fused_vs_runtime_max_diff
+        entry["compiled"] = record.compiled  # None: eager; "regional": through a compiled denoiser
     return entry
 
 
 def finish_manifest(
-    plan: Plan, state: BuildState, recipe_text: str, journal: ManifestJournal
+    plan: Plan,
+    state: BuildState,
+    recipe_text: str,
+    journal: ManifestJournal,
+    worker: dict[str, Any] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Write the final manifest.json (last): the recipe, plan, inputs, checks and every listed output;
+    """Write the final manifest.json (last): the recipe, plan, inputs, checks and every listed output,
+    and the worker that built them (``worker``: host, pid, Ray ids, pipeline loaded or reused);
     returns it and the entries of the outputs built in this run."""
     seeds: dict[str, Any] = {s.id: s.seed for s in plan.of_type(MergeAdapters)}
     seeds.update({s.id: list(s.seeds) for s in plan.of_type(RenderGrid)})
@@ -117,6 +123,7 @@ def finish_manifest(
             "adapters": state.adapters,
         },
         "timings_seconds": {k: round(v, 3) for k, v in state.timings.items()},
+        "worker": worker,
     }
     path = journal.finish(doc)
     built = {name: journal.outputs[name] for name in state.outputs if name in journal.outputs}

@@ -5,7 +5,9 @@ pipeline's state: load base, load adapters, merges, LoRA files (before anything 
 that need LoRA layers, set_adapters + fuse + unload, grid cells of the fused model, then checkpoints.
 Each step runs in ``step_context`` so a failure names its recipe line. One pipeline load per build:
 grid variants switch with set_adapters / disable_lora, never by reloading. It builds every output
-kind, so it is the last executor of every mode.
+kind, so it is the last executor of every mode. The pipeline comes from a ``WarmPipelines`` (``warm``):
+a fresh load, or the batch's warm pipeline made pristine again; grids whose ``compile`` mode is
+``regional`` render through that cache's compiled copy of the denoiser (``compiled``).
 
 An output ``dtype`` other than the base's means one thing on both executors: fused in float32 and
 rounded once to that dtype. For a float32 base that is fuse, then cast; for a half-precision base the
@@ -15,7 +17,8 @@ base-dtype pipeline.
 
 The package: ``load`` (the base, safely), ``adapters`` (one LoRA file, refusing silent drops),
 ``merge`` (PEFT ``add_weighted_adapter``), ``fuse`` (``fuse_lora`` + post-fuse check), ``save``
-(folders, single files, LoRA files), ``grids`` (sample grids).
+(folders, single files, LoRA files), ``grids`` (sample grids), ``warm`` (the pipeline cache),
+``compiled`` (the compiled render copy of the denoiser).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ..build_state import BuildState, FuseCheck, OutputRecord
 
 if TYPE_CHECKING:
     from .grids import GridRenderer
+    from .warm import WarmPipelines
 
 __all__ = ["PipelineExecutor"]
 
@@ -52,14 +56,19 @@ class PipelineExecutor:
 
     name = "diffusers"
 
+    def __init__(self, pipelines: WarmPipelines | None = None) -> None:
+        from .warm import WarmPipelines
+
+        self.pipelines = pipelines or WarmPipelines(keep=False)
+
     def build(self, plan: Plan, outputs: Sequence[str], state: BuildState) -> list[str]:
         from ..quiet import quiet_libraries
         from .adapters import load_adapter
         from .fuse import fuse_adapters
         from .grids import GridRenderer
-        from .load import load_pipeline
         from .merge import merge_adapters
         from .save import cast_pipeline, save_lora, save_pipeline, save_single_file
+        from .warm import processors, restore_processors
 
         wanted = set(outputs)
         if not wanted:
@@ -77,7 +86,11 @@ class PipelineExecutor:
                 return []
         grids = [g for g in plan.of_type(RenderGrid) if g.output in wanted]
         facts = _grid_facts(plan, base, state)
-        renderers = {g.output: GridRenderer(plan, g, facts) for g in grids}
+        modes = {g.output: g.compile or self.pipelines.compile for g in grids}
+        renderers = {
+            g.output: GridRenderer(plan, g, {**facts, "compile": self.pipelines.compile_key(modes[g.output])})
+            for g in grids
+        }
         if wanted == {g.output for g in grids} and not any(r.needs_pipeline for r in renderers.values()):
             state.dtype = state.dtype or facts["dtype"]
             for grid in grids:  # every cell is in the cell cache: no pipeline to load
@@ -85,7 +98,15 @@ class PipelineExecutor:
             return []
         quiet_libraries(load=True)
         with state.step(base, "load base"):
-            pipe, state.dtype = load_pipeline(base, state.inputs["base"].path, state.config, options.device)
+            pipe, state.dtype = self.pipelines.acquire(
+                base, state.inputs["base"].path, state.config, options.device
+            )
+            as_loaded = processors(pipe)  # tokenizers and scheduler as loaded, for saved pipelines
+        for grid in grids:  # before any adapter: the compiled copy never carries a PEFT layer
+            if modes[grid.output] != "none" and renderers[grid.output].needs_pipeline:
+                with state.step(grid, f"compile the denoiser ({modes[grid.output]})"):
+                    denoiser = self.pipelines.compiled_denoiser(pipe, modes[grid.output])
+                renderers[grid.output].compiled = denoiser
         for step in plan.of_type(LoadAdapter):
             with state.step(step, f"load adapter {step.name}"):
                 loaded = load_adapter(
@@ -140,6 +161,9 @@ class PipelineExecutor:
                     state.dtype = step.dtype
                 final = resolve_output(options.out_root, step.path)
                 if step.layout is CheckpointLayout.DIFFUSERS:
+                    # a fast tokenizer keeps the last grid call's padding/truncation and would write
+                    # it into tokenizer.json: a saved pipeline holds them as loaded, grid or not
+                    restore_processors(pipe, as_loaded)
                     hub_id = base.source.ref if base.source.kind == "hub" else None
                     save_pipeline(pipe, final, options.stamp(step.output), hub_id, state.before_swap(step))
                     files = sorted(p for p in final.rglob("*") if p.is_file())
@@ -153,6 +177,7 @@ class PipelineExecutor:
         return []
 
     def _write_grid(self, grid: RenderGrid, renderer: GridRenderer, state: BuildState) -> None:
+        grid_mode = grid.compile or self.pipelines.compile  # cached cells were keyed by it too
         cached = sum(len(v) for v in renderer.images.values()) - renderer.rendered
         label = f"write {grid.path}" + (f" ({cached} cells from the cell cache)" if cached else "")
         with state.step(grid, label):
@@ -161,7 +186,12 @@ class PipelineExecutor:
             difference = result.fused_vs_runtime_max_diff
             state.add_output(
                 grid.output,
-                OutputRecord(self.name, [final, *result.extra_files], fused_vs_runtime_max_diff=difference),
+                OutputRecord(
+                    self.name,
+                    [final, *result.extra_files],
+                    fused_vs_runtime_max_diff=difference,
+                    compiled=grid_mode if grid_mode != "none" else None,
+                ),
             )
 
     @staticmethod

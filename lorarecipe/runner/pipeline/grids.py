@@ -12,6 +12,10 @@ Cells are rendered in batches (one column × up to ``BATCH`` rows) and each batc
 cache (``grid_cache``) under a key of everything its pixels depend on: a rebuild renders only the
 batches whose key changed, and loads no pipeline when none did.
 
+With ``compiled`` set (grid ``compile: regional``), each batch renders through that compiled copy of
+the denoiser, the column's weights copied in first (``compiled``); its cells are keyed apart from
+eager ones (``facts["compile"]``), since their pixels may differ by rounding.
+
 Video families (Wan): a cell is a clip of ``frames`` frames. It is kept as one frame strip (the frames
 side by side, lossless), shown as that strip in the grid PNG, and written beside its PNG as an
 animated lossless WebP (``video``), so a pull request shows the motion; both are deterministic bytes.
@@ -19,6 +23,7 @@ animated lossless WebP (``video``), so a pull request shows the motion; both are
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +129,9 @@ class GridRenderer:
     def attach(self, pipe: Any) -> None:
         self.pipe = pipe
 
+    #: a CompiledDenoiser to render through (``compile: regional``), set by the executor
+    compiled: Any = None
+
     # -- layout -------------------------------------------------------------------------------
     def _words(self, adapters: tuple[str, ...]) -> tuple[str, ...]:
         out: list[str] = []
@@ -222,6 +230,8 @@ class GridRenderer:
             "device": self.facts["device"],
             "libraries": library_versions(),
         }
+        if self.facts.get("compile"):  # compiled cells: keyed apart from eager ones
+            context["compile"] = self.facts["compile"]
         if step.true_cfg_scale is not None:  # FLUX.1 true CFG
             context["true_cfg_scale"] = step.true_cfg_scale
         if step.frames is not None:  # video families: a cell is a clip
@@ -316,18 +326,21 @@ class GridRenderer:
         rows = [self.rows[r] for r in self.batches[batch]]
         previous = torch.get_num_threads()
         torch.set_num_threads(step.threads)
+        compiled = self.compiled
+        denoiser = compiled.rendering(self.pipe, col.scale) if compiled else contextlib.nullcontext()
         try:
-            result = self.pipe(
-                prompt=[self._prompt(col, p) for p, _ in rows],
-                **self._guidance(len(rows)),
-                num_inference_steps=step.steps,
-                guidance_scale=step.guidance,
-                width=step.width,
-                height=step.height,
-                generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in rows],
-                output_type="np",
-                **extra,
-            )
+            with denoiser:
+                result = self.pipe(
+                    prompt=[self._prompt(col, p) for p, _ in rows],
+                    **self._guidance(len(rows)),
+                    num_inference_steps=step.steps,
+                    guidance_scale=step.guidance,
+                    width=step.width,
+                    height=step.height,
+                    generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in rows],
+                    output_type="np",
+                    **extra,
+                )
         finally:
             torch.set_num_threads(previous)
             if col.variant == "base" and getattr(self.pipe, "get_list_adapters", lambda: {})():
