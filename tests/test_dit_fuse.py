@@ -338,6 +338,11 @@ def test_wan_bfloat16_base_keeps_diffusers_float32_modules(tmp_path: Path) -> No
             "outputs: {f: {kind: single_file, path: f.safetensors}}",
             "the fuse changes transformer_2, but no output writes it (a single file holds one expert)",
         ),
+        (
+            "adapters: {a: {builtin: tiny-wan22/low, load_into: [transformer_2]}}\n"
+            "outputs: {g: {kind: grid, path: g.png, prompts: [a cat], size: 72, variants: [base, a]}}",
+            "outputs.g.size: Wan renders sizes that are multiples of 16, got 72",
+        ),
     ],
 )
 def test_wan22_expert_mistakes_are_located_errors(tmp_path: Path, recipe: str, message: str) -> None:

@@ -111,6 +111,11 @@ def _check_grid(ctx: CompileContext, name: str, spec: GridOutput, family: str | 
     known = FAMILIES.get(family or "")
     if known is not None and not known.grid.frames and spec.frames is not None:
         ctx.error((*where, "frames"), f"{known.label} makes images, not videos", "remove frames", on_key=True)
+    sizes = [spec.size] if isinstance(spec.size, int) else (spec.size or [])
+    if known is not None and known.grid.frames and any(size % 16 for size in sizes):
+        ctx.error(  # WanPipeline.check_inputs raises otherwise (8× VAE, 2×2 patches)
+            (*where, "size"), f"{known.label} renders sizes that are multiples of 16, got {spec.size}"
+        )
     if known is not None and known.grid.negative_prompt == "none" and spec.negative_prompt:
         ctx.error(
             (*where, "negative_prompt"),
