@@ -1,4 +1,4 @@
-"""lorarecipe.adapter_math: every ΔW formula against independent oracles.
+"""lorarecipe.runner.adapter_math: every ΔW formula against independent oracles.
 
 Oracles: ``lycoris.functional`` (lycoris-lora 4.1.3, the trainer's own rebuild), PEFT 0.21.2's
 LoHa/LoKr/LoRA+DoRA layers on a small torch module (``init_weights=False``: every factor random),
@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from lorarecipe.adapter_math import (
+from lorarecipe.inspect.lycoris_keys import dora_axis
+from lorarecipe.runner.adapter_math import (
     LYCORIS_DORA_EPS,
-    dora_axis,
     dora_weight,
     loha_delta,
     lokr_delta,
@@ -41,7 +41,7 @@ def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_importing_the_module_does_not_import_torch() -> None:
-    code = "import sys, lorarecipe.adapter_math; print('torch' in sys.modules)"
+    code = "import sys, lorarecipe.runner.adapter_math; print('torch' in sys.modules)"
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert out.stdout.strip() == "False"

@@ -224,7 +224,8 @@ def _loaded_deltas(pipe: DiffusionPipeline, adapter: str) -> dict[tuple[str, str
 
 # UNet bases, loaded through diffusers alone; the DiT built-ins' original-layout LoRAs go through lorarecipe's
 # converter (diffusers' hard-codes FLUX.1-dev widths, drops FLUX.2 modules, fails on musubi Wan files with
-# embedders): tests/test_flux_loras.py and tests/test_dit_families.py check them the same way.
+# embedders): tests/test_flux_loras.py checks FLUX.1's the same way, tests/test_dit_families.py Qwen-Image's,
+# Z-Image's and SD 3's, tests/test_dit_conversion.py and tests/test_dit_fuse.py FLUX.2's and Wan's.
 @pytest.mark.parametrize(
     "base", [b for b, spec in BUILTIN_BASES.items() if FAMILIES[spec.family].denoiser == "unet"]
 )

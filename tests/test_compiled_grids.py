@@ -116,17 +116,22 @@ def test_compiled_cells_equal_an_eager_render_of_the_same_weights(tmp_path: Path
         pipe.load_lora_weights(str(builtin_lora_path("tiny-sd/detail")), adapter_name="second")
         pipe.set_adapters(["first", "second"], adapter_weights=[0.7, 0.5])
         pipe.fuse_lora(components=["unet"], lora_scale=scale, adapter_names=["first", "second"])
-        images = pipe(
-            prompt=["a cat"] * 2,
-            negative_prompt=[""] * 2,
-            num_inference_steps=2,
-            guidance_scale=7.5,
-            width=64,
-            height=64,
-            generator=[torch.Generator("cpu").manual_seed(s) for s in (0, 1)],
-            output_type="np",
-            cross_attention_kwargs={"scale": scale} if scale != 1.0 else None,
-        ).images
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the grid renders (its 'threads', default 1): GEMMs round per count
+        try:
+            images = pipe(
+                prompt=["a cat"] * 2,
+                negative_prompt=[""] * 2,
+                num_inference_steps=2,
+                guidance_scale=7.5,
+                width=64,
+                height=64,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in (0, 1)],
+                output_type="np",
+                cross_attention_kwargs={"scale": scale} if scale != 1.0 else None,
+            ).images
+        finally:
+            torch.set_num_threads(threads)
         return [np.clip(np.round(a * 255), 0, 255).astype("uint8") for a in images]
 
     for column, scale in (("c02_mix", 1.0), ("c04_sweep", 1.5)):

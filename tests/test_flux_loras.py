@@ -6,7 +6,8 @@ refused is refused at compile time with both sides named.
   one pipeline; each module's PEFT delta (scaling·B@A) equals ``tests.helpers.lora_math``'s reading
   of the file (its own BFL table, float64), and no module is dropped or added.
 - diffusers alone cannot load the tiny kohya file (its converter hard-codes FLUX.1-dev's widths).
-- DoRA files, a Qwen-Image or FLUX.2 LoRA, and a T5 LoRA are refused, naming what and why.
+- A Qwen-Image or FLUX.2 LoRA and a T5 LoRA are refused, naming what and why; DoRA files, which
+  diffusers' loader refuses, are applied by lorarecipe itself.
 """
 
 from __future__ import annotations
@@ -96,8 +97,21 @@ def _dora_files(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def test_dora_is_refused_at_compile_time_and_at_load(tmp_path: Path) -> None:
+def test_dora_files_are_applied_by_lorarecipe_not_diffusers(
+    tmp_path: Path, base: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    """diffusers' loader still refuses DoRA (it would drop dora_scale); lorarecipe applies the files
+    itself: the plan says DoRA, and the fused DoRA weight is m ⊙ (W + ΔW)/‖W + ΔW‖ per input column
+    (kohya/OneTrainer ``dora_scale``, LyCORIS's float32 eps) or per output row (PEFT, no eps), every
+    other module W + ΔW, with ΔW read from the file by ``tests.helpers.lora_math``."""
+    from tests.helpers.lycoris_files import dora_reference
+    from tests.helpers.recipes import build_text, compile_text
+
     paths = _dora_files(tmp_path)
+    dora = {
+        "kohya": ("transformer_blocks.0.attn.to_out.0.weight", "column", 2.0**-23),
+        "peft": ("transformer_blocks.0.attn.to_q.weight", "row", 0.0),
+    }
     for layout, path in paths.items():
         text = f"""\
             base: builtin:tiny-flux
@@ -105,16 +119,30 @@ def test_dora_is_refused_at_compile_time_and_at_load(tmp_path: Path) -> None:
               d: {{file: {path.name}}}
             fuse: {{adapters: [d]}}
             outputs:
-              fused: {{kind: pipeline, path: fused}}
+              fused: {{kind: pipeline, path: fused-{layout}}}
             """
-        found = messages(problems_of(tmp_path, text))
-        assert len(found) == 1 and "cannot load this LoRA: DoRA" in found[0], (layout, found)
-        assert (
-            "double_blocks_0_img_attn_proj" if layout == "kohya" else "transformer_blocks.0.attn.to_q"
-        ) in found[0]
+        plan = compile_text(tmp_path, text)
+        check = next(c for c in plan.checks if c.subject == "adapters.d")
+        assert check.status == "ok" and f"DoRA per {dora[layout][1]} ×1" in check.detail, check.detail
         pipe = DiffusionPipeline.from_pretrained(builtin_base_path("tiny-flux"))
         with pytest.raises(UnsafeInputError, match="DoRA"):
             load_adapter(pipe, "d", path, "flux")
+        build_text(tmp_path, text, out=f"out-{layout}")
+        fused = read_component_weights(tmp_path / f"out-{layout}" / f"fused-{layout}", "transformer")
+        plain = load_file(str(path))
+        plain = {k: v for k, v in plain.items() if "dora_scale" not in k and "magnitude" not in k}
+        save_file(plain, str(tmp_path / "plain.safetensors"))
+        deltas = lora_deltas(tmp_path / "plain.safetensors", base)
+        key, axis, eps = dora[layout]
+        for (component, name), delta in deltas.items():
+            weight = base[component][name].double()
+            if component == "transformer" and name == key:
+                expected = dora_reference(weight, delta, torch.ones(32, dtype=torch.float64), axis, eps)
+            else:
+                expected = weight + delta
+            got = fused[name] if component == "transformer" else None
+            if got is not None:
+                assert float((got.double() - expected).abs().max()) <= 2e-6, name
 
 
 def _write(folder: Path, name: str, shapes: dict[str, tuple[int, ...]]) -> Path:

@@ -18,10 +18,10 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from lorarecipe.adapter_math import dora_weight, loha_delta, lokr_delta, lora_delta
 from lorarecipe.inspect import SafetensorsHeader, TensorInfo, read_header
 from lorarecipe.inspect.lycoris_keys import LycorisInfo, LycorisModule, fits, inspect_lycoris
 from lorarecipe.inspect.safetensors_header import DTYPE_BITS
+from lorarecipe.runner.adapter_math import dora_weight, loha_delta, lokr_delta, lora_delta
 
 REPO = Path(__file__).resolve().parents[1]
 LOKR_FILES = REPO.parent / "shared" / "realdata" / "loras" / "lycoris_lokr"

@@ -22,9 +22,16 @@ qkv/linear1 lorarecipe splits) and FLUX_UNEQUAL (+ detail r8 α4 kohya BFL with 
 the oracle reads the BFL files with ``lora_math``'s own table. Their kohya-layout files fuse q/k/v
 again (rank Σr, block-diagonal), so only their deltas are compared, not the α = r convention.
 
-FLUX.2 Klein (tiny-flux2-klein) and Wan (tiny-wan): DIT_EQUAL (style r4 α8 PEFT + the r4 ai-toolkit /
-ComfyUI file) and DIT_UNEQUAL (+ detail r8 α4 kohya/musubi with embedders, modulation and final
-layer), read by ``dit_math``'s own tables; a representative subset of the combination types each.
+Qwen-Image, Z-Image and SD 3 (tiny-qwen-image, tiny-z-image, tiny-sd3): ``DIT_CASES``, each family's
+layouts merged together (PEFT, kohya, ai-toolkit, DiffSynth, bare names with alphas; Z-Image's
+original names with fused qkv; SD 3's original MMDiT names with its CLIPs), equal-rank methods on
+r4 sets and SVD/cat methods on sets with an r8 kohya file (the loaders fold a kohya file's alpha/rank
+into its factors, as diffusers' converters do, so files with alpha ≠ rank join SVD/cat cases only).
+
+FLUX.2 Klein (tiny-flux2-klein) and Wan (tiny-wan): ``FLUX2_WAN_CASES`` on KLEIN_/WAN_EQUAL (style r4
+α8 PEFT + the r4 ai-toolkit / ComfyUI file) and KLEIN_/WAN_UNEQUAL (+ detail r8 α4 kohya/musubi with
+embedders, modulation and final layer), read by ``dit_math``'s own tables; a representative subset of
+the combination types each.
 """
 
 from __future__ import annotations
@@ -63,6 +70,31 @@ EQUAL = (("style", 0.8), ("toy", 0.6), ("pixel", -0.5))  # all r4; a negative we
 UNEQUAL = (("style", 0.7), ("detail", 0.5), ("pixel", -0.4))  # r4 + r8 + r4
 FLUX_EQUAL = (("style", 0.8), ("aitk", -0.6))  # r4 PEFT + r4 ai-toolkit (BFL names)
 FLUX_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("xlabs", 0.4))  # r4 + r8 kohya BFL + r4 XLabs
+QWEN_EQUAL = (("style", 0.8), ("aitk", -0.6), ("diffsynth", 0.5))  # r4 PEFT, ai-toolkit, DiffSynth
+QWEN_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("bare", -0.4))  # + r8 kohya, r4 bare names α2
+# (the loaders fold a file's alpha/rank into its factors, which factor methods see: kohya-style files with
+# alpha ≠ rank take part in SVD/cat cases only, as for FLUX.1)
+Z_EQUAL = (("style", 0.8), ("aitk", -0.6))  # r4 PEFT, r4 ai-toolkit (no alpha)
+Z_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("comfy", -0.4))  # + r8 kohya, r4 original names (qkv)
+SD3_EQUAL = (("style", 0.8), ("toy", -0.6))  # r4 PEFT with CLIPs, r4 transformer only
+SD3_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("toy", -0.4))  # + r8 kohya original MMDiT names, CLIPs
+KLEIN_EQUAL = (("style", 0.8), ("aitk", -0.6))  # r4 PEFT + r4 ai-toolkit (BFL names, fused qkv)
+KLEIN_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("aitk", 0.4))  # + r8 kohya BFL (modulation, final layer)
+WAN_EQUAL = (("style", 0.8), ("comfy", -0.6))  # r4 PEFT + r4 ComfyUI (diffusion_model., alpha 2)
+WAN_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("comfy", 0.4))  # + r8 musubi (blocks, embedders, head)
+UNEQUAL_SETS = (UNEQUAL, FLUX_UNEQUAL, QWEN_UNEQUAL, Z_UNEQUAL, SD3_UNEQUAL, KLEIN_UNEQUAL, WAN_UNEQUAL)
+NAMED_SETS = (
+    EQUAL,
+    UNEQUAL,
+    FLUX_EQUAL,
+    FLUX_UNEQUAL,
+    QWEN_EQUAL,
+    Z_EQUAL,
+    SD3_EQUAL,
+    KLEIN_EQUAL,
+    WAN_EQUAL,
+    *UNEQUAL_SETS,
+)
 LORA_SCALE = 0.8
 
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -105,7 +137,7 @@ class Case:
             parts.append(f"rank{p.svd_rank}")
         if p.svd_clamp is not None:
             parts.append(f"clamp{p.svd_clamp}")
-        if self.adapters not in (EQUAL, UNEQUAL, FLUX_EQUAL, FLUX_UNEQUAL, *DIT_SETS):
+        if self.adapters not in NAMED_SETS:
             parts.append("+".join(name for name, _ in self.adapters))
         if p.components is not None:
             parts.append("only-" + "+".join(p.components))
@@ -232,7 +264,7 @@ def alternatives(case: Case) -> list[MergeParams]:
     for these ranks (each sign election), the other sign election, another density, the SVD
     without svd_rank / svd_clamp, another seed."""
     p = case.params
-    equal_ranks = case.adapters not in (UNEQUAL, FLUX_UNEQUAL, KLEIN_UNEQUAL, WAN_UNEQUAL)
+    equal_ranks = case.adapters not in UNEQUAL_SETS
     density = p.density or 0.5
     out: list[MergeParams] = []
     for method in COMBINATION_TYPES:
@@ -439,12 +471,50 @@ def test_flux_merge_matches_the_oracle(
     assert distances[closest] >= SWAP_FACTOR, f"{closest} is as close to the build as the oracle"
 
 
-KLEIN_EQUAL = (("style", 0.8), ("aitk", -0.6))  # r4 PEFT + r4 ai-toolkit (BFL names, fused qkv)
-KLEIN_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("aitk", 0.4))  # + r8 kohya BFL (modulation, final layer)
-WAN_EQUAL = (("style", 0.8), ("comfy", -0.6))  # r4 PEFT + r4 ComfyUI (diffusion_model., alpha 2)
-WAN_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("comfy", 0.4))  # + r8 musubi (blocks, embedders, head)
-DIT_SETS = (KLEIN_EQUAL, KLEIN_UNEQUAL, WAN_EQUAL, WAN_UNEQUAL)
-DIT_CASES = [
+DIT_CASES = [  # every family's layouts merged; SD 3's toy has no CLIP layers (components as for FLUX.1)
+    Case(MergeParams("ties", density=0.5, majority_sign_method="frequency"), QWEN_EQUAL, "tiny-qwen-image"),
+    Case(MergeParams("cat"), QWEN_UNEQUAL, "tiny-qwen-image"),
+    Case(MergeParams("dare_ties_svd", density=0.7, seed=4, svd_rank=6), QWEN_UNEQUAL, "tiny-qwen-image"),
+    Case(MergeParams("dare_linear", density=0.7, seed=3), Z_EQUAL, "tiny-z-image"),
+    Case(MergeParams("magnitude_prune", density=0.4), Z_EQUAL, "tiny-z-image"),
+    Case(MergeParams("svd", svd_rank=6), Z_UNEQUAL, "tiny-z-image"),
+    Case(MergeParams("linear"), SD3_EQUAL, "tiny-sd3"),
+    Case(MergeParams("dare_ties", density=0.7, seed=3, components=("transformer",)), SD3_EQUAL, "tiny-sd3"),
+    Case(MergeParams("ties_svd", density=0.5, svd_clamp=0.95), SD3_UNEQUAL, "tiny-sd3"),
+]
+DIT_COMPONENTS = {
+    "tiny-qwen-image": ("transformer",),
+    "tiny-z-image": ("transformer",),
+    "tiny-sd3": ("transformer", "text_encoder", "text_encoder_2"),
+}
+
+
+@pytest.mark.parametrize("case", DIT_CASES, ids=lambda c: c.id)
+def test_dit_family_merge_matches_the_oracle(case: Case, tmp_path: Path) -> None:
+    """Qwen-Image, Z-Image and SD 3 merges across their layouts: (a) the diffusers file per module and
+    the kohya/ComfyUI file's deltas, (b) the fused weights, (c) no swapped method passes."""
+    base_dir = builtin_base_path(case.base)
+    base = {c: read_component_weights(base_dir, c) for c in DIT_COMPONENTS[case.base]}
+    build_text(tmp_path, one_merge_recipe(case))
+    files = lora_files(tmp_path / "out")
+    built = lora_factors(files["diffusers"], base)
+    gauge = {k: (f.up, f.down) for k, f in built.items()}
+    oracle = merge_oracle(base_dir, base, case.loras(), case.params, gauge)
+    tol = tolerances(oracle)
+    assert {c for c, _ in oracle.deltas} == set(case.params.components or DIT_COMPONENTS[case.base])
+    check_lora_file(files["diffusers"], oracle, tol, base)
+    check_lora_file(files["kohya"], oracle, tol, base, convention=case.base == "tiny-qwen-image")
+    check_fused(tmp_path / "out" / "fused", oracle, tol, base)
+    got = deltas_of(built, base)
+    distances = {
+        alt: distance(got, merge_oracle(base_dir, base, case.loras(), alt, gauge).deltas, tol)
+        for alt in alternatives(case)
+    }
+    closest = min(distances, key=distances.__getitem__)
+    assert distances[closest] >= SWAP_FACTOR, f"{closest} is as close to the build as the oracle"
+
+
+FLUX2_WAN_CASES = [
     Case(MergeParams("linear"), KLEIN_EQUAL, "tiny-flux2-klein"),
     Case(MergeParams("ties", density=0.5, majority_sign_method="frequency"), KLEIN_EQUAL, "tiny-flux2-klein"),
     Case(MergeParams("dare_linear", density=0.7, seed=3), KLEIN_EQUAL, "tiny-flux2-klein"),
@@ -459,7 +529,7 @@ DIT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", DIT_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", FLUX2_WAN_CASES, ids=lambda c: c.id)
 def test_flux2_and_wan_merges_match_the_oracle(case: Case, tmp_path: Path) -> None:
     """FLUX.2 Klein and Wan merges across layouts: (a) the diffusers file per module (α = r) and the
     kohya/musubi file's deltas, (b) the fused transformer, (c) no swapped method passes."""

@@ -266,8 +266,8 @@ def test_unmapped_keys_are_all_named_never_dropped() -> None:
         single_file_layout("sd1", shapes, configs)
     with pytest.raises(ValueError, match="text_encoder_2"):
         single_file_layout("sd1", {"text_encoder_2": {}}, {})
-    with pytest.raises(ValueError, match="unknown single-file family"):  # FLUX.1 has one since issue 15
-        single_file_layout("sd3", {}, {})
+    with pytest.raises(ValueError, match="unknown single-file family"):  # SD 3 has one since issue 17
+        single_file_layout("no-such-family", {}, {})
     with pytest.raises(ValueError, match="layers_per_block"):
         single_file_layout(
             "sd1", {"unet": shapes["unet"]}, {"unet": {**configs["unet"], "layers_per_block": [1, 2]}}

@@ -44,7 +44,8 @@ class BuiltinBase:
 class BuiltinLora:
     name: str  # "<base>/<lora>"
     base: str
-    #: "peft" (diffusers/PEFT keys + lora_adapter_metadata), "kohya", "aitk", "xlabs", "comfy", "peft_raw"
+    #: "peft" (diffusers/PEFT keys + lora_adapter_metadata), "kohya", "aitk", "xlabs", "comfy", "diffsynth",
+    #: "bare" or "peft_raw" (builtin/loras.py, builtin/flux_loras.py, builtin/dit_loras.py)
     layout: str
     rank: int
     alpha: float
@@ -58,6 +59,17 @@ BUILTIN_BASES: dict[str, BuiltinBase] = {
     "tiny-sdxl": BuiltinBase("tiny-sdxl", "sdxl", "SDXL-like pipeline, two CLIP encoders, 64 px"),
     "tiny-flux": BuiltinBase(
         "tiny-flux", "flux", "FLUX.1-dev-like pipeline, 2 double + 2 single blocks, CLIP + T5, 64 px"
+    ),
+    "tiny-qwen-image": BuiltinBase(
+        "tiny-qwen-image", "qwen_image", "Qwen-Image-like pipeline, 2 joint blocks, Qwen2.5-VL encoder, 64 px"
+    ),
+    "tiny-z-image": BuiltinBase(
+        "tiny-z-image", "z_image", "Z-Image-like pipeline, 2 layers + 1+1 refiners, Qwen3 encoder, 64 px"
+    ),
+    "tiny-sd3": BuiltinBase(
+        "tiny-sd3",
+        "sd3",
+        "SD 3.5-Medium-like pipeline, 2 joint blocks (attn2, q/k norm), 2 CLIPs + T5, 64 px",
     ),
     "tiny-flux2": BuiltinBase(
         "tiny-flux2", "flux2", "FLUX.2-dev-like pipeline, 2 double + 2 single blocks, Mistral 3, 64 px"
@@ -78,8 +90,123 @@ BUILTIN_BASES: dict[str, BuiltinBase] = {
     ),
 }
 
+_QWEN_IMAGE_LORAS = (
+    BuiltinLora(
+        "tiny-qwen-image/style",
+        "tiny-qwen-image",
+        "peft",
+        4,
+        8.0,
+        False,
+        21,
+        "PEFT layout, r4 α8, attention + MLPs",
+    ),
+    BuiltinLora(
+        "tiny-qwen-image/detail",
+        "tiny-qwen-image",
+        "kohya",
+        8,
+        4.0,
+        False,
+        22,
+        "kohya/musubi layout ('lora_unet_transformer_blocks_0_img_mod_1'), r8 α4: every Linear incl. "
+        "modulations and the top-level embedders",
+    ),
+    BuiltinLora(
+        "tiny-qwen-image/aitk",
+        "tiny-qwen-image",
+        "aitk",
+        4,
+        4.0,
+        False,
+        23,
+        "ai-toolkit/ComfyUI layout ('diffusion_model.' + diffusers names, no alpha), r4: attention + MLPs",
+    ),
+    BuiltinLora(
+        "tiny-qwen-image/diffsynth",
+        "tiny-qwen-image",
+        "diffsynth",
+        4,
+        4.0,
+        False,
+        24,
+        "DiffSynth-Studio layout ('….lora_A.default.weight', no alpha), r4: attention + MLPs",
+    ),
+    BuiltinLora(
+        "tiny-qwen-image/bare",
+        "tiny-qwen-image",
+        "bare",
+        4,
+        2.0,
+        False,
+        25,
+        "bare diffusers names, kohya suffixes and alphas ('transformer_blocks.0.attn.to_k.lora_down'), r4 α2",
+    ),
+)
+_Z_IMAGE_LORAS = (
+    BuiltinLora(
+        "tiny-z-image/style",
+        "tiny-z-image",
+        "peft",
+        4,
+        8.0,
+        False,
+        31,
+        "PEFT layout, r4 α8, attention + feed-forward",
+    ),
+    BuiltinLora(
+        "tiny-z-image/detail",
+        "tiny-z-image",
+        "kohya",
+        8,
+        4.0,
+        False,
+        32,
+        "kohya/musubi layout in diffusers names ('lora_unet_layers_0_attention_to_q'), r8 α4: every Linear",
+    ),
+    BuiltinLora(
+        "tiny-z-image/comfy",
+        "tiny-z-image",
+        "comfy",
+        4,
+        2.0,
+        False,
+        33,
+        "ComfyUI layout in original names ('lora_unet_layers_0_attention_qkv', fused q/k/v), r4 α2",
+    ),
+    BuiltinLora(
+        "tiny-z-image/aitk",
+        "tiny-z-image",
+        "aitk",
+        4,
+        4.0,
+        False,
+        34,
+        "ai-toolkit/ComfyUI layout ('diffusion_model.layers.0.attention.to_q', no alpha), r4",
+    ),
+)
+_SD3_LORAS = (
+    BuiltinLora(
+        "tiny-sd3/style", "tiny-sd3", "peft", 4, 8.0, True, 41, "PEFT layout, r4 α8, transformer + both CLIPs"
+    ),
+    BuiltinLora(
+        "tiny-sd3/detail",
+        "tiny-sd3",
+        "kohya",
+        8,
+        4.0,
+        True,
+        42,
+        "kohya sd-scripts layout in the original MMDiT names ('lora_unet_joint_blocks_0_x_block_attn_qkv'), "
+        "r8 α4: every Linear incl. attn2 and the final layer, + lora_te1_/lora_te2_",
+    ),
+    BuiltinLora(
+        "tiny-sd3/toy", "tiny-sd3", "peft", 4, 4.0, False, 43, "PEFT layout, r4 α4, transformer only"
+    ),
+)
 
-def _dit_loras() -> tuple[BuiltinLora, ...]:
+
+def _flux2_wan_loras() -> tuple[BuiltinLora, ...]:
     """The FLUX.2 and Wan built-in LoRAs (transformer only)."""
     table = (
         ("tiny-flux2/style", "peft", 4, 8.0, "PEFT layout, r4 α8, every attention and feed-forward Linear"),
@@ -217,7 +344,10 @@ BUILTIN_LORAS: dict[str, BuiltinLora] = {
             10,
             "XLabs layout ('processor.qkv_lora1.down'), r4: double-block attention",
         ),
-        *_dit_loras(),
+        *_QWEN_IMAGE_LORAS,
+        *_Z_IMAGE_LORAS,
+        *_SD3_LORAS,
+        *_flux2_wan_loras(),
     )
 }
 

@@ -49,8 +49,16 @@ from .catalog import (
     materialized_base,
     materialized_lora,
 )
-from .dit_loras import PEFT_TARGETS, default_selection, make_original_lora
-from .dit_pipelines import build_flux2, build_flux2_klein, build_wan, build_wan22
+from .dit_loras import FLUX2_WAN_PEFT_TARGETS, default_selection, make_dit_lora, make_original_lora
+from .dit_pipelines import (
+    build_flux2,
+    build_flux2_klein,
+    build_qwen_image,
+    build_sd3,
+    build_wan,
+    build_wan22,
+    build_z_image,
+)
 from .flux_loras import FLUX_PEFT_TARGETS, make_flux_lora
 from .loras import canonicalize_safetensors, make_kohya_lora, make_peft_lora
 from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
@@ -265,11 +273,17 @@ _BUILDERS = {
     "tiny-sd": _build_sd,
     "tiny-sdxl": _build_sdxl,
     "tiny-flux": _build_flux,
+    "tiny-qwen-image": build_qwen_image,
+    "tiny-z-image": build_z_image,
+    "tiny-sd3": build_sd3,
     "tiny-flux2": build_flux2,
     "tiny-flux2-klein": build_flux2_klein,
     "tiny-wan": build_wan,
     "tiny-wan22": build_wan22,
 }
+
+
+_DIT_LORA_FAMILIES = ("qwen_image", "z_image", "sd3")  # LoRAs written by dit_loras.make_dit_lora
 
 
 def build_base_pipeline(name: str) -> DiffusionPipeline:
@@ -334,9 +348,20 @@ def builtin_lora_path(name: str) -> Path:
             family = BUILTIN_BASES[spec.base].family
             with atomic_file(final) as tmp:
                 common: dict[str, Any] = {"rank": spec.rank, "alpha": spec.alpha, "seed": spec.seed}
-                if spec.layout == "peft" and family in PEFT_TARGETS:
-                    make_peft_lora(pipe, tmp, **common, text_encoders=False, targets=PEFT_TARGETS[family])
-                elif family in PEFT_TARGETS:
+                if family in _DIT_LORA_FAMILIES:
+                    make_dit_lora(
+                        pipe,
+                        tmp,
+                        family=family,
+                        layout=spec.layout,
+                        text_encoders=spec.text_encoders,
+                        **common,
+                    )
+                elif spec.layout == "peft" and family in FLUX2_WAN_PEFT_TARGETS:
+                    make_peft_lora(
+                        pipe, tmp, **common, text_encoders=False, targets=FLUX2_WAN_PEFT_TARGETS[family]
+                    )
+                elif family in FLUX2_WAN_PEFT_TARGETS:
                     select = default_selection(family, spec.layout)
                     make_original_lora(
                         FAMILIES[family], pipe, tmp, layout=spec.layout, select=select, **common

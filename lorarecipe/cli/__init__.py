@@ -123,8 +123,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--compile",
         choices=tuple(COMPILE_MODES),
         default="none",
-        help="how grids that do not say render: "
-        + "; ".join(f"{k}: {v}" for k, v in COMPILE_MODES.items()),
+        help="how grids that do not say render: " + "; ".join(f"{k}: {v}" for k, v in COMPILE_MODES.items()),
     )
     p.add_argument(
         "--ray",

@@ -95,6 +95,8 @@ def _steps(
                 format=adapter.format,
                 trigger_words=tuple(adapter.trigger_words),
                 load_into=tuple(adapter.load_into) if adapter.load_into else None,
+                scale_convention=adapter.scale_convention,
+                difference=adapter.checkpoint is not None,
             )
         )
     for name in merge_order:
@@ -113,6 +115,7 @@ def _steps(
                 majority_sign_method=merge.majority_sign_method,
                 svd_rank=merge.svd_rank,
                 svd_clamp=merge.svd_clamp,
+                svd_energy=merge.svd_energy,
                 svd_full_matrices=merge.svd_full_matrices,
                 svd_driver=merge.svd_driver,
                 seed=merge.seed,

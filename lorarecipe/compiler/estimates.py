@@ -33,6 +33,8 @@ def _lora_sizes(inputs: InputFacts) -> tuple[int, int] | None:
     family = get_family(inputs.family)
     total = largest = 0
     for facts in inputs.adapters.values():
+        if facts.difference is not None:
+            continue  # read weight by weight by an extract merge (pipeline route), not held
         if facts.info is None:
             return None
         for module in facts.info.modules:

@@ -39,6 +39,8 @@ from ..plan import Check, Source
 from ..recipe.load import path_text
 from ..recipe.vocabulary import FAMILIES
 from .context import CompileContext
+from .difference import check_difference
+from .lycoris import check_lycoris_adapter
 
 __all__ = ["AdapterFacts", "InputFacts", "check_inputs"]
 
@@ -49,6 +51,7 @@ class AdapterFacts:
     source: Source
     path: Path | None = None
     info: LoraInfo | None = None
+    difference: BaseInfo | None = None  # a checkpoint whose difference from the base is the adapter
 
 
 @dataclass
@@ -248,11 +251,11 @@ def _inspect(ctx: CompileContext, path: tuple[Any, ...], fn: Any) -> Any:
     return None
 
 
-def _adapter_header(ctx: CompileContext, name: str, spec: Any) -> AdapterFacts:
+def _adapter_header(ctx: CompileContext, name: str, spec: Any, family: str | None) -> AdapterFacts:
     where = ("adapters", name)
     if spec.builtin:
         facts = AdapterFacts(name, Source("builtin", spec.builtin))
-        facts.info = inspect_lora(_builtin_header(spec.builtin))
+        facts.info = inspect_lora(_builtin_header(spec.builtin), family)
         return facts
     if spec.hub:
         facts = AdapterFacts(name, Source("hub", spec.hub, revision=spec.revision, filename=spec.weight_name))
@@ -284,7 +287,7 @@ def _adapter_header(ctx: CompileContext, name: str, spec: Any) -> AdapterFacts:
             return facts
     header = _inspect(ctx, (*where, "hub" if spec.hub else "file"), lambda: read_header(facts.path))
     if header is not None:
-        facts.info = _inspect(ctx, where, lambda: inspect_lora(header))
+        facts.info = _inspect(ctx, where, lambda: inspect_lora(header, family))
     return facts
 
 
@@ -339,7 +342,16 @@ def _check_experts(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
 
 def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any) -> None:
     where = ("adapters", name)
-    facts = _adapter_header(ctx, name, spec)
+    if spec.checkpoint is not None:
+        facts = inputs.adapters[name] = AdapterFacts(name, Source("local", spec.checkpoint))
+        facts.path = _local(ctx, (*where, "checkpoint"), spec.checkpoint, want_dir=True)
+        if facts.path is not None:
+            describe = facts.source.describe()
+            facts.difference = check_difference(
+                ctx, name, facts.path, inputs.base_info, inputs.family, describe
+            )
+        return
+    facts = _adapter_header(ctx, name, spec, inputs.family)
     inputs.adapters[name] = facts
     if not _check_experts(ctx, inputs, name, spec):
         facts.info = None
@@ -363,6 +375,23 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
     if info.unsupported and info.family and inputs.family and info.family != inputs.family:
         ctx.error(where, _family_mismatch(info, inputs), on_key=True)  # the more basic problem
         return
+    if info.lycoris is not None:  # LyCORIS/DoRA: applied by lorarecipe, checked on its own terms
+        named = {"diffusers": ("peft", "diffusers"), "peft": ("peft", "diffusers"), "kohya": ("kohya",)}
+        layouts = sorted({m.layout for m in info.lycoris.modules})
+        if spec.format in named and not set(layouts) <= set(named[spec.format]):
+            ctx.error(
+                (*where, "format"),
+                f"declared format {spec.format!r} but the file's modules are in {', '.join(layouts)} layout",
+                "remove 'format' to detect it",
+            )
+        describe = facts.source.describe()
+        check_lycoris_adapter(ctx, name, spec, info.lycoris, inputs.base_info, inputs.family, describe)
+        return
+    if spec.scale_convention is not None:
+        ctx.error(
+            (*where, "scale_convention"),
+            "scale_convention applies to LyCORIS LoKr files; this is a plain LoRA (scale alpha/rank)",
+        )
     if info.unsupported:
         ctx.error(where, f"cannot load this LoRA: {info.unsupported}", on_key=True)
         return
@@ -422,7 +451,11 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
                 f"{facts.source.describe()}: {info.format}, {len(info.modules)} modules in "
                 f"{', '.join(info.components)}, rank {'/'.join(map(str, info.ranks))}"
                 + (f"; {blocks}" if blocks else "")
-                + (f"; {fused} fused original-layout modules split by lorarecipe" if fused else ""),
+                + (
+                    f"; {fused} fused original-layout modules, each split into its diffusers modules"
+                    if fused
+                    else ""
+                ),
                 (
                     ("format", info.format),
                     ("modules", len(info.modules)),

@@ -143,6 +143,19 @@ def _check_grid(ctx: CompileContext, name: str, spec: GridOutput, family: str | 
         ctx.warn((*where, "size"), "image size will be the pipeline's default (family unknown until fetched)")
 
 
+def _check_grid_pipeline(
+    ctx: CompileContext, name: str, family: str | None, pipeline_class: str | None
+) -> None:
+    """Grids call text-to-image pipelines: an edit pipeline (Qwen-Image-Edit) needs an input image."""
+    known = FAMILIES.get(family or "")
+    if known is not None and pipeline_class in known.image_input_pipelines:
+        ctx.error(
+            ("outputs", name, "kind"),
+            f"the base is a {pipeline_class}, which edits an input image: grids render from prompts only",
+            "build the fused pipeline and LoRA files here, and sample the edit model with its own images",
+        )
+
+
 def _single_file_problem(family: str, fused: set[str] | None) -> tuple[str, str] | None:
     info = FAMILIES[family]
     if not info.single_file:
@@ -220,6 +233,7 @@ def check_outputs(ctx: CompileContext, inputs: InputFacts, fused: set[str] | Non
     """Check every output; returns output name -> normalized relative path. ``fused``: the components
     the fuse changes, when the LoRA headers tell."""
     family = inputs.family
+    pipeline_class = inputs.base_info.pipeline_class if inputs.base_info is not None else None
     normalized = _check_paths(ctx)
     names = set(ctx.recipe.adapters) | set(ctx.recipe.merges)
     known = FAMILIES.get(family or "")
@@ -253,8 +267,7 @@ def check_outputs(ctx: CompileContext, inputs: InputFacts, fused: set[str] | Non
                     did_you_mean(spec.adapter, names) or f"known: {', '.join(sorted(names))}",
                 )
             info = FAMILIES.get(family or "")
-            kohya = info is not None and (info.denoiser == "unet" or bool(info.original_modules))
-            if spec.layout == "kohya" and info is not None and not (kohya and info.kohya_prefixes):
+            if spec.layout == "kohya" and info is not None and not info.kohya_prefixes:
                 writable = ", ".join(f.label for f in FAMILIES.values() if f.kohya_prefixes)
                 ctx.error(
                     (*where, "layout"),
@@ -263,4 +276,5 @@ def check_outputs(ctx: CompileContext, inputs: InputFacts, fused: set[str] | Non
                 )
         if isinstance(spec, GridOutput):
             _check_grid(ctx, name, spec, family)
+            _check_grid_pipeline(ctx, name, family, pipeline_class)
     return normalized

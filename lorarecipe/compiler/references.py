@@ -1,4 +1,4 @@
-"""Checks that the recipe's sections refer to each other correctly, and PEFT's merge rules.
+"""Checks that the recipe's sections refer to each other correctly, and the merge methods' rules.
 
 Recipe + input facts -> located problems and the order in which merges must run. Names are
 identities: an adapter and a merge may not share a name (PEFT would silently keep the first), a
@@ -7,6 +7,9 @@ diffusers applies (it silently ignores dicts on text encoders and transformer mo
 methods that need equal ranks get unequal ranks flagged with a fix (``cat`` or an ``_svd`` form), and
 a merge whose method would be silently replaced by ``linear`` in a component where only one of its
 adapters has layers (PEFT's rule for a lone adapter) is refused with the shared components to use.
+LyCORIS/DoRA adapters (applied by lorarecipe itself) can be fused, mixed and shown in grids, but
+PEFT merges only LoRAs: in a merge they need method ``extract``, and a LoRA output writes them only
+once extracted.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from ..recipe.models import ComponentWeights, UnetBlockWeights
 from ..recipe.vocabulary import COMBINATION_TYPES, FAMILIES, RESERVED_VARIANTS, lone_adapter_merge_is_exact
 from .block_weights import check_transformer_blocks
 from .context import CompileContext
+from .difference import difference_components
 from .inputs import InputFacts, component_ranks
+from .lycoris import algorithm_names
 
-__all__ = ["adapter_components", "check_references", "merge_order"]
+__all__ = ["adapter_components", "check_references", "lycoris_kind", "merge_order"]
 
 
 def _names(ctx: CompileContext) -> set[str]:
@@ -165,6 +170,79 @@ def _check_svd_rank(ctx: CompileContext, inputs: InputFacts, name: str, svd_rank
         )
 
 
+def lycoris_kind(inputs: InputFacts, name: str) -> str | None:
+    """'LyCORIS (LoKr (decomposed) ×350)' when adapter ``name`` is a file lorarecipe applies
+    itself (LyCORIS/DoRA), else None (a plain LoRA, a merge, or a header not available yet)."""
+    facts = inputs.adapters.get(name)
+    lycoris = facts.info.lycoris if facts is not None and facts.info is not None else None
+    if lycoris is None:
+        return None
+    return f"LyCORIS ({algorithm_names(lycoris)})"
+
+
+def _lycoris_components(inputs: InputFacts, name: str) -> dict[str, tuple[int, ...]]:
+    facts = inputs.adapters[name]
+    assert facts.info is not None and facts.info.lycoris is not None
+    return {m.component: (m.effective_rank,) for m in facts.info.lycoris.modules}
+
+
+def _is_difference(ctx: CompileContext, name: str) -> bool:
+    spec = ctx.recipe.adapters.get(name)
+    return spec is not None and spec.checkpoint is not None
+
+
+def _difference_ranks(inputs: InputFacts, name: str) -> dict[str, tuple[int, ...]] | None:
+    facts = inputs.adapters.get(name)
+    if facts is None or facts.difference is None:
+        return None
+    return {c: (0,) for c in difference_components(facts.difference, inputs.family)}
+
+
+def _check_difference_uses(ctx: CompileContext) -> None:
+    """A checkpoint difference is a full-rank ΔW of every weight: only ``extract`` turns it into an
+    adapter; a mix, a fuse, a grid or a LoRA output of it is refused where it is named."""
+    names = {n for n in ctx.recipe.adapters if _is_difference(ctx, n)}
+    if not names:
+        return
+
+    uses: list[tuple[tuple[Any, ...], str]] = []
+    if ctx.recipe.set_adapters is not None:
+        uses += [(p, n) for n, p in _adapter_list_paths(ctx.recipe.set_adapters, ("set_adapters",))]
+    if ctx.recipe.fuse is not None:
+        uses += [(("fuse", "adapters", i), n) for i, n in enumerate(ctx.recipe.fuse.adapters or [])]
+    for output, spec in ctx.recipe.outputs.items():
+        if spec.kind == "lora":
+            uses.append((("outputs", output, "adapter"), spec.adapter))
+        elif spec.kind == "grid":
+            uses += [(("outputs", output, "variants", i), v) for i, v in enumerate(spec.variants)]
+            if spec.sweep is not None and spec.sweep.adapter:
+                uses.append((("outputs", output, "sweep", "adapter"), spec.sweep.adapter))
+    for path, name in uses:
+        if name in names:
+            hint = (
+                f"extract it first (a merge with method: extract, adapters: [{name}], svd_rank) and use that"
+            )
+            ctx.error(path, f"{name!r} is a checkpoint difference, which only an 'extract' merge takes", hint)
+
+
+def _check_extract(
+    ctx: CompileContext, inputs: InputFacts, name: str, per_input: list[dict[str, tuple[int, ...]] | None]
+) -> dict[str, tuple[int, ...]] | None:
+    """An ``extract`` merge takes any adapters; its result is a LoRA of rank svd_rank in every component
+    its inputs adapt (``components`` may narrow them). A module whose delta has a lower rank than
+    svd_rank gets that rank: its SVD is exact there."""
+    spec = ctx.recipe.merges[name]
+    if any(r is None for r in per_input):
+        return None
+    assert spec.svd_rank is not None
+    comps = {c for r in per_input if r is not None for c in r}
+    if spec.components:
+        comps &= set(spec.components)
+    if not comps:
+        ctx.error(("merges", name, "components"), "none of the merged adapters adapts these components")
+    return {c: (spec.svd_rank,) for c in comps}
+
+
 def _check_merges(ctx: CompileContext, inputs: InputFacts) -> list[str]:
     known = _names(ctx)
     order = merge_order(ctx)
@@ -175,6 +253,7 @@ def _check_merges(ctx: CompileContext, inputs: InputFacts) -> list[str]:
         where = ("merges", name)
         rule = COMBINATION_TYPES[spec.method]
         refs_ok = all(_ref(ctx, p, n, known - {name}) for n, p in _adapter_list_paths(spec, where))
+        lycoris = [(n, kind) for n, _ in spec.pairs() if (kind := lycoris_kind(inputs, n))]
         if spec.components and family:
             for i, comp in enumerate(spec.components):
                 if comp not in FAMILIES[family].lora_components:
@@ -186,7 +265,38 @@ def _check_merges(ctx: CompileContext, inputs: InputFacts) -> list[str]:
         if not refs_ok:
             ranks_of[name] = None
             continue
-        per_input = [_lora_ranks(inputs, ranks_of, n) for n, _ in spec.pairs()]
+        if rule.peft and lycoris:
+            adapter, kind = lycoris[0]
+            ctx.error(
+                (*where, "method"),
+                f"{adapter!r} is a {kind} adapter, and PEFT's add_weighted_adapter ({spec.method!r}) merges "
+                "only LoRAs",
+                "use method: extract (a truncated SVD of the summed deltas into a plain LoRA; set svd_rank), "
+                "or fuse the adapter directly",
+            )
+            ranks_of[name] = None
+            continue
+        lycoris_names = {n for n, _ in lycoris}
+        differences = [n for n, _ in spec.pairs() if _is_difference(ctx, n)]
+        if rule.peft and differences:
+            ctx.error(
+                (*where, "method"),
+                f"{differences[0]!r} is a checkpoint difference, which only an 'extract' merge takes",
+                "use method: extract (with svd_rank)",
+            )
+            ranks_of[name] = None
+            continue
+        per_input = [
+            _lycoris_components(inputs, n)
+            if n in lycoris_names
+            else _difference_ranks(inputs, n)
+            if n in differences
+            else _lora_ranks(inputs, ranks_of, n)
+            for n, _ in spec.pairs()
+        ]
+        if not rule.peft:
+            ranks_of[name] = _check_extract(ctx, inputs, name, per_input)
+            continue
         if any(r is None for r in per_input):
             ranks_of[name] = None
             continue
@@ -221,6 +331,8 @@ def adapter_components(
     merge = ctx.recipe.merges.get(name)
     if merge is None or name in seen:
         facts = inputs.adapters.get(name)
+        if facts is not None and facts.difference is not None:
+            return set(difference_components(facts.difference, inputs.family))
         return set(facts.info.components) if facts is not None and facts.info is not None else None
     found: set[str] = set()
     for dep, _ in merge.pairs():
@@ -317,6 +429,19 @@ def _check_mix_and_fuse(ctx: CompileContext, inputs: InputFacts) -> None:
                     )
 
 
+def _check_lora_outputs(ctx: CompileContext, inputs: InputFacts) -> None:
+    """A LoRA output writes a plain LoRA: a LyCORIS/DoRA adapter must be extracted into one first."""
+    for name, spec in ctx.recipe.outputs.items():
+        adapter = getattr(spec, "adapter", None)
+        kind = lycoris_kind(inputs, adapter) if spec.kind == "lora" and adapter else None
+        if kind is not None:
+            ctx.error(
+                ("outputs", name, "adapter"),
+                f"{adapter!r} is a {kind} adapter; a 'lora' output writes a plain LoRA (lora_A/lora_B)",
+                f"add a merge with method: extract, adapters: [{adapter}] and svd_rank, and write that merge",
+            )
+
+
 def check_references(ctx: CompileContext, inputs: InputFacts) -> list[str]:
     """All cross-reference checks; returns the merge order."""
     for name in ctx.recipe.merges:
@@ -339,4 +464,6 @@ def check_references(ctx: CompileContext, inputs: InputFacts) -> list[str]:
                 )
     order = _check_merges(ctx, inputs)
     _check_mix_and_fuse(ctx, inputs)
+    _check_lora_outputs(ctx, inputs)
+    _check_difference_uses(ctx)
     return order

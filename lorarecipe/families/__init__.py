@@ -1,6 +1,7 @@
 """Model families as data: one small module of tables per family, and this registry (torch-free).
 
-Each family module (``sd``: SD 1.x/2.x/SDXL/SD 3; ``flux1``: FLUX.1; ``flux2``: FLUX.2; ``wan``: Wan
+Each family module (``sd``: SD 1.x/2.x/SDXL; ``sd3``: SD 3/3.5; ``flux1``: FLUX.1; ``flux2``: FLUX.2
+dev and Klein; ``qwen_image``: Qwen-Image and Qwen-Image-Edit; ``z_image``: Z-Image; ``wan``: Wan
 2.1/2.2 video) fills in a
 :class:`~lorarecipe.families.spec.Family`: pipeline classes and LoRA components, block groups for
 per-block weights, its original-layout module table (single-file names, kohya/BFL LoRA names), kohya
@@ -20,9 +21,12 @@ from types import MappingProxyType
 
 from .flux1 import FLUX1
 from .flux2 import FLUX2
-from .sd import SD1, SD2, SD3, SDXL
+from .qwen_image import QWEN_IMAGE
+from .sd import SD1, SD2, SDXL
+from .sd3 import SD3
 from .spec import BlockGroup, Family, GridCall, ModuleRule, ParamRule, SingleFileComponent, Split, Variant
 from .wan import WAN
+from .z_image import Z_IMAGE
 
 __all__ = [
     "FAMILIES",
@@ -42,11 +46,24 @@ __all__ = [
 
 #: The families lorarecipe builds, by the key a recipe's ``base.family`` names.
 FAMILIES: Mapping[str, Family] = MappingProxyType(
-    {f.key: f for f in (SD1, SD2, SDXL, SD3, FLUX1, FLUX2, WAN)}
+    {
+        f.key: f
+        for f in (  # one family per line
+            SD1,
+            SD2,
+            SDXL,
+            SD3,
+            FLUX1,
+            FLUX2,
+            QWEN_IMAGE,
+            Z_IMAGE,
+            WAN,
+        )
+    }
 )
 
 #: Architectures recognized in LoRA headers but not built yet (key -> label), for mismatch errors.
-OTHER_ARCHITECTURES: Mapping[str, str] = MappingProxyType({"qwen_image": "Qwen-Image"})
+OTHER_ARCHITECTURES: Mapping[str, str] = MappingProxyType({"lumina2": "Lumina Image 2.0"})
 
 
 def get_family(key: str | None) -> Family | None:

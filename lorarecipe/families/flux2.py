@@ -116,5 +116,5 @@ FLUX2 = Family(
     converts_original_loras=True,
     variants=VARIANTS,
     reads_raw_peft=True,
-    also_loads=("Flux2KleinPipeline",),
+    lora_layouts=frozenset({"lokr"}),
 )

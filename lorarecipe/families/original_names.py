@@ -21,6 +21,7 @@ __all__ = [
     "OriginalPlace",
     "block_of",
     "blocks_touched",
+    "halves_swapped",
     "lora_targets",
     "match_lora_module",
     "original_place",
@@ -84,9 +85,17 @@ def split_heights(split: Split, parts: int, in_features: int, out_features: int)
     if split is Split.QKV_REST:  # q, k, v are as tall as the hidden width (= linear1's input)
         rest = out_features - 3 * in_features
         return (in_features,) * 3 + (rest,) if parts == 4 and rest > 0 else None
-    if split is Split.SWAP_HALVES:
-        return (out_features,) if out_features % 2 == 0 else None
+    if split in (Split.SWAP_HALVES, Split.SWAP_HALVES_IF_PAIR):
+        return (out_features,) if out_features % 2 == 0 or split is Split.SWAP_HALVES_IF_PAIR else None
     return (out_features,)
+
+
+def halves_swapped(split: Split, in_features: int, out_features: int) -> bool:
+    """Whether a module's two row halves are stored swapped: always for SWAP_HALVES, and for
+    SWAP_HALVES_IF_PAIR when the weight is twice as tall as wide (an AdaLayerNormContinuous)."""
+    if split is Split.SWAP_HALVES_IF_PAIR:
+        return out_features == 2 * in_features
+    return split is Split.SWAP_HALVES
 
 
 @cache
@@ -119,7 +128,8 @@ def _diffusers_patterns(family: Family) -> tuple[tuple[re.Pattern[str], str, int
 
 
 def original_place(family: Family, key: str) -> OriginalPlace | None:
-    """A diffusers state-dict key of the family's denoiser -> where the original layout stores it."""
+    """A diffusers state-dict key of the family's denoiser -> where the original layout stores it
+    (its own name when no rule names it and the family keeps names, else None)."""
     for pattern, template, part, parts, split in _diffusers_patterns(family):
         found = pattern.match(key)
         if found is not None:
@@ -128,7 +138,7 @@ def original_place(family: Family, key: str) -> OriginalPlace | None:
                 "{param}", groups.get("param") or ""
             )
             return OriginalPlace(original, part, parts, split)
-    return None
+    return OriginalPlace(key, 0, 1, Split.WHOLE) if family.original_keeps_names else None
 
 
 def lora_targets(family: Family, name: str) -> tuple[tuple[str, ...], bool]:
@@ -141,13 +151,15 @@ def lora_targets(family: Family, name: str) -> tuple[tuple[str, ...], bool]:
 
 
 def block_of(family: Family, module: str) -> tuple[BlockGroup, int] | None:
-    """A diffusers module name of the denoiser -> (its block group, block index), or None outside blocks."""
+    """A diffusers module name of the denoiser (dotted, or kohya-flattened) -> (its block group, block
+    index), or None outside blocks."""
     for group in family.block_groups:
-        prefix = group.module_prefix + "."
-        if module.startswith(prefix):
-            index = module[len(prefix) :].split(".", 1)[0]
-            if index.isdigit():
-                return group, int(index)
+        for separator in ".", "_":
+            prefix = group.module_prefix + separator
+            if module.startswith(prefix):
+                index = re.split(r"[._]", module[len(prefix) :], maxsplit=1)[0]
+                if index.isdigit():
+                    return group, int(index)
     return None
 
 

@@ -1,4 +1,4 @@
-"""The UNet families: SD 1.x, SD 2.x and SDXL (and the SD 3 MMDiT, LoRA loading only).
+"""The UNet families: SD 1.x, SD 2.x and SDXL.
 
 Their single-file layouts (LDM for SD 1.x/2.x, SGM for SDXL) are written by the key mappers of
 :mod:`lorarecipe.outputs.singlefile_names`, named here per component; per-block weights are
@@ -11,7 +11,7 @@ from types import MappingProxyType
 
 from .spec import Family, GridCall, SingleFileComponent
 
-__all__ = ["SD1", "SD2", "SD3", "SDXL"]
+__all__ = ["SD1", "SD2", "SDXL"]
 
 _CFG = GridCall(
     attention_kwargs="cross_attention_kwargs",
@@ -86,26 +86,5 @@ SDXL = Family(
     ),
     kohya_prefixes=MappingProxyType(
         {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-    ),
-)
-
-SD3 = Family(
-    key="sd3",
-    label="SD 3",
-    pipeline_class="StableDiffusion3Pipeline",
-    pipeline_classes=(
-        "StableDiffusion3Pipeline",
-        "StableDiffusion3Img2ImgPipeline",
-        "StableDiffusion3InpaintPipeline",
-    ),
-    lora_mixin="SD3LoraLoaderMixin",
-    denoiser="transformer",
-    lora_components=("transformer", "text_encoder", "text_encoder_2"),
-    default_size=1024,
-    grid=GridCall(
-        attention_kwargs="joint_attention_kwargs",
-        negative_prompt="native",
-        default_guidance=7.5,
-        guidance="classifier-free guidance scale",
     ),
 )

@@ -33,6 +33,9 @@ class Split(str, Enum):
     EQUAL = "equal"  # n modules of equal height, concatenated (a fused q/k/v projection)
     QKV_REST = "qkv_rest"  # q, k, v of height = in_features, then the rest (FLUX.1 single-block linear1)
     SWAP_HALVES = "swap_halves"  # one module whose two row halves are stored swapped (shift/scale)
+    # SWAP_HALVES where the weight is twice as tall as wide (an AdaLayerNormContinuous: SD 3's last
+    # context block, whose siblings are AdaLayerNormZero, 6× as tall, and stored as they are)
+    SWAP_HALVES_IF_PAIR = "swap_halves_if_pair"
 
 
 @dataclass(frozen=True)
@@ -78,14 +81,17 @@ class GridCall:
     ``attention_kwargs`` is the call argument that carries a LoRA ``scale``; ``negative_prompt`` is
     ``"native"`` (classifier-free guidance: always passed), ``"true_cfg"`` (guidance-distilled:
     passed only with ``true_cfg_scale`` > 1) or ``"none"`` (the pipeline takes no negative prompt);
-    ``guidance`` says what ``guidance_scale`` means. ``frames``: a video family's default number of
-    frames per grid cell (0: the family makes images).
+    ``guidance`` says what the grid's ``guidance`` means and ``guidance_argument`` which call argument
+    takes it (Qwen-Image's classifier-free guidance is ``true_cfg_scale``: its ``guidance_scale`` is for
+    guidance-distilled variants only). ``frames``: a video family's default number of frames per grid
+    cell (0: the family makes images).
     """
 
     attention_kwargs: Literal["cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"]
     negative_prompt: Literal["native", "true_cfg", "none"]
     default_guidance: float
     guidance: str
+    guidance_argument: Literal["guidance_scale", "true_cfg_scale"] = "guidance_scale"
     frames: int = 0
 
 
@@ -138,6 +144,17 @@ class Family:
     )
     #: lorarecipe converts LoRAs named in the original layout itself (diffusers' converter cannot)
     converts_original_loras: bool = False
+    #: the original layout stores every module no rule names under its diffusers name (Qwen-Image's
+    #: checkpoints are diffusers-named; Z-Image's differ only where a rule says)
+    original_keeps_names: bool = False
+    #: LoRA key layouts the family's diffusers loader converts besides ``<component>.`` PEFT keys and
+    #: kohya ``lora_unet_`` names: ``diffusion_model`` (ai-toolkit/ComfyUI prefix), ``bare`` (module
+    #: names without a prefix, read when the file has ``.alpha`` keys or PEFT's ``default.`` name),
+    #: ``lokr`` (LyCORIS LoKr into PEFT LoKr layers, whose alpha convention differs: named in the
+    #: message; lorarecipe applies LoKr itself)
+    lora_layouts: frozenset[str] = frozenset()
+    #: pipeline classes that need an input image (edit models): built and fused, not rendered in grids
+    image_input_pipelines: tuple[str, ...] = ()
     #: models of the family by denoiser width, named in mismatch errors
     variants: tuple[Variant, ...] = ()
     #: denoisers a LoRA file can be loaded into, one at a time (Wan 2.2 A14B's two experts:
@@ -150,9 +167,6 @@ class Family:
     #: module names the denoiser's class keeps in float32 when diffusers loads it in half precision
     #: (``_keep_in_fp32_modules``: Wan's time embedder, norms and modulation), matched per dotted part
     keep_in_float32: tuple[str, ...] = ()
-    #: other pipeline classes of the family that a base folder may hold and that lorarecipe loads as
-    #: they are (FLUX.2 Klein's own pipeline, with its Qwen3 text encoder)
-    also_loads: tuple[str, ...] = ()
 
     @property
     def single_file(self) -> bool:
@@ -162,11 +176,6 @@ class Family:
     @property
     def single_file_components(self) -> tuple[str, ...]:
         return tuple(self.single_file_layout)
-
-    @property
-    def loadable_pipelines(self) -> tuple[str, ...]:
-        """The pipeline classes a base folder of this family may hold (``model_index.json``)."""
-        return (self.pipeline_class, *self.also_loads)
 
     @property
     def denoisers(self) -> tuple[str, ...]:

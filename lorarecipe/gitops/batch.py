@@ -76,9 +76,7 @@ def _checked_lock(path: Path, loaded: LoadedRecipe, options: BatchOptions) -> An
     return lock
 
 
-def _plan_file(
-    path: Path, options: BatchOptions, several: bool, first: int
-) -> list[BuildJob | BuildOutcome]:
+def _plan_file(path: Path, options: BatchOptions, several: bool, first: int) -> list[BuildJob | BuildOutcome]:
     """Load (and with ``frozen`` check the lock of) one recipe file and compile each of its builds:
     a job per build, or the outcome of a build that failed to compile."""
     from ..compiler import compile_recipe

@@ -248,5 +248,3 @@ def _collect(
         raise UsageError(usage)
     assert isinstance(outcome, BuildOutcome)
     return outcome
-
-

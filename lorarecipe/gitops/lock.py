@@ -164,8 +164,8 @@ def plan_inputs(plans: Sequence[Plan]) -> list[InputUse]:
                 found.append(InputUse(step.id, step.source, "base", step.variant, step.single_file))
                 if step.config is not None:
                     found.append(InputUse(f"{step.id}:config", step.config, "config"))
-            elif isinstance(step, LoadAdapter):
-                found.append(InputUse(step.id, step.source, "adapter"))
+            elif isinstance(step, LoadAdapter):  # a checkpoint difference is a folder, read like a base
+                found.append(InputUse(step.id, step.source, "base" if step.difference else "adapter"))
             for use in found:
                 uses.setdefault(use.key(), use)
     return list(uses.values())

@@ -34,6 +34,7 @@ __all__ = [
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 _CROSS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_LUMINA2_WIDTH = 2304
 _SD_PIPELINES = FAMILIES["sd1"].pipeline_classes  # shared by SD 1.x and 2.x: told apart by shapes
 #: model_index.json class -> family, for the classes only one family uses
 PIPELINE_FAMILIES: Mapping[str, str] = MappingProxyType(
@@ -291,16 +292,23 @@ _BARE_DIT = (
     "proj_out.",
     "norm_out.",
     "pos_embed.",
-    "double_stream_modulation_img.",
+    "double_stream_modulation_img.",  # FLUX.2
     "double_stream_modulation_txt.",
     "single_stream_modulation.",
-    "blocks.",
+    "blocks.",  # Wan
     "patch_embedding.",
     "text_embedding.",
     "time_embedding.",
     "time_projection.",
     "head.",
     "img_emb.",
+    "txt_norm.",  # Qwen-Image
+    "layers.",  # Z-Image
+    "noise_refiner.",
+    "context_refiner.",
+    "cap_embedder.",
+    "x_pad_token",
+    "cap_pad_token",
 )
 _BARE_UNET = (
     "down_blocks.",
@@ -332,6 +340,13 @@ def _single_family(keys: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[str
         return "wan", f"Wan key '{key}' (Wan)"
     if key := first("double_blocks."):
         return "flux", f"BFL key '{key}' (FLUX.1)"
+    if (key := first("noise_refiner.", "context_refiner.")) and (qkv := first("layers.0.attention.")):
+        width = keys[qkv][1][-1] if len(keys[qkv][1]) == 2 else None
+        if width == _LUMINA2_WIDTH:
+            return None, f"NextDiT key '{key}' of width {width}: Lumina Image 2.0, not supported"
+        return "z_image", f"NextDiT keys '{key}' and '{qkv}' (Z-Image)"
+    if key := first("transformer_blocks.0.img_mod.", "transformer_blocks.0.img_mlp."):
+        return "qwen_image", f"key '{key}' (Qwen-Image's image-stream modulation/MLP)"
     if (key := first("model.diffusion_model.input_blocks.")) and (te := first("conditioner.embedders.1.")):
         return "sdxl", f"SGM keys '{key}' and '{te}' (SDXL)"
     if key and (te := first("cond_stage_model.transformer.")):
@@ -390,7 +405,9 @@ def inspect_single_file(path: Path) -> BaseInfo:
 
 _ALLOWED_LIBRARIES = {"diffusers", "transformers", None}
 _COMPONENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_KNOWN_PIPELINES = {cls for info in FAMILIES.values() for cls in info.loadable_pipelines}
+_KNOWN_PIPELINES = {
+    cls for info in FAMILIES.values() for cls in (info.pipeline_class, *info.pipeline_classes)
+}
 
 
 def check_model_index(folder: Path) -> dict[str, Any]:

@@ -4,12 +4,13 @@ trainers get wrong), and a sentence saying why.
 UNets by their cross-attention input width (768 SD 1.x, 1024 SD 2.x, 2048 SDXL); DiTs by module names
 and widths: FLUX.1 (BFL blocks, width 3072, a ×4 GELU MLP, per-block modulation), FLUX.2 (fused
 single-block projection, SwiGLU feed-forward, shared modulation, widths 3072/4096/6144), Qwen-Image
-(image/text MLPs, 60 joint blocks), SD 3 (joint blocks of width 1536/2432), Wan (``blocks.N`` with
-self/cross attention and a feed-forward). A FLUX.1 LoRA and a FLUX.2 Klein 4B LoRA can share every
-name and shape (width 3072, attention only, blocks 0-4): such a file is left undecided. ``lora_variant``
-names the model of a family a LoRA was made for, by its width (Klein 4B or 9B, Wan 1.3B or 14B).
-Conservative: tiny test models and unknown architectures give None, so a mismatch is only reported on
-evidence. Pure Python.
+(image/text MLPs, 60 joint blocks), Z-Image (NextDiT layers and refiners; Lumina Image 2.0 shares the
+names at width 2304), SD 3 (joint blocks of width 1536/2432), Wan (``blocks.N`` with self/cross
+attention and a feed-forward). A FLUX.1 LoRA and a FLUX.2 Klein 4B LoRA can share every name and shape
+(width 3072, attention only, blocks 0-4): such a file is left undecided. ``lora_variant`` names the
+model of a family a LoRA was made for, by its width (Klein 4B or 9B, Wan 1.3B or 14B). Conservative:
+tiny test models and unknown architectures give None, so a mismatch is only reported on evidence (names
+no other family uses count as evidence at any width). Pure Python.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def detect_family(
 
 _FLUX2 = re.compile(r"to_qkv_mlp_proj|ff(?:_context)?_linear_(?:in|out)|(?:double|single)_stream_modulation")
 _QWEN = re.compile(r"transformer_blocks_\d+_(?:img|txt)_(?:mlp|mod)")
+_NEXTDIT = re.compile(
+    r"(?:layers|noise_refiner|context_refiner)_\d+_(?:attention_(?:to_[qkv]|to_out_0|qkv|out)|feed_forward_w[123]"
+    r"|adaLN_modulation_0)$"
+)
+_LUMINA2_WIDTH = 2304
 _BFL_MLP = re.compile(r"(?:double_blocks_\d+_(?:img|txt)_mlp_0|single_blocks_\d+_linear1)$")
 # modules FLUX.1 has and FLUX.2 has not: per-block modulation, GELU MLPs, separate single-block q/k/v
 _FLUX1_ONLY = re.compile(
@@ -130,6 +136,11 @@ def _dit_family(dit: list[tuple[LoraModule, str]]) -> tuple[str | None, str]:
         qwen = next(m.name for m, f in dit if f.startswith(f"transformer_blocks_{last_joint}_"))
     if qwen is not None:
         return "qwen_image", f"'{qwen}' (Qwen-Image: 60 joint blocks with image/text MLPs; FLUX.1 has 19)"
+    nextdit = next((m for m, f in dit if _NEXTDIT.search(f)), None)
+    if nextdit is not None and _LUMINA2_WIDTH in widths:
+        return "lumina2", f"'{nextdit.name}' with hidden width {_LUMINA2_WIDTH} (Lumina Image 2.0's NextDiT)"
+    if nextdit is not None:
+        return "z_image", f"'{nextdit.name}' (Z-Image: NextDiT layers/refiners with a SwiGLU feed_forward)"
     by_mlp = _bfl_mlp_family(dit) if heads & {"double_blocks", "single_blocks"} else None
     if by_mlp is not None:
         return by_mlp

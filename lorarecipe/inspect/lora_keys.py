@@ -3,7 +3,10 @@
 Works from tensor names and shapes only (never values), so it is instant and torch-free. The
 family comes from shapes (cross-attention input widths, hidden sizes), never from ``ss_*``
 metadata, which trainers get wrong. ``unsupported`` names the reason when diffusers 0.42 cannot
-load the file (or would silently load nothing) and lorarecipe does not convert it itself.
+load the file (or would silently load nothing) and lorarecipe does not convert it itself. LyCORIS
+(LoCon with ``lora_mid``, LoHa, LoKr) and DoRA files are among those diffusers cannot load, and
+lorarecipe applies them itself: for them ``lycoris`` holds every module as its adapter math reads
+it (:mod:`.lycoris_keys`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ..families import FAMILIES
 from ..families.original_names import match_lora_module
 from ..fs.json_files import JsonFileError, parse_json
 from .lora_family import detect_family
+from .lycoris_keys import LycorisInfo, inspect_lycoris, peft_pattern_matches
 from .safetensors_header import SafetensorsHeader, TensorInfo
 
 __all__ = ["COMPONENT_ORDER", "RAW_PEFT", "LoraInfo", "LoraModule", "inspect_lora"]
@@ -71,6 +75,13 @@ _DIT_HEADS = (
     "vector_in",
     "guidance_in",
     "final_layer",
+    "layers",  # Z-Image (NextDiT)
+    "noise_refiner",
+    "context_refiner",
+    "all_x_embedder",
+    "all_final_layer",
+    "cap_embedder",
+    "t_embedder",
 )
 _KOHYA_STARTS = tuple(prefix for prefix, _ in _KOHYA_PREFIXES)
 
@@ -84,6 +95,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("xlabs", re.compile(r"^(.+\.processor\.(?:qkv|proj)_lora\d?)\.(down|up)\.weight$")),
     ("diffusers_old", re.compile(r"^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")),
     ("peft", re.compile(r"^(.+)\.lora_(A|B)\.weight$")),
+    ("peft", re.compile(r"^(.+)\.lora_(A|B)\.default\.weight$")),  # DiffSynth-Studio (PEFT adapter name)
     ("peft", re.compile(r"^(.+)\.lora_B\.(bias)$")),
     ("peft", re.compile(r"^(.+)\.lora_(magnitude_vector)$")),
     ("kohya", re.compile(r"^(.+)\.lora_(down|up|mid)\.weight$")),
@@ -133,6 +145,8 @@ class LoraInfo:
     metadata: Mapping[str, str] = field(hash=False)
     #: the only problem is the bare-PEFT ``base_model.model.`` prefix, which some families read
     raw_peft: bool = False
+    #: LyCORIS/DoRA files: every module as lorarecipe's adapter math reads it (None for plain LoRAs)
+    lycoris: LycorisInfo | None = field(default=None, hash=False)
 
 
 @dataclass
@@ -182,11 +196,14 @@ def _dims(info: TensorInfo | None, *lengths: int) -> tuple[int, ...] | None:
     return info.shape
 
 
+_LOCON_MID = "uses LoCon's CP decomposition ('lora_mid'); diffusers cannot load it"
+
+
 def _lowrank(group: _Group) -> tuple[int, int, int, tuple[int, ...]] | str:
     """(rank, in, out, kernel) of a down/up pair, or a reason the pair is broken."""
     down, up = _dims(group.parts.get("down"), 2, 4), _dims(group.parts.get("up"), 2, 4)
     if "mid" in group.parts:
-        return f"module {group.stem!r} uses LoCon's CP decomposition ('lora_mid'); diffusers cannot load it"
+        return f"module {group.stem!r} {_LOCON_MID}"
     if down is None or up is None:
         return f"module {group.stem!r} has no usable down/A and up/B weight pair"
     if up[1] != down[0]:
@@ -276,17 +293,20 @@ def _number(value: Any) -> float | None:
 
 
 def _metadata_alpha(config: dict[str, Any], component: str, name: str) -> float | None:
-    """LoraConfig alpha for one module. alpha_pattern keys are matched as literal module-name
-    suffixes, not as regular expressions: the metadata is untrusted and a regex could hang."""
+    """LoraConfig alpha for one module. alpha_pattern keys are matched as literal module names
+    (``peft_pattern_matches``), not as regular expressions: the metadata is untrusted and a regex
+    could hang."""
     pattern = config.get(f"{component}.alpha_pattern")
     if isinstance(pattern, dict):
         for key, value in pattern.items():
-            if (name == key or name.endswith("." + key)) and _number(value) is not None:
+            if isinstance(key, str) and peft_pattern_matches(key, name) and _number(value) is not None:
                 return _number(value)
     return _number(config.get(f"{component}.lora_alpha"))
 
 
-def _unsupported(formats: Counter[str], groups: list[_Group], broken: list[str], control: bool) -> str | None:
+def _unsupported(
+    formats: Counter[str], groups: list[_Group], broken: list[str], control: bool, reads: frozenset[str]
+) -> str | None:
     first = {kind: next(g.stem for g in groups if g.kind == kind) for kind in formats}
     if "cloneofsimo" in formats:
         return (
@@ -294,14 +314,19 @@ def _unsupported(formats: Counter[str], groups: list[_Group], broken: list[str],
             "numbered in traversal order, not named, so neither diffusers nor lorarecipe can place them"
         )
     if "lycoris_lokr" in formats:
+        how = (
+            "loads LoKr for this family into PEFT layers, whose alpha convention differs from the file's"
+            if "lokr" in reads
+            else "cannot load LoKr"
+        )
         return (
             f"LyCORIS LoKr (Kronecker) weights (e.g. '{first['lycoris_lokr']}.lokr_w1…'): diffusers 0.42 "
-            "cannot load LoKr; bake it with LyCORIS tools or extract a plain LoRA first"
+            f"{how} (lorarecipe applies it itself)"
         )
     if "lycoris_loha" in formats:
         return (
             f"LyCORIS LoHa (Hadamard) weights (e.g. '{first['lycoris_loha']}.hada_w1_a'): diffusers 0.42 "
-            "cannot load LoHa; bake it with LyCORIS tools or extract a plain LoRA first"
+            "cannot load LoHa (lorarecipe applies it itself)"
         )
     if "malformed" in formats:
         stem = first["malformed"]
@@ -315,7 +340,8 @@ def _unsupported(formats: Counter[str], groups: list[_Group], broken: list[str],
         dora = next(g.stem for g in groups if g.dora)
         return (
             f"DoRA (dora_scale / lora_magnitude_vector, e.g. on '{dora}'): diffusers 0.42 drops the "
-            "magnitude vectors and would apply a different update than the one trained"
+            "magnitude vectors and would apply a different update than the one trained (lorarecipe "
+            "applies it itself)"
         )
     if broken:
         return broken[0]
@@ -323,7 +349,7 @@ def _unsupported(formats: Counter[str], groups: list[_Group], broken: list[str],
         return f"mixes key layouts {sorted(formats)}; diffusers would load only part of it"
     if not formats:
         return "no LoRA weights recognized (no lora_A/lora_B, lora_down/lora_up or LyCORIS keys)"
-    return _prefix_problem(next(iter(formats)), [g.stem for g in groups], control)
+    return _prefix_problem(next(iter(formats)), [g.stem for g in groups], control, reads)
 
 
 RAW_PEFT = (
@@ -332,10 +358,30 @@ RAW_PEFT = (
 )
 
 
-def _prefix_problem(kind: str, stems: list[str], control: bool) -> str | None:
-    """Layouts diffusers 0.42 reads without error but loads nothing from (or misreads)."""
+def _family_reads(stems: list[str], reads: frozenset[str]) -> bool:
+    """Whether the base family's diffusers loader converts every stem's prefix style (``reads``: the
+    family's ``lora_layouts``, 'bare' only when the file triggers its converter)."""
+    if not reads:
+        return False
+    for stem in stems:
+        head = stem.split(".", 1)[0]
+        if stem.startswith("diffusion_model."):
+            if "diffusion_model" not in reads:
+                return False
+        elif (
+            head in COMPONENT_ORDER or stem.startswith((*_KOHYA_STARTS, "base_model.")) or "bare" not in reads
+        ):
+            return False
+    return True
+
+
+def _prefix_problem(kind: str, stems: list[str], control: bool, reads: frozenset[str]) -> str | None:
+    """Layouts diffusers 0.42 reads without error but loads nothing from (or misreads); ``reads``: the
+    prefix styles the base family's loader converts (Qwen-Image, Z-Image)."""
     if kind == "peft" and any(s.startswith("base_model.model.") for s in stems):
         return RAW_PEFT
+    if _family_reads(stems, reads):
+        return None
     converted = _original_names(stems)
     if kind == "peft" and any(s.startswith("diffusion_model.") for s in stems) and not converted:
         return (
@@ -384,8 +430,21 @@ def _non_float_weights(header: SafetensorsHeader) -> str | None:
     return None
 
 
-def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
-    """Header -> LoraInfo. Never raises for odd files: oddities end up in ``unsupported``."""
+def _readable_layouts(family: str | None, groups: list[_Group], keys: list[str]) -> frozenset[str]:
+    """The base family's ``lora_layouts``, without 'bare' when nothing triggers its converter (no
+    ``.alpha`` key and no PEFT ``default.`` adapter name: diffusers would pass the keys through)."""
+    known = FAMILIES.get(family or "")
+    reads = set(known.lora_layouts) if known is not None else set()
+    if not any(g.alpha for g in groups) and not any(".default." in k for k in keys):
+        reads.discard("bare")
+    return frozenset(reads)
+
+
+def inspect_lora(header: SafetensorsHeader, family: str | None = None) -> LoraInfo:
+    """Header -> LoraInfo. Never raises for odd files: oddities end up in ``unsupported``.
+
+    ``family``: the base's family when known, whose diffusers loader may convert layouts others
+    load as nothing (Qwen-Image and Z-Image read ``diffusion_model.`` and bare names)."""
     groups, unrecognized = _group_keys(header)
     config = _peft_alphas(header.metadata)
     readers = {"lycoris_lokr": _lokr, "lycoris_loha": _loha}
@@ -426,21 +485,29 @@ def inspect_lora(header: SafetensorsHeader) -> LoraInfo:
     else:
         fmt = next((k for k in ("cloneofsimo", "lycoris_lokr", "lycoris_loha") if k in formats), "")
         fmt = fmt or ("dora" if any(g.dora for g in listed) else formats.most_common(1)[0][0])
-    family, evidence = detect_family(modules, single_te=any(g.stem.startswith("lora_te_") for g in listed))
+    detected, evidence = detect_family(modules, single_te=any(g.stem.startswith("lora_te_") for g in listed))
     present = {m.component for m in modules}
     control = any(k.endswith("query_norm.scale") for k in unrecognized)  # BFL Flux-control LoRA
-    problem, non_float = _unsupported(formats, listed, broken, control), _non_float_weights(header)
+    reads = _readable_layouts(family, listed, list(header.tensors))
+    problem, non_float = _unsupported(formats, listed, broken, control, reads), _non_float_weights(header)
     raw_peft = problem == RAW_PEFT and non_float is None
+    lycoris = None
+    lycoris_like = {"lycoris_lokr", "lycoris_loha"} & set(formats) or any(g.dora for g in listed)
+    other = {"cloneofsimo", "malformed"} & set(formats)
+    if (lycoris_like or any(_LOCON_MID in b for b in broken)) and not other:
+        lycoris = inspect_lycoris(header)
+        present |= {m.component for m in lycoris.modules}  # LoCon Tucker modules are among them
     return LoraInfo(
         format=fmt,
         modules=tuple(modules),
         components=tuple(c for c in COMPONENT_ORDER if c in present),
         ranks=tuple(sorted({m.rank for m in modules})),
-        family=family,
+        family=detected,
         family_evidence=evidence,
         alpha_source="keys" if "keys" in sources else "metadata" if sources else "default (alpha = rank)",
         unsupported=problem or non_float,
         unrecognized_keys=tuple(unrecognized),
         metadata=header.metadata,
         raw_peft=raw_peft,
+        lycoris=lycoris,
     )

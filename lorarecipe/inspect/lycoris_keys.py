@@ -1,7 +1,7 @@
 """A LoRA/LyCORIS file's header -> its adapted modules: algorithm, factor shapes, ranks, ΔW shape.
 
 Header only (names and shapes, never values), pure Python, torch-free. Keys are grouped per module
-by their suffix; each module is classified as one ΔW algorithm of :mod:`lorarecipe.adapter_math`
+by their suffix; each module is classified as one ΔW algorithm of :mod:`lorarecipe.runner.adapter_math`
 (lora, locon-tucker, loha, loha-tucker, lokr-full, lokr-decomposed, lokr-tucker), plus an optional
 DoRA magnitude (dora-peft, dora-lycoris). Every key ends up in exactly one module or in
 ``unclassified`` with a reason: nothing is dropped silently. Module names are split into component
@@ -12,16 +12,27 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
-from ..adapter_math import dora_axis
 from ..fs.json_files import JsonFileError, parse_json
 from .safetensors_header import SafetensorsHeader
 
-__all__ = ["ALGORITHMS", "LycorisInfo", "LycorisModule", "UnclassifiedKey", "fits", "inspect_lycoris"]
+__all__ = [
+    "ALGORITHMS",
+    "DoraAxis",
+    "LycorisInfo",
+    "LycorisModule",
+    "UnclassifiedKey",
+    "dora_axis",
+    "fits",
+    "inspect_lycoris",
+    "module_tensors",
+    "peft_pattern_matches",
+]
 
+DoraAxis = Literal["row", "column"]
 ALGORITHMS = ("lora", "locon-tucker", "loha", "loha-tucker", "lokr-full", "lokr-decomposed", "lokr-tucker")
 Shape = tuple[int, ...]
 
@@ -117,6 +128,12 @@ class LycorisInfo:
     convention: str  # lycoris | peft | mixed | none
 
 
+def module_tensors(module: LycorisModule) -> dict[str, str]:
+    """A module's keys by role: ``down``/``up``/``mid``, ``w1_a``…, ``t2``, ``alpha``, ``dora_scale``,
+    ``magnitude`` (what the rebuild in :mod:`lorarecipe.runner.adapter_math` reads)."""
+    return {_split_key(key)[2]: key for key in module.keys}
+
+
 def fits(module: LycorisModule, weight_shape: Shape) -> bool:
     """Can the module's ΔW be added to a base weight of this shape? (rows and element count)"""
     return (
@@ -124,6 +141,44 @@ def fits(module: LycorisModule, weight_shape: Shape) -> bool:
         and module.delta_shape[0] == weight_shape[0]
         and (math.prod(module.delta_shape) == math.prod(weight_shape))
     )
+
+
+def dora_axis(
+    scale_shape: Sequence[int], weight_shape: Sequence[int], *, source: Literal["lycoris", "peft"] = "lycoris"
+) -> DoraAxis:
+    """(magnitude shape, weight shape) -> the axis DoRA's norm runs along, or ValueError.
+
+    ``row``: one norm per output channel (PEFT ``lora_magnitude_vector`` (out,); LyCORIS
+    ``dora_scale`` (out, 1[, 1, 1]) with ``wd_on_out``). ``column``: one norm per input channel
+    (LyCORIS/OneTrainer ``dora_scale`` (1, in[, 1, 1]), the pre-4.x LyCORIS default). A 1-D
+    ``dora_scale`` (a squeezed LyCORIS scale) counts as row if its length is ``out`` and column if
+    it is ``in``. When a shape fits both — a 1-D scale on a square weight — the axis is refused:
+    picking one silently is how diffusers came to drop DoRA (LyCORIS#216). The only exception
+    is out == in == 1, where both norms run over the whole tensor and agree. ``source="peft"`` is
+    for ``lora_magnitude_vector``, which PEFT defines per output row whatever the weight's shape.
+    """
+    scale, weight = tuple(int(d) for d in scale_shape), tuple(int(d) for d in weight_shape)
+    if len(weight) < 2:
+        raise ValueError(f"DoRA needs a weight with at least 2 dims, got {weight}")
+    out, inp, ones = weight[0], weight[1], (1,) * (len(weight) - 2)
+    if source == "peft":
+        if math.prod(scale) != out:
+            raise ValueError(
+                f"lora_magnitude_vector {scale} does not hold one value per output row of {weight}"
+            )
+        return "row"
+    row = scale in {(out,), (out, 1), (out, 1, *ones)}
+    column = scale in {(inp,), (1, inp), (1, inp, *ones)}
+    if row and column and out == inp == 1:
+        return "row"
+    if row and column:
+        raise ValueError(
+            f"dora_scale {scale} fits both the output-row and the input-column norm of the {weight} weight; "
+            "refusing to guess (store it as (out, 1) or (1, in))"
+        )
+    if row or column:
+        return "row" if row else "column"
+    raise ValueError(f"dora_scale {scale} fits neither (out, 1) nor (1, in) of the {weight} weight")
 
 
 def _place(stem: str) -> tuple[str, str, str]:
@@ -260,6 +315,15 @@ def _adapter_config(header: SafetensorsHeader, config: Mapping[str, Any] | None)
     return parsed if isinstance(parsed, dict) else {}
 
 
+def peft_pattern_matches(key: str, module: str) -> bool:
+    """Whether a PEFT ``rank_pattern``/``alpha_pattern`` key names ``module``, read literally (never as
+    a regex: the metadata is untrusted): ``x.y`` names ``x.y`` and any module ending in ``.x.y`` (PEFT's
+    ``(.*\\.)?key$``), ``^x.y`` only ``x.y`` itself (diffusers anchors the keys it writes that way)."""
+    if key.startswith("^"):
+        return module == key[1:]
+    return module == key or module.endswith("." + key)
+
+
 def _config_value(config: Mapping[str, Any], component: str, module: str, fields: tuple[str, ...]) -> Any:
     """A PEFT field for one module: its pattern dict (module-name suffixes matched literally, never
     as regexes: the metadata is untrusted), then '<component>.<field>' (diffusers), then '<field>'."""
@@ -267,8 +331,8 @@ def _config_value(config: Mapping[str, Any], component: str, module: str, fields
     for name in (f"{component}.{pattern_name}", pattern_name):
         pattern = config.get(name)
         if isinstance(pattern, dict):
-            for suffix, value in pattern.items():
-                if module == suffix or module.endswith("." + suffix):
+            for key, value in pattern.items():
+                if isinstance(key, str) and peft_pattern_matches(key, module):
                     return value
     for field in fields:
         for name in (f"{component}.{field}", field):

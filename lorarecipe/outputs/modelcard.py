@@ -59,16 +59,19 @@ def strategy_lines(plan: Plan, adapters: list[str] | None = None, fused: bool = 
         parts = ", ".join(f"{n} × {w:g}" for n, w in zip(merge.adapters, merge.weights, strict=True))
         opts = [
             f"{k} {getattr(merge, k)}"
-            for k in ("density", "majority_sign_method", "svd_rank", "svd_clamp", "svd_driver")
+            for k in ("density", "majority_sign_method", "svd_rank", "svd_energy", "svd_clamp", "svd_driver")
             if getattr(merge, k) is not None
         ]
-        if COMBINATION_TYPES[merge.method].random:
+        rule = COMBINATION_TYPES[merge.method]
+        if rule.random:
             opts.append(f"seed {merge.seed}")
         extra = f" ({', '.join(opts)})" if opts else ""
-        lines.append(
-            f"`{merge.name}` = PEFT `add_weighted_adapter` with combination type `{merge.method}`{extra} "
-            f"of {parts}: {COMBINATION_TYPES[merge.method].description}."
+        how = (
+            f"PEFT `add_weighted_adapter` with combination type `{merge.method}`"
+            if rule.peft
+            else "`extract`"
         )
+        lines.append(f"`{merge.name}` = {how}{extra} of {parts}: {rule.description}.")
     if not fused:
         return lines
     for mix in plan.of_type(SetAdapters):

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from ..families import Family, Split
-from ..families.original_names import original_place
+from ..families.original_names import halves_swapped, original_place
 from ..recipe.vocabulary import ValueEnum
 
 __all__ = [
@@ -331,13 +331,16 @@ def map_open_clip_keys(shapes: Mapping[str, Shape]) -> dict[str, Target | None]:
 def map_rule_keys(family: Family, shapes: Mapping[str, Shape]) -> dict[str, Target | None]:
     """A DiT's diffusers keys -> the family's original names, from its ModuleRule/ParamRule tables
     (FLUX.1: the inverse of convert_flux_transformer_checkpoint_to_diffusers; fused q/k/v and
-    ``linear1`` parts are rows of one tensor, ``final_layer.adaLN_modulation.1`` has its halves swapped)."""
+    ``linear1`` parts are rows of one tensor, ``final_layer.adaLN_modulation.1`` has its halves swapped;
+    SD 3's last context adaLN too, told by its weight's shape; families that keep names pass the rest)."""
     out: dict[str, Target | None] = {}
     for key in shapes:
         place = original_place(family, key)
         if place is None:
             out[key] = None
-        else:
-            swap = StoredForm.SWAP_HALVES if place.split is Split.SWAP_HALVES else None
-            out[key] = Target(place.key, place.part, place.parts, swap)
+            continue
+        weight = shapes.get(key.rsplit(".", 1)[0] + ".weight", shapes[key])  # a bias swaps as its weight
+        swapped = len(weight) == 2 and halves_swapped(place.split, weight[1], weight[0])
+        swapped = swapped or place.split is Split.SWAP_HALVES
+        out[key] = Target(place.key, place.part, place.parts, StoredForm.SWAP_HALVES if swapped else None)
     return out

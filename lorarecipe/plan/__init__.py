@@ -187,6 +187,11 @@ class LoadAdapter(Step):
     #: the experts the file is loaded into (Wan 2.2 A14B: transformer and/or transformer_2); None: the
     #: family's one denoiser, as diffusers loads by default
     load_into: tuple[str, ...] | None = field(default=None, metadata={OPTIONAL: True})
+    #: LoKr alpha/rank convention the recipe asks for (None: the file's own, detected). Whether an
+    #: adapter is a plain LoRA or a LyCORIS/DoRA file is read from its header when it is loaded.
+    scale_convention: str | None = field(default=None, metadata={OPTIONAL: True})
+    #: the source is a checkpoint folder: the adapter is its weights minus the base's (extract only)
+    difference: bool = field(default=False, metadata={OPTIONAL: True})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,6 +207,7 @@ class MergeAdapters(Step):
     majority_sign_method: str | None = None
     svd_rank: int | None = None
     svd_clamp: float | None = None
+    svd_energy: float | None = field(default=None, metadata={OPTIONAL: True})  # extract only
     svd_full_matrices: bool = True
     svd_driver: str | None = None
     seed: int = 0

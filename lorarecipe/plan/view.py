@@ -87,7 +87,7 @@ def _line(step: Step, checks: dict[str, str]) -> str:
         params = [f"{n}×{w:g}" for n, w in zip(step.adapters, step.weights, strict=True)]
         opts = [
             f"{k}={getattr(step, k)}"
-            for k in ("density", "majority_sign_method", "svd_rank", "svd_clamp", "svd_driver")
+            for k in ("density", "majority_sign_method", "svd_rank", "svd_energy", "svd_clamp", "svd_driver")
             if getattr(step, k) is not None
         ]
         if step.method.startswith("dare"):

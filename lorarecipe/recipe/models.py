@@ -162,7 +162,8 @@ class BaseSpec(_SourceSpec):
 
 
 class AdapterSpec(_SourceSpec):
-    """One LoRA file: from the hub (repo + explicit weight_name), a local file, or a built-in."""
+    """One LoRA file: from the hub (repo + explicit weight_name), a local file, or a built-in; or a
+    checkpoint whose difference from the base is the adapter (for ``extract`` merges)."""
 
     _builtins: ClassVar[Mapping[str, object]] = BUILTIN_LORAS
 
@@ -175,10 +176,21 @@ class AdapterSpec(_SourceSpec):
     revision: str | None = Field(None, description="Hub branch, tag or commit. Default: main.")
     file: str | None = Field(None, description="Local .safetensors file, relative to the recipe.")
     builtin: str | None = Field(None, description=f"A built-in tiny LoRA: {', '.join(BUILTIN_LORAS)}.")
+    checkpoint: str | None = Field(
+        None,
+        description="A fused or fine-tuned checkpoint of the base's family (local diffusers folder, relative "
+        "to the recipe): the adapter is its weights minus the base's. Only an input of 'extract' merges.",
+    )
     format: Literal["auto", "diffusers", "peft", "kohya"] = Field(
         "auto",
         description="Key layout of the file; 'auto' detects it from the safetensors header "
         "('peft' is the same layout as 'diffusers').",
+    )
+    scale_convention: Literal["lycoris", "peft"] | None = Field(
+        None,
+        description="LyCORIS LoKr files: how alpha/rank applies. 'lycoris' (kohya, LyCORIS, ai-toolkit, "
+        "ComfyUI): alpha/rank only when a Kronecker factor is stored decomposed, else 1; 'peft' (PEFT's "
+        "LoKrModel): always alpha/rank. Default: what the file's trainer meant (detected from its keys).",
     )
     trigger_words: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
         default_factory=list,
@@ -197,11 +209,14 @@ class AdapterSpec(_SourceSpec):
 
     @model_validator(mode="after")
     def _one_source(self) -> AdapterSpec:
-        given = [k for k in ("hub", "file", "builtin") if getattr(self, k) is not None]
+        given = [k for k in ("hub", "file", "builtin", "checkpoint") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of hub, file or builtin" + (f" (got {', '.join(given)})" if given else "")
+                "give exactly one of hub, file, builtin or checkpoint"
+                + (f" (got {', '.join(given)})" if given else "")
             )
+        if self.checkpoint is not None and (self.format != "auto" or self.scale_convention is not None):
+            raise ValueError("'format'/'scale_convention' describe adapter files, not a checkpoint")
         if self.hub is not None and not self.weight_name:
             raise ValueError("a hub adapter needs 'weight_name': the exact .safetensors file to load")
         if self.weight_name is not None and self.hub is None:
@@ -295,9 +310,14 @@ class _AdapterWeights(SpecModel):
 
 
 class MergeSpec(_AdapterWeights):
-    """A PEFT ``add_weighted_adapter`` merge creating a new adapter named by its key."""
+    """A merge creating a new adapter named by its key: PEFT ``add_weighted_adapter``, or ``extract``."""
 
-    method: CombinationType = Field(..., description="PEFT combination_type: " + ", ".join(COMBINATION_TYPES))
+    method: CombinationType = Field(
+        ...,
+        description="PEFT combination_type ("
+        + ", ".join(k for k, r in COMBINATION_TYPES.items() if r.peft)
+        + "), or 'extract': any adapters (LoRA, LyCORIS, DoRA, merges) turned into a plain LoRA by SVD.",
+    )
     adapters: list[Name] | dict[Name, FiniteFloat] = Field(
         ..., description="Adapters to merge, or name -> weight."
     )
@@ -310,7 +330,13 @@ class MergeSpec(_AdapterWeights):
         None, description="Sign election for ties / dare_ties (+ _svd). PEFT default: total."
     )
     svd_rank: Annotated[int, Field(ge=1, le=4096), NO_BOOL] | None = Field(
-        None, description="Rank of *_svd results (default: max rank)."
+        None,
+        description="Rank of *_svd results (default: max rank); required by 'extract' (its largest rank).",
+    )
+    svd_energy: Annotated[float, Field(gt=0.0, le=1.0), NO_BOOL] | None = Field(
+        None,
+        description="'extract' only: per-module rank, the fewest singular values holding this fraction of "
+        "the module's squared Frobenius norm (e.g. 0.99), at most svd_rank.",
     )
     svd_clamp: (
         Annotated[float, Field(le=1.0, json_schema_extra={"exclusiveMinimum": SVD_CLAMP_MIN}), NO_BOOL] | None
@@ -349,6 +375,19 @@ class MergeSpec(_AdapterWeights):
             raise ValueError(
                 f"'svd_rank'/'svd_clamp'/'svd_driver' only apply to svd methods, not {self.method!r}"
             )
+        if self.method == "extract":
+            if self.svd_rank is None:
+                raise ValueError(
+                    "method 'extract' needs 'svd_rank', the rank of the LoRA it writes (an SVD truncated to "
+                    "that rank; 'svd_energy' can lower it per module)"
+                )
+            set_here = self.model_fields_set
+            if self.svd_driver is not None or "svd_full_matrices" in set_here:
+                raise ValueError(
+                    "'svd_driver'/'svd_full_matrices' are PEFT options; 'extract' does not use them"
+                )
+        elif self.svd_energy is not None:
+            raise ValueError(f"'svd_energy' only applies to method 'extract', not {self.method!r}")
         return self
 
     @field_validator("svd_clamp")

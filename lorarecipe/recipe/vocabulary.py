@@ -1,6 +1,7 @@
 """The closed vocabularies of a recipe, as literal registries (no import-time magic).
 
-Everything here is data: PEFT combination types and the rules PEFT applies to them, pipeline
+Everything here is data: merge methods (PEFT's combination types and the rules PEFT applies to them,
+and lorarecipe's own ``extract``), pipeline
 families (re-exported from :mod:`lorarecipe.families`, where each family is a module of tables),
 LoRA-loadable components, dtypes, and the reserved grid-variant names. The recipe
 schema, the compiler and the runner all read these tables, so a rule lives in exactly one place.
@@ -40,7 +41,8 @@ class ValueEnum(str, Enum):
 
 @dataclass(frozen=True)
 class CombinationRule:
-    """What PEFT's ``add_weighted_adapter`` requires of one ``combination_type``."""
+    """What a merge method requires: PEFT's ``add_weighted_adapter`` rules for one ``combination_type``,
+    or lorarecipe's own method (``peft`` False)."""
 
     equal_ranks: bool  # PEFT raises "All adapters must have the same r value" otherwise
     density: bool  # density is required (PEFT crashes with a TypeError without it)
@@ -48,6 +50,7 @@ class CombinationRule:
     svd: bool  # the result is re-factored by SVD (svd_rank, svd_clamp apply)
     random: bool  # draws from torch's global RNG (DARE): needs a seed
     description: str
+    peft: bool = True  # run by PEFT's add_weighted_adapter (which merges only LoRAs)
 
 
 COMBINATION_TYPES: dict[str, CombinationRule] = {
@@ -90,6 +93,17 @@ COMBINATION_TYPES: dict[str, CombinationRule] = {
     "magnitude_prune_svd": CombinationRule(
         False, True, False, True, False, "magnitude prune on deltas, SVD re-factored"
     ),
+    "extract": CombinationRule(
+        False,
+        False,
+        False,
+        True,
+        False,
+        "each module's weighted sum of deltas (LoRA, LoHa, LoKr, DoRA, merges, checkpoint differences) "
+        "re-factored by truncated SVD into a plain LoRA of rank svd_rank (lorarecipe's own, like kohya's "
+        "svd_merge_lora)",
+        peft=False,
+    ),
 }
 
 
@@ -123,13 +137,14 @@ CombinationType = Literal[
     "dare_ties_svd",
     "magnitude_prune",
     "magnitude_prune_svd",
+    "extract",
 ]
 
 
 #: Pipeline families: the registry of :mod:`lorarecipe.families` (one module of tables per family).
 FAMILIES = FAMILY_REGISTRY
 
-Family = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "wan"]
+Family = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "qwen_image", "z_image", "wan"]
 
 COMPONENTS: tuple[str, ...] = (
     "unet",

@@ -105,7 +105,8 @@ def _resolve_inputs(plan: Plan, state: BuildState, pinned: Mapping[str, Resolved
         )
     for step in plan.of_type(LoadAdapter):
         with state.step(step, f"resolve adapter {step.name}"):
-            state.inputs[step.id] = pinned.get(step.id) or resolve_adapter(
+            resolve = resolve_base if step.difference else resolve_adapter  # a checkpoint is a folder
+            state.inputs[step.id] = pinned.get(step.id) or resolve(
                 step.source, options.recipe_root, options.allow_read
             )
 

@@ -85,6 +85,8 @@ class BuildState:
     config: Path | None = None  # config folder of a single-file base
     outputs: dict[str, OutputRecord] = field(default_factory=dict)
     adapters: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> component -> modules
+    #: ``extract`` merges: name -> rank and relative Frobenius error of every module (the manifest's)
+    extractions: dict[str, dict[str, Any]] = field(default_factory=dict)
     dtype: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     #: writes an output folder's model card into a folder (the temporary one, before it is swapped in)

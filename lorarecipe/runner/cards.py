@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..fs.atomic import atomic_write_bytes, atomic_write_text
-from ..fs.hashing import sha256_file
+from ..fs.hashing import path_digest
 from ..fs.paths import resolve_output
 from ..plan import CheckpointLayout, OutputStep, Plan, RenderGrid, SaveCheckpoint, SaveLora
 from .build_state import BuildState
@@ -42,7 +42,8 @@ def _render(
         description=meta.get("description"),
         license=meta.get("license"),
         base_commit=state.inputs["base"].commit,
-        adapter_sha256={name: sha256_file(path) for name, path in state.adapter_paths().items()},
+        # a checkpoint difference is a folder: the digest of its files (a file's is its sha256)
+        adapter_sha256={name: path_digest(path) or "" for name, path in state.adapter_paths().items()},
     )
     if grid is not None:
         card.grid_path = f"images/{Path(grid.path).name}"

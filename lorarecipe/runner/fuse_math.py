@@ -3,8 +3,12 @@
 LoRA factors of one module (``LoraFactor``) + the weights and ``lora_scale`` of a fuse -> the fused
 weight, in float32. This module is the one home of that arithmetic; every fuse the streaming executor
 writes goes through :func:`fused_weight` (a row chunk of a weight is a slice of the same computation,
-not a second version). PEFT's formulas, in PEFT's order, so a float32 result is bit-identical to
-``fuse_lora`` on a float32 pipeline:
+not a second version), and the pipeline route applies LyCORIS/DoRA terms with the same
+:func:`apply_delta_term`. LyCORIS/DoRA adapters (``DeltaTerm``: a ΔW rebuilt by ``adapter_math``,
+lorarecipe's own) come first, in fuse order, then the LoRA terms: a DoRA term re-normalizes the
+weight it is given, and LoRAs applied at runtime (grids) act on top of the weight the deltas changed,
+so fusing in this order is what the runtime mix computes. The LoRA terms use PEFT's formulas, in
+PEFT's order, so a float32 result is bit-identical to ``fuse_lora`` on a float32 pipeline:
 
 - scaling (``native_scaling``): ``set_scale(w)`` is ``w * alpha / r`` (``/ sqrt(r)`` with rsLoRA),
   then fuse_lora's ``scale_layer(lora_scale)`` multiplies it when ``lora_scale != 1``;
@@ -22,18 +26,24 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from ..errors import BuildError
+from ..inspect.lycoris_keys import DoraAxis
 from ..recipe.vocabulary import ValueEnum
 
 __all__ = [
+    "DeltaTerm",
+    "DoraMagnitude",
     "FuseTarget",
     "FuseTerm",
     "LayerKind",
     "LoraFactor",
+    "apply_delta_term",
+    "delta_term_update",
     "fused_weight",
     "lora_product",
     "native_scaling",
@@ -73,12 +83,36 @@ class FuseTerm:
 
 
 @dataclass(frozen=True)
+class DoraMagnitude:
+    """A DoRA magnitude for one weight: float32 values (one per row or column), the axis its norm
+    runs along, and the eps the trainer adds to the norm (LyCORIS: float32 eps, PEFT: 0)."""
+
+    magnitude: Any
+    axis: DoraAxis
+    eps: float
+
+
+@dataclass(frozen=True)
+class DeltaTerm:
+    """One LyCORIS/DoRA adapter's contribution to one weight: ``delta()`` rebuilds its float32 ΔW at
+    the file's own scale, shaped like the weight (read when needed, not held); ``strength`` is the
+    recipe weight × ``lora_scale``; ``dora()`` gives its magnitude when the module is DoRA."""
+
+    adapter: str
+    delta: Callable[[], Any]
+    strength: float
+    dora: Callable[[], DoraMagnitude] | None = None
+
+
+@dataclass(frozen=True)
 class FuseTarget:
-    """One base weight to fuse: its module and the adapters' terms, in fuse order."""
+    """One base weight to fuse: its module and the adapters' terms, in fuse order (LyCORIS/DoRA
+    ``deltas`` first, then the LoRA ``terms``)."""
 
     component: str
     module_name: str
     terms: tuple[FuseTerm, ...]
+    deltas: tuple[DeltaTerm, ...] = ()
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -106,8 +140,46 @@ def native_scaling(factor: LoraFactor, weight: float, lora_scale: float) -> floa
 
 def rows_capable(target: FuseTarget | None) -> bool:
     """Whether a target's delta rows are ``lora_B`` rows @ ``lora_A`` (Linear, 1×1 Conv2d), so a row
-    chunk of the weight can be fused on its own."""
-    return target is None or all(t.factor.kind is not LayerKind.CONV for t in target.terms)
+    chunk of the weight can be fused on its own (never with a LyCORIS/DoRA term: a Kronecker or
+    Hadamard ΔW is rebuilt whole, and DoRA's norm needs the whole weight)."""
+    if target is None:
+        return True
+    return not target.deltas and all(t.factor.kind is not LayerKind.CONV for t in target.terms)
+
+
+def delta_term_update(weight: Any, term: DeltaTerm) -> Any:
+    """The change a term would make to a float32 ``weight``, not applied: s·ΔW, or for DoRA
+    s·(W' − W) (what an ``extract`` merge sums; :func:`apply_delta_term` applies a term)."""
+    from .adapter_math import dora_weight
+
+    delta = term.delta()
+    if term.dora is None:
+        return delta.mul_(term.strength) if term.strength != 1 else delta
+    found = term.dora()
+    updated = dora_weight(weight, delta, found.magnitude, found.axis, eps=found.eps)
+    return updated.sub_(weight).mul_(term.strength)
+
+
+def apply_delta_term(weight: Any, term: DeltaTerm) -> None:
+    """A float32 ``weight`` (the whole tensor) += s·ΔW in place; for DoRA, ``weight`` becomes
+    W + s·(W' − W), W' = m ⊙ (W + ΔW)/‖W + ΔW‖ (``adapter_math.dora_weight``: the strength s
+    interpolates the finished update, as ComfyUI applies a DoRA's strength)."""
+    from .adapter_math import dora_weight
+
+    delta = term.delta()
+    if tuple(delta.shape) != tuple(weight.shape):
+        raise BuildError(
+            f"adapter {term.adapter!r}: ΔW {list(delta.shape)} does not fit the weight {list(weight.shape)}"
+        )
+    if term.dora is None:
+        if term.strength != 1:
+            delta.mul_(term.strength)
+        weight += delta
+        return
+    found = term.dora()
+    weight.copy_(
+        dora_weight(weight, delta, found.magnitude, found.axis, strength=term.strength, eps=found.eps)
+    )
 
 
 def lora_product(factor: LoraFactor, rows: tuple[int, int] | None = None, out: Any = None) -> Any:
@@ -199,6 +271,11 @@ def fused_weight(
     else:
         weight = scratch("weight", tuple(base.shape))
         weight.copy_(base)
+    if target.deltas:
+        if rows is not None:
+            raise BuildError("internal: a LyCORIS/DoRA term cannot be fused a row chunk at a time")
+        for delta_term in target.deltas:
+            apply_delta_term(weight, delta_term)
     terms = target.terms
     if not peft_order and len(terms) and all(t.factor.kind is not LayerKind.CONV for t in terms):
         _add_low_rank(weight, target, rows)

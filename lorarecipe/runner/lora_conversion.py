@@ -1,7 +1,12 @@
 """LoRA files named in a family's original layout -> the diffusers/PEFT layout, with diffusers' float ops.
 
-A FLUX.1 LoRA in kohya/ComfyUI names (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``),
-ai-toolkit names (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``) or XLabs names
+Families whose diffusers loader cannot read all of their original names convert here: FLUX.1; SD 3,
+whose loader reads diffusers keys only (kohya sd-scripts' ``lora_unet_joint_blocks_0_x_block_attn_qkv``,
+CLIPs as ``lora_te1_``/``lora_te2_``); Z-Image, whose loader splits ``layers_0_attention_qkv`` but
+drops the original ``x_embedder``/``final_layer`` (modules its table does not rename keep their
+diffusers names). A FLUX.1 LoRA in kohya/ComfyUI names
+(``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``), ai-toolkit names
+(``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``) or XLabs names
 (``double_blocks.0.processor.qkv_lora1.down.weight``), plus kohya CLIP keys (``lora_te1_…``) ->
 ``transformer.<module>.lora_A/B.weight`` and ``text_encoder.<module>.lora_A/B.weight`` for
 ``load_lora_weights``, with alpha/rank folded into the factors as diffusers does (alpha = rank after).
@@ -30,8 +35,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import UnsafeInputError
-from ..families import Family, Split
-from ..families.original_names import match_lora_module, split_heights
+from ..families import Family
+from ..families.original_names import halves_swapped, match_lora_module, split_heights
 
 __all__ = ["convert_original_lora", "is_original_layout"]
 
@@ -117,7 +122,7 @@ def _denoiser_factors(family: Family, name: str, parts: Mapping[str, Any], where
     xlabs = ".processor." in match.original  # XLabs files carry no alpha; diffusers applies none
     fused = len(match.diffusers) > 1
     down, up = (parts["down"], parts["up"]) if xlabs else _scaled(parts, fused)
-    if match.split is Split.SWAP_HALVES:  # BFL shift|scale -> diffusers scale|shift (swap_scale_shift)
+    if halves_swapped(match.split, down.shape[1], up.shape[0]):  # shift|scale -> diffusers scale|shift
         shift, scale = up.chunk(2, dim=0)
         up = torch.cat([scale, shift], dim=0)
     heights = split_heights(match.split, len(match.diffusers), down.shape[1], up.shape[0])
@@ -174,15 +179,25 @@ def _text_encoder_factors(parts: Mapping[str, Any]) -> tuple[Any, Any]:
     return down, up
 
 
+def _kept_name(family: Family, stem: str, index: Mapping[str, str]) -> str | None:
+    """A denoiser module the original layout names as diffusers does (Z-Image's ``feed_forward.w1``),
+    kohya-flattened or dotted, ``lora_unet_``/``diffusion_model.`` prefixed -> its module name."""
+    for prefix in (family.kohya_prefixes.get(family.denoiser, "lora_unet") + "_", "diffusion_model."):
+        if stem.startswith(prefix) and stem[len(prefix) :].replace(".", "_") in index:
+            return index[stem[len(prefix) :].replace(".", "_")]
+    return None
+
+
 def convert_original_lora(
     family: Family,
     state_dict: Mapping[str, Any],
-    text_encoder_modules: Mapping[str, Iterable[str]],
+    component_modules: Mapping[str, Iterable[str]],
     where: str,
 ) -> dict[str, Any]:
     """A LoRA state dict in the family's original layout -> diffusers/PEFT keys (see the module docstring).
 
-    ``text_encoder_modules``: component -> its module names, to place kohya text-encoder keys. Every
+    ``component_modules``: component -> its module names, to place kohya text-encoder keys (and, for a
+    family whose original layout keeps diffusers' names outside its rules, the denoiser's). Every
     key must land somewhere: an unknown key, a module without its pair, a shape that cannot be
     split raise ``UnsafeInputError`` naming it (diffusers would drop it with a log line).
     """
@@ -200,12 +215,19 @@ def convert_original_lora(
     te_prefixes.setdefault(
         "lora_te_", "text_encoder"
     )  # kohya's single-encoder spelling, read as diffusers does
-    indexes = {component: _flat_index(names) for component, names in text_encoder_modules.items()}
+    indexes = {component: _flat_index(names) for component, names in component_modules.items()}
+    kept = indexes.get(family.denoiser, {}) if family.original_keeps_names else {}
     out: dict[str, Any] = {}
     for stem, parts in groups.items():
         name = _denoiser_name(family, stem)
         if name is not None:
             out.update(_denoiser_factors(family, name, parts, where))
+            continue
+        module = _kept_name(family, stem, kept) if kept else None
+        if module is not None and "down" in parts and "up" in parts:
+            down, up = _scaled(parts, fused=False)
+            out[f"{family.denoiser}.{module}.lora_A.weight"] = down
+            out[f"{family.denoiser}.{module}.lora_B.weight"] = up
             continue
         prefix = next((p for p in sorted(te_prefixes, key=len, reverse=True) if stem.startswith(p)), None)
         component = te_prefixes.get(prefix or "")

@@ -121,6 +121,7 @@ def finish_manifest(
                 if record.fuse is not None
             },
             "adapters": state.adapters,
+            **({"extract": state.extractions} if state.extractions else {}),
         },
         "timings_seconds": {k: round(v, 3) for k, v in state.timings.items()},
         "worker": worker,

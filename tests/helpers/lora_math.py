@@ -11,13 +11,20 @@ with this module's own table of the BFL layout: a fused weight's delta ``alpha/r
 split by rows onto the diffusers modules it holds (``qkv`` = to_q | to_k | to_v, ``linear1`` = to_q |
 to_k | to_v | proj_mlp, heights read from the base's weights), and ``final_layer.adaLN_modulation.1``
 has its two row halves swapped (BFL shift|scale, diffusers scale|shift).
+
+The DiT families' other layouts: kohya ``lora_unet_`` names on a transformer base, ai-toolkit's
+``diffusion_model.<diffusers name>.lora_A``, DiffSynth-Studio's ``<name>.lora_A.default.weight`` and bare
+``<name>.lora_down.weight`` + ``.alpha`` (Qwen-Image, Z-Image); SD 3's original MMDiT names
+(``joint_blocks_0_x_block_attn_qkv``: fused q/k/v; the last block's context adaLN halves swapped when
+the weight is twice as tall as wide) and Z-Image's (``layers_0_attention_qkv``, ``attention_out``),
+each with this module's own table.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,10 +78,50 @@ _BFL_SINGLE = {
     "modulation_lin": ("norm.linear",),
 }
 _BFL_TOP = {"final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear"}
+_ROLES = r"\.(?P<role>lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|down\.weight|up\.weight|alpha)$"
 _BFL_KEY = re.compile(
     r"^(?:lora_unet_|diffusion_model\.)?(?P<stem>(?:double_blocks|single_blocks)[._]\d+[._].+|final_layer[._].+)"
-    r"\.(?P<role>lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|down\.weight|up\.weight|alpha)$"
+    + _ROLES
 )
+
+# SD 3's original MMDiT names (kohya sd-scripts): joint block part -> diffusers modules of
+# transformer_blocks.N; the context stream's adaLN of the last (pre-only) block is stored shift|scale
+# (twice as tall as wide), the others as they are. The final layer is FLUX.1's (read by _BFL_TOP).
+_SD3_BLOCK = {
+    "x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "x_block_attn_proj": ("attn.to_out.0",),
+    "context_block_attn_proj": ("attn.to_add_out",),
+    "x_block_attn2_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    "x_block_attn2_proj": ("attn2.to_out.0",),
+    "x_block_adaLN_modulation_1": ("norm1.linear",),
+    "context_block_adaLN_modulation_1": ("norm1_context.linear",),
+    "x_block_mlp_fc1": ("ff.net.0.proj",),
+    "x_block_mlp_fc2": ("ff.net.2",),
+    "context_block_mlp_fc1": ("ff_context.net.0.proj",),
+    "context_block_mlp_fc2": ("ff_context.net.2",),
+}
+_SD3_TOP = {
+    "t_embedder_mlp_0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder_mlp_2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder_mlp_0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder_mlp_2": "time_text_embed.text_embedder.linear_2",
+    "context_embedder": "context_embedder",
+}
+_SD3_KEY = re.compile(
+    r"^lora_unet_(?P<stem>joint_blocks_\d+_.+|[ty]_embedder_mlp_\d|context_embedder)" + _ROLES
+)
+# Z-Image's original names (musubi's ComfyUI layout): fused attention.qkv, attention.out, the embedder and
+# final layer without diffusers' patch-size key; every other module is named as diffusers names it
+_ZIMAGE_KEY = re.compile(
+    r"^lora_unet_(?P<stem>(?:layers|noise_refiner|context_refiner)_\d+_attention_(?:qkv|out)|x_embedder"
+    r"|final_layer_linear|final_layer_adaLN_modulation_1)" + _ROLES
+)
+_ZIMAGE_TOP = {
+    "x_embedder": "all_x_embedder.2-1",
+    "final_layer_linear": "all_final_layer.2-1.linear",
+    "final_layer_adaLN_modulation_1": "all_final_layer.2-1.adaLN_modulation.1",
+}
 
 
 def _bfl_targets(stem: str) -> tuple[list[str], bool] | None:
@@ -91,25 +138,56 @@ def _bfl_targets(stem: str) -> tuple[list[str], bool] | None:
     return None
 
 
-def _bfl_factors(
-    tensors: dict[str, torch.Tensor], transformer: Mapping[str, torch.Tensor]
+def _sd3_targets(stem: str) -> tuple[list[str], bool] | None:
+    """An SD 3 original module name -> (its diffusers modules, halves swapped when 2× as tall as wide)."""
+    if m := re.fullmatch(r"joint_blocks_(\d+)_(.+)", stem):
+        parts = _SD3_BLOCK.get(m[2])
+        return (
+            ([f"transformer_blocks.{m[1]}.{p}" for p in parts], m[2] == "context_block_adaLN_modulation_1")
+            if parts
+            else None
+        )
+    return ([_SD3_TOP[stem]], False) if stem in _SD3_TOP else None
+
+
+def _zimage_targets(stem: str) -> tuple[list[str], bool] | None:
+    """A Z-Image original name -> its diffusers modules (never swapped)."""
+    if stem in _ZIMAGE_TOP:
+        return [_ZIMAGE_TOP[stem]], False
+    m = re.fullmatch(r"(layers|noise_refiner|context_refiner)_(\d+)_attention_(qkv|out)", stem)
+    assert m is not None
+    parts = ("to_q", "to_k", "to_v") if m[3] == "qkv" else ("to_out.0",)
+    return [f"{m[1]}.{m[2]}.attention.{p}" for p in parts], False
+
+
+def _table_factors(
+    tensors: dict[str, torch.Tensor],
+    transformer: Mapping[str, torch.Tensor],
+    pattern: re.Pattern[str],
+    targets_of: Callable[[str], tuple[list[str], bool] | None],
+    pair_swap: bool = False,
 ) -> dict[tuple[str, str], LoraFactors]:
-    """Consume a FLUX.1 file's BFL-named keys from ``tensors`` -> factors per diffusers base weight."""
+    """Consume the keys of ``tensors`` named in an original layout -> factors per diffusers base weight:
+    a fused weight's rows split onto its modules (heights from the base), halves swapped where the table
+    says (``pair_swap``: only when the weight is twice as tall as wide)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key in list(tensors):
-        m = _BFL_KEY.match(key)
-        if m is None or _bfl_targets(m["stem"]) is None:
-            continue
+        m = pattern.match(key)
+        found = targets_of(m["stem"]) if m is not None else None
+        if m is None or found is None or any(f"{t}.weight" not in transformer for t in found[0]):
+            continue  # another layout's name (Z-Image's t_embedder is not SD 3's)
         role = {"alpha": "alpha"}.get(
             m["role"], "down" if m["role"].startswith(("lora_down", "lora_A", "down")) else "up"
         )
         groups.setdefault(m["stem"], {})[role] = tensors.pop(key)
     factors: dict[tuple[str, str], LoraFactors] = {}
     for stem, p in groups.items():
-        targets, swapped = _bfl_targets(stem)  # type: ignore[misc]
+        targets, swapped = targets_of(stem)  # type: ignore[misc]
         rank = p["down"].shape[0]
         alpha = float(p["alpha"]) if "alpha" in p else float(rank)
         up = p["up"]
+        if pair_swap:
+            swapped = swapped and up.shape[0] == 2 * p["down"].shape[1]
         if swapped:
             half = up.shape[0] // 2
             up = torch.cat([up[half:], up[:half]])
@@ -164,12 +242,23 @@ class LoraFactors:
         return (self.scale * (self.up.double().flatten(1) @ self.down.double().flatten(1))).reshape(shape)
 
 
+_AITK = re.compile(r"^diffusion_model\.(.+)\.lora_(A|B)\.weight$")  # ai-toolkit/ComfyUI, diffusers names
+_DEFAULT = re.compile(r"^(.+)\.lora_(A|B)\.default\.weight$")  # DiffSynth-Studio's PEFT keys
+_BARE = re.compile(r"^(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")  # kohya suffixes, no prefix
+
+
 def lora_factors(
     path: Path, base: Mapping[str, Mapping[str, torch.Tensor]]
 ) -> dict[tuple[str, str], LoraFactors]:
     """(component, base weight key) -> the file's factors and alpha, for the components in ``base``."""
     tensors = load_file(str(path))
-    bfl = _bfl_factors(tensors, base["transformer"]) if "transformer" in base else {}
+    bfl: dict[tuple[str, str], LoraFactors] = {}
+    if "transformer" in base:
+        transformer = base["transformer"]
+        bfl.update(_table_factors(tensors, transformer, _SD3_KEY, _sd3_targets, pair_swap=True))
+        bfl.update(_table_factors(tensors, transformer, _ZIMAGE_KEY, _zimage_targets))
+        bfl.update(_table_factors(tensors, transformer, _BFL_KEY, _bfl_targets))
+    denoiser = "unet" if "unet" in base or "transformer" not in base else "transformer"
     meta = read_metadata(path)
     peft_meta = json.loads(meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in meta else {}
     parts: dict[tuple[str, str, bool], dict[str, torch.Tensor]] = {}
@@ -183,7 +272,13 @@ def lora_factors(
             parts.setdefault(("unet", f"{m[1]}.{proj}", False), {})[m[3]] = tensor
         elif m := _KOHYA.match(key):
             role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m[3]]
-            parts.setdefault((_KOHYA_COMPONENT[m[1]], m[2], True), {})[role] = tensor
+            component = denoiser if m[1] == "lora_unet" else _KOHYA_COMPONENT[m[1]]
+            parts.setdefault((component, m[2], True), {})[role] = tensor
+        elif (m := _AITK.match(key)) or (m := _DEFAULT.match(key)):
+            parts.setdefault(("transformer", m[1], False), {})["down" if m[2] == "A" else "up"] = tensor
+        elif m := _BARE.match(key):
+            role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m[2]]
+            parts.setdefault(("transformer", m[1], False), {})[role] = tensor
         else:
             raise AssertionError(f"unexpected key {key}")
     factors: dict[tuple[str, str], LoraFactors] = {}
@@ -194,12 +289,11 @@ def lora_factors(
         if "alpha" in p:
             alpha = float(p["alpha"])
         elif peft_meta:
-            alpha = float(
-                peft_meta.get(f"{component}.alpha_pattern", {}).get(
-                    module, peft_meta[f"{component}.lora_alpha"]
-                )
-            )
-            rank = int(peft_meta.get(f"{component}.rank_pattern", {}).get(module, rank))
+            # diffusers writes pattern keys anchored ('^module'): both spellings name the module
+            alphas = peft_meta.get(f"{component}.alpha_pattern", {})
+            ranks = peft_meta.get(f"{component}.rank_pattern", {})
+            alpha = float(alphas.get(module, alphas.get(f"^{module}", peft_meta[f"{component}.lora_alpha"])))
+            rank = int(ranks.get(module, ranks.get(f"^{module}", rank)))
         else:
             alpha = float(rank)
         key = _base_key(base[component].keys(), module, flat)

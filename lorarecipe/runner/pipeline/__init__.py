@@ -24,9 +24,11 @@ The package: ``load`` (the base, safely), ``adapters`` (one LoRA file, refusing 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...errors import BuildError
 from ...fs.paths import resolve_output
 from ...plan import (
     CheckpointLayout,
@@ -62,10 +64,14 @@ class PipelineExecutor:
         self.pipelines = pipelines or WarmPipelines(keep=False)
 
     def build(self, plan: Plan, outputs: Sequence[str], state: BuildState) -> list[str]:
+        from ...recipe.vocabulary import COMBINATION_TYPES
+        from ..lycoris_adapters import LycorisAdapter, is_lycoris_file
         from ..quiet import quiet_libraries
         from .adapters import load_adapter
+        from .extract import extract_merge
         from .fuse import fuse_adapters
         from .grids import GridRenderer
+        from .lycoris import load_lycoris, model_keys
         from .merge import merge_adapters
         from .save import cast_pipeline, save_lora, save_pipeline, save_single_file
         from .warm import processors, restore_processors
@@ -107,19 +113,34 @@ class PipelineExecutor:
                 with state.step(grid, f"compile the denoiser ({modes[grid.output]})"):
                     denoiser = self.pipelines.compiled_denoiser(pipe, modes[grid.output])
                 renderers[grid.output].compiled = denoiser
+        keys = model_keys(pipe, plan.family)  # before any PEFT layer renames a weight
+        lycoris: dict[str, LycorisAdapter] = {}  # LyCORIS/DoRA adapters: applied by lorarecipe itself
+        differences: dict[str, Path] = {}  # checkpoint differences: read by extract merges
         for step in plan.of_type(LoadAdapter):
             with state.step(step, f"load adapter {step.name}"):
-                loaded = load_adapter(
-                    pipe, step.name, state.inputs[step.id].path, plan.family, step.load_into
-                )
-                state.adapters[step.name] = loaded.modules
+                path = state.inputs[step.id].path
+                if step.difference:
+                    differences[step.name] = path
+                elif is_lycoris_file(path):
+                    placed = load_lycoris(step.name, path, keys, plan.family, step.scale_convention)
+                    lycoris[step.name] = placed
+                    state.adapters[step.name] = placed.modules_per_component()
+                else:
+                    loaded = load_adapter(pipe, step.name, path, plan.family, step.load_into)
+                    state.adapters[step.name] = loaded.modules
         for step in plan.of_type(MergeAdapters):
             with state.step(step, f"merge {step.name}"):
-                merge_adapters(pipe, step)
+                if COMBINATION_TYPES[step.method].peft:
+                    refuse_lycoris(step.name, step.adapters, lycoris, "PEFT's merges take only LoRAs")
+                    merge_adapters(pipe, step)
+                else:  # extract: any adapters -> a plain LoRA adapter, by SVD
+                    extracted = extract_merge(pipe, step, lycoris, plan.family, differences)
+                    state.extractions[step.name] = extracted
         for step in plan.of_type(SaveLora):
             if step.output not in wanted:
                 continue
             with state.step(step, f"write {step.path}"):
+                refuse_lycoris(step.output, (step.adapter,), lycoris, "a LoRA output writes a plain LoRA")
                 final = resolve_output(options.out_root, step.path)
                 file = save_lora(
                     pipe,
@@ -136,7 +157,7 @@ class PipelineExecutor:
                 files = sorted(p for p in file.parent.rglob("*") if p.is_file())
                 state.add_output(step.output, OutputRecord(self.name, files))
         for grid in grids:
-            renderers[grid.output].attach(pipe)
+            renderers[grid.output].attach(pipe, lycoris)
             if renderers[grid.output].needs_pipeline:
                 with state.step(grid, f"sample {grid.path}"):
                     renderers[grid.output].render_unfused()
@@ -146,7 +167,7 @@ class PipelineExecutor:
         if fuse_steps and (checkpoints or any(r.needs_fused for r in renderers.values())):
             fuse = fuse_steps[0]
             with state.step(fuse, "fuse"):
-                report = fuse_adapters(pipe, fuse, plan.family)
+                report = fuse_adapters(pipe, fuse, plan.family, lycoris)
             check = FuseCheck(report.changed, report.expected, report.components)
             for grid in grids:
                 if renderers[grid.output].needs_fused:
@@ -209,6 +230,16 @@ class PipelineExecutor:
             for s in plan.of_type(SaveCheckpoint)
             if s.output in wanted and s.dtype is not None and s.dtype != stored
         ]
+
+
+def refuse_lycoris(where: str, names: Sequence[str], lycoris: Mapping[str, Any], why: str) -> None:
+    """A step that PEFT carries out refuses LyCORIS/DoRA inputs (the compiler refuses them from headers;
+    a hub file not fetched at compile time is caught here)."""
+    found = [n for n in names if n in lycoris]
+    if found:
+        raise BuildError(
+            f"{where}: {found[0]!r} is a LyCORIS/DoRA adapter and {why}; use a merge with method 'extract'"
+        )
 
 
 def _loaded_in_float32(plan: Plan) -> Plan:

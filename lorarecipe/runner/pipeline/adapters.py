@@ -23,7 +23,7 @@ from ...inspect import LoraInfo, inspect_lora, read_header
 from ...inspect.loaded_as import as_loaded
 from ..lora_conversion import convert_original_lora, is_original_layout
 
-__all__ = ["LoadedAdapter", "load_adapter"]
+__all__ = ["LoadedAdapter", "check_injected", "load_adapter"]
 
 _ATTN_PROC = re.compile(
     r"^(?:unet\.)?(?P<module>.+)\.processor\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<which>down|up)\.weight$"
@@ -112,7 +112,9 @@ def _converted_modules(state_dict: dict[str, Any]) -> dict[str, set[str]]:
     return expected
 
 
-def _check_coverage(pipe: Any, name: str, expected: dict[str, set[str]], source: str) -> dict[str, int]:
+def check_injected(pipe: Any, name: str, expected: dict[str, set[str]], source: str) -> dict[str, int]:
+    """The LoRA modules diffusers injected for adapter ``name`` must be the ``expected`` ones (per
+    component), or the build fails naming what would be silently ignored; returns the counts."""
     counts: dict[str, int] = {}
     missing: list[str] = []
     for component, names in expected.items():
@@ -174,7 +176,7 @@ def load_adapter(
 
     header = read_header(path)
     known = get_family(family)
-    info = as_loaded(inspect_lora(header), known)
+    info = as_loaded(inspect_lora(header, family), known)
     if info.unsupported:
         raise UnsafeInputError(f"{path.name}: cannot load this LoRA: {info.unsupported}")
     if info.unrecognized_keys:
@@ -187,12 +189,12 @@ def load_adapter(
     expected = _file_modules(info)
     source: str | dict[str, Any] = str(path)
     if known is not None and is_original_layout(known, state_dict):
-        encoders = {
+        modules = {  # the denoiser's too where the original layout keeps diffusers names
             c: [n for n, _ in getattr(pipe, c).named_modules()]
             for c in known.lora_components
-            if c not in known.denoisers and getattr(pipe, c, None) is not None
+            if (c not in known.denoisers or known.original_keeps_names) and getattr(pipe, c, None) is not None
         }
-        source = convert_original_lora(known, state_dict, encoders, path.name)
+        source = convert_original_lora(known, state_dict, modules, path.name)
         expected = _converted_modules(source)
     present = [e for e in (known.experts if known is not None else ()) if getattr(pipe, e, None) is not None]
     if load_into is None and len(present) > 1:  # a hub base checked only now that it is loaded
@@ -227,5 +229,5 @@ def load_adapter(
             raise UnsafeInputError(
                 f"{path.name}: diffusers could not load this LoRA: {type(exc).__name__}: {str(exc)[:500]}"
             ) from None
-    counts = _check_coverage(pipe, name, expected, path.name)
+    counts = check_injected(pipe, name, expected, path.name)
     return LoadedAdapter(name, path, info, counts)

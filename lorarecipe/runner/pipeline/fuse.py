@@ -1,6 +1,7 @@
 """set_adapters + fuse_lora + unload on a pipeline, then prove the fuse did what it should.
 
-FuseAdapters step + pipeline with adapters -> fused base weights, LoRA layers removed. The weights
+FuseAdapters step + pipeline with adapters -> fused base weights, LoRA layers removed. LyCORIS/DoRA
+adapters are applied by lorarecipe first (``pipeline.lycoris``), then the LoRAs are fused. The weights
 of each fused adapter are set explicitly first (unfuse/set_adapters traps never arise: we never
 unfuse). Afterwards every parameter is compared with a fingerprint taken before: weights must have
 changed exactly where a fused adapter applies with a non-zero scale, nowhere else, and no fused
@@ -9,6 +10,8 @@ weight may be NaN/Inf.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +19,8 @@ from ...errors import BuildError
 from ...families import get_family
 from ...families.blocks import BlockWeights, block_counts_from_config, check_block_counts, parse_block_weights
 from ...plan import FuseAdapters, thaw_weight
+from ..lycoris_adapters import LycorisAdapter, delta_terms
+from .lycoris import apply_terms
 from .merge import lora_components
 
 __all__ = ["FuseReport", "apply_mix", "fuse_adapters"]
@@ -122,8 +127,39 @@ def _expected_targets(model: Any, adapters: tuple[str, ...], lora_scale: float) 
     return targets
 
 
-def fuse_adapters(pipe: Any, step: FuseAdapters, family: str | None = None) -> FuseReport:
-    """Fuse the step's adapters with its weights and lora_scale, check, and unload all LoRA layers."""
+def fuse_adapters(
+    pipe: Any,
+    step: FuseAdapters,
+    family: str | None = None,
+    lycoris: Mapping[str, LycorisAdapter] | None = None,
+) -> FuseReport:
+    """Fuse the step's adapters with its weights and lora_scale, check, and unload all LoRA layers.
+
+    LyCORIS/DoRA adapters (``lycoris``: applied by lorarecipe, not PEFT) change the weights first, in
+    fuse order (``pipeline.lycoris``); then ``fuse_lora`` adds the LoRA terms on top."""
+    lycoris = lycoris or {}
+    own = [(lycoris[n], w) for n, w in zip(step.adapters, step.weights, strict=True) if n in lycoris]
+    changed = expected = 0
+    touched: set[str] = set()
+    if own:
+        terms = delta_terms(own, step.lora_scale, get_family(family), step.components)
+        changed, expected = apply_terms(pipe, terms)
+        touched = {component for component, _ in terms}
+    loras = [(n, w) for n, w in zip(step.adapters, step.weights, strict=True) if n not in lycoris]
+    if not loras:
+        if lora_components(pipe):
+            pipe.unload_lora_weights()
+        return FuseReport(changed, expected, tuple(sorted(touched)))
+    lora_step = dataclasses.replace(
+        step, adapters=tuple(n for n, _ in loras), weights=tuple(w for _, w in loras)
+    )
+    report = _fuse_loras(pipe, lora_step, family)
+    components = tuple(sorted(set(report.components) | touched))
+    return FuseReport(report.changed + changed, report.expected + expected, components)
+
+
+def _fuse_loras(pipe: Any, step: FuseAdapters, family: str | None) -> FuseReport:
+    """``set_adapters`` + ``fuse_lora`` of plain LoRAs, the post-fuse check, and the unload."""
     import torch
 
     apply_mix(pipe, step.adapters, step.weights, family)

@@ -1,8 +1,10 @@
 """Sample grids on the loaded pipeline: rows prompt × seed, columns the recipe's variants.
 
 RenderGrid step + pipeline -> images, a labelled PNG, one PNG per cell and a JSON sidecar.
-Variants switch with set_adapters / disable_lora (never by reloading); cells that need LoRA layers
-are rendered before the fuse, ``fused`` cells after it, on the same pipeline. When the grid shows
+Variants switch with set_adapters / disable_lora (never by reloading); LyCORIS/DoRA adapters, which
+have no runtime form, are applied to the weights in place for their cells and restored from copies
+afterwards (``pipeline.lycoris``). Cells that need LoRA layers are rendered before the fuse, ``fused``
+cells after it, on the same pipeline. When the grid shows
 ``fused``, the runtime equivalent (set_adapters with the fused weights and ``scale=lora_scale``) is
 also rendered and the largest pixel difference is reported, so a user sees that fusing changed
 nothing but speed. Seeds use CPU generators and rendering runs at the grid's fixed torch thread count
@@ -25,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...families import FAMILIES, GridCall
+from ...errors import BuildError
+from ...families import FAMILIES, GridCall, get_family
 from ...fs.atomic import atomic_dir, atomic_write_bytes
 from ...outputs.grid_image import compose_grid, png_bytes
 from ...outputs.manifest import library_versions
@@ -45,8 +49,10 @@ from ...plan import (
     thaw_weight,
 )
 from ...plan.view import describe_weight
+from ..lycoris_adapters import LycorisAdapter, delta_terms
 from .fuse import apply_mix
 from .grid_cache import CachedBatch, CellCache, batch_key
+from .lycoris import applied
 
 __all__ = ["GridRenderer", "GridResult"]
 
@@ -105,6 +111,7 @@ class GridRenderer:
         self, plan: Plan, step: RenderGrid, facts: dict[str, Any], cache: CellCache | None = None
     ) -> None:
         self.pipe: Any = None
+        self.lycoris: dict[str, LycorisAdapter] = {}
         self.plan, self.step, self.facts = plan, step, facts
         self.cache = cache or CellCache()
         self.words = dict(step.trigger_words)
@@ -126,8 +133,18 @@ class GridRenderer:
         }
         self.pending = self._lookup()
 
-    def attach(self, pipe: Any) -> None:
+    def attach(self, pipe: Any, lycoris: Mapping[str, LycorisAdapter] | None = None) -> None:
+        """Render on ``pipe`` (a hub base's class is known only now: an edit pipeline renders no grid),
+        with the LyCORIS/DoRA adapters lorarecipe applies itself (their columns change the weights in
+        place for the cell and restore them afterwards)."""
+        family = FAMILIES.get(self.plan.family or "")
+        if family is not None and type(pipe).__name__ in family.image_input_pipelines:
+            raise BuildError(
+                f"the base is a {type(pipe).__name__}, which edits an input image: grids render from "
+                "prompts only; remove the grid output"
+            )
         self.pipe = pipe
+        self.lycoris = dict(lycoris or {})
 
     #: a CompiledDenoiser to render through (``compile: regional``), set by the executor
     compiled: Any = None
@@ -271,24 +288,44 @@ class GridRenderer:
         return any(self.columns[i].fused for i, _ in self.pending)
 
     # -- rendering ----------------------------------------------------------------------------
+    def _weights(self, col: Column) -> list[Any]:
+        """The column's weights (the runtime equivalent of the fuse: 0 on the components not fused)."""
+        if col.variant == "fused-runtime" and self.fuse is not None:
+            pipe = self.pipe
+            comps = [
+                c for c in getattr(pipe, "_lora_loadable_modules", []) if getattr(pipe, c, None) is not None
+            ]
+            return [_zero_unfused(w, self.fuse.components, comps) for w in col.weights]
+        return [thaw_weight(w) for w in col.weights]
+
+    def _lycoris_terms(self, col: Column) -> dict[tuple[str, str], list[Any]]:
+        """The column's LyCORIS/DoRA adapters as terms to apply in place for its cells."""
+        if col.fused or col.variant == "base":
+            return {}
+        own = [
+            (self.lycoris[a], w)
+            for a, w in zip(col.adapters, self._weights(col), strict=True)
+            if a in self.lycoris
+        ]
+        if not own:
+            return {}
+        return delta_terms(own, 1.0 if col.scale is None else col.scale, get_family(self.plan.family))
+
     def _configure(self, col: Column) -> dict[str, Any]:
+        """set_adapters for the column's LoRAs (LoRA layers disabled when it has none); returns the
+        call's LoRA scale argument."""
         pipe = self.pipe
         has_lora = bool(getattr(pipe, "get_list_adapters", lambda: {})())
         if col.fused or not has_lora:
             return {}
-        if col.variant == "base":
+        loras = [
+            (a, w) for a, w in zip(col.adapters, self._weights(col), strict=True) if a not in self.lycoris
+        ]
+        if col.variant == "base" or not loras:
             pipe.disable_lora()
             return {}
         pipe.enable_lora()
-        weights = list(col.weights)
-        if col.variant == "fused-runtime" and self.fuse is not None:
-            comps = [
-                c for c in getattr(pipe, "_lora_loadable_modules", []) if getattr(pipe, c, None) is not None
-            ]
-            weights = [_zero_unfused(w, self.fuse.components, comps) for w in col.weights]
-        else:
-            weights = [thaw_weight(w) for w in weights]
-        apply_mix(pipe, col.adapters, tuple(weights), self.plan.family)
+        apply_mix(pipe, tuple(a for a, _ in loras), tuple(w for _, w in loras), self.plan.family)
         if col.scale is None:
             return {}
         return {self.call.attention_kwargs: {"scale": col.scale}}
@@ -329,12 +366,13 @@ class GridRenderer:
         compiled = self.compiled
         denoiser = compiled.rendering(self.pipe, col.scale) if compiled else contextlib.nullcontext()
         try:
-            with denoiser:
+            # LyCORIS deltas go into the eager weights first: a compiled copy loads them from there
+            with applied(self.pipe, self._lycoris_terms(col)), denoiser:
                 result = self.pipe(
                     prompt=[self._prompt(col, p) for p, _ in rows],
                     **self._guidance(len(rows)),
                     num_inference_steps=step.steps,
-                    guidance_scale=step.guidance,
+                    **{self.call.guidance_argument: step.guidance},
                     width=step.width,
                     height=step.height,
                     generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in rows],
@@ -343,7 +381,7 @@ class GridRenderer:
                 )
         finally:
             torch.set_num_threads(previous)
-            if col.variant == "base" and getattr(self.pipe, "get_list_adapters", lambda: {})():
+            if not col.fused and getattr(self.pipe, "get_list_adapters", lambda: {})():
                 self.pipe.enable_lora()
         if step.frames:  # (clips, frames, h, w, 3) -> one strip per clip
             return [np.concatenate(list(clip), axis=1) for clip in result.frames]

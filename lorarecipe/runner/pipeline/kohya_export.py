@@ -1,9 +1,10 @@
 """An adapter's PEFT layers -> a kohya/ComfyUI-layout LoRA state dict, with each module's own alpha.
 
-UNet families: ``lora_unet_<module>`` / ``lora_te…_<module>`` with dots as underscores (diffusers'
-``convert_state_dict_to_kohya`` assumes alpha = rank; here each module keeps its alpha). Families
-with an original-layout table (FLUX.1): the denoiser in the original names ComfyUI and sd-scripts
-read, ``lora_unet_double_blocks_0_img_attn_qkv``, where a fused module's LoRA is the parts' LoRAs
+UNet families and Qwen-Image: ``lora_unet_<module>`` / ``lora_te…_<module>`` with dots as underscores
+(diffusers' ``convert_state_dict_to_kohya`` assumes alpha = rank; here each module keeps its alpha).
+Families with an original-layout table (FLUX.1, SD 3, Z-Image): the denoiser in the original names
+ComfyUI and sd-scripts read, ``lora_unet_double_blocks_0_img_attn_qkv`` (modules the table does not
+rename keep their names where the family says so), where a fused module's LoRA is the parts' LoRAs
 side by side: ``down`` = the parts' ``A`` stacked (rank Σr), ``up`` = their ``B`` block-diagonal,
 so diffusers' converter (its "sparse" case) and ComfyUI split it back into exactly the same factors.
 Parts of a fused module the adapter does not have get zero factors; parts with different scales
@@ -17,7 +18,8 @@ import math
 from typing import Any
 
 from ...errors import BuildError
-from ...families import Family, Split, get_family
+from ...families import Family, get_family
+from ...families.original_names import halves_swapped
 
 __all__ = ["kohya_state_dict"]
 
@@ -99,7 +101,7 @@ def _denoiser(family: Family, model: Any, adapter: str, prefix: str) -> dict[str
             key = f"{prefix}_" + rule.original.replace("{i}", str(index)).replace(".", "_")
             if len(names) == 1:
                 a, b, alpha, _ = _factors(layers[names[0]], adapter)
-                if rule.split is Split.SWAP_HALVES:  # diffusers scale|shift -> BFL shift|scale
+                if halves_swapped(rule.split, a.shape[1], b.shape[0]):  # diffusers scale|shift -> shift|scale
                     scale, shift = b.chunk(2, dim=0)
                     b = torch.cat([shift, scale], dim=0)
                 out.update(_entry(key, a, b, alpha))
@@ -110,6 +112,11 @@ def _denoiser(family: Family, model: Any, adapter: str, prefix: str) -> dict[str
                 width = next(p[0].shape[1] for p in parts if p is not None)
                 out.update(_entry(key, *_fused(parts, heights, width)))
             done.update(n for n in names if n in layers)
+    if family.original_keeps_names:  # modules no rule renames keep their (flattened) diffusers names
+        for name in sorted(set(layers) - done):
+            a, b, alpha, _ = _factors(layers[name], adapter)
+            out.update(_entry(f"{prefix}_{name.replace('.', '_')}", a, b, alpha))
+            done.add(name)
     missing = sorted(set(layers) - done)
     if missing:
         raise BuildError(

@@ -94,26 +94,26 @@ def _components_outside_the_file(
 
 
 def _from_model_files(family: str, path: Path, config: Path | None, dtype: Any) -> Any:
-    """A single file whose pipeline class has no ``from_single_file`` (FLUX.2, Wan): each model the file
-    holds through its own class's ``from_single_file`` (diffusers' reader of the original layout), the
-    rest of the pipeline from the config folder, as the folder's own pipeline class."""
+    """A single file whose pipeline class has no ``from_single_file`` (Qwen-Image, FLUX.2, Wan): each
+    model the file holds through its own class's ``from_single_file`` (diffusers' reader of the
+    original layout), the rest of the pipeline from the config folder, as the folder's own pipeline
+    class."""
     import diffusers
 
+    info = FAMILIES[family]
     if config is None:
-        raise BuildError(
-            f"a {FAMILIES[family].label} single file needs 'config': the diffusers folder of its pipeline"
-        )
+        raise BuildError(f"a {info.label} single file loads with 'config:' naming a diffusers folder of it")
     index = check_model_index(config)
-    if index["_class_name"] not in FAMILIES[family].loadable_pipelines:
-        raise BuildError(
-            f"the config folder holds a {index['_class_name']}, not a {FAMILIES[family].label} pipeline"
-        )
+    if index["_class_name"] not in info.pipeline_classes:
+        raise BuildError(f"the config folder holds a {index['_class_name']}, not a {info.label} pipeline")
     models: dict[str, Any] = {}
-    for component in FAMILIES[family].single_file_components:
+    for component in info.single_file_components:
         entry = index.get(component)
-        model_cls = getattr(diffusers, entry[1], None) if isinstance(entry, list) else None
+        model_cls = None
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers":
+            model_cls = getattr(diffusers, entry[1], None)
         if model_cls is None or not hasattr(model_cls, "from_single_file"):
-            raise BuildError(f"{config}: no diffusers model class for {component} that reads single files")
+            raise BuildError(f"{config}: its {component} class cannot read a single file")
         models[component] = model_cls.from_single_file(
             str(path), config=str(config), subfolder=component, torch_dtype=dtype, local_files_only=True
         )
@@ -136,7 +136,7 @@ def load_pipeline(step: LoadBase, path: Path, config: Path | None, device: str) 
             raise BuildError("a single-file base needs 'family' (it cannot be detected from this file)")
         cls = getattr(diffusers, FAMILIES[family].pipeline_class)
         kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype), "local_files_only": True}
-        if not hasattr(cls, "from_single_file"):
+        if not hasattr(cls, "from_single_file"):  # Qwen-Image, FLUX.2, Wan: the models read the file
             pipe = _from_model_files(family, path, config, torch_dtype(dtype))
         else:
             if config is not None:
@@ -147,7 +147,7 @@ def load_pipeline(step: LoadBase, path: Path, config: Path | None, device: str) 
     else:
         index = check_model_index(path)
         cls_name = index["_class_name"]
-        if family is not None and cls_name not in FAMILIES[family].loadable_pipelines:
+        if family is not None and cls_name not in FAMILIES[family].pipeline_classes:
             raise BuildError(f"the base folder holds a {cls_name}, but the recipe's family is {family}")
         cls = getattr(diffusers, cls_name)
         pipe = cls.from_pretrained(

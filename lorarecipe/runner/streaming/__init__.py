@@ -8,9 +8,9 @@ every other output on. Where it cannot reproduce the diffusers route exactly it 
 
 The package, in the order data flows: ``sources`` (where each output tensor's bytes come from, from
 headers), ``skeleton`` (diffusers and PEFT decide what to add where, on a weightless pipeline),
-``factors`` and ``factor_cache`` (what they decided, kept per adapter), ``tensors`` (one output
-tensor, fused with ``runner.fuse_math``), ``writer`` and ``positional_io`` (the files), ``stream``
-(one checkpoint end to end).
+``factors`` and ``factor_cache`` (what they decided, kept per adapter), ``lycoris_targets`` (the
+LyCORIS/DoRA adapters lorarecipe applies itself), ``tensors`` (one output tensor, fused with
+``runner.fuse_math``), ``writer`` and ``positional_io`` (the files), ``stream`` (one checkpoint end to end).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ __all__ = [
     "OutFile",
     "OutTensor",
     "Part",
+    "config_components",
     "folder_parts",
     "folder_to_folder",
     "read_folder_base",
@@ -295,7 +296,8 @@ def to_folder(
     parts: Mapping[tuple[str, str], Part],
     dtype: DTypeRule,
 ) -> list[OutFile]:
-    """A diffusers folder from a single-file base: one weight file per component, state-dict keys sorted."""
+    """A diffusers folder from a single-file base: one weight file per component the file holds,
+    state-dict keys sorted (the others come from the config folder: :func:`config_components`)."""
     out = []
     for component, keys in shapes.items():
         tensors = []
@@ -305,8 +307,22 @@ def to_folder(
                 continue
             written = dtype(part.tensor.dtype, component, key)
             tensors.append(OutTensor(key, written, _diffusers_shape(part), (part,)))
-        out.append(OutFile(f"{component}/{_FILE_NAME[libraries[component]]}", tuple(tensors)))
+        if tensors:
+            out.append(OutFile(f"{component}/{_FILE_NAME[libraries[component]]}", tuple(tensors)))
     return out
+
+
+def config_components(config: FolderBase, held: set[str]) -> FolderBase:
+    """The config folder of a single-file base, without the components the single file holds: the
+    models the pipeline route loads from it (FLUX.1's, FLUX.2's, SD 3's, Qwen-Image's, Z-Image's and
+    Wan's files hold one transformer), copied (or fused) into a folder output."""
+    return FolderBase(
+        config.root,
+        config.index,
+        {c: files for c, files in config.files.items() if c not in held},
+        {c: index for c, index in config.shard_indexes.items() if c not in held},
+        config.copies,
+    )
 
 
 def shard_index(base: FolderBase, component: str, files: list[OutFile]) -> tuple[str, str] | None:

@@ -37,6 +37,7 @@ from ..fuse_math import FuseTarget, LoraFactor
 from ..pipeline.load import load_dtype
 from .factor_cache import FactorCache
 from .factors import block_specs, fuse_block_weights, resolvable_weights, targets_from_factors
+from .lycoris_targets import split_fuse
 from .positional_io import PositionalReader
 from .skeleton import Architecture, build_skeleton, fuse_targets, needed_adapters, prepare_adapters
 from .sources import (
@@ -45,6 +46,7 @@ from .sources import (
     FolderBase,
     OutFile,
     Part,
+    config_components,
     folder_parts,
     folder_to_folder,
     read_folder_base,
@@ -112,6 +114,11 @@ def _rekey(targets: dict[tuple[str, str], FuseTarget], base: FolderBase) -> dict
     return out
 
 
+def _folder_shapes(folder: FolderBase) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Each component's weight keys and shapes as a diffusers folder stores them."""
+    return {c: {k: h.tensors[k].shape for k, (_, h) in folder.keys(c).items()} for c in folder.files}
+
+
 def _check_all_used(targets: Mapping[tuple[str, str], FuseTarget], stats: WriteStats) -> None:
     unused = sorted(f"{c}.{k}" for c, k in targets if (c, k) not in stats.used)
     if unused:
@@ -131,19 +138,27 @@ def _plan_outputs(
     config: FolderBase | None = None,
 ) -> list[OutFile]:
     """The output files of every layout but folder -> folder (which needs no shapes or configs). A
-    folder from a single file takes the components the file does not hold (FLUX's text encoders and
-    VAE, Wan's other expert) from the config folder, as the pipeline route loads them."""
+    folder from a single file takes the components the file lacks (FLUX's text encoders and VAE, Wan's
+    other expert) from ``config``, as the pipeline route loads them."""
     parts: dict[tuple[str, str], Part]
     if folder is not None:
         parts = folder_parts(folder, arch.shapes)
     else:
         parts = single_file_parts(base_path, family, arch.shapes, arch.configs)
         if save.layout is CheckpointLayout.DIFFUSERS:
-            held = {component for component, _ in parts}
-            outs = [f for f in to_folder(arch.shapes, arch.libraries, parts, out_dtype) if f.tensors]
-            rest = folder_to_folder(config, out_dtype) if config is not None else []
-            return outs + [f for f in rest if f.rel.split("/", 1)[0] not in held]
+            outs = to_folder(arch.shapes, arch.libraries, parts, out_dtype)
+            return outs + (folder_to_folder(config, out_dtype) if config is not None else [])
     return [to_single_file(family, arch.shapes, arch.configs, parts, out_dtype, save.component)]
+
+
+def _from_config_rekeyed(
+    targets: dict[tuple[str, str], FuseTarget], config: FolderBase
+) -> dict[tuple[str, str], FuseTarget]:
+    """A folder from a single file: the targets in components the config folder gives (Wan 2.2's other
+    expert, FLUX's text encoders), keyed by the keys its files store them under."""
+    moved = {key: target for key, target in targets.items() if key[0] in config.files}
+    kept = {key: target for key, target in targets.items() if key not in moved}
+    return {**kept, **_rekey(moved, config)}
 
 
 def _config_stating(source: Path, dtype: str) -> str | None:
@@ -171,22 +186,12 @@ def _config_stating(source: Path, dtype: str) -> str | None:
     return json.dumps(doc, indent=2, sort_keys=True) + "\n" if restate(doc) else None
 
 
-def _copy_files(
-    root: Path,
-    folder: FolderBase | None,
-    config_path: Path | None,
-    outs: list[OutFile],
-    dtype: str,
-    from_file: set[str] | None = None,
-) -> None:
-    """Non-weight files (model_index.json, configs, tokenizers, scheduler) of the base or config folder;
-    model configs state the dtype the weights beside them were written in. ``from_file``: components a
-    single-file base gave (written unsharded: no shard index of the config folder applies to them)."""
-    if folder is None:  # a single-file base: the config folder's files, and the weights it gave
-        assert config_path is not None
-        folder = read_folder_base(config_path, None)
+def _copy_files(root: Path, folder: FolderBase, outs: list[OutFile], dtype: str) -> None:
+    """Non-weight files (model_index.json, configs, tokenizers, scheduler) of the base or config folder,
+    and the shard indexes of the weights written from it; model configs state the dtype the weights
+    beside them were written in."""
     copies = folder.copies
-    for component in set(folder.files) - (from_file or set()):
+    for component in folder.files:
         written = shard_index(folder, component, outs)
         if written is not None:
             (root / written[0]).parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +229,9 @@ class _Stream:
         fuses = plan.of_type(FuseAdapters)
         if not isinstance(base, LoadBase) or not fuses:
             raise BuildError("internal: the plan has no base or no fuse step to stream")
-        self.plan, self.save, self.fuse = plan, save, fuses[0]
+        self.plan, self.save = plan, save
+        # diffusers/PEFT decide the LoRA part on the skeleton; LyCORIS/DoRA adapters are lorarecipe's own
+        self.fuse, self.lycoris = split_fuse(plan, fuses[0], adapter_paths)
         for merge in needed_adapters(plan, self.fuse)[1]:
             if merge.svd_driver is not None:
                 raise StreamingUnsupported(
@@ -234,6 +241,7 @@ class _Stream:
         self.base_path, self.config_path, self.adapter_paths = base_path, config_path, adapter_paths
         self.family = plan.family or "sd1"
         self.folder: FolderBase | None = None
+        self.config: FolderBase | None = None  # a single-file base's other components, for a folder
         self.pipeline_class: str | None = None  # None: the one model_index.json names
         if base.single_file:
             if config_path is None:
@@ -258,7 +266,6 @@ class _Stream:
         self.stats = WriteStats()
         self.outs: list[OutFile] = []
         self.from_cache = False
-        self.file_components: set[str] = set()  # folder outputs of a single-file base: what the file gave
         self.hashes: dict[str, tuple[str, int]] = {}  # sha256 and size per output file (relative path)
         self._storing: list[threading.Thread] = []
 
@@ -287,21 +294,23 @@ class _Stream:
             targets, arch = self._targets()
             if writer is None:
                 assert arch is not None
-                config = self._config_folder()
+                if self.folder is None and self.save.layout is CheckpointLayout.DIFFUSERS:
+                    held = set(FAMILIES[self.family].single_file_components)
+                    self.config = config_components(read_folder_base(self.config_root, None), held)
                 outs = _plan_outputs(
-                    self.save, self.family, self.base_path, self.folder, arch, self.out_dtype, config
+                    self.save, self.family, self.base_path, self.folder, arch, self.out_dtype, self.config
                 )
                 writer = self._start_writer(root, outs)
-                if config is not None:  # components taken from the config folder: its stored keys
-                    given = {f.rel.split("/", 1)[0]: f.tensors[0].parts[0].path for f in outs if f.tensors}
-                    from_config = {c for c, path in given.items() if config.root in path.parents}
-                    self.file_components = set(given) - from_config
-                    held = {k: t for k, t in targets.items() if k[0] not in from_config}
-                    moved = {k: t for k, t in targets.items() if k[0] in from_config}
-                    targets = {**held, **_rekey(moved, config)}
             if self.folder_to_folder:
                 assert self.folder is not None
                 targets = _rekey(targets, self.folder)
+                shapes = _folder_shapes(self.folder)
+            else:
+                assert arch is not None
+                shapes = arch.shapes
+            targets = self.lycoris.join(targets, shapes, self.adapter_paths, self.family)
+            if self.config is not None:
+                targets = _from_config_rekeyed(targets, self.config)
             targets = self._held(targets)
             writer.finish(targets, self.stats)
             _check_all_used(targets, self.stats)
@@ -314,12 +323,6 @@ class _Stream:
                 writer.abort()
             raise
 
-    def _config_folder(self) -> FolderBase | None:
-        """A single-file base's config folder, when a diffusers folder is written from the file."""
-        if self.folder is not None or self.save.layout is not CheckpointLayout.DIFFUSERS:
-            return None
-        return read_folder_base(self.config_root, None)
-
     def _held(self, targets: dict[tuple[str, str], FuseTarget]) -> dict[tuple[str, str], FuseTarget]:
         """A single file of one expert (Wan 2.2 A14B) leaves the other expert's targets to its own output."""
         info = FAMILIES[self.family]
@@ -327,11 +330,6 @@ class _Stream:
             return targets
         other = set(info.experts) - {self.save.component or info.denoiser}
         return {key: target for key, target in targets.items() if key[0] not in other}
-
-    def _outputs(self, arch: Architecture) -> list[OutFile]:
-        return _plan_outputs(
-            self.save, self.family, self.base_path, self.folder, arch, self.out_dtype, self._config_folder()
-        )
 
     def _start_writer(self, root: Path, outs: list[OutFile]) -> StreamWriter:
         self.outs = outs
@@ -348,6 +346,14 @@ class _Stream:
         factors = cache.load(self.fuse.adapters) if resolvable_weights(self.fuse) else None
         arch = None if self.folder_to_folder else cache.load_architecture(extra)
         needs_arch = arch is None and not self.folder_to_folder
+        if not self.fuse.adapters:  # only LyCORIS/DoRA adapters: no LoRA for diffusers/PEFT to decide
+            if needs_arch:
+                from ..quiet import quiet_libraries
+
+                quiet_libraries(load=True)
+                arch = build_skeleton(self.config_root, self.pipeline_class, extra).arch
+                cache.store_architecture(extra, arch)
+            return {}, arch
         if factors is not None and not needs_arch:
             self.from_cache = True
             return self._from_factors(factors), arch
@@ -407,7 +413,8 @@ def stream_fuse(
     ``config_path`` is its diffusers config folder); ``adapter_paths`` maps adapter names to LoRA
     files; ``metadata`` goes into every safetensors file written; ``before_swap(folder)`` completes a
     folder output (its model card) before it replaces the final one. Raises ``StreamingUnsupported`` for
-    what the stream cannot reproduce exactly (LoRA bias, DoRA, unreadable single-file layouts), and
+    what the stream cannot reproduce exactly (LoRA bias, an ``extract`` merge, unreadable single-file
+    layouts; LyCORIS/DoRA files are fused, with ``lycoris_targets``), and
     ``BuildError`` for what no route could build (NaN/Inf, a LoRA that fits no base weight).
     """
     started = time.perf_counter()
@@ -416,9 +423,9 @@ def stream_fuse(
         if save.layout is CheckpointLayout.DIFFUSERS:
             with atomic_dir(final) as tmp:
                 stream.write(tmp)
-                _copy_files(
-                    tmp, stream.folder, config_path, stream.outs, stream.dtype, stream.file_components
-                )
+                source = stream.folder or stream.config
+                assert source is not None
+                _copy_files(tmp, source, stream.outs, stream.dtype)
                 if before_swap is not None:
                     before_swap(tmp)
         else:

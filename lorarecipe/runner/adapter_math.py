@@ -5,6 +5,8 @@ float32 tensors in the shapes the file stores, alpha and rank. Output: a fresh f
 factor is rebuilt from its *stored* shape; nothing re-derives a factorization (old LyCORIS LoKr files
 store the larger Kronecker factor first, and a re-derived split puts it second). No I/O, no key names,
 no dtype casts. torch is imported inside the functions so that importing this module stays torch-free.
+Which axis a DoRA magnitude normalizes is a rule over shapes, decided from the header
+(:func:`lorarecipe.inspect.lycoris_keys.dora_axis`); :func:`dora_weight` takes its answer.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
+from ..inspect.lycoris_keys import DoraAxis
+
 if TYPE_CHECKING:
     import torch
 
@@ -20,7 +24,6 @@ __all__ = [
     "LYCORIS_DORA_EPS",
     "DoraAxis",
     "LokrConvention",
-    "dora_axis",
     "dora_weight",
     "loha_delta",
     "lokr_delta",
@@ -29,7 +32,6 @@ __all__ = [
     "tucker_rebuild",
 ]
 
-DoraAxis = Literal["row", "column"]
 LokrConvention = Literal["lycoris", "peft"]
 
 #: What LyCORIS (``weight_decompose``), ComfyUI and OneTrainer add to the DoRA norm:
@@ -203,44 +205,6 @@ def _reshape(delta: torch.Tensor, shape: Sequence[int], what: str) -> torch.Tens
             f"{what} ΔW of shape {tuple(delta.shape)} cannot be reshaped to the weight shape {target}"
         )
     return delta.reshape(target)
-
-
-def dora_axis(
-    scale_shape: Sequence[int], weight_shape: Sequence[int], *, source: Literal["lycoris", "peft"] = "lycoris"
-) -> DoraAxis:
-    """(magnitude shape, weight shape) -> the axis DoRA's norm runs along, or ValueError.
-
-    ``row``: one norm per output channel (PEFT ``lora_magnitude_vector`` (out,); LyCORIS
-    ``dora_scale`` (out, 1[, 1, 1]) with ``wd_on_out``). ``column``: one norm per input channel
-    (LyCORIS/OneTrainer ``dora_scale`` (1, in[, 1, 1]), the pre-4.x LyCORIS default). A 1-D
-    ``dora_scale`` (a squeezed LyCORIS scale) counts as row if its length is ``out`` and column if
-    it is ``in``. When a shape fits both — a 1-D scale on a square weight — the axis is refused:
-    picking one silently is how diffusers came to drop DoRA (LyCORIS#216). The only exception
-    is out == in == 1, where both norms run over the whole tensor and agree. ``source="peft"`` is
-    for ``lora_magnitude_vector``, which PEFT defines per output row whatever the weight's shape.
-    """
-    scale, weight = tuple(int(d) for d in scale_shape), tuple(int(d) for d in weight_shape)
-    if len(weight) < 2:
-        raise ValueError(f"DoRA needs a weight with at least 2 dims, got {weight}")
-    out, inp, ones = weight[0], weight[1], (1,) * (len(weight) - 2)
-    if source == "peft":
-        if math.prod(scale) != out:
-            raise ValueError(
-                f"lora_magnitude_vector {scale} does not hold one value per output row of {weight}"
-            )
-        return "row"
-    row = scale in {(out,), (out, 1), (out, 1, *ones)}
-    column = scale in {(inp,), (1, inp), (1, inp, *ones)}
-    if row and column and out == inp == 1:
-        return "row"
-    if row and column:
-        raise ValueError(
-            f"dora_scale {scale} fits both the output-row and the input-column norm of the {weight} weight; "
-            "refusing to guess (store it as (out, 1) or (1, in))"
-        )
-    if row or column:
-        return "row" if row else "column"
-    raise ValueError(f"dora_scale {scale} fits neither (out, 1) nor (1, in) of the {weight} weight")
 
 
 def dora_weight(

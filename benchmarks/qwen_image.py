@@ -1,0 +1,300 @@
+"""Fuse two LoRAs into a full-width Qwen-Image transformer: ``lorarecipe build`` vs the diffusers flow.
+
+    python benchmarks/qwen_image.py [--work /work/bench/qwen-image] [--blocks 60] [--skip-diffusers]
+
+Builds once, in ``--work``, a Qwen-Image-architecture pipeline folder with random weights: the
+transformer at full width (3072, 24 heads, image and text MLPs ×4, joint text width 3584) with
+``--blocks`` of its 60 joint blocks (20.4 B parameters at 60, bfloat16, written tensor by tensor from
+the meta device into 10 GB shards like the published one), plus a tiny Qwen2.5-VL text encoder and
+VAE (they carry no LoRA); and two rank-32 kohya-layout LoRAs as Lightning and musubi write them
+(``lora_unet_transformer_blocks_0_attn_to_q``, diffusers' Qwen-Image converter reads them) on every
+attention and MLP projection (r32/α16 at weight 0.8, r32/α32 at weight 0.5, lora_scale 0.7). Then,
+each in a fresh process (peak RSS from ``os.wait4``, ``sync`` before each run; the machine is shared,
+so times are upper bounds):
+
+(b) ``python -m lorarecipe build`` (streaming executor): a diffusers folder, then the single file
+    ComfyUI and ``from_single_file`` read; first with an empty factor cache, then with cached factors
+    and other weights (what a user tuning weights runs);
+(c) copying the base's transformer files with fsync: the I/O floor of (b);
+(a) the diffusers flow: from_pretrained(bfloat16), load_lora_weights ×2, set_adapters, fuse_lora,
+    unload_lora_weights, save_pretrained (killed first if memory runs out);
+
+and spot-checks (b) against W + 0.7·Σ wᵢ·(αᵢ/r)·BᵢAᵢ from the files (float64): at most half a
+bfloat16 ulp beyond the float32 summation bound. The shared helpers are benchmarks/flux.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flux import _env, _free_disk, _gib, _route_copy, _spawn, _write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = (0.8, 0.5)
+LORA_SCALE = 0.7
+BLOCK_PARAMS = 3.397e8  # parameters of one Qwen-Image joint block (8 attention projections, 2 MLPs, 2 mods)
+RECIPE = """\
+base: {{path: base}}
+adapters:
+  l1: {{file: lora1.safetensors}}
+  l2: {{file: lora2.safetensors}}
+set_adapters:
+  adapters: {{l1: {w1}, l2: {w2}}}
+fuse:
+  lora_scale: {scale}
+outputs:
+  {output}
+"""
+OUTPUTS = {
+    "folder": "fused: {kind: pipeline, path: fused, card: false}",
+    "single": "single: {kind: single_file, path: qwen-image-fused.safetensors}",
+}
+_TARGETS = ("attn.to_", "attn.add_", "img_mlp.", "txt_mlp.")  # attention and MLPs, as Lightning
+
+
+def _build(work: Path) -> None:
+    """Child: the base folder and the two LoRAs (skipped when present)."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    from lorarecipe.builtin.dit_loras import make_dit_lora
+    from lorarecipe.builtin.dit_pipelines import build_qwen_image
+
+    base = work / "base"
+    blocks = json.loads((work / "blocks.json").read_text())
+    with torch.device("meta"):  # Qwen-Image's configuration, at the depth that fits the disk
+        transformer = QwenImageTransformer2DModel(num_layers=blocks)
+    if not (base / "model_index.json").is_file():
+        tmp = work / "base.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        small = build_qwen_image()  # the tiny text encoder, tokenizer, VAE and scheduler
+        small.transformer = None
+        small.register_modules(transformer=None)
+        small.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["transformer"] = ["diffusers", "QwenImageTransformer2DModel"]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        transformer.save_config(tmp / "transformer")
+        _write_shards(transformer, tmp / "transformer")
+        os.replace(tmp, base)
+    for i, alpha in enumerate((16.0, 32.0), start=1):
+        path = work / f"lora{i}.safetensors"
+        if not path.is_file():
+            make_dit_lora(
+                SimpleNamespace(transformer=transformer),
+                path,
+                family="qwen_image",
+                layout="kohya",
+                rank=32,
+                alpha=alpha,
+                seed=10 + i,
+                text_encoders=False,
+                scale=0.05,
+                select=lambda name: (
+                    any(t in name for t in _TARGETS) and name.startswith("transformer_blocks.")
+                ),
+                dtype=torch.bfloat16,
+            )
+
+
+def _route_diffusers(work: Path, out: Path) -> dict[str, float]:
+    with open("/proc/self/oom_score_adj", "w") as handle:  # the kernel kills this one first, not a neighbour
+        handle.write("1000")
+    started = time.perf_counter()
+    import torch
+    from diffusers import QwenImagePipeline
+
+    timings = {"import": time.perf_counter() - started}
+    pipe = QwenImagePipeline.from_pretrained(str(work / "base"), dtype=torch.bfloat16, local_files_only=True)
+    timings["load"] = time.perf_counter() - started
+    pipe.load_lora_weights(str(work / "lora1.safetensors"), adapter_name="l1")
+    pipe.load_lora_weights(str(work / "lora2.safetensors"), adapter_name="l2")
+    pipe.set_adapters(["l1", "l2"], adapter_weights=list(WEIGHTS))
+    pipe.fuse_lora(components=["transformer"], lora_scale=LORA_SCALE, adapter_names=["l1", "l2"])
+    pipe.unload_lora_weights()
+    timings["fuse"] = time.perf_counter() - started
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    timings["save"] = time.perf_counter() - started
+    return timings
+
+
+def _route_check(work: Path, output: str) -> dict[str, float]:
+    """A few fused tensors against W + s·Σ wᵢ(αᵢ/r)BᵢAᵢ from the files (float64): the largest error in
+    bfloat16 ulps of the written value beyond the float32 summation bound (the stream sums in float32
+    and rounds once)."""
+    import torch
+    from safetensors import safe_open
+
+    base = work / "base" / "transformer"
+    index = json.loads((base / "diffusion_pytorch_model.safetensors.index.json").read_text())["weight_map"]
+    last = json.loads((base / "config.json").read_text())["num_layers"] - 1
+    picks = [
+        "transformer_blocks.0.attn.to_k.weight",
+        f"transformer_blocks.{last}.txt_mlp.net.2.weight",
+        f"transformer_blocks.{last // 2}.img_mlp.net.0.proj.weight",
+    ]
+    worst = 0.0
+    for key in picks:
+        with safe_open(str(base / index[key]), "pt") as handle:
+            exact = handle.get_tensor(key).double()
+        operands = exact.abs()
+        module = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+        for i, weight in enumerate(WEIGHTS, start=1):
+            with safe_open(str(work / f"lora{i}.safetensors"), "pt") as handle:
+                down = handle.get_tensor(f"{module}.lora_down.weight").double()
+                up = handle.get_tensor(f"{module}.lora_up.weight").double()
+                alpha = float(handle.get_tensor(f"{module}.alpha"))
+            scale = LORA_SCALE * weight * alpha / down.shape[0]
+            exact += scale * (up @ down)
+            operands += abs(scale) * (up.abs() @ down.abs())
+        if output == "folder":
+            fused = work / "out-stream" / "fused" / "transformer"
+            fused_index = json.loads((fused / "diffusion_pytorch_model.safetensors.index.json").read_text())
+            path = fused / fused_index["weight_map"][key]
+        else:
+            path = work / "out-stream" / "qwen-image-fused.safetensors"
+        with safe_open(str(path), "pt") as handle:
+            got = handle.get_tensor(key)
+        ulp = (torch.nextafter(got.abs(), torch.full_like(got, float("inf"))) - got.abs()).double()
+        noise = 2**-17 * operands
+        worst = max(worst, float((((got.double() - exact).abs() - noise).clamp(min=0) / ulp).max()))
+    return {"worst_ulp": worst}
+
+
+def _child(argv: list[str]) -> None:
+    route, work, *rest = argv
+    sys.path.insert(0, str(REPO))
+    result: dict[str, float] = {}
+    if route == "build":
+        _build(Path(work))
+    elif route == "diffusers":
+        result = _route_diffusers(Path(work), Path(rest[0]))
+    elif route == "copy":
+        result = _route_copy(Path(work), Path(rest[0]))
+    else:
+        result = _route_check(Path(work), rest[0])
+    print("RESULT " + json.dumps(result))
+
+
+def _child_run(work: Path, *args: str) -> tuple[float, int, int, dict[str, float], str]:
+    wall, rss, status, text = _spawn(
+        [sys.executable, __file__, "_child", args[0], str(work), *args[1:]], _env(work)
+    )
+    lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
+    return wall, rss, status, json.loads(lines[-1][len("RESULT ") :]) if lines else {}, text
+
+
+def _build_run(work: Path, output: str, weights: tuple[float, float], scale: float) -> tuple[float, int, str]:
+    recipe = work / f"recipe-{output}.yaml"
+    recipe.write_text(RECIPE.format(w1=weights[0], w2=weights[1], scale=scale, output=OUTPUTS[output]))
+    shutil.rmtree(work / "out-stream", ignore_errors=True)
+    command = [
+        sys.executable,
+        "-m",
+        "lorarecipe",
+        "build",
+        str(recipe),
+        "--out",
+        str(work / "out-stream"),
+        "--force",
+    ]
+    wall, rss, status, text = _spawn(command, _env(work))
+    if status != 0:
+        raise SystemExit(f"lorarecipe build failed:\n{text[-4000:]}")
+    return wall, rss, text
+
+
+def _diffusers_flow(work: Path, size: int) -> str:
+    _free_disk(work, size + 1000**3)
+    wall, rss, status, result, text = _child_run(work, "diffusers", str(work / "out-diffusers"))
+    shutil.rmtree(work / "out-diffusers", ignore_errors=True)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return f"killed by the kernel (out of memory) after {wall:.0f} s at {_gib(rss)}"
+    if status != 0:
+        return f"failed after {wall:.0f} s at {_gib(rss)}: {text.strip().splitlines()[-1][:200]}"
+    return f"{wall:.1f} s / {_gib(rss)} ({', '.join(f'{k} {v:.0f} s' for k, v in result.items())})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_child":
+        _child(argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", type=Path, default=Path("/work/bench/qwen-image"))
+    parser.add_argument("--skip-diffusers", action="store_true", help="do not run the diffusers flow (a)")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=60,
+        help="joint blocks (Qwen-Image: 60; the base and one output must fit)",
+    )
+    args = parser.parse_args(argv)
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    blocks = work / "blocks.json"
+    if blocks.is_file() and json.loads(blocks.read_text()) != args.blocks:
+        raise SystemExit(f"{work} holds a base of {blocks.read_text()} blocks: use another --work")
+    blocks.write_text(json.dumps(args.blocks))
+    params = 4.0e7 + BLOCK_PARAMS * args.blocks
+    if not (work / "base" / "model_index.json").is_file():
+        _free_disk(work, int(2 * 2 * params + 5 * 1000**3))  # bfloat16 base + one output + margin
+    print(
+        f"building the Qwen-Image-width base ({params / 1e9:.1f} B parameters) and LoRAs in {work} ...",
+        flush=True,
+    )
+    wall, _, status, _, text = _child_run(work, "build")
+    if status != 0:
+        raise SystemExit(f"build failed:\n{text[-4000:]}")
+    size = sum(f.stat().st_size for f in (work / "base" / "transformer").iterdir())
+    print(f"  base ready ({size / 1e9:.1f} GB transformer, {args.blocks} blocks; {wall:.0f} s)", flush=True)
+    rows: dict[str, tuple[float, str]] = {}
+    for output in ("folder", "single"):
+        _free_disk(work, size + 3 * 1000**3)
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        cold = _build_run(work, output, (0.3, 1.2), 1.0)
+        print(f"  build {output}, cold cache: {cold[0]:.1f} s, {_gib(cold[1])}", flush=True)
+        warm = _build_run(work, output, WEIGHTS, LORA_SCALE)
+        assert "LoRA factors from the cache" in warm[2], warm[2][-2000:]
+        _, _, _, check, _ = _child_run(work, "check", output)
+        print(f"  build {output}, cached factors: {warm[0]:.1f} s, {_gib(warm[1])}; {check}", flush=True)
+        text = f"{warm[0]:.1f} s / {_gib(warm[1])} | {cold[0]:.1f} s / {_gib(cold[1])} | "
+        text += f"{check['worst_ulp']:.2f} ulp"
+        rows[output] = (warm[0], text)
+        shutil.rmtree(work / "out-stream", ignore_errors=True)
+    _free_disk(work, size + 1000**3)
+    copy_wall, copy_rss, _, _, _ = _child_run(work, "copy", str(work / "out-copy"))
+    shutil.rmtree(work / "out-copy", ignore_errors=True)
+    print(f"  copy: {copy_wall:.1f} s, {_gib(copy_rss)}", flush=True)
+    diffusers = "not run" if args.skip_diffusers else _diffusers_flow(work, size)
+    print(f"  diffusers: {diffusers}", flush=True)
+    print(
+        "\n| output | (b) `lorarecipe build`, cached factors: time / peak RSS | (b) cold factor cache "
+        "| (b) vs exact (spot check) | (c) copy transformer files | b/c time | (a) diffusers flow |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for output, label in (("folder", "diffusers folder"), ("single", "single file (ComfyUI)")):
+        warm_time, text = rows[output]
+        print(
+            f"| {label} | {text} | {copy_wall:.1f} s | {warm_time / copy_wall:.2f}× "
+            f"| {diffusers if output == 'folder' else ''} |"
+        )
+    load = os.getloadavg()
+    print(f"\n(load average at the end: {' / '.join(f'{x:.2f}' for x in load)}; {os.cpu_count()} CPUs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
