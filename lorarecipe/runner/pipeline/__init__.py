@@ -64,10 +64,11 @@ class PipelineExecutor:
         self.pipelines = pipelines or WarmPipelines(keep=False)
 
     def build(self, plan: Plan, outputs: Sequence[str], state: BuildState) -> list[str]:
+        from ...families import get_family
         from ...recipe.vocabulary import COMBINATION_TYPES
         from ..lycoris_adapters import LycorisAdapter, is_lycoris_file
         from ..quiet import quiet_libraries
-        from .adapters import load_adapter
+        from .adapters import check_experts, load_adapter
         from .extract import extract_merge
         from .fuse import fuse_adapters
         from .grids import GridRenderer
@@ -122,7 +123,10 @@ class PipelineExecutor:
                 if step.difference:
                     differences[step.name] = path
                 elif is_lycoris_file(path):
-                    placed = load_lycoris(step.name, path, keys, plan.family, step.scale_convention)
+                    check_experts(pipe, get_family(plan.family), step.load_into, path.name)
+                    placed = load_lycoris(
+                        step.name, path, keys, plan.family, step.scale_convention, step.load_into
+                    )
                     lycoris[step.name] = placed
                     state.adapters[step.name] = placed.modules_per_component()
                 else:

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...errors import BuildError, UnsafeInputError
-from ...families import get_family
+from ...families import Family, get_family
 from ...inspect import LoraInfo, inspect_lora, read_header
 from ...inspect.loaded_as import as_loaded
 from ..lora_conversion import convert_original_lora, is_original_layout
 
-__all__ = ["LoadedAdapter", "check_injected", "load_adapter"]
+__all__ = ["LoadedAdapter", "check_experts", "check_injected", "load_adapter"]
 
 _ATTN_PROC = re.compile(
     r"^(?:unet\.)?(?P<module>.+)\.processor\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<which>down|up)\.weight$"
@@ -165,6 +166,19 @@ def _into_experts(
     return out
 
 
+def check_experts(pipe: Any, known: Family | None, load_into: Sequence[str] | None, file: str) -> None:
+    """A base with two experts needs ``load_into`` naming experts it has (a hub base is checked only
+    once it is loaded: the compiler checks the others)."""
+    present = [e for e in (known.experts if known is not None else ()) if getattr(pipe, e, None) is not None]
+    if load_into is None and len(present) > 1:
+        raise BuildError(
+            f"{file}: the base has two experts ({', '.join(present)}: high-noise and low-noise steps); "
+            "say which this LoRA is loaded into with load_into"
+        )
+    if load_into is not None and any(e not in present for e in load_into):
+        raise BuildError(f"{file}: load_into {list(load_into)}, but the base's denoisers are {present}")
+
+
 def load_adapter(
     pipe: Any, name: str, path: Path, family: str | None = None, load_into: tuple[str, ...] | None = None
 ) -> LoadedAdapter:
@@ -196,14 +210,7 @@ def load_adapter(
         }
         source = convert_original_lora(known, state_dict, modules, path.name)
         expected = _converted_modules(source)
-    present = [e for e in (known.experts if known is not None else ()) if getattr(pipe, e, None) is not None]
-    if load_into is None and len(present) > 1:  # a hub base checked only now that it is loaded
-        raise BuildError(
-            f"{path.name}: the base has two experts ({', '.join(present)}: high-noise and low-noise steps); "
-            "say which this LoRA is loaded into with load_into"
-        )
-    if load_into is not None and any(e not in present for e in load_into):
-        raise BuildError(f"{path.name}: load_into {list(load_into)}, but the base's denoisers are {present}")
+    check_experts(pipe, known, load_into, path.name)
     targets = load_into or ((known.denoiser,) if known is not None else ("",))
     if known is not None and load_into:
         expected = _into_experts(expected, known.denoiser, load_into)
