@@ -222,10 +222,13 @@ def _loaded_deltas(pipe: DiffusionPipeline, adapter: str) -> dict[tuple[str, str
     return out
 
 
-# UNet bases, loaded through diffusers alone; tiny-flux's original-layout LoRAs go through lorarecipe's
-# converter (diffusers' hard-codes FLUX.1-dev widths): tests/test_flux_loras.py checks them the same way,
-# and tests/test_dit_families.py the Qwen-Image, Z-Image and SD 3 built-ins.
-@pytest.mark.parametrize("base", [b for b, spec in BUILTIN_BASES.items() if FAMILIES[spec.family].denoiser == "unet"])
+# UNet bases, loaded through diffusers alone; the DiT built-ins' original-layout LoRAs go through lorarecipe's
+# converter (diffusers' hard-codes FLUX.1-dev widths, drops FLUX.2 modules, fails on musubi Wan files with
+# embedders): tests/test_flux_loras.py checks FLUX.1's the same way, tests/test_dit_families.py Qwen-Image's,
+# Z-Image's and SD 3's, tests/test_dit_conversion.py and tests/test_dit_fuse.py FLUX.2's and Wan's.
+@pytest.mark.parametrize(
+    "base", [b for b, spec in BUILTIN_BASES.items() if FAMILIES[spec.family].denoiser == "unet"]
+)
 def test_builtin_loras_load_with_exact_values(cache: Path, base: str) -> None:
     pipe = DiffusionPipeline.from_pretrained(builtin_base_path_in(cache, base))
     loras = [spec for spec in BUILTIN_LORAS.values() if spec.base == base]

@@ -27,6 +27,11 @@ layouts merged together (PEFT, kohya, ai-toolkit, DiffSynth, bare names with alp
 original names with fused qkv; SD 3's original MMDiT names with its CLIPs), equal-rank methods on
 r4 sets and SVD/cat methods on sets with an r8 kohya file (the loaders fold a kohya file's alpha/rank
 into its factors, as diffusers' converters do, so files with alpha ≠ rank join SVD/cat cases only).
+
+FLUX.2 Klein (tiny-flux2-klein) and Wan (tiny-wan): ``FLUX2_WAN_CASES`` on KLEIN_/WAN_EQUAL (style r4
+α8 PEFT + the r4 ai-toolkit / ComfyUI file) and KLEIN_/WAN_UNEQUAL (+ detail r8 α4 kohya/musubi with
+embedders, modulation and final layer), read by ``dit_math``'s own tables; a representative subset of
+the combination types each.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch
 
 from lorarecipe.builtin.materialize import builtin_base_path, builtin_lora_path
 from lorarecipe.errors import BuildError, RecipeError
+from tests.helpers.dit_math import dit_reader
 from tests.helpers.lora_math import LoraFactors, lora_factors, read_component_weights
 from tests.helpers.merge_oracle import (
     COMBINATION_TYPES,
@@ -72,8 +78,23 @@ Z_EQUAL = (("style", 0.8), ("aitk", -0.6))  # r4 PEFT, r4 ai-toolkit (no alpha)
 Z_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("comfy", -0.4))  # + r8 kohya, r4 original names (qkv)
 SD3_EQUAL = (("style", 0.8), ("toy", -0.6))  # r4 PEFT with CLIPs, r4 transformer only
 SD3_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("toy", -0.4))  # + r8 kohya original MMDiT names, CLIPs
-UNEQUAL_SETS = (UNEQUAL, FLUX_UNEQUAL, QWEN_UNEQUAL, Z_UNEQUAL, SD3_UNEQUAL)
-NAMED_SETS = (EQUAL, UNEQUAL, FLUX_EQUAL, FLUX_UNEQUAL, QWEN_EQUAL, Z_EQUAL, SD3_EQUAL, *UNEQUAL_SETS)
+KLEIN_EQUAL = (("style", 0.8), ("aitk", -0.6))  # r4 PEFT + r4 ai-toolkit (BFL names, fused qkv)
+KLEIN_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("aitk", 0.4))  # + r8 kohya BFL (modulation, final layer)
+WAN_EQUAL = (("style", 0.8), ("comfy", -0.6))  # r4 PEFT + r4 ComfyUI (diffusion_model., alpha 2)
+WAN_UNEQUAL = (("style", 0.7), ("detail", 0.5), ("comfy", 0.4))  # + r8 musubi (blocks, embedders, head)
+UNEQUAL_SETS = (UNEQUAL, FLUX_UNEQUAL, QWEN_UNEQUAL, Z_UNEQUAL, SD3_UNEQUAL, KLEIN_UNEQUAL, WAN_UNEQUAL)
+NAMED_SETS = (
+    EQUAL,
+    UNEQUAL,
+    FLUX_EQUAL,
+    FLUX_UNEQUAL,
+    QWEN_EQUAL,
+    Z_EQUAL,
+    SD3_EQUAL,
+    KLEIN_EQUAL,
+    WAN_EQUAL,
+    *UNEQUAL_SETS,
+)
 LORA_SCALE = 0.8
 
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -294,11 +315,16 @@ def lora_files(out: Path) -> dict[str, Path]:
 
 
 def check_lora_file(
-    file: Path, oracle: OracleMerge, tol: Mapping[Module, float], base: Base, convention: bool = True
+    file: Path,
+    oracle: OracleMerge,
+    tol: Mapping[Module, float],
+    base: Base,
+    convention: bool = True,
+    reader: Callable[[Path, Base], Mapping[Module, LoraFactors]] = lora_factors,
 ) -> dict[Module, float]:
     """(a): the file's per-module delta is the oracle's, and (``convention``) its α = r convention;
     returns the errors."""
-    factors = lora_factors(file, base)
+    factors = reader(file, base)
     assert factors.keys() == oracle.deltas.keys(), file.name
     errors = {}
     for module, f in factors.items():
@@ -482,6 +508,48 @@ def test_dit_family_merge_matches_the_oracle(case: Case, tmp_path: Path) -> None
     got = deltas_of(built, base)
     distances = {
         alt: distance(got, merge_oracle(base_dir, base, case.loras(), alt, gauge).deltas, tol)
+        for alt in alternatives(case)
+    }
+    closest = min(distances, key=distances.__getitem__)
+    assert distances[closest] >= SWAP_FACTOR, f"{closest} is as close to the build as the oracle"
+
+
+FLUX2_WAN_CASES = [
+    Case(MergeParams("linear"), KLEIN_EQUAL, "tiny-flux2-klein"),
+    Case(MergeParams("ties", density=0.5, majority_sign_method="frequency"), KLEIN_EQUAL, "tiny-flux2-klein"),
+    Case(MergeParams("dare_linear", density=0.7, seed=3), KLEIN_EQUAL, "tiny-flux2-klein"),
+    Case(MergeParams("cat"), KLEIN_UNEQUAL, "tiny-flux2-klein"),
+    Case(MergeParams("svd", svd_rank=6), KLEIN_UNEQUAL, "tiny-flux2-klein"),
+    Case(MergeParams("dare_ties_svd", density=0.7, seed=4), KLEIN_UNEQUAL, "tiny-flux2-klein"),
+    Case(MergeParams("linear"), WAN_EQUAL, "tiny-wan"),
+    Case(MergeParams("dare_ties", density=0.7, seed=3), WAN_EQUAL, "tiny-wan"),
+    Case(MergeParams("magnitude_prune", density=0.4), WAN_EQUAL, "tiny-wan"),
+    Case(MergeParams("cat"), WAN_UNEQUAL, "tiny-wan"),
+    Case(MergeParams("ties_svd", density=0.5, svd_rank=6, svd_clamp=0.95), WAN_UNEQUAL, "tiny-wan"),
+]
+
+
+@pytest.mark.parametrize("case", FLUX2_WAN_CASES, ids=lambda c: c.id)
+def test_flux2_and_wan_merges_match_the_oracle(case: Case, tmp_path: Path) -> None:
+    """FLUX.2 Klein and Wan merges across layouts: (a) the diffusers file per module (α = r) and the
+    kohya/musubi file's deltas, (b) the fused transformer, (c) no swapped method passes."""
+    base_dir = builtin_base_path(case.base)
+    base = {"transformer": read_component_weights(base_dir, "transformer")}
+    reader = dit_reader("wan" if case.base == "tiny-wan" else "flux2")
+    build_text(tmp_path, one_merge_recipe(case))
+    files = lora_files(tmp_path / "out")
+    built = lora_factors(files["diffusers"], base)
+    gauge = {k: (f.up, f.down) for k, f in built.items()}
+    oracle = merge_oracle(base_dir, base, case.loras(), case.params, gauge, reader)
+    tol = tolerances(oracle)
+    if "detail" in dict(case.adapters):  # modules outside the blocks: embedders, shared modulation, head
+        assert ("transformer", "proj_out.weight") in oracle.deltas
+    check_lora_file(files["diffusers"], oracle, tol, base)
+    check_lora_file(files["kohya"], oracle, tol, base, convention=False, reader=reader)
+    check_fused(tmp_path / "out" / "fused", oracle, tol, base)
+    got = deltas_of(built, base)
+    distances = {
+        alt: distance(got, merge_oracle(base_dir, base, case.loras(), alt, gauge, reader).deltas, tol)
         for alt in alternatives(case)
     }
     closest = min(distances, key=distances.__getitem__)

@@ -44,8 +44,9 @@ class BuiltinBase:
 class BuiltinLora:
     name: str  # "<base>/<lora>"
     base: str
-    layout: str  # "peft" (diffusers/PEFT keys + lora_adapter_metadata), "kohya", "aitk", "xlabs", "comfy",
-    # "diffsynth" or "bare" (builtin/flux_loras.py, builtin/dit_loras.py)
+    #: "peft" (diffusers/PEFT keys + lora_adapter_metadata), "kohya", "aitk", "xlabs", "comfy", "diffsynth",
+    #: "bare" or "peft_raw" (builtin/loras.py, builtin/flux_loras.py, builtin/dit_loras.py)
+    layout: str
     rank: int
     alpha: float
     text_encoders: bool
@@ -69,6 +70,23 @@ BUILTIN_BASES: dict[str, BuiltinBase] = {
         "tiny-sd3",
         "sd3",
         "SD 3.5-Medium-like pipeline, 2 joint blocks (attn2, q/k norm), 2 CLIPs + T5, 64 px",
+    ),
+    "tiny-flux2": BuiltinBase(
+        "tiny-flux2", "flux2", "FLUX.2-dev-like pipeline, 2 double + 2 single blocks, Mistral 3, 64 px"
+    ),
+    "tiny-flux2-klein": BuiltinBase(
+        "tiny-flux2-klein",
+        "flux2",
+        "FLUX.2-Klein-like pipeline (CFG), 2 double + 2 single blocks, Qwen3, 64 px",
+    ),
+    "tiny-wan": BuiltinBase(
+        "tiny-wan", "wan", "Wan 2.1-T2V-like video pipeline, 2 blocks, UMT5, 64 px, 9 frames"
+    ),
+    "tiny-wan22": BuiltinBase(
+        "tiny-wan22",
+        "wan",
+        "Wan 2.2-T2V-A14B-like video pipeline: two 2-block experts (transformer: high noise, transformer_2: "
+        "low noise), UMT5, 64 px, 9 frames",
     ),
 }
 
@@ -187,6 +205,79 @@ _SD3_LORAS = (
     ),
 )
 
+
+def _flux2_wan_loras() -> tuple[BuiltinLora, ...]:
+    """The FLUX.2 and Wan built-in LoRAs (transformer only)."""
+    table = (
+        ("tiny-flux2/style", "peft", 4, 8.0, "PEFT layout, r4 α8, every attention and feed-forward Linear"),
+        (
+            "tiny-flux2/detail",
+            "kohya",
+            8,
+            4.0,
+            "kohya/musubi BFL layout, r8 α4: fused qkv, linear1/linear2, MLPs, embedders, shared modulation, "
+            "final layer (swapped halves)",
+        ),
+        (
+            "tiny-flux2/aitk",
+            "aitk",
+            4,
+            4.0,
+            "ai-toolkit layout ('diffusion_model.' + BFL names), r4, no alpha",
+        ),
+        (
+            "tiny-flux2/raw",
+            "peft_raw",
+            4,
+            4.0,
+            "bare PEFT layout ('base_model.model.' + diffusers names), r4",
+        ),
+        (
+            "tiny-flux2-klein/style",
+            "peft",
+            4,
+            8.0,
+            "PEFT layout, r4 α8, every attention and feed-forward Linear",
+        ),
+        ("tiny-flux2-klein/detail", "kohya", 8, 4.0, "kohya/musubi BFL layout, r8 α4, every module"),
+        ("tiny-flux2-klein/aitk", "aitk", 4, 4.0, "ai-toolkit layout, r4, block attention and MLPs"),
+        ("tiny-wan/style", "peft", 4, 8.0, "PEFT layout, r4 α8, self/cross attention and feed-forward"),
+        (
+            "tiny-wan/detail",
+            "kohya",
+            8,
+            4.0,
+            "musubi-tuner layout ('lora_unet_blocks_0_self_attn_q'), r8 α4, blocks + embedders + head",
+        ),
+        (
+            "tiny-wan/comfy",
+            "comfy",
+            4,
+            2.0,
+            "ComfyUI layout ('diffusion_model.blocks.0.self_attn.q', lora_down/up, alpha), r4 α2",
+        ),
+        (
+            "tiny-wan22/style",
+            "peft",
+            4,
+            8.0,
+            "PEFT layout, r4 α8, attention and feed-forward (one expert's names)",
+        ),
+        (
+            "tiny-wan22/high",
+            "aitk",
+            4,
+            4.0,
+            "'diffusion_model.' + Wan names, lora_A/B, no alpha, r4: a high-noise LoRA",
+        ),
+        ("tiny-wan22/low", "kohya", 8, 4.0, "musubi-tuner layout, r8 α4: a low-noise LoRA"),
+    )
+    return tuple(
+        BuiltinLora(name, name.split("/")[0], layout, rank, alpha, False, 20 + index, description)
+        for index, (name, layout, rank, alpha, description) in enumerate(table)
+    )
+
+
 BUILTIN_LORAS: dict[str, BuiltinLora] = {
     lora.name: lora
     for lora in (
@@ -256,6 +347,7 @@ BUILTIN_LORAS: dict[str, BuiltinLora] = {
         *_QWEN_IMAGE_LORAS,
         *_Z_IMAGE_LORAS,
         *_SD3_LORAS,
+        *_flux2_wan_loras(),
     )
 }
 

@@ -107,7 +107,7 @@ def make_peft_lora(
     rank: int,
     alpha: float,
     seed: int,
-    targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+    targets: Sequence[str] | str = ("to_q", "to_k", "to_v", "to_out.0"),
     te_targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "out_proj"),
     text_encoders: bool = True,
     scale: float = 0.2,
@@ -116,7 +116,8 @@ def make_peft_lora(
 
     Adds a peft adapter (``init_lora_weights=False``) to the denoiser and, when ``text_encoders``, to every
     text encoder; fills it with seeded ``randn * scale``; saves it with ``type(pipe).save_lora_weights``;
-    then removes the adapter so ``pipe`` is unchanged. Returns ``path``.
+    then removes the adapter so ``pipe`` is unchanged. ``targets``: module name suffixes, or one regular
+    expression (PEFT's full-match form). Returns ``path``.
     """
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -132,9 +133,8 @@ def make_peft_lora(
         try:
             for comp, model in _components(pipe, text_encoders):
                 comp_targets = te_targets if comp in _TEXT_ENCODERS else targets
-                config = LoraConfig(
-                    r=rank, lora_alpha=alpha, target_modules=list(comp_targets), init_lora_weights=False
-                )
+                wanted = comp_targets if isinstance(comp_targets, str) else list(comp_targets)
+                config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=wanted, init_lora_weights=False)
                 restore.append((model, _active_adapters(model)))
                 model.add_adapter(config, adapter_name=_TMP_ADAPTER)
                 _fill_lora_params(model, _TMP_ADAPTER, generator, scale)

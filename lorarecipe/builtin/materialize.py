@@ -37,6 +37,7 @@ from diffusers import (
 from filelock import FileLock
 
 from ..errors import InputUnavailableError
+from ..families import FAMILIES
 from ..fs.atomic import atomic_dir, atomic_file, atomic_write_text, clean_stale_temporaries
 from .catalog import (
     BUILTIN_BASES,
@@ -48,8 +49,16 @@ from .catalog import (
     materialized_base,
     materialized_lora,
 )
-from .dit_loras import make_dit_lora
-from .dit_pipelines import build_qwen_image, build_sd3, build_z_image
+from .dit_loras import FLUX2_WAN_PEFT_TARGETS, default_selection, make_dit_lora, make_original_lora
+from .dit_pipelines import (
+    build_flux2,
+    build_flux2_klein,
+    build_qwen_image,
+    build_sd3,
+    build_wan,
+    build_wan22,
+    build_z_image,
+)
 from .flux_loras import FLUX_PEFT_TARGETS, make_flux_lora
 from .loras import canonicalize_safetensors, make_kohya_lora, make_peft_lora
 from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
@@ -261,16 +270,20 @@ def _build_flux() -> FluxPipeline:
 
 
 _BUILDERS = {
-    "sd1": _build_sd,
-    "sdxl": _build_sdxl,
-    "flux": _build_flux,
-    "qwen_image": build_qwen_image,
-    "z_image": build_z_image,
-    "sd3": build_sd3,
+    "tiny-sd": _build_sd,
+    "tiny-sdxl": _build_sdxl,
+    "tiny-flux": _build_flux,
+    "tiny-qwen-image": build_qwen_image,
+    "tiny-z-image": build_z_image,
+    "tiny-sd3": build_sd3,
+    "tiny-flux2": build_flux2,
+    "tiny-flux2-klein": build_flux2_klein,
+    "tiny-wan": build_wan,
+    "tiny-wan22": build_wan22,
 }
 
 
-_DIT_LORA_FAMILIES = ("qwen_image", "z_image", "sd3")  # LoRAs written by builtin/dit_loras.py
+_DIT_LORA_FAMILIES = ("qwen_image", "z_image", "sd3")  # LoRAs written by dit_loras.make_dit_lora
 
 
 def build_base_pipeline(name: str) -> DiffusionPipeline:
@@ -283,7 +296,7 @@ def build_base_pipeline(name: str) -> DiffusionPipeline:
     if spec is None:
         raise _unknown("base", name, list(BUILTIN_BASES))
     with torch.random.fork_rng(devices=[]):
-        pipe = _BUILDERS[spec.family]()
+        pipe = _BUILDERS[name]()
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # as after from_pretrained
@@ -333,24 +346,36 @@ def builtin_lora_path(name: str) -> Path:
         if not materialized_lora(name):
             pipe = build_base_pipeline(spec.base)  # only module names and shapes are used
             family = BUILTIN_BASES[spec.base].family
-            flux = family == "flux"
             with atomic_file(final) as tmp:
-                common: dict[str, Any] = {
-                    "rank": spec.rank,
-                    "alpha": spec.alpha,
-                    "seed": spec.seed,
-                    "text_encoders": spec.text_encoders,
-                }
+                common: dict[str, Any] = {"rank": spec.rank, "alpha": spec.alpha, "seed": spec.seed}
                 if family in _DIT_LORA_FAMILIES:
-                    make_dit_lora(pipe, tmp, family=family, layout=spec.layout, **common)
-                elif spec.layout == "peft" and flux:
-                    make_peft_lora(pipe, tmp, **common, targets=FLUX_PEFT_TARGETS)
+                    make_dit_lora(
+                        pipe,
+                        tmp,
+                        family=family,
+                        layout=spec.layout,
+                        text_encoders=spec.text_encoders,
+                        **common,
+                    )
+                elif spec.layout == "peft" and family in FLUX2_WAN_PEFT_TARGETS:
+                    make_peft_lora(
+                        pipe, tmp, **common, text_encoders=False, targets=FLUX2_WAN_PEFT_TARGETS[family]
+                    )
+                elif family in FLUX2_WAN_PEFT_TARGETS:
+                    select = default_selection(family, spec.layout)
+                    make_original_lora(
+                        FAMILIES[family], pipe, tmp, layout=spec.layout, select=select, **common
+                    )
+                elif spec.layout == "peft" and family == "flux":
+                    make_peft_lora(
+                        pipe, tmp, **common, text_encoders=spec.text_encoders, targets=FLUX_PEFT_TARGETS
+                    )
                 elif spec.layout == "peft":
-                    make_peft_lora(pipe, tmp, **common)
-                elif flux:
-                    make_flux_lora(pipe, tmp, layout=spec.layout, **common)
+                    make_peft_lora(pipe, tmp, **common, text_encoders=spec.text_encoders)
+                elif family == "flux":
+                    make_flux_lora(pipe, tmp, layout=spec.layout, text_encoders=spec.text_encoders, **common)
                 else:
-                    make_kohya_lora(pipe, tmp, **common)
+                    make_kohya_lora(pipe, tmp, text_encoders=spec.text_encoders, **common)
                 _finish_file(tmp)
     return final
 

@@ -36,12 +36,11 @@ from ..recipe.models import ComponentWeights, GridOutput, LoraOutput, PipelineOu
 from ..recipe.vocabulary import FAMILIES
 from .block_weights import canonical_component_weights
 from .context import CompileContext
-from .difference import difference_components
 from .estimates import estimate_memory
 from .inputs import InputFacts, check_inputs
-from .outputs import check_outputs, default_weight_name
+from .outputs import check_outputs, default_weight_name, lora_component
 from .publish import check_publish
-from .references import check_references
+from .references import adapter_components, check_references
 
 __all__ = ["compile_recipe", "compile_recipe_file"]
 
@@ -95,6 +94,7 @@ def _steps(
                 source=inputs.adapters[name].source,
                 format=adapter.format,
                 trigger_words=tuple(adapter.trigger_words),
+                load_into=tuple(adapter.load_into) if adapter.load_into else None,
                 scale_convention=adapter.scale_convention,
                 difference=adapter.checkpoint is not None,
             )
@@ -167,6 +167,7 @@ def _steps(
                     path=path,
                     dtype=out.dtype,
                     card=bool(getattr(out, "card", False)),
+                    component=getattr(out, "component", None),
                 )
             )
         elif isinstance(out, LoraOutput):
@@ -182,6 +183,7 @@ def _steps(
                     weight_name=default_weight_name(out),
                     dtype=out.dtype,
                     card=out.card,
+                    component=lora_component(ctx, out, inputs),
                 )
             )
         elif isinstance(out, GridOutput):
@@ -206,6 +208,9 @@ def _grid_step(ctx: CompileContext, name: str, out: GridOutput, path: str, famil
     else:
         default = 64 if ctx.recipe.base.builtin else (FAMILIES[family].default_size if family else None)
         width = height = default
+    frames = None
+    if _grid_call(family).frames:
+        frames = out.frames or (9 if ctx.recipe.base.builtin else _grid_call(family).frames)
     words = tuple(
         (n, _trigger_words(ctx, n))
         for n in [*ctx.recipe.adapters, *ctx.recipe.merges]
@@ -231,6 +236,7 @@ def _grid_step(ctx: CompileContext, name: str, out: GridOutput, path: str, famil
         trigger_words=words if out.trigger_words else (),
         threads=out.threads,
         true_cfg_scale=out.true_cfg_scale,
+        frames=frames,
         compile=out.compile,
     )
 
@@ -238,25 +244,6 @@ def _grid_step(ctx: CompileContext, name: str, out: GridOutput, path: str, famil
 def _grid_call(family: str | None) -> GridCall:
     known = get_family(family)
     return known.grid if known is not None else FAMILIES["sd1"].grid
-
-
-def _adapter_components(
-    ctx: CompileContext, inputs: InputFacts, name: str, seen: frozenset[str]
-) -> set[str] | None:
-    """The components one adapter or merge adapts, from the LoRA headers; None when unknown yet."""
-    merge = ctx.recipe.merges.get(name)
-    if merge is None:
-        facts = inputs.adapters.get(name)
-        if facts is not None and facts.difference is not None:
-            return set(difference_components(facts.difference, inputs.family))
-        return set(facts.info.components) if facts is not None and facts.info is not None else None
-    found: set[str] = set()
-    for dep, _ in merge.pairs():
-        part = set() if dep in seen else _adapter_components(ctx, inputs, dep, seen | {name})
-        if part is None:
-            return None
-        found |= part
-    return found & set(merge.components) if merge.components else found
 
 
 def _fused_components(ctx: CompileContext, inputs: InputFacts) -> set[str] | None:
@@ -270,7 +257,7 @@ def _fused_components(ctx: CompileContext, inputs: InputFacts) -> set[str] | Non
     ]
     found: set[str] = set()
     for name in names:
-        part = _adapter_components(ctx, inputs, name, frozenset())
+        part = adapter_components(ctx, inputs, name)
         if part is None:
             return None
         found |= part
@@ -295,8 +282,7 @@ def compile_recipe(
     ctx = CompileContext(loaded, build, allow_read=tuple(allow_read))
     inputs = check_inputs(ctx)
     order = check_references(ctx, inputs)
-    pipeline_class = inputs.base_info.pipeline_class if inputs.base_info is not None else None
-    paths = check_outputs(ctx, inputs.family, _fused_components(ctx, inputs), pipeline_class)
+    paths = check_outputs(ctx, inputs, _fused_components(ctx, inputs))
     publish = check_publish(ctx, build.recipe.name or loaded.name)
     if ctx.errors:
         raise RecipeCompileError(ctx.errors[0].message, ctx.problems)

@@ -26,13 +26,15 @@ from .inputs import InputFacts
 __all__ = ["block_counts", "canonical_component_weights", "check_transformer_blocks"]
 
 
-def block_counts(inputs: InputFacts) -> dict[str, int] | None:
-    """{group: number of blocks} of the base's denoiser, from its headers; None when unknown."""
+def block_counts(inputs: InputFacts, component: str | None = None) -> dict[str, int] | None:
+    """{group: number of blocks} of the base's denoiser (``component``: one of its experts), from its
+    headers; None when unknown."""
     family = get_family(inputs.family)
     info = inputs.base_info
-    if family is None or info is None or family.denoiser not in info.components:
+    name = component or (family.denoiser if family is not None else "")
+    if family is None or info is None or name not in info.components:
         return None
-    return block_counts_from_keys(family, info.components[family.denoiser].tensors)
+    return block_counts_from_keys(family, info.components[name].tensors)
 
 
 def check_transformer_blocks(
@@ -49,7 +51,7 @@ def check_transformer_blocks(
         )
         return
     weights, problems = parse_block_weights(family, spec)
-    counts = block_counts(inputs)
+    counts = block_counts(inputs, str(where[-1]) if where[-1] in family.denoisers else None)
     if weights is not None and counts is not None:
         problems += check_block_counts(weights, counts)
     for problem in problems:
@@ -60,9 +62,10 @@ def canonical_component_weights(weights: Mapping[str, Any], family_key: str | No
     """A per-component weight dict (model_dump) -> the plan's form, block specs canonical."""
     family = get_family(family_key)
     out = dict(weights)
-    spec = out.get("transformer")
-    if isinstance(spec, Mapping) and family is not None:
-        parsed, _ = parse_block_weights(family, spec)
-        if parsed is not None:
-            out["transformer"] = canonical_block_spec(parsed)
+    for component in family.denoisers if family is not None else ():
+        spec = out.get(component)
+        if isinstance(spec, Mapping) and family is not None:
+            parsed, _ = parse_block_weights(family, spec)
+            if parsed is not None:
+                out[component] = canonical_block_spec(parsed)
     return out

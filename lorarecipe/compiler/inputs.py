@@ -34,6 +34,7 @@ from ..inspect import (
     read_header,
 )
 from ..inspect.base_model import check_model_index
+from ..inspect.loaded_as import as_loaded
 from ..plan import Check, Source
 from ..recipe.load import path_text
 from ..recipe.vocabulary import FAMILIES
@@ -302,6 +303,43 @@ def _family_mismatch(info: LoraInfo, inputs: InputFacts) -> str:
     return f"the LoRA is {article} {lora} LoRA ({info.family_evidence}) but the base is {base_label}"
 
 
+def _check_experts(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any) -> bool:
+    """``load_into`` names experts the family and the base have; a base with two experts needs it (a
+    LoRA silently applied to the high-noise expert only is what diffusers' default would give)."""
+    family = get_family(inputs.family)
+    where = ("adapters", name, "load_into")
+    if spec.load_into is not None and family is not None and not family.experts:
+        ctx.error(
+            where,
+            f"{family.label} has one denoiser; 'load_into' is for families with two experts (Wan 2.2 A14B)",
+            "remove load_into",
+            on_key=True,
+        )
+        return False
+    components = inputs.base_info.components if inputs.base_info is not None else None
+    if family is None or not family.experts or components is None:
+        return True
+    present = [e for e in family.experts if e in components]
+    for index, expert in enumerate(spec.load_into or ()):
+        if expert not in present:
+            ctx.error(
+                (*where, index),
+                f"the base has no {expert} (its denoisers: {', '.join(present)})",
+                "Wan 2.1 and TI2V-5B have one transformer; only Wan 2.2 A14B has transformer_2",
+            )
+            return False
+    if len(present) > 1 and spec.load_into is None:
+        ctx.error(
+            ("adapters", name),
+            f"the base has two experts ({', '.join(present)}: high-noise and low-noise steps): say which "
+            "this LoRA is loaded into",
+            "add load_into: [transformer], [transformer_2], or [transformer, transformer_2]",
+            on_key=True,
+        )
+        return False
+    return True
+
+
 def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any) -> None:
     where = ("adapters", name)
     if spec.checkpoint is not None:
@@ -315,6 +353,11 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
         return
     facts = _adapter_header(ctx, name, spec, inputs.family)
     inputs.adapters[name] = facts
+    if not _check_experts(ctx, inputs, name, spec):
+        facts.info = None
+        return
+    if facts.info is not None:
+        facts.info = as_loaded(facts.info, get_family(inputs.family), spec.load_into)
     info = facts.info
     if (
         spec.builtin
@@ -434,7 +477,7 @@ def _blocks(info: LoraInfo, family_key: str | None) -> tuple[str | None, int]:
     modules: list[str] = []
     fused = 0
     for module in info.modules:
-        if module.component == family.denoiser:
+        if module.component in family.denoisers:
             targets, split = lora_targets(family, module.name)
             modules.extend(targets)
             fused += split

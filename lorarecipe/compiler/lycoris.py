@@ -111,7 +111,7 @@ def _summary(
                 p.module
                 for placed in report.placed
                 for p in placed.placements
-                if p.component == family.denoiser
+                if p.component in family.denoisers
             ]
             if modules:
                 text += f" ({blocks_touched(family, modules)})"

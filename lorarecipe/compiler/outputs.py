@@ -2,7 +2,9 @@
 
 Recipe outputs -> located problems. Paths must stay inside the output root and must not collide
 (two outputs at one path, or one inside another's folder, which an atomic folder replace would
-destroy). Checkpoint outputs need a ``fuse``; grids need the variants they show.
+destroy). Checkpoint outputs need a ``fuse``; grids need the variants they show. In a family with two
+experts (Wan 2.2 A14B) a single file or a LoRA file holds one expert (``component``), every fused
+expert must be written by some output, and a grid of a video family takes ``frames``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from pathlib import PurePosixPath
 from ..diagnostics import did_you_mean
 from ..fs.paths import normalize_output_path
 from ..recipe.models import GridOutput, LoraOutput, PipelineOutput, SingleFileOutput
-from ..recipe.vocabulary import FAMILIES, RESERVED_VARIANTS
+from ..recipe.vocabulary import FAMILIES, RESERVED_VARIANTS, FamilyInfo
 from .context import CompileContext
+from .inputs import InputFacts
+from .references import adapter_components
 
-__all__ = ["check_outputs", "default_weight_name"]
+__all__ = ["check_outputs", "default_weight_name", "lora_component"]
 
 
 def default_weight_name(spec: LoraOutput) -> str:
@@ -105,10 +109,26 @@ def _check_grid(ctx: CompileContext, name: str, spec: GridOutput, family: str | 
             on_key=True,
         )
     known = FAMILIES.get(family or "")
-    if known is not None and known.grid.negative_prompt == "native" and spec.true_cfg_scale is not None:
+    if known is not None and not known.grid.frames and spec.frames is not None:
+        ctx.error((*where, "frames"), f"{known.label} makes images, not videos", "remove frames", on_key=True)
+    sizes = [spec.size] if isinstance(spec.size, int) else (spec.size or [])
+    if known is not None and known.grid.frames and any(size % 16 for size in sizes):
+        ctx.error(  # WanPipeline.check_inputs raises otherwise (8× VAE, 2×2 patches)
+            (*where, "size"), f"{known.label} renders sizes that are multiples of 16, got {spec.size}"
+        )
+    if known is not None and known.grid.negative_prompt == "none" and spec.negative_prompt:
+        ctx.error(
+            (*where, "negative_prompt"),
+            f"{known.label} pipelines take no negative prompt",
+            "remove negative_prompt",
+            on_key=True,
+        )
+    if known is not None and known.grid.negative_prompt != "true_cfg" and spec.true_cfg_scale is not None:
         ctx.error(
             (*where, "true_cfg_scale"),
-            f"{known.label} always uses classifier-free guidance: set 'guidance' instead",
+            f"{known.label} always uses classifier-free guidance: set 'guidance' instead"
+            if known.grid.negative_prompt == "native"
+            else f"{known.label} pipelines have no true_cfg_scale: 'guidance' is {known.grid.guidance}",
             on_key=True,
         )
     distilled = known is not None and known.grid.negative_prompt == "true_cfg"
@@ -144,7 +164,7 @@ def _single_file_problem(family: str, fused: set[str] | None) -> tuple[str, str]
             f"single-file checkpoints are supported for {supported}, not {info.label}",
             "use kind: pipeline",
         )
-    lost = sorted((fused or set()) - set(info.single_file_components))
+    lost = sorted((fused or set()) - set(info.single_file_components) - set(info.experts))
     if lost:
         holds = ", ".join(info.single_file_components)
         return (
@@ -155,13 +175,79 @@ def _single_file_problem(family: str, fused: set[str] | None) -> tuple[str, str]
     return None
 
 
-def check_outputs(
-    ctx: CompileContext, family: str | None, fused: set[str] | None = None, pipeline_class: str | None = None
-) -> dict[str, str]:
+def lora_component(ctx: CompileContext, spec: LoraOutput, inputs: InputFacts) -> str | None:
+    """The expert a LoRA output writes: the recipe's ``component``, else the adapter's only expert; None
+    for a family with one denoiser (or when the LoRA headers are not available yet)."""
+    info = FAMILIES.get(inputs.family or "")
+    if spec.component is not None or info is None or not info.experts:
+        return spec.component
+    loaded = adapter_components(ctx, inputs, spec.adapter) or set()
+    experts = [e for e in info.experts if e in loaded]
+    return experts[0] if len(experts) == 1 else None
+
+
+def _check_experts(ctx: CompileContext, inputs: InputFacts, info: FamilyInfo, fused: set[str] | None) -> None:
+    """Families with two experts: each output's ``component`` is an expert the base has (and a LoRA
+    output's one its adapter is loaded into), and every fused expert is written by some output."""
+    base = inputs.base_info
+    present = [e for e in info.experts if base is None or e in base.components]
+    written: set[str] = set()
+    for name, spec in ctx.recipe.outputs.items():
+        component = getattr(spec, "component", None)
+        if isinstance(spec, PipelineOutput):
+            written |= set(info.experts)
+        elif isinstance(spec, SingleFileOutput):
+            written.add(component or info.denoiser)
+        if component is not None and component not in present:
+            ctx.error(
+                ("outputs", name, "component"),
+                f"the base has no {component} (its denoisers: {', '.join(present)})",
+            )
+        if isinstance(spec, LoraOutput):
+            loaded = adapter_components(ctx, inputs, spec.adapter)
+            experts = sorted(set(info.experts) & (loaded or set()))
+            if component is not None and loaded is not None and component not in loaded:
+                ctx.error(
+                    ("outputs", name, "component"),
+                    f"{spec.adapter!r} is not loaded into {component} (only {', '.join(experts) or 'none'})",
+                )
+            elif component is None and len(experts) > 1:
+                ctx.error(
+                    ("outputs", name),
+                    f"{spec.adapter!r} is loaded into both experts ({', '.join(experts)}) and a LoRA file "
+                    "holds one (diffusers loads one file into one expert at a time)",
+                    "add component: transformer or component: transformer_2 (one output per expert)",
+                    on_key=True,
+                )
+    missed = sorted((fused or set()) & set(info.experts) - written)
+    single = [n for n, s in ctx.recipe.outputs.items() if isinstance(s, SingleFileOutput)]
+    if missed and single:
+        ctx.error(
+            ("outputs", single[0], "kind"),
+            f"the fuse changes {', '.join(missed)}, but no output writes it (a single file holds one expert)",
+            f"add a single_file output with component: {missed[0]}, or a pipeline output",
+        )
+
+
+def check_outputs(ctx: CompileContext, inputs: InputFacts, fused: set[str] | None = None) -> dict[str, str]:
     """Check every output; returns output name -> normalized relative path. ``fused``: the components
-    the fuse changes, when the LoRA headers tell; ``pipeline_class``: the base's, when known."""
+    the fuse changes, when the LoRA headers tell."""
+    family = inputs.family
+    pipeline_class = inputs.base_info.pipeline_class if inputs.base_info is not None else None
     normalized = _check_paths(ctx)
     names = set(ctx.recipe.adapters) | set(ctx.recipe.merges)
+    known = FAMILIES.get(family or "")
+    if known is not None and known.experts:
+        _check_experts(ctx, inputs, known, fused)
+    for name, spec in ctx.recipe.outputs.items():
+        if getattr(spec, "component", None) is not None and known is not None and not known.experts:
+            ctx.error(
+                ("outputs", name, "component"),
+                f"{known.label} has one denoiser; 'component' is for families with two experts "
+                "(Wan 2.2 A14B)",
+                "remove component",
+                on_key=True,
+            )
     for name, spec in ctx.recipe.outputs.items():
         where = ("outputs", name)
         if isinstance(spec, (PipelineOutput, SingleFileOutput)) and ctx.recipe.fuse is None:

@@ -26,7 +26,7 @@ from .difference import difference_components
 from .inputs import InputFacts, component_ranks
 from .lycoris import algorithm_names
 
-__all__ = ["check_references", "lycoris_kind", "merge_order"]
+__all__ = ["adapter_components", "check_references", "lycoris_kind", "merge_order"]
 
 
 def _names(ctx: CompileContext) -> set[str]:
@@ -323,11 +323,50 @@ def _check_merges(ctx: CompileContext, inputs: InputFacts) -> list[str]:
     return order
 
 
+def adapter_components(
+    ctx: CompileContext, inputs: InputFacts, name: str, seen: frozenset[str] = frozenset()
+) -> set[str] | None:
+    """The components one adapter or merge adapts (as loaded: ``load_into`` moves a file's modules to
+    the experts it names), from the LoRA headers; None when unknown yet (an uncached hub LoRA)."""
+    merge = ctx.recipe.merges.get(name)
+    if merge is None or name in seen:
+        facts = inputs.adapters.get(name)
+        if facts is not None and facts.difference is not None:
+            return set(difference_components(facts.difference, inputs.family))
+        return set(facts.info.components) if facts is not None and facts.info is not None else None
+    found: set[str] = set()
+    for dep, _ in merge.pairs():
+        part = adapter_components(ctx, inputs, dep, seen | {name})
+        if part is None:
+            return None
+        found |= part
+    return found & set(merge.components) if merge.components else found
+
+
+def _check_expert_weight(
+    ctx: CompileContext, where: tuple[Any, ...], name: str, weight: ComponentWeights, inputs: InputFacts
+) -> None:
+    """A weight for an expert the adapter is not loaded into would be ignored by diffusers (a warning)."""
+    info = FAMILIES.get(inputs.family or "")
+    loaded = adapter_components(ctx, inputs, name) if info is not None and info.experts else None
+    if loaded is None or info is None:
+        return
+    for comp in info.experts:
+        if comp not in loaded and getattr(weight, comp) is not None:
+            ctx.error(
+                (*where, comp),
+                f"{name!r} is loaded into {', '.join(sorted(loaded)) or 'nothing'} only, not {comp}: "
+                "diffusers would ignore this weight",
+                f"add {comp} to the adapter's load_into, or remove this weight",
+                on_key=True,
+            )
+
+
 def _check_weight(ctx: CompileContext, where: tuple[Any, ...], weight: Any, inputs: InputFacts) -> None:
     if not isinstance(weight, ComponentWeights):
         return
     info = FAMILIES.get(inputs.family or "")
-    for comp in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+    for comp in ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3"):
         value = getattr(weight, comp)
         if value is None:
             continue
@@ -350,7 +389,7 @@ def _check_weight(ctx: CompileContext, where: tuple[Any, ...], weight: Any, inpu
                 on_key=True,
             )
         if (
-            comp == "transformer"
+            comp in ("transformer", "transformer_2")
             and isinstance(value, dict)
             and (info is None or comp in info.lora_components)
         ):
@@ -371,6 +410,8 @@ def _check_mix_and_fuse(ctx: CompileContext, inputs: InputFacts) -> None:
             else:
                 where = ("set_adapters", "weights")
             _check_weight(ctx, where, weight, inputs)
+            if isinstance(weight, ComponentWeights):
+                _check_expert_weight(ctx, where, _name, weight, inputs)
     fuse = ctx.recipe.fuse
     if fuse is not None:
         if fuse.adapters is None and mix is None:

@@ -1,7 +1,8 @@
 """Model families as data: one small module of tables per family, and this registry (torch-free).
 
-Each family module (``sd``: SD 1.x/2.x/SDXL; ``sd3``: SD 3/3.5; ``flux1``: FLUX.1; ``qwen_image``:
-Qwen-Image and Qwen-Image-Edit; ``z_image``: Z-Image) fills in a
+Each family module (``sd``: SD 1.x/2.x/SDXL; ``sd3``: SD 3/3.5; ``flux1``: FLUX.1; ``flux2``: FLUX.2
+dev and Klein; ``qwen_image``: Qwen-Image and Qwen-Image-Edit; ``z_image``: Z-Image; ``wan``: Wan
+2.1/2.2 video) fills in a
 :class:`~lorarecipe.families.spec.Family`: pipeline classes and LoRA components, block groups for
 per-block weights, its original-layout module table (single-file names, kohya/BFL LoRA names), kohya
 prefixes and grid call conventions. Every stage reads these tables — ``validate``/``plan`` included,
@@ -19,10 +20,12 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from .flux1 import FLUX1
+from .flux2 import FLUX2
 from .qwen_image import QWEN_IMAGE
 from .sd import SD1, SD2, SDXL
 from .sd3 import SD3
-from .spec import BlockGroup, Family, GridCall, ModuleRule, ParamRule, SingleFileComponent, Split
+from .spec import BlockGroup, Family, GridCall, ModuleRule, ParamRule, SingleFileComponent, Split, Variant
+from .wan import WAN
 from .z_image import Z_IMAGE
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "ParamRule",
     "SingleFileComponent",
     "Split",
+    "Variant",
     "family_label",
     "family_of_pipeline",
     "get_family",
@@ -50,14 +54,16 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
             SDXL,
             SD3,
             FLUX1,
+            FLUX2,
             QWEN_IMAGE,
             Z_IMAGE,
+            WAN,
         )
     }
 )
 
 #: Architectures recognized in LoRA headers but not built yet (key -> label), for mismatch errors.
-OTHER_ARCHITECTURES: Mapping[str, str] = MappingProxyType({"flux2": "FLUX.2", "lumina2": "Lumina Image 2.0"})
+OTHER_ARCHITECTURES: Mapping[str, str] = MappingProxyType({"lumina2": "Lumina Image 2.0"})
 
 
 def get_family(key: str | None) -> Family | None:

@@ -22,6 +22,7 @@ __all__ = [
     "ParamRule",
     "SingleFileComponent",
     "Split",
+    "Variant",
 ]
 
 
@@ -78,17 +79,20 @@ class GridCall:
     """How a family's pipeline is called for one grid cell.
 
     ``attention_kwargs`` is the call argument that carries a LoRA ``scale``; ``negative_prompt`` is
-    ``"native"`` (classifier-free guidance: always passed) or ``"true_cfg"`` (guidance-distilled:
-    passed only with ``true_cfg_scale`` > 1); ``guidance`` says what the grid's ``guidance`` means and
-    ``guidance_argument`` which call argument takes it (Qwen-Image's classifier-free guidance is
-    ``true_cfg_scale``: its ``guidance_scale`` is for guidance-distilled variants only).
+    ``"native"`` (classifier-free guidance: always passed), ``"true_cfg"`` (guidance-distilled:
+    passed only with ``true_cfg_scale`` > 1) or ``"none"`` (the pipeline takes no negative prompt);
+    ``guidance`` says what the grid's ``guidance`` means and ``guidance_argument`` which call argument
+    takes it (Qwen-Image's classifier-free guidance is ``true_cfg_scale``: its ``guidance_scale`` is for
+    guidance-distilled variants only). ``frames``: a video family's default number of frames per grid
+    cell (0: the family makes images).
     """
 
     attention_kwargs: Literal["cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"]
-    negative_prompt: Literal["native", "true_cfg"]
+    negative_prompt: Literal["native", "true_cfg", "none"]
     default_guidance: float
     guidance: str
     guidance_argument: Literal["guidance_scale", "true_cfg_scale"] = "guidance_scale"
+    frames: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,15 @@ class SingleFileComponent:
 
     prefix: str
     scheme: Literal["unet", "vae", "hf_clip", "open_clip", "rules"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of a family, told apart by its denoiser's hidden width (FLUX.2 dev or Klein 4B/9B,
+    Wan 1.3B/5B/14B), so that a LoRA made for a sibling is refused naming both models."""
+
+    label: str
+    width: int
 
 
 @dataclass(frozen=True)
@@ -137,10 +150,23 @@ class Family:
     #: LoRA key layouts the family's diffusers loader converts besides ``<component>.`` PEFT keys and
     #: kohya ``lora_unet_`` names: ``diffusion_model`` (ai-toolkit/ComfyUI prefix), ``bare`` (module
     #: names without a prefix, read when the file has ``.alpha`` keys or PEFT's ``default.`` name),
-    #: ``lokr`` (LyCORIS LoKr, which lorarecipe does not fuse: named in the refusal)
+    #: ``lokr`` (LyCORIS LoKr into PEFT LoKr layers, whose alpha convention differs: named in the
+    #: message; lorarecipe applies LoKr itself)
     lora_layouts: frozenset[str] = frozenset()
     #: pipeline classes that need an input image (edit models): built and fused, not rendered in grids
     image_input_pipelines: tuple[str, ...] = ()
+    #: models of the family by denoiser width, named in mismatch errors
+    variants: tuple[Variant, ...] = ()
+    #: denoisers a LoRA file can be loaded into, one at a time (Wan 2.2 A14B's two experts:
+    #: ``transformer`` for high noise, ``transformer_2`` for low noise; diffusers'
+    #: ``load_into_transformer_2``); () when the family has one denoiser
+    experts: tuple[str, ...] = ()
+    #: LoRA files saved from a bare PEFT model (``base_model.model.`` + diffusers module names) load
+    #: (diffusers' loader for this family converts them)
+    reads_raw_peft: bool = False
+    #: module names the denoiser's class keeps in float32 when diffusers loads it in half precision
+    #: (``_keep_in_fp32_modules``: Wan's time embedder, norms and modulation), matched per dotted part
+    keep_in_float32: tuple[str, ...] = ()
 
     @property
     def single_file(self) -> bool:
@@ -150,6 +176,11 @@ class Family:
     @property
     def single_file_components(self) -> tuple[str, ...]:
         return tuple(self.single_file_layout)
+
+    @property
+    def denoisers(self) -> tuple[str, ...]:
+        """The components that denoise: the experts, or the one denoiser."""
+        return self.experts or (self.denoiser,)
 
     @property
     def unet_block_weights(self) -> bool:

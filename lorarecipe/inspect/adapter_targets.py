@@ -181,7 +181,7 @@ def _original(
 ) -> tuple[Placement, ...] | str | None:
     """A module in the family's original layout -> its diffusers parts, by rows; None: not such a name."""
     found = match_lora_module(family, module.module)
-    if found is None or component != family.denoiser:
+    if found is None or component not in family.denoisers:
         return None
     missing = [name for name in found.diffusers if name not in keys.modules.get(component, set())]
     if missing:

@@ -292,6 +292,16 @@ _BARE_DIT = (
     "proj_out.",
     "norm_out.",
     "pos_embed.",
+    "double_stream_modulation_img.",  # FLUX.2
+    "double_stream_modulation_txt.",
+    "single_stream_modulation.",
+    "blocks.",  # Wan
+    "patch_embedding.",
+    "text_embedding.",
+    "time_embedding.",
+    "time_projection.",
+    "head.",
+    "img_emb.",
     "txt_norm.",  # Qwen-Image
     "layers.",  # Z-Image
     "noise_refiner.",
@@ -324,6 +334,10 @@ def _single_family(keys: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[str
 
     if key := first("joint_blocks."):
         return "sd3", f"MMDiT key '{key}' (SD 3)"
+    if key := first("single_stream_modulation.lin.", "double_stream_modulation_img.lin."):
+        return "flux2", f"BFL key '{key}' with shared modulation (FLUX.2)"
+    if (key := first("head.modulation")) and first("patch_embedding."):
+        return "wan", f"Wan key '{key}' (Wan)"
     if key := first("double_blocks."):
         return "flux", f"BFL key '{key}' (FLUX.1)"
     if (key := first("noise_refiner.", "context_refiner.")) and (qkv := first("layers.0.attention.")):

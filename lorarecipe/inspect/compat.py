@@ -16,9 +16,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..families import Family, family_label, get_family
+from ..families import Family, Variant, family_label, get_family
 from ..families.original_names import match_lora_module, original_place, split_heights
 from .base_model import BaseInfo
+from .lora_family import lora_variant, variant_of_widths
 from .lora_keys import COMPONENT_ORDER, LoraInfo, LoraModule
 
 __all__ = ["MAX_LISTED", "CompatReport", "check_lora_against_base"]
@@ -133,9 +134,37 @@ def _label(module: LoraModule) -> str:
     return module.name if module.component in ("unet", "transformer") else f"{module.component}.{module.name}"
 
 
+def base_variant(family: Family, base: BaseInfo) -> Variant | None:
+    """The model of ``family`` a base is, from its denoisers' matrix widths (FLUX.2 dev or Klein, Wan
+    1.3B or 14B); None when the family has no variants or the widths match none (a tiny test model)."""
+    widths = {
+        shape[1]
+        for name in family.denoisers
+        if name in base.components
+        for _, shape in base.components[name].tensors.values()
+        if len(shape) == 2
+    }
+    return variant_of_widths(family, widths)
+
+
+def _variant_conflict(lora: LoraInfo, base: BaseInfo) -> str | None:
+    """A LoRA made for a sibling model of the base's family (a Klein 4B LoRA on Klein 9B, a Wan 1.3B
+    LoRA on a 14B expert), named both ways."""
+    family = get_family(base.family)
+    if family is None or not family.variants or lora.family not in (None, base.family):
+        return None
+    ours, theirs = lora_variant(family, lora.modules), base_variant(family, base)
+    if ours is None or theirs is None or ours == theirs:
+        return None
+    return (
+        f"the LoRA is a {ours.label} LoRA (hidden width {ours.width}) but the base is {theirs.label} "
+        f"(hidden width {theirs.width})"
+    )
+
+
 def _family_conflict(lora: LoraInfo, base: BaseInfo) -> str | None:
     if lora.family is None or base.family is None or lora.family == base.family:
-        return None
+        return _variant_conflict(lora, base)
     lora_label, base_label = family_label(lora.family), family_label(base.family)
     article = "an" if lora_label.startswith("S") else "a"  # "an SDXL", "a FLUX.1"
     return (

@@ -2,11 +2,15 @@
 trainers get wrong), and a sentence saying why.
 
 UNets by their cross-attention input width (768 SD 1.x, 1024 SD 2.x, 2048 SDXL); DiTs by module names
-and widths: FLUX.1 (BFL blocks, width 3072, a ×4 GELU MLP), FLUX.2 (fused single-block projection,
-SwiGLU feed-forward), Qwen-Image (image/text MLPs, 60 joint blocks), Z-Image (NextDiT layers and
-refiners; Lumina Image 2.0 shares the names at width 2304), SD 3 (joint blocks of width 1536/2432).
-Conservative: tiny test models and unknown architectures give None, so a mismatch is only reported
-on evidence (names no other family uses count as evidence at any width). Pure Python.
+and widths: FLUX.1 (BFL blocks, width 3072, a ×4 GELU MLP, per-block modulation), FLUX.2 (fused
+single-block projection, SwiGLU feed-forward, shared modulation, widths 3072/4096/6144), Qwen-Image
+(image/text MLPs, 60 joint blocks), Z-Image (NextDiT layers and refiners; Lumina Image 2.0 shares the
+names at width 2304), SD 3 (joint blocks of width 1536/2432), Wan (``blocks.N`` with self/cross
+attention and a feed-forward). A FLUX.1 LoRA and a FLUX.2 Klein 4B LoRA can share every name and shape
+(width 3072, attention only, blocks 0-4): such a file is left undecided. ``lora_variant`` names the
+model of a family a LoRA was made for, by its width (Klein 4B or 9B, Wan 1.3B or 14B). Conservative:
+tiny test models and unknown architectures give None, so a mismatch is only reported on evidence (names
+no other family uses count as evidence at any width). Pure Python.
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from ..families import family_label
+from ..families import Family, Variant, family_label
 
 if TYPE_CHECKING:
     from .lora_keys import LoraModule
 
-__all__ = ["detect_family"]
+__all__ = ["detect_family", "lora_variant", "variant_of_widths"]
 
 _CROSS_WIDTHS = {
     768: ("sd1", "SD 1.x text encoder"),
@@ -63,6 +67,16 @@ _NEXTDIT = re.compile(
 )
 _LUMINA2_WIDTH = 2304
 _BFL_MLP = re.compile(r"(?:double_blocks_\d+_(?:img|txt)_mlp_0|single_blocks_\d+_linear1)$")
+# modules FLUX.1 has and FLUX.2 has not: per-block modulation, GELU MLPs, separate single-block q/k/v
+_FLUX1_ONLY = re.compile(
+    r"(?:img|txt)_mod_lin|single_blocks_\d+_modulation_lin|norm1(?:_context)?_linear|ff(?:_context)?_net_"
+    r"|single_transformer_blocks_\d+_(?:attn_to_[qkv]|proj_out|proj_mlp|norm_linear)|time_text_embed|vector_in"
+)
+_WAN = re.compile(
+    r"^blocks_\d+_(?:(?:self|cross)_attn_(?:[qkvo]|[kv]_img)|attn[12]_(?:to_[qkv]|to_out_0|add_[kv]_proj)"
+    r"|ffn_(?:0|2|net_0_proj|net_2))$"
+)
+_KLEIN_4B_BLOCKS = (5, 20)  # double, single blocks of FLUX.2 Klein 4B, the FLUX.2 model as wide as FLUX.1
 
 
 def _bfl_mlp_family(dit: list[tuple[LoraModule, str]]) -> tuple[str, str] | None:
@@ -80,6 +94,30 @@ def _bfl_mlp_family(dit: list[tuple[LoraModule, str]]) -> tuple[str, str] | None
     return None
 
 
+def _flux1_or_klein(dit: list[tuple[LoraModule, str]], example: str) -> tuple[str | None, str]:
+    """A width-3072 BFL-style LoRA without MLP evidence: FLUX.1 when a FLUX.1-only module or a block
+    beyond FLUX.2 Klein 4B's (5 double, 20 single) shows it, else undecided (both fit its names)."""
+    only = next((m.name for m, f in dit if _FLUX1_ONLY.search(f)), None)
+    if only is not None:
+        return "flux", f"'{only}' (a FLUX.1 module) with hidden width 3072"
+    for module, flat in dit:
+        found = re.match(
+            r"(double_blocks|transformer_blocks|single_blocks|single_transformer_blocks)_(\d+)_", flat
+        )
+        limit = _KLEIN_4B_BLOCKS[0 if found and found[1] in ("double_blocks", "transformer_blocks") else 1]
+        if found and int(found[2]) >= limit:
+            return (
+                "flux",
+                f"'{module.name}' with hidden width 3072 (FLUX.2 Klein 4B has fewer blocks: FLUX.1)",
+            )
+    if any(m.in_features != 3072 or m.out_features not in (3072, 9216) for m, _ in dit):
+        return "flux", f"'{example}' with hidden width 3072 (FLUX.1; its shapes do not fit FLUX.2 Klein 4B)"
+    return None, (
+        f"'{example}' with hidden width 3072 and attention only: FLUX.1 and FLUX.2 Klein 4B share these "
+        "names and shapes"
+    )
+
+
 def _dit_family(dit: list[tuple[LoraModule, str]]) -> tuple[str | None, str]:
     widths = {w for m, _ in dit for w in (m.in_features, m.out_features)}
     heads = {re.split(r"_\d", f, maxsplit=1)[0] for _, f in dit}
@@ -87,6 +125,9 @@ def _dit_family(dit: list[tuple[LoraModule, str]]) -> tuple[str | None, str]:
     flux2 = next((m.name for m, f in dit if _FLUX2.search(f)), None)
     if flux2 is not None:
         return "flux2", f"'{flux2}' (a FLUX.2 module: fused single-block projection or SwiGLU feed-forward)"
+    wan = next((m.name for m, f in dit if _WAN.match(f)), None)
+    if wan is not None:
+        return "wan", f"'{wan}' (Wan: numbered blocks with self/cross attention and a feed-forward)"
     qwen = next((m.name for m, f in dit if _QWEN.match(f)), None)
     last_joint = max(
         (int(f.split("_")[2]) for _, f in dit if re.match(r"transformer_blocks_\d+_", f)), default=-1
@@ -105,8 +146,11 @@ def _dit_family(dit: list[tuple[LoraModule, str]]) -> tuple[str | None, str]:
         return by_mlp
     joint = any(re.search(r"add_[qkv]_proj|to_add_out|ff_context|norm1_context", f) for _, f in dit)
     example = next((m.name for m, f in dit if f.startswith(tuple(flux_blocks or heads))), dit[0][0].name)
-    if 3072 in widths and (flux_blocks or ("transformer_blocks" in heads and joint)):
-        return "flux", f"'{example}' with hidden width 3072 (FLUX.1)"
+    flux_like = flux_blocks or ("transformer_blocks" in heads and joint)
+    if flux_like and widths & {4096, 6144} and not widths & {3072}:
+        return "flux2", f"'{example}' with hidden width {min(widths & {4096, 6144})} (FLUX.2 dev or Klein 9B)"
+    if 3072 in widths and flux_like:
+        return _flux1_or_klein(dit, example)
     sd3_width = widths & {1536, 2432}
     mmdit = ("transformer_blocks" in heads and joint) or "joint_blocks" in heads
     if sd3_width and not flux_blocks and mmdit:
@@ -134,3 +178,16 @@ def _unet_family(unet: list[tuple[LoraModule, str]]) -> tuple[str | None, str] |
         family, why = _CROSS_WIDTHS[width]
         return family, f"a UNet module with input width {width} (cross-attention from the {why})"
     return None
+
+
+def variant_of_widths(family: Family, widths: set[int]) -> Variant | None:
+    """The one variant of ``family`` whose hidden width is among ``widths`` (None when none or several)."""
+    found = [v for v in family.variants if v.width in widths]
+    return found[0] if len(found) == 1 else None
+
+
+def lora_variant(family: Family, modules: list[LoraModule] | tuple[LoraModule, ...]) -> Variant | None:
+    """The model of ``family`` a LoRA was made for, from its denoiser modules' input widths (attention
+    reads the hidden width; no other input of these models is as wide as a sibling's hidden width):
+    FLUX.2 dev / Klein 4B / Klein 9B, Wan 1.3B / 5B / 14B."""
+    return variant_of_widths(family, {m.in_features for m in modules if m.component in family.denoisers})

@@ -24,9 +24,17 @@ from .lora_family import detect_family
 from .lycoris_keys import LycorisInfo, inspect_lycoris, peft_pattern_matches
 from .safetensors_header import SafetensorsHeader, TensorInfo
 
-__all__ = ["COMPONENT_ORDER", "LoraInfo", "LoraModule", "inspect_lora"]
+__all__ = ["COMPONENT_ORDER", "RAW_PEFT", "LoraInfo", "LoraModule", "inspect_lora"]
 
-COMPONENT_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "unknown")
+COMPONENT_ORDER = (
+    "unet",
+    "transformer",
+    "transformer_2",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "unknown",
+)
 _KOHYA_PREFIXES = (
     ("lora_te1_", "text_encoder"),
     ("lora_te2_", "text_encoder_2"),
@@ -135,6 +143,8 @@ class LoraInfo:
     unsupported: str | None
     unrecognized_keys: tuple[str, ...]
     metadata: Mapping[str, str] = field(hash=False)
+    #: the only problem is the bare-PEFT ``base_model.model.`` prefix, which some families read
+    raw_peft: bool = False
     #: LyCORIS/DoRA files: every module as lorarecipe's adapter math reads it (None for plain LoRAs)
     lycoris: LycorisInfo | None = field(default=None, hash=False)
 
@@ -342,6 +352,12 @@ def _unsupported(
     return _prefix_problem(next(iter(formats)), [g.stem for g in groups], control, reads)
 
 
+RAW_PEFT = (
+    "raw PEFT adapter keys ('base_model.model.' prefix): diffusers 0.42 misreads them "
+    "(Flux fails, SD loads nothing); re-save with the pipeline's save_lora_weights"
+)
+
+
 def _family_reads(stems: list[str], reads: frozenset[str]) -> bool:
     """Whether the base family's diffusers loader converts every stem's prefix style (``reads``: the
     family's ``lora_layouts``, 'bare' only when the file triggers its converter)."""
@@ -363,10 +379,7 @@ def _prefix_problem(kind: str, stems: list[str], control: bool, reads: frozenset
     """Layouts diffusers 0.42 reads without error but loads nothing from (or misreads); ``reads``: the
     prefix styles the base family's loader converts (Qwen-Image, Z-Image)."""
     if kind == "peft" and any(s.startswith("base_model.model.") for s in stems):
-        return (
-            "raw PEFT adapter keys ('base_model.model.' prefix): diffusers 0.42 misreads them "
-            "(Flux fails, SD loads nothing); re-save with the pipeline's save_lora_weights"
-        )
+        return RAW_PEFT
     if _family_reads(stems, reads):
         return None
     converted = _original_names(stems)
@@ -375,7 +388,7 @@ def _prefix_problem(kind: str, stems: list[str], control: bool, reads: frozenset
             "'diffusion_model.' prefix with original (BFL/LDM) block names, as ai-toolkit writes: "
             "diffusers 0.42's Flux/SD loaders return it unchanged and load nothing"
         )
-    if kind == "kohya" and not any(s.startswith(_KOHYA_STARTS) for s in stems):
+    if kind == "kohya" and not any(s.startswith(_KOHYA_STARTS) for s in stems) and not converted:
         return (
             "kohya suffixes ('.lora_down.weight') on dotted module names without 'lora_unet_'/"
             "'lora_te_' prefixes: diffusers' SD/SDXL/Flux loaders do not read this layout"
@@ -455,10 +468,16 @@ def inspect_lora(header: SafetensorsHeader, family: str | None = None) -> LoraIn
             alpha = float(rank)
         modules.append(LoraModule(component, name, rank, alpha, inp, out, kernel))
         kept.append(group)
-    # kohya calls every denoiser 'lora_unet_'; if some of its names are DiT blocks, all of them are.
-    denoisers = {m.component for m, g in zip(modules, kept, strict=True) if g.stem.startswith("lora_unet_")}
-    if denoisers == {"unet", "transformer"}:
-        modules = [replace(m, component="transformer") if m.component == "unet" else m for m in modules]
+    # kohya calls every denoiser 'lora_unet_', ComfyUI 'diffusion_model.': if some of those names are DiT
+    # blocks, all of them are (embedders named like a UNet's, FLUX.2's shared modulation, Wan's head)
+    for prefix, others in (("lora_unet_", {"unet"}), ("diffusion_model.", {"unet", "unknown"})):
+        mine = [g.stem.startswith(prefix) for g in kept]
+        denoisers = {m.component for m, own in zip(modules, mine, strict=True) if own}
+        if "transformer" in denoisers and denoisers & others:
+            modules = [
+                replace(m, component="transformer") if own and m.component in others else m
+                for m, own in zip(modules, mine, strict=True)
+            ]
     formats = Counter(g.kind for g in groups.values())
     listed = list(groups.values())
     if "malformed" in formats or not formats:
@@ -470,7 +489,8 @@ def inspect_lora(header: SafetensorsHeader, family: str | None = None) -> LoraIn
     present = {m.component for m in modules}
     control = any(k.endswith("query_norm.scale") for k in unrecognized)  # BFL Flux-control LoRA
     reads = _readable_layouts(family, listed, list(header.tensors))
-    unsupported = _unsupported(formats, listed, broken, control, reads) or _non_float_weights(header)
+    problem, non_float = _unsupported(formats, listed, broken, control, reads), _non_float_weights(header)
+    raw_peft = problem == RAW_PEFT and non_float is None
     lycoris = None
     lycoris_like = {"lycoris_lokr", "lycoris_loha"} & set(formats) or any(g.dora for g in listed)
     other = {"cloneofsimo", "malformed"} & set(formats)
@@ -485,8 +505,9 @@ def inspect_lora(header: SafetensorsHeader, family: str | None = None) -> LoraIn
         family=detected,
         family_evidence=evidence,
         alpha_source="keys" if "keys" in sources else "metadata" if sources else "default (alpha = rank)",
-        unsupported=unsupported,
+        unsupported=problem or non_float,
         unrecognized_keys=tuple(unrecognized),
         metadata=header.metadata,
+        raw_peft=raw_peft,
         lycoris=lycoris,
     )

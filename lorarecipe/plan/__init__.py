@@ -184,6 +184,9 @@ class LoadAdapter(Step):
     source: Source
     format: str  # declared format ("auto" | "diffusers" | "kohya")
     trigger_words: tuple[str, ...] = ()
+    #: the experts the file is loaded into (Wan 2.2 A14B: transformer and/or transformer_2); None: the
+    #: family's one denoiser, as diffusers loads by default
+    load_into: tuple[str, ...] | None = field(default=None, metadata={OPTIONAL: True})
     #: LoKr alpha/rank convention the recipe asks for (None: the file's own, detected). Whether an
     #: adapter is a plain LoRA or a LyCORIS/DoRA file is read from its header when it is loaded.
     scale_convention: str | None = field(default=None, metadata={OPTIONAL: True})
@@ -247,6 +250,8 @@ class SaveCheckpoint(OutputStep):
     layout: CheckpointLayout
     dtype: str | None = None
     card: bool = True
+    #: a single file of a family with two experts holds one of them (None: the family's denoiser)
+    component: str | None = field(default=None, metadata={OPTIONAL: True})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,6 +264,8 @@ class SaveLora(OutputStep):
     weight_name: str
     dtype: str | None = None
     card: bool = True
+    #: the expert whose layers the file holds (families with two experts; None: every component)
+    component: str | None = field(default=None, metadata={OPTIONAL: True})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,6 +287,7 @@ class RenderGrid(OutputStep):
     trigger_words: tuple[tuple[str, tuple[str, ...]], ...] = ()  # adapter -> words, for prompts
     threads: int = 1  # torch intra-op threads while rendering: images depend on it on CPU
     true_cfg_scale: float | None = field(default=None, metadata={OPTIONAL: True})  # FLUX.1 true CFG
+    frames: int | None = field(default=None, metadata={OPTIONAL: True})  # video families: frames per cell
     #: how to render (``none``/``regional``; None: as the build is told). An execution choice like
     #: the device, so not part of the step's key or the plan's fingerprint (``compare=False``).
     compile: str | None = field(default=None, compare=False)

@@ -79,6 +79,8 @@ def _line(step: Step, checks: dict[str, str]) -> str:
         return text + (f"  ({checks['base']})" if "base" in checks else "")
     if isinstance(step, LoadAdapter):
         text = f"load adapter   {step.name}: {step.source.describe()}"
+        if step.load_into:
+            text += f" -> {', '.join(step.load_into)}"
         note = checks.get(f"adapters.{step.name}")
         return text + (f"  ({note})" if note else "")
     if isinstance(step, MergeAdapters):
@@ -101,9 +103,11 @@ def _line(step: Step, checks: dict[str, str]) -> str:
         return f"fuse           {mix}  lora_scale={step.lora_scale:g}{comps}  -> fused checkpoint"
     if isinstance(step, SaveCheckpoint):
         kind = "diffusers folder" if step.layout == "diffusers" else "single .safetensors file"
-        return f"write          {step.path}  ({kind}{', ' + step.dtype if step.dtype else ''})"
+        holds = f" of {step.component}" if step.component else ""
+        return f"write          {step.path}  ({kind}{holds}{', ' + step.dtype if step.dtype else ''})"
     if isinstance(step, SaveLora):
-        return f"write          {step.path}/{step.weight_name}  ({step.layout} LoRA of {step.adapter})"
+        holds = f", {step.component} layers" if step.component else ""
+        return f"write          {step.path}/{step.weight_name}  ({step.layout} LoRA of {step.adapter}{holds})"
     if isinstance(step, RenderGrid):
         axis = ""
         if step.sweep_weights:
@@ -113,7 +117,8 @@ def _line(step: Step, checks: dict[str, str]) -> str:
         cells = len(step.prompts) * len(step.seeds)
         return (
             f"render grid    {step.path}  ({cells} rows × columns {', '.join(step.variants)}{axis}; "
-            f"{step.steps} steps, {step.width or '?'}×{step.height or '?'})"
+            f"{step.steps} steps, {step.width or '?'}×{step.height or '?'}"
+            + (f", {step.frames} frames)" if step.frames else ")")
         )
     return step.op  # pragma: no cover
 

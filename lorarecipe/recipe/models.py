@@ -25,6 +25,7 @@ from .vocabulary import (
     CombinationType,
     Component,
     DType,
+    Expert,
     Family,
 )
 
@@ -197,6 +198,14 @@ class AdapterSpec(_SourceSpec):
         description="Words that activate the LoRA; used in grids and cards.",
     )
     description: str | None = Field(None, max_length=2000, description="Free text for the model card.")
+    load_into: list[Expert] | None = Field(
+        None,
+        min_length=1,
+        max_length=2,
+        description="Families with two denoisers (Wan 2.2 A14B): the experts this LoRA file is loaded "
+        "into, as diffusers' load_lora_weights(load_into_transformer_2=...): transformer (high-noise "
+        "steps), transformer_2 (low-noise steps), or both. Required when the base has two experts.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> AdapterSpec:
@@ -214,6 +223,8 @@ class AdapterSpec(_SourceSpec):
             raise ValueError("'weight_name' only applies to a hub adapter")
         if self.revision is not None and self.hub is None:
             raise ValueError("'revision' only applies to a hub adapter")
+        if self.load_into is not None and len(set(self.load_into)) != len(self.load_into):
+            raise ValueError("'load_into' lists an expert twice")
         return self
 
 
@@ -246,6 +257,11 @@ class ComponentWeights(SpecModel):
         "diffusers has none for transformers), e.g. FLUX.1 {double_blocks: {0-9: 0.5}, "
         "single_blocks: 1.0, default: 1.0}: one weight per group or per block index / inclusive "
         "range; blocks not listed and modules outside blocks take 'default' (1.0).",
+    )
+    transformer_2: FiniteFloat | TransformerBlockWeights | None = Field(
+        None,
+        description="Wan 2.2 A14B's second (low-noise) expert: a number or per-block weights, as for "
+        "'transformer' (the high-noise expert).",
     )
     text_encoder: FiniteFloat | None = Field(
         None, description="A number (diffusers silently ignores a dict here, so lorarecipe refuses it)."

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from .fields import NAME_PATTERN, NO_BOOL, FiniteFloat, Integer, Name, SpecModel
-from .vocabulary import RESERVED_VARIANTS, SaveDType
+from .vocabulary import RESERVED_VARIANTS, Expert, SaveDType
 
 __all__ = [
     "GridOutput",
@@ -58,11 +58,17 @@ class PipelineOutput(SpecModel):
 
 
 class SingleFileOutput(SpecModel):
-    """The fused checkpoint as one .safetensors file (SD1/SD2/SDXL layouts)."""
+    """The fused checkpoint as one .safetensors file in the family's original layout."""
 
     kind: Literal["single_file"]
     path: RelPath = Field(..., description="A .safetensors file, relative to the output root.")
     dtype: SaveDType | None = Field(None, description="Save dtype (default: the base dtype).")
+    component: Expert | None = Field(
+        None,
+        description="Families with two denoisers (Wan 2.2 A14B): the expert this file holds, "
+        "transformer (high noise) or transformer_2 (low noise); one file per expert, as the original "
+        "checkpoints. Default: transformer.",
+    )
     publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
 
     @field_validator("path")
@@ -89,6 +95,11 @@ class LoraOutput(SpecModel):
         "for diffusers, <adapter>.safetensors for kohya).",
     )
     dtype: SaveDType | None = Field(None, description="Save dtype (default: as computed).")
+    component: Expert | None = Field(
+        None,
+        description="Families with two denoisers (Wan 2.2 A14B): the expert whose layers the file "
+        "holds (a LoRA file is loaded into one expert at a time). Default: the adapter's only expert.",
+    )
     card: bool = Field(True, description="Write a README.md model card into the folder.")
     publish: PublishSpec | None = Field(None, description="Publish this output to the Hugging Face Hub.")
 
@@ -144,6 +155,11 @@ class GridOutput(SpecModel):
     size: Integer | list[Integer] | None = Field(
         None, description="Image size: N or [width, height] (default: the family's native size)."
     )
+    frames: Annotated[int, Field(ge=1, le=257), NO_BOOL] | None = Field(
+        None,
+        description="Video families (Wan): frames per cell, 4k+1 (default 81; 9 on the built-in models). "
+        "Each cell is an animated WebP; the grid shows its frames as a strip.",
+    )
     variants: list[str] = Field(
         default_factory=lambda: ["base", "mix"],
         min_length=1,
@@ -177,6 +193,15 @@ class GridOutput(SpecModel):
     def _suffix(cls, value: str) -> str:
         if not value.endswith(".png"):
             raise ValueError("a grid path must end with .png")
+        return value
+
+    @field_validator("frames")
+    @classmethod
+    def _frames(cls, value: int | None) -> int | None:
+        if value is not None and value % 4 != 1:
+            raise ValueError(
+                f"frames {value} must be 4k+1 (Wan's VAE compresses 4 frames into one): e.g. 5, 9, 81"
+            )
         return value
 
     @field_validator("size")

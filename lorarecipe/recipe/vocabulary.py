@@ -144,10 +144,21 @@ CombinationType = Literal[
 #: Pipeline families: the registry of :mod:`lorarecipe.families` (one module of tables per family).
 FAMILIES = FAMILY_REGISTRY
 
-Family = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux", "qwen_image", "z_image"]
+Family = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "qwen_image", "z_image", "wan"]
 
-COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-Component = Literal["unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"]
+COMPONENTS: tuple[str, ...] = (
+    "unet",
+    "transformer",
+    "transformer_2",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+)
+Component = Literal[
+    "unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3"
+]
+#: The denoisers of a family with two experts (Wan 2.2 A14B: high noise, low noise).
+Expert = Literal["transformer", "transformer_2"]
 
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 DType = Literal["auto", "float32", "float16", "bfloat16"]

@@ -19,6 +19,13 @@ factors (``tests/test_flux_conversion.py``). lorarecipe does it itself because d
 hard-codes FLUX.1-dev's widths (3072/12288), drops the alpha of ``final_layer`` modules (applied
 here, as kohya and ComfyUI do), ignores ai-toolkit's files and drops unknown keys with a log line
 (refused here). The module names come from the family table; nothing is guessed from substrings.
+
+The same tables convert FLUX.2 (kohya/musubi and ai-toolkit BFL names: diffusers' converters drop the
+shared modulation, guidance embedder and final layer from kohya files, and map ai-toolkit's final
+adaLN without swapping its halves) and Wan (musubi-tuner ``lora_unet_blocks_0_self_attn_q`` and ComfyUI
+``diffusion_model.blocks.0.self_attn.q``: diffusers' musubi converter fails on files with embedders,
+its ComfyUI one on alphas outside the blocks), with the same float operations, so where diffusers'
+converters are right the factors are bit-identical to theirs (``tests/test_dit_conversion.py``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """A LyCORIS/DoRA file -> each base weight's float32 ΔW and DoRA magnitude, one module at a time.
 
-File + the loaded model's weight keys + family + scale convention -> :class:`LycorisAdapter`. The
+File + the loaded model's weight keys + family + scale convention (+ the experts a Wan 2.2 A14B file is
+loaded into) -> :class:`LycorisAdapter`. The
 compile-time classification (``inspect.lycoris_keys``) and placement (``inspect.adapter_targets``) run
 again on the model actually built: a key no rule applies to, a module that finds no weight, a
 non-finite factor fail the build naming them. For each weight it changes, ``delta(component, module)``
@@ -29,6 +30,7 @@ from ..families.blocks import block_counts_from_keys, check_block_counts, module
 from ..families.unet_blocks import expand_unet_weights, unet_module_weight
 from ..inspect import read_header
 from ..inspect.adapter_targets import ModelKeys, PlacedModule, Placement, place_adapter
+from ..inspect.loaded_as import lycoris_as_loaded
 from ..inspect.lycoris_keys import LycorisModule, inspect_lycoris, module_tensors
 from ..plan import thaw_weight
 from .adapter_math import LokrConvention
@@ -50,10 +52,16 @@ class LycorisAdapter:
     """One LyCORIS/DoRA file placed on a model (see the module docstring)."""
 
     def __init__(
-        self, name: str, path: Path, keys: ModelKeys, family: Family | None, convention: str | None
+        self,
+        name: str,
+        path: Path,
+        keys: ModelKeys,
+        family: Family | None,
+        convention: str | None,
+        load_into: Sequence[str] | None = None,
     ) -> None:
         self.name, self.path, self.keys, self.convention = name, path, keys, convention
-        self.info = inspect_lycoris(read_header(path))
+        self.info = lycoris_as_loaded(inspect_lycoris(read_header(path)), family, load_into)
         if self.info.unclassified:
             shown = "; ".join(f"{u.key} ({u.reason})" for u in self.info.unclassified[:5])
             raise UnsafeInputError(
@@ -194,26 +202,30 @@ def module_weights(weight: Any, family: Family | None, keys: ModelKeys) -> Calla
     value = thaw_weight(weight)
     if not isinstance(value, dict):
         return lambda component, module: float(value)
-    unet, transformer = value.get("unet"), value.get("transformer")
+    unet = value.get("unet")
     expanded = expand_unet_weights(unet, keys.shapes.get("unet", {})) if isinstance(unet, dict) else {}
-    blocks = None
-    if isinstance(transformer, dict):
+    blocks: dict[str, Any] = {}  # denoiser -> its parsed DiT block weights (Wan 2.2: per expert)
+    for component in family.denoisers if family is not None else ("transformer",):
+        spec = value.get(component)
+        if component == "unet" or not isinstance(spec, dict):
+            continue
         if family is None:
             raise BuildError("per-block transformer weights need the base's family")
-        blocks, problems = parse_block_weights(family, transformer)
-        if blocks is not None:
-            counts = block_counts_from_keys(family, keys.shapes.get("transformer", {}))
-            problems = check_block_counts(blocks, counts)
-        if blocks is None or problems:
-            raise BuildError("per-block transformer weights: " + "; ".join(p.message for p in problems))
+        parsed, problems = parse_block_weights(family, spec)
+        if parsed is not None:
+            counts = block_counts_from_keys(family, keys.shapes.get(component, {}))
+            problems = check_block_counts(parsed, counts)
+        if parsed is None or problems:
+            raise BuildError(f"per-block {component} weights: " + "; ".join(p.message for p in problems))
+        blocks[component] = parsed
 
     def weight_of(component: str, module: str) -> float:
         part = value.get(component, 1.0)
         if isinstance(part, dict) and component == "unet":
             return unet_module_weight(expanded, module)
         if isinstance(part, dict):
-            assert family is not None and blocks is not None
-            return module_weight(family, blocks, module)
+            assert family is not None and component in blocks
+            return module_weight(family, blocks[component], module)
         return float(part)
 
     return weight_of

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -314,14 +314,18 @@ def merge_oracle(
     loras: Sequence[tuple[Path, float]],
     params: MergeParams,
     gauge: Mapping[Module, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    reader: Callable[
+        [Path, Mapping[str, Mapping[str, torch.Tensor]]], Mapping[Module, LoraFactors]
+    ] = lora_factors,
 ) -> OracleMerge:
     """The merged adapter lorarecipe builds for ``loras`` (file, weight) with ``params``.
 
     ``base`` maps component -> base weight key -> tensor (only shapes are used). ``gauge`` (the built
     file's (up, down) per module) is only read to fix the SVD sign convention when ``svd_clamp`` is
-    set, see ``_svd_merge``.
+    set, see ``_svd_merge``. ``reader``: how a LoRA file's factors are read (FLUX.2/Wan files:
+    ``dit_math.dit_reader``).
     """
-    files = [(lora_factors(path, base), weight, path) for path, weight in loras]
+    files = [(reader(path, base), weight, path) for path, weight in loras]
     out = OracleMerge()
     with torch.random.fork_rng(devices=[]):  # the replayed draws leave the caller's RNG alone
         for component in base:  # SD: COMPONENTS; FLUX.1: transformer, text_encoder

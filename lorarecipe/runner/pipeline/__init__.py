@@ -64,10 +64,11 @@ class PipelineExecutor:
         self.pipelines = pipelines or WarmPipelines(keep=False)
 
     def build(self, plan: Plan, outputs: Sequence[str], state: BuildState) -> list[str]:
+        from ...families import get_family
         from ...recipe.vocabulary import COMBINATION_TYPES
         from ..lycoris_adapters import LycorisAdapter, is_lycoris_file
         from ..quiet import quiet_libraries
-        from .adapters import load_adapter
+        from .adapters import check_experts, load_adapter
         from .extract import extract_merge
         from .fuse import fuse_adapters
         from .grids import GridRenderer
@@ -122,11 +123,15 @@ class PipelineExecutor:
                 if step.difference:
                     differences[step.name] = path
                 elif is_lycoris_file(path):
-                    placed = load_lycoris(step.name, path, keys, plan.family, step.scale_convention)
+                    check_experts(pipe, get_family(plan.family), step.load_into, path.name)
+                    placed = load_lycoris(
+                        step.name, path, keys, plan.family, step.scale_convention, step.load_into
+                    )
                     lycoris[step.name] = placed
                     state.adapters[step.name] = placed.modules_per_component()
                 else:
-                    state.adapters[step.name] = load_adapter(pipe, step.name, path, plan.family).modules
+                    loaded = load_adapter(pipe, step.name, path, plan.family, step.load_into)
+                    state.adapters[step.name] = loaded.modules
         for step in plan.of_type(MergeAdapters):
             with state.step(step, f"merge {step.name}"):
                 if COMBINATION_TYPES[step.method].peft:
@@ -151,6 +156,7 @@ class PipelineExecutor:
                     options.stamp(step.output),
                     step.dtype,
                     before_swap=state.before_swap(step),
+                    component=step.component,
                 )
                 files = sorted(p for p in file.parent.rglob("*") if p.is_file())
                 state.add_output(step.output, OutputRecord(self.name, files))
@@ -188,7 +194,9 @@ class PipelineExecutor:
                     files = sorted(p for p in final.rglob("*") if p.is_file())
                 else:
                     fused = check.components if check is not None else ()
-                    save_single_file(pipe, plan.family or "sd1", final, options.stamp(step.output), fused)
+                    family = plan.family or "sd1"
+                    stamp = options.stamp(step.output)
+                    save_single_file(pipe, family, final, stamp, fused, step.component)
                     files = [final]
                 state.add_output(step.output, OutputRecord(self.name, files, fuse=check))
         return []

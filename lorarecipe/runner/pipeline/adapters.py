@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...errors import BuildError, UnsafeInputError
-from ...families import get_family
+from ...families import Family, get_family
 from ...inspect import LoraInfo, inspect_lora, read_header
+from ...inspect.loaded_as import as_loaded
 from ..lora_conversion import convert_original_lora, is_original_layout
 
-__all__ = ["LoadedAdapter", "check_injected", "load_adapter"]
+__all__ = ["LoadedAdapter", "check_experts", "check_injected", "load_adapter"]
 
 _ATTN_PROC = re.compile(
     r"^(?:unet\.)?(?P<module>.+)\.processor\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<which>down|up)\.weight$"
@@ -154,14 +156,41 @@ def _discard(pipe: Any, name: str) -> None:
                     model.delete_adapter(name)
 
 
-def load_adapter(pipe: Any, name: str, path: Path, family: str | None = None) -> LoadedAdapter:
+def _into_experts(
+    expected: dict[str, set[str]], denoiser: str, experts: tuple[str, ...]
+) -> dict[str, set[str]]:
+    """Expected modules per component once the denoiser's are loaded into ``experts`` instead."""
+    out = {c: m for c, m in expected.items() if c != denoiser}
+    for expert in experts:
+        out[expert] = set(expected.get(denoiser, set()))
+    return out
+
+
+def check_experts(pipe: Any, known: Family | None, load_into: Sequence[str] | None, file: str) -> None:
+    """A base with two experts needs ``load_into`` naming experts it has (a hub base is checked only
+    once it is loaded: the compiler checks the others)."""
+    present = [e for e in (known.experts if known is not None else ()) if getattr(pipe, e, None) is not None]
+    if load_into is None and len(present) > 1:
+        raise BuildError(
+            f"{file}: the base has two experts ({', '.join(present)}: high-noise and low-noise steps); "
+            "say which this LoRA is loaded into with load_into"
+        )
+    if load_into is not None and any(e not in present for e in load_into):
+        raise BuildError(f"{file}: load_into {list(load_into)}, but the base's denoisers are {present}")
+
+
+def load_adapter(
+    pipe: Any, name: str, path: Path, family: str | None = None, load_into: tuple[str, ...] | None = None
+) -> LoadedAdapter:
     """Validate, convert if needed, load into ``pipe`` as adapter ``name``, and verify coverage.
 
-    ``family``: the base's family, whose original-layout LoRA names lorarecipe converts itself."""
+    ``family``: the base's family, whose original-layout LoRA names lorarecipe converts itself;
+    ``load_into``: the experts the file goes into (Wan 2.2 A14B; default: the family's denoiser)."""
     from safetensors.torch import load_file, save_file
 
     header = read_header(path)
-    info = inspect_lora(header, family)
+    known = get_family(family)
+    info = as_loaded(inspect_lora(header, family), known)
     if info.unsupported:
         raise UnsafeInputError(f"{path.name}: cannot load this LoRA: {info.unsupported}")
     if info.unrecognized_keys:
@@ -171,27 +200,37 @@ def load_adapter(pipe: Any, name: str, path: Path, family: str | None = None) ->
         )
     state_dict = load_file(str(path))
     _check_finite(state_dict, path.name)
-    known = get_family(family)
     expected = _file_modules(info)
     source: str | dict[str, Any] = str(path)
     if known is not None and is_original_layout(known, state_dict):
         modules = {  # the denoiser's too where the original layout keeps diffusers names
             c: [n for n, _ in getattr(pipe, c).named_modules()]
             for c in known.lora_components
-            if (c != known.denoiser or known.original_keeps_names) and getattr(pipe, c, None) is not None
+            if (c not in known.denoisers or known.original_keeps_names) and getattr(pipe, c, None) is not None
         }
         source = convert_original_lora(known, state_dict, modules, path.name)
         expected = _converted_modules(source)
+    check_experts(pipe, known, load_into, path.name)
+    targets = load_into or ((known.denoiser,) if known is not None else ("",))
+    if known is not None and load_into:
+        expected = _into_experts(expected, known.denoiser, load_into)
     with tempfile.TemporaryDirectory(prefix="lorarecipe-adapter-") as tmp:
         if info.format == "attn_procs":
             source = str(Path(tmp) / "converted.safetensors")
             save_file(convert_attn_procs(state_dict), source)
         del state_dict
         try:
-            if isinstance(source, dict):
-                pipe.load_lora_weights(source, adapter_name=name)
-            else:
-                pipe.load_lora_weights(source, adapter_name=name, use_safetensors=True, local_files_only=True)
+            for index, target in enumerate(targets):  # one load per expert (else the one denoiser)
+                kwargs: dict[str, Any] = (
+                    {"load_into_transformer_2": True} if target == "transformer_2" else {}
+                )
+                if isinstance(source, dict):  # each expert its own tensors (PEFT may keep them as given)
+                    given = source if index == 0 else {k: v.clone() for k, v in source.items()}
+                    pipe.load_lora_weights(given, adapter_name=name, **kwargs)
+                else:
+                    pipe.load_lora_weights(
+                        source, adapter_name=name, use_safetensors=True, local_files_only=True, **kwargs
+                    )
         except Exception as exc:  # a file diffusers cannot read must not leave half an adapter
             _discard(pipe, name)
             raise UnsafeInputError(

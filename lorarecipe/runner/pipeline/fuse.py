@@ -47,22 +47,27 @@ def block_weights(family_key: str | None, spec: Any, config: Any) -> BlockWeight
     return weights
 
 
-def _set_block_scales(pipe: Any, family_key: str | None, specs: dict[str, Any]) -> None:
+def _set_block_scales(pipe: Any, family_key: str | None, specs: dict[tuple[str, str], Any]) -> None:
     """Each module's PEFT scaling = its block's weight × alpha / r (``set_scale``, as set_adapters
-    sets a scalar weight), for the adapters with per-block transformer weights."""
+    sets a scalar weight), for the (adapter, denoiser) pairs with per-block weights."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from ...families.blocks import module_weight
 
     family = get_family(family_key)
-    model = pipe.transformer
-    parsed = {adapter: block_weights(family_key, spec, model.config) for adapter, spec in specs.items()}
     assert family is not None
-    for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer):
-            for adapter, weights in parsed.items():
-                if adapter in getattr(module, "lora_A", {}):
-                    module.set_scale(adapter, module_weight(family, weights, name))
+    for component in dict.fromkeys(c for _, c in specs):
+        model = getattr(pipe, component)
+        parsed = {
+            adapter: block_weights(family_key, spec, model.config)
+            for (adapter, where), spec in specs.items()
+            if where == component
+        }
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                for adapter, weights in parsed.items():
+                    if adapter in getattr(module, "lora_A", {}):
+                        module.set_scale(adapter, module_weight(family, weights, name))
 
 
 def apply_mix(
@@ -71,13 +76,17 @@ def apply_mix(
     """``pipe.set_adapters(adapters, adapter_weights=weights)`` with plan weights thawed to dicts.
 
     Per-block transformer weights (diffusers has none for DiTs; a dict there would be matched by
-    substring) go to diffusers as 1.0, then each transformer module's scaling is set from its block."""
+    substring) go to diffusers as 1.0, then each module's scaling is set from its block, in every
+    transformer that has them (Wan 2.2 A14B: ``transformer`` and ``transformer_2``)."""
     thawed = [thaw_weight(w) for w in weights]
-    blocks: dict[str, Any] = {}
+    blocks: dict[tuple[str, str], Any] = {}
     for index, (adapter, weight) in enumerate(zip(adapters, thawed, strict=True)):
-        if isinstance(weight, dict) and isinstance(weight.get("transformer"), dict):
-            blocks[adapter] = weight["transformer"]
-            thawed[index] = {**weight, "transformer": 1.0}
+        if not isinstance(weight, dict):
+            continue
+        for component in ("transformer", "transformer_2"):
+            if isinstance(weight.get(component), dict):
+                blocks[(adapter, component)] = weight[component]
+                thawed[index] = {**thawed[index], component: 1.0}
     pipe.set_adapters(list(adapters), adapter_weights=thawed)
     if blocks:
         _set_block_scales(pipe, family, blocks)

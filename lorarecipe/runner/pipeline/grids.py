@@ -17,6 +17,10 @@ batches whose key changed, and loads no pipeline when none did.
 With ``compiled`` set (grid ``compile: regional``), each batch renders through that compiled copy of
 the denoiser, the column's weights copied in first (``compiled``); its cells are keyed apart from
 eager ones (``facts["compile"]``), since their pixels may differ by rounding.
+
+Video families (Wan): a cell is a clip of ``frames`` frames. It is kept as one frame strip (the frames
+side by side, lossless), shown as that strip in the grid PNG, and written beside its PNG as an
+animated lossless WebP (``video``), so a pull request shows the motion; both are deterministic bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ...families import FAMILIES, GridCall, get_family
 from ...fs.atomic import atomic_dir, atomic_write_bytes
 from ...outputs.grid_image import compose_grid, png_bytes
 from ...outputs.manifest import library_versions
+from ...outputs.video import frame_strip, strip_frames, webp_bytes
 from ...plan import (
     FuseAdapters,
     LoadAdapter,
@@ -246,6 +251,8 @@ class GridRenderer:
             context["compile"] = self.facts["compile"]
         if step.true_cfg_scale is not None:  # FLUX.1 true CFG
             context["true_cfg_scale"] = step.true_cfg_scale
+        if step.frames is not None:  # video families: a cell is a clip
+            context["frames"] = step.frames
         rows = [(self._prompt(col, self.rows[r][0]), self.rows[r][1]) for r in self.batches[batch]]
         return batch_key(context, column, rows)
 
@@ -253,6 +260,8 @@ class GridRenderer:
         """Fill ``images`` from the cache; return the (column, batch) pairs still to render (a fused
         batch brings its runtime-equivalent batch, which is never cached on its own)."""
         size = (self.step.width, self.step.height) if self.step.width and self.step.height else None
+        if size is not None and self.step.frames:  # a clip is kept as its frame strip
+            size = (size[0] * self.step.frames, size[1])
         pending: set[tuple[int, int]] = set()
         for index, col in enumerate(self.columns):
             if col.hidden:
@@ -329,7 +338,9 @@ class GridRenderer:
 
     def _guidance(self, rows: int) -> dict[str, Any]:
         """Negative prompt and true CFG as the family takes them: always for CFG families; for
-        guidance-distilled ones (FLUX.1) only with true_cfg_scale."""
+        guidance-distilled ones (FLUX.1) only with true_cfg_scale; never for FLUX.2 (none taken)."""
+        if self.call.negative_prompt == "none":
+            return {}
         if self.call.negative_prompt == "native":
             return {"negative_prompt": [self.step.negative_prompt] * rows}
         if self.step.true_cfg_scale is not None:
@@ -340,11 +351,15 @@ class GridRenderer:
         return {}
 
     def _render(self, col: Column, batch: int) -> list[Any]:
-        """One batch of one column as float images in [0, 1], at the grid's fixed thread count."""
+        """One batch of one column as float images in [0, 1] (a video: its frames side by side), at the
+        grid's fixed thread count."""
+        import numpy as np
         import torch
 
         step = self.step
         extra = self._configure(col)
+        if step.frames:
+            extra["num_frames"] = step.frames
         rows = [self.rows[r] for r in self.batches[batch]]
         previous = torch.get_num_threads()
         torch.set_num_threads(step.threads)
@@ -368,6 +383,8 @@ class GridRenderer:
             torch.set_num_threads(previous)
             if not col.fused and getattr(self.pipe, "get_list_adapters", lambda: {})():
                 self.pipe.enable_lora()
+        if step.frames:  # (clips, frames, h, w, 3) -> one strip per clip
+            return [np.concatenate(list(clip), axis=1) for clip in result.frames]
         return list(result.images)
 
     def _keep(self, index: int, batch: int, floats: list[Any], diff: float | None = None) -> None:
@@ -402,6 +419,12 @@ class GridRenderer:
                 self._keep(index, batch, floats, diff)
 
     # -- output -------------------------------------------------------------------------------
+    def _shown(self, cell: Any) -> Any:
+        """A cell as the grid shows it: a video's frame strip enlarged so each frame is at least 128 px."""
+        if not self.step.frames:
+            return cell
+        return frame_strip(strip_frames(cell, self.step.frames))
+
     def _cell(self, index: int, row: int) -> Any:
         batch = row // BATCH
         return self.images[(index, batch)][row - self.batches[batch][0]]
@@ -415,7 +438,7 @@ class GridRenderer:
         row_labels = [
             f"{p}\nseed {s}" + ("\n(+ the column's trigger words)" if words else "") for p, s in self.rows
         ]
-        cells = [[self._cell(i, r) for i, _ in visible] for r in range(len(self.rows))]
+        cells = [[self._shown(self._cell(i, r)) for i, _ in visible] for r in range(len(self.rows))]
         title = (
             f"{self.plan.name} {self.plan.build}".strip()
             + f"  {metadata.get('lorarecipe.fingerprint', '')[:19]}"
@@ -447,6 +470,11 @@ class GridRenderer:
                         "lorarecipe.threads": str(self.step.threads),
                     }
                     (tmp / name).write_bytes(png_bytes(self._cell(i, r), chunks))
+                    if self.step.frames:
+                        video = name.removesuffix(".png") + ".webp"
+                        frames = strip_frames(self._cell(i, r), self.step.frames)
+                        (tmp / video).write_bytes(webp_bytes(frames))
+                        doc["video"] = f"{cells_dir.name}/{video}"
                     cell_docs.append(doc)
         sidecar = {
             "grid": final.name,
@@ -458,6 +486,7 @@ class GridRenderer:
             "negative_prompt": self.step.negative_prompt,
             "size": [self.step.width, self.step.height],
             "threads": self.step.threads,
+            **({"frames": self.step.frames} if self.step.frames else {}),
             "columns": [c.label for _, c in visible],
             "fused_vs_runtime_max_abs_diff": result.fused_vs_runtime_max_diff,
             "cells": cell_docs,

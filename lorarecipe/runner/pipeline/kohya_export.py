@@ -136,13 +136,17 @@ def _flattened(model: Any, adapter: str, prefix: str, text_encoder: bool) -> dic
     return out
 
 
-def kohya_state_dict(pipe: Any, adapter: str, family_key: str | None) -> dict[str, Any]:
-    """An adapter's PEFT layers -> kohya/ComfyUI keys for every component the family names a prefix for."""
+def kohya_state_dict(
+    pipe: Any, adapter: str, family_key: str | None, models: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """An adapter's PEFT layers -> kohya/ComfyUI keys for every component the family names a prefix for
+    (``models``: component -> the model holding its layers, when not the pipeline's own: one expert of
+    Wan 2.2 A14B written under the transformer's names)."""
     family = get_family(family_key) or get_family("sd1")
     assert family is not None
     out: dict[str, Any] = {}
     for component, prefix in family.kohya_prefixes.items():
-        model = getattr(pipe, component, None)
+        model = (models or {}).get(component) if models is not None else getattr(pipe, component, None)
         if model is None:
             continue
         if component == family.denoiser and family.original_modules:

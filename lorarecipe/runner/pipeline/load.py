@@ -93,27 +93,33 @@ def _components_outside_the_file(
     return out
 
 
-def _denoiser_from_single_file(family: str, path: Path, config: Path | None, dtype: Any) -> Any:
-    """A pipeline whose class reads no single file (Qwen-Image's): the denoiser through its model
-    class's ``from_single_file``, everything else from the config folder."""
+def _from_model_files(family: str, path: Path, config: Path | None, dtype: Any) -> Any:
+    """A single file whose pipeline class has no ``from_single_file`` (Qwen-Image, FLUX.2, Wan): each
+    model the file holds through its own class's ``from_single_file`` (diffusers' reader of the
+    original layout), the rest of the pipeline from the config folder, as the folder's own pipeline
+    class."""
     import diffusers
 
     info = FAMILIES[family]
-    if config is None or tuple(info.single_file_components) != (info.denoiser,):
+    if config is None:
         raise BuildError(f"a {info.label} single file loads with 'config:' naming a diffusers folder of it")
     index = check_model_index(config)
-    entry = index.get(info.denoiser)
-    model_cls = (
-        getattr(diffusers, entry[1], None) if isinstance(entry, list) and entry[0] == "diffusers" else None
-    )
-    if model_cls is None or not hasattr(model_cls, "from_single_file"):
-        raise BuildError(f"{config}: its {info.denoiser} class cannot read a single file")
-    denoiser = model_cls.from_single_file(
-        str(path), config=str(config), subfolder=info.denoiser, torch_dtype=dtype, local_files_only=True
-    )
-    cls = getattr(diffusers, index["_class_name"])
-    return cls.from_pretrained(
-        str(config), **{info.denoiser: denoiser}, dtype=dtype, use_safetensors=True, local_files_only=True
+    if index["_class_name"] not in info.pipeline_classes:
+        raise BuildError(f"the config folder holds a {index['_class_name']}, not a {info.label} pipeline")
+    models: dict[str, Any] = {}
+    for component in info.single_file_components:
+        entry = index.get(component)
+        model_cls = None
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers":
+            model_cls = getattr(diffusers, entry[1], None)
+        if model_cls is None or not hasattr(model_cls, "from_single_file"):
+            raise BuildError(f"{config}: its {component} class cannot read a single file")
+        models[component] = model_cls.from_single_file(
+            str(path), config=str(config), subfolder=component, torch_dtype=dtype, local_files_only=True
+        )
+    pipe_cls = getattr(diffusers, index["_class_name"])
+    return pipe_cls.from_pretrained(
+        str(config), **models, dtype=dtype, use_safetensors=True, local_files_only=True
     )
 
 
@@ -130,8 +136,8 @@ def load_pipeline(step: LoadBase, path: Path, config: Path | None, device: str) 
             raise BuildError("a single-file base needs 'family' (it cannot be detected from this file)")
         cls = getattr(diffusers, FAMILIES[family].pipeline_class)
         kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype), "local_files_only": True}
-        if not hasattr(cls, "from_single_file"):  # Qwen-Image: the denoiser alone reads a single file
-            pipe = _denoiser_from_single_file(family, path, config, torch_dtype(dtype))
+        if not hasattr(cls, "from_single_file"):  # Qwen-Image, FLUX.2, Wan: the models read the file
+            pipe = _from_model_files(family, path, config, torch_dtype(dtype))
         else:
             if config is not None:
                 index = check_model_index(config)

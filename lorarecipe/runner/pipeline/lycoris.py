@@ -45,10 +45,16 @@ def model_keys(pipe: Any, family_key: str | None) -> ModelKeys:
 
 
 def load_lycoris(
-    name: str, path: Path, keys: ModelKeys, family_key: str | None, convention: str | None
+    name: str,
+    path: Path,
+    keys: ModelKeys,
+    family_key: str | None,
+    convention: str | None,
+    load_into: Sequence[str] | None = None,
 ) -> LycorisAdapter:
-    """A LyCORIS/DoRA file placed on the pipeline's weights (every key and module accounted for)."""
-    return LycorisAdapter(name, path, keys, get_family(family_key), convention)
+    """A LyCORIS/DoRA file placed on the pipeline's weights (every key and module accounted for);
+    ``load_into``: the experts it goes into (Wan 2.2 A14B)."""
+    return LycorisAdapter(name, path, keys, get_family(family_key), convention, load_into)
 
 
 def _parameter(pipe: Any, component: str, key: str) -> Any:

@@ -78,6 +78,19 @@ def svd_driver_here(model: Any, step: MergeAdapters) -> str:
     return step.svd_driver
 
 
+def _uniform_targets(model: Any, names: list[str]) -> None:
+    """PEFT refuses to merge adapters whose ``target_modules`` mix a regular expression and a list; a
+    regular expression is replaced by the set of module names it matched (the same modules, exactly)."""
+    from .adapters import injected_modules
+
+    configs = [model.peft_config[n] for n in names]
+    if len({isinstance(c.target_modules, str) for c in configs}) < 2:
+        return
+    for name, config in zip(names, configs, strict=True):
+        if isinstance(config.target_modules, str):
+            config.target_modules = injected_modules(model, name)
+
+
 def merge_adapters(pipe: Any, step: MergeAdapters) -> list[str]:
     """Run one merge in every component that has at least one input; returns those components."""
     import torch
@@ -102,6 +115,7 @@ def merge_adapters(pipe: Any, step: MergeAdapters) -> list[str]:
                     f"alone with 'linear', ignoring method {step.method!r}",
                 )
         reset_weights(pipe)
+        _uniform_targets(model, [n for n, _ in present])
         torch.manual_seed(step.seed)
         view = as_lora_model(model)
         kwargs: dict[str, Any] = {

@@ -117,30 +117,66 @@ def _config_dict(model: Any) -> dict[str, Any]:
 
 
 def save_single_file(
-    pipe: Any, family: str, final: Path, metadata: Mapping[str, str], fused: tuple[str, ...] = ()
+    pipe: Any,
+    family: str,
+    final: Path,
+    metadata: Mapping[str, str],
+    fused: tuple[str, ...] = (),
+    expert: str | None = None,
 ) -> None:
-    """The fused pipeline as one original-layout .safetensors file: LDM/SGM (SD 1.x, SD 2.x, SDXL)
-    or BFL (FLUX.1, transformer only). ``fused``: the components the fuse changed, all of which the
-    file must hold (a FLUX.1 file has no text encoder: a fused one would be lost)."""
+    """The fused pipeline as one original-layout .safetensors file: LDM/SGM (SD 1.x, SD 2.x, SDXL),
+    BFL (FLUX.1, FLUX.2: transformer only) or Wan's (one expert: ``expert``, default the
+    ``transformer``). ``fused``: the components the fuse changed, all of which the file must hold (a
+    FLUX.1 file has no text encoder: a fused one would be lost) but the other expert's."""
     from safetensors.torch import save_file
 
     from ...families import FAMILIES
     from ...outputs.singlefile import to_single_file_state_dict
 
-    components = FAMILIES[family].single_file_components
-    lost = [c for c in fused if c not in components]
+    info = FAMILIES[family]
+    components = info.single_file_components
+    lost = [c for c in fused if c not in components and c not in info.experts]
     if lost:
         raise BuildError(
-            f"a {FAMILIES[family].label} single file holds {', '.join(components)} only, but the fuse also "
+            f"a {info.label} single file holds {', '.join(components)} only, but the fuse also "
             f"changed {', '.join(lost)}; fuse only {', '.join(components)} or write a pipeline output"
         )
-    state_dicts = {c: getattr(pipe, c).state_dict() for c in components if getattr(pipe, c, None) is not None}
-    configs = {c: _config_dict(getattr(pipe, c)) for c in state_dicts}
+    source: dict[str, str] = {info.denoiser: expert} if expert else {}
+    state_dicts = {
+        c: getattr(pipe, source.get(c, c)).state_dict()
+        for c in components
+        if getattr(pipe, source.get(c, c), None) is not None
+    }
+    configs = {c: _config_dict(getattr(pipe, source.get(c, c))) for c in state_dicts}
     tensors = to_single_file_state_dict(family, state_dicts, configs)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     with atomic_file(final) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
         canonicalize_header(tmp)
+
+
+def _lora_models(pipe: Any, adapter: str, family: str | None, component: str | None) -> dict[str, Any]:
+    """File component name -> the model whose layers of ``adapter`` it holds. One expert of a family
+    with two is written under the denoiser's name (``component``, else the only expert with it)."""
+    from ...families import get_family
+
+    info = get_family(family)
+    experts = info.experts if info is not None else ()
+    out: dict[str, Any] = {}
+    for comp in getattr(pipe, "_lora_loadable_modules", []):
+        model = getattr(pipe, comp, None)
+        if model is not None and adapter in (getattr(model, "peft_config", None) or {}):
+            out[comp] = model
+    if info is None or not experts:
+        return out
+    holding = [e for e in experts if e in out]
+    chosen = component or (holding[0] if len(holding) == 1 else None)
+    if chosen is None or chosen not in out:
+        where = ", ".join(holding) or "no expert"
+        raise BuildError(
+            f"adapter {adapter!r} is in {where}; a LoRA file holds one expert: set the output's component"
+        )
+    return {**{c: m for c, m in out.items() if c not in experts}, info.denoiser: out[chosen]}
 
 
 def save_lora(
@@ -153,17 +189,21 @@ def save_lora(
     metadata: Mapping[str, str],
     dtype: str | None = None,
     before_swap: Callable[[Path], None] | None = None,
+    component: str | None = None,
 ) -> Path:
     """Save one adapter as ``final_dir/weight_name`` (``before_swap(folder)`` completes the folder
-    before it replaces the final one: its model card); returns the file path."""
+    before it replaces the final one: its model card); returns the file path. ``component``: the expert
+    whose layers are written, for a family with two (Wan 2.2 A14B: a LoRA file holds one expert's
+    layers under the ``transformer`` names, loaded with ``load_into_transformer_2`` for the second)."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     cast = torch_dtype(dtype) if dtype else None
+    models = _lora_models(pipe, adapter, family, component)
     with atomic_dir(final_dir) as tmp:
         target = tmp / weight_name
         if layout == "kohya":
-            tensors = kohya_state_dict(pipe, adapter, family)
+            tensors = kohya_state_dict(pipe, adapter, family, models)
             if cast is not None:
                 refuse_overflow(tensors, cast, f"LoRA {adapter!r}")
                 tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -171,10 +211,7 @@ def save_lora(
             canonicalize_header(target)
         else:
             kwargs: dict[str, Any] = {}
-            for comp in getattr(pipe, "_lora_loadable_modules", []):
-                model = getattr(pipe, comp, None)
-                if model is None or adapter not in (getattr(model, "peft_config", None) or {}):
-                    continue
+            for comp, model in models.items():
                 layers = get_peft_model_state_dict(model, adapter_name=adapter)
                 layers = {k: v.contiguous() for k, v in layers.items()}  # SVD merges: non-contiguous
                 if cast is not None:

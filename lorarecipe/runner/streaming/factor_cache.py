@@ -92,6 +92,8 @@ class FactorCache:
                     if name not in adapter_paths or name not in loads:
                         raise BuildError(f"no file for adapter {name!r}")
                     doc = {"file": sha256_file(Path(adapter_paths[name])), "format": loads[name].format}
+                    if loads[name].load_into:  # which experts the file's modules land in
+                        doc["load_into"] = list(loads[name].load_into)
                 keys[name] = sha256_text(canonical_json({**doc, "config": self.config}))
             return keys[name]
 

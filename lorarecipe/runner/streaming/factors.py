@@ -20,7 +20,13 @@ from ...families.blocks import BlockWeights, module_weight
 from ...plan import FuseAdapters, thaw_weight
 from ..fuse_math import FuseTarget, FuseTerm, LayerKind, LoraFactor, native_scaling
 
-__all__ = ["factors_from_model", "fuse_block_weights", "resolvable_weights", "targets_from_factors"]
+__all__ = [
+    "block_specs",
+    "factors_from_model",
+    "fuse_block_weights",
+    "resolvable_weights",
+    "targets_from_factors",
+]
 
 ModuleKey = tuple[str, str]  # (component, module name)
 
@@ -35,25 +41,35 @@ def resolvable_weights(fuse: FuseAdapters) -> bool:
     return True
 
 
-def fuse_block_weights(
-    fuse: FuseAdapters, family: str | None, config: Mapping[str, Any]
-) -> dict[str, BlockWeights]:
-    """The fused adapters' per-block transformer specs, parsed and checked against the denoiser's
-    config (its block counts): adapter -> BlockWeights, for the adapters that have one."""
-    from ..pipeline.fuse import block_weights
-
-    out: dict[str, BlockWeights] = {}
+def block_specs(fuse: FuseAdapters) -> dict[tuple[str, str], Any]:
+    """The fused adapters' per-block transformer specs: (adapter, transformer component) -> spec."""
+    out: dict[tuple[str, str], Any] = {}
     for adapter, frozen in zip(fuse.adapters, fuse.weights, strict=True):
         weight = thaw_weight(frozen)
-        if isinstance(weight, dict) and isinstance(weight.get("transformer"), dict):
-            out[adapter] = block_weights(family, weight["transformer"], config)
+        for component in ("transformer", "transformer_2"):
+            if isinstance(weight, dict) and isinstance(weight.get(component), dict):
+                out[(adapter, component)] = weight[component]
     return out
+
+
+def fuse_block_weights(
+    fuse: FuseAdapters, family: str | None, configs: Mapping[str, Mapping[str, Any]]
+) -> dict[tuple[str, str], BlockWeights]:
+    """The fused adapters' per-block transformer specs, parsed and checked against each denoiser's
+    config (its block counts; ``configs``: component -> config): (adapter, component) -> BlockWeights."""
+    from ..pipeline.fuse import block_weights
+
+    return {
+        (adapter, component): block_weights(family, spec, configs.get(component, {}))
+        for (adapter, component), spec in block_specs(fuse).items()
+    }
 
 
 def _weight_of(
     weight: Any, component: str, module: str, family: str | None, blocks: BlockWeights | None
 ) -> float:
-    """One adapter's weight on one module (``blocks``: the adapter's parsed per-block spec, if any)."""
+    """One adapter's weight on one module (``blocks``: the adapter's parsed per-block spec for this
+    component, if any)."""
     if not isinstance(weight, dict):
         return float(weight)
     value = weight.get(component, 1.0)
@@ -126,12 +142,12 @@ def targets_from_factors(
     fuse: FuseAdapters,
     scalings: Mapping[tuple[str, str, str], float] | None = None,
     family: str | None = None,
-    blocks: Mapping[str, BlockWeights] | None = None,
+    blocks: Mapping[tuple[str, str], BlockWeights] | None = None,
 ) -> dict[tuple[str, str], FuseTarget]:
     """{(component, base weight key): target} for ``fuse``: each fused adapter's terms in fuse order.
 
     Scalings are computed (``native_scaling`` of each module's weight; ``blocks``: the parsed
-    per-block transformer spec of each adapter that has one, checked against the model) unless given
+    per-block spec of each (adapter, transformer) that has one, checked against the model) unless given
     per (component, module, adapter), which the skeleton route does for UNet block dicts.
     """
     terms: dict[ModuleKey, list[FuseTerm]] = {}
@@ -145,7 +161,8 @@ def targets_from_factors(
             if scalings is not None:
                 scaling = scalings[(component, module, adapter)]
             else:
-                module_weight_ = _weight_of(weight, component, module, family, (blocks or {}).get(adapter))
+                parsed = (blocks or {}).get((adapter, component))
+                module_weight_ = _weight_of(weight, component, module, family, parsed)
                 scaling = native_scaling(factor, module_weight_, fuse.lora_scale)
             terms.setdefault((component, module), []).append(FuseTerm(adapter, factor, scaling))
     if not terms:

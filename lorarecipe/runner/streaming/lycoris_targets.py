@@ -51,7 +51,12 @@ class LycorisPart:
         adapters = [
             (
                 LycorisAdapter(
-                    step.name, Path(adapter_paths[step.name]), keys, family, step.scale_convention
+                    step.name,
+                    Path(adapter_paths[step.name]),
+                    keys,
+                    family,
+                    step.scale_convention,
+                    step.load_into,
                 ),
                 w,
             )

@@ -161,7 +161,7 @@ def prepare_adapters(
     for step in loads:
         if step.name not in adapter_paths:
             raise BuildError(f"no file for adapter {step.name!r}")
-        load_adapter(skeleton.pipe, step.name, Path(adapter_paths[step.name]), plan.family)
+        load_adapter(skeleton.pipe, step.name, Path(adapter_paths[step.name]), plan.family, step.load_into)
     for merge in merges:
         merge_adapters(skeleton.pipe, merge)
 
@@ -203,8 +203,10 @@ def fuse_targets(
                 observed[(component, name, adapter)] = module.scaling[adapter]
             if merged:
                 order[(component, name)] = tuple(merged)
-    denoiser = getattr(pipe, "transformer", None)
-    blocks = fuse_block_weights(fuse, family, denoiser.config if denoiser is not None else {})
+    configs = {
+        c: dict(getattr(pipe, c).config) for c in ("transformer", "transformer_2") if getattr(pipe, c, None)
+    }
+    blocks = fuse_block_weights(fuse, family, configs)
     scalings = None if resolvable_weights(fuse) else observed
     targets = targets_from_factors(factors, fuse, scalings, family, blocks)
     ours = {

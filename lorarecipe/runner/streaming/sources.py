@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BuildError, StreamingUnsupported
+from ...families import FAMILIES as FAMILY_REGISTRY
 from ...fs.json_files import read_json
 from ...inspect import SafetensorsHeader, TensorInfo, read_header
 from ...inspect.base_model import check_model_index, weight_files
@@ -23,6 +24,9 @@ from ...outputs.singlefile import FAMILIES as SINGLE_FILE_FAMILIES
 from ...outputs.singlefile import single_file_layout
 from ...outputs.singlefile_names import StoredForm
 from .positional_io import OutputEntry
+
+#: stored dtype, component, state-dict key -> the dtype an output tensor is written in
+DTypeRule = Callable[[str, str, str], str]
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -145,7 +149,7 @@ def read_folder_base(root: Path, variant: str | None) -> FolderBase:
     return base
 
 
-def folder_to_folder(base: FolderBase, dtype: Callable[[str], str]) -> list[OutFile]:
+def folder_to_folder(base: FolderBase, dtype: DTypeRule) -> list[OutFile]:
     """Diffusers folder -> diffusers folder: every weight file rewritten with the same keys, in data order."""
     out = []
     for component, files in base.files.items():
@@ -153,7 +157,8 @@ def folder_to_folder(base: FolderBase, dtype: Callable[[str], str]) -> list[OutF
             tensors = []
             for info in sorted(header.tensors.values(), key=lambda t: (t.start, t.name)):
                 part = Part(component, info.name, path, info, header.data_offset)
-                tensors.append(OutTensor(info.name, dtype(info.dtype), info.shape, (part,)))
+                out_dtype = dtype(info.dtype, component, info.name)
+                tensors.append(OutTensor(info.name, out_dtype, info.shape, (part,)))
             out.append(OutFile(rel, tuple(tensors)))
     return out
 
@@ -250,9 +255,21 @@ def to_single_file(
     shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
     configs: Mapping[str, Mapping[str, Any]],
     parts: Mapping[tuple[str, str], Part],
-    dtype: Callable[[str], str],
+    dtype: DTypeRule,
+    expert: str | None = None,
 ) -> OutFile:
-    """The single-file output: its layout over the model's state-dict keys, each piece read from ``parts``."""
+    """The single-file output: its layout over the model's state-dict keys, each piece read from ``parts``.
+
+    ``expert``: a family with two experts writes one of them (Wan 2.2 A14B's ``transformer_2`` in the
+    layout of its ``transformer``)."""
+    denoiser = FAMILY_REGISTRY[family].denoiser if family in FAMILY_REGISTRY else ""
+    source = expert if expert and expert != denoiser else denoiser
+    if source != denoiser:
+        shapes = {
+            denoiser: shapes[source],
+            **{c: v for c, v in shapes.items() if c not in (denoiser, source)},
+        }
+        configs = {**configs, denoiser: configs.get(source, {})}
     components = _layout_components(family, shapes)
     try:
         layout = single_file_layout(family, components, configs)
@@ -260,14 +277,16 @@ def to_single_file(
         raise BuildError(f"single-file output: {exc}") from None
     tensors = []
     for tensor in layout:
-        pieces = tuple(parts[(p.component, p.key)] for p in tensor.sources if (p.component, p.key) in parts)
+        keys = [(source if p.component == denoiser else p.component, p.key) for p in tensor.sources]
+        pieces = tuple(parts[key] for key in keys if key in parts)
         if len(pieces) != len(tensor.sources):
             continue  # a derived buffer (position_ids) the base does not store
         stored = pieces[0].tensor.dtype
         if any(p.tensor.dtype != stored for p in pieces):
             raise BuildError(f"single-file output: the parts of {tensor.key} have different dtypes")
         shape = tuple(tensor.shape) if tensor.shape is not None else _diffusers_shape(pieces[0])
-        tensors.append(OutTensor(tensor.key, dtype(stored), shape, pieces, tensor.transform))
+        written = dtype(stored, pieces[0].component, pieces[0].key)
+        tensors.append(OutTensor(tensor.key, written, shape, pieces, tensor.transform))
     return OutFile("", tuple(tensors))
 
 
@@ -275,7 +294,7 @@ def to_folder(
     shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
     libraries: Mapping[str, str],
     parts: Mapping[tuple[str, str], Part],
-    dtype: Callable[[str], str],
+    dtype: DTypeRule,
 ) -> list[OutFile]:
     """A diffusers folder from a single-file base: one weight file per component the file holds,
     state-dict keys sorted (the others come from the config folder: :func:`config_components`)."""
@@ -286,7 +305,8 @@ def to_folder(
             part = parts.get((component, key))
             if part is None:
                 continue
-            tensors.append(OutTensor(key, dtype(part.tensor.dtype), _diffusers_shape(part), (part,)))
+            written = dtype(part.tensor.dtype, component, key)
+            tensors.append(OutTensor(key, written, _diffusers_shape(part), (part,)))
         if tensors:
             out.append(OutFile(f"{component}/{_FILE_NAME[libraries[component]]}", tuple(tensors)))
     return out
@@ -294,8 +314,8 @@ def to_folder(
 
 def config_components(config: FolderBase, held: set[str]) -> FolderBase:
     """The config folder of a single-file base, without the components the single file holds: the
-    models the pipeline route loads from it (FLUX.1's, SD 3's, Qwen-Image's and Z-Image's files hold
-    the transformer only), copied as they are into a folder output."""
+    models the pipeline route loads from it (FLUX.1's, FLUX.2's, SD 3's, Qwen-Image's, Z-Image's and
+    Wan's files hold one transformer), copied (or fused) into a folder output."""
     return FolderBase(
         config.root,
         config.index,

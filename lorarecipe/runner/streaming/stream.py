@@ -36,12 +36,13 @@ from ...recipe.vocabulary import FAMILIES
 from ..fuse_math import FuseTarget, LoraFactor
 from ..pipeline.load import load_dtype
 from .factor_cache import FactorCache
-from .factors import fuse_block_weights, resolvable_weights, targets_from_factors
+from .factors import block_specs, fuse_block_weights, resolvable_weights, targets_from_factors
 from .lycoris_targets import split_fuse
 from .positional_io import PositionalReader
 from .skeleton import Architecture, build_skeleton, fuse_targets, needed_adapters, prepare_adapters
 from .sources import (
     FLOAT_DTYPES,
+    DTypeRule,
     FolderBase,
     OutFile,
     Part,
@@ -133,11 +134,12 @@ def _plan_outputs(
     base_path: Path,
     folder: FolderBase | None,
     arch: Architecture,
-    out_dtype: Callable[[str], str],
+    out_dtype: DTypeRule,
     config: FolderBase | None = None,
 ) -> list[OutFile]:
-    """The output files of every layout but folder -> folder (which needs no shapes or configs); a
-    folder from a single file takes the components the file lacks from ``config``, as they are."""
+    """The output files of every layout but folder -> folder (which needs no shapes or configs). A
+    folder from a single file takes the components the file lacks (FLUX's text encoders and VAE, Wan's
+    other expert) from ``config``, as the pipeline route loads them."""
     parts: dict[tuple[str, str], Part]
     if folder is not None:
         parts = folder_parts(folder, arch.shapes)
@@ -146,20 +148,17 @@ def _plan_outputs(
         if save.layout is CheckpointLayout.DIFFUSERS:
             outs = to_folder(arch.shapes, arch.libraries, parts, out_dtype)
             return outs + (folder_to_folder(config, out_dtype) if config is not None else [])
-    return [to_single_file(family, arch.shapes, arch.configs, parts, out_dtype)]
+    return [to_single_file(family, arch.shapes, arch.configs, parts, out_dtype, save.component)]
 
 
-def _held_components(family: str, targets: Mapping[tuple[str, str], FuseTarget]) -> set[str]:
-    """The components a single-file base holds; a fuse into another one (loaded from the config folder
-    by the pipeline route) is left to that route."""
-    held = set(FAMILIES[family].single_file_components)
-    outside = sorted({component for component, _ in targets} - held)
-    if outside:
-        raise StreamingUnsupported(
-            f"the fuse changes {', '.join(outside)}, which the single-file base does not hold (its config "
-            "folder does)"
-        )
-    return held
+def _from_config_rekeyed(
+    targets: dict[tuple[str, str], FuseTarget], config: FolderBase
+) -> dict[tuple[str, str], FuseTarget]:
+    """A folder from a single file: the targets in components the config folder gives (Wan 2.2's other
+    expert, FLUX's text encoders), keyed by the keys its files store them under."""
+    moved = {key: target for key, target in targets.items() if key[0] in config.files}
+    kept = {key: target for key, target in targets.items() if key not in moved}
+    return {**kept, **_rekey(moved, config)}
 
 
 def _config_stating(source: Path, dtype: str) -> str | None:
@@ -254,6 +253,7 @@ class _Stream:
             self.folder = read_folder_base(base_path, base.variant)
             self.config_root, self.pipeline_class = base_path, None
         stored = load_dtype(base, base_path)
+        self.stored = stored
         self.dtype = save.dtype or stored
         # the pipeline route fuses in float32 (a float32 base, or a float32 load for an output in another
         # dtype): reproduce PEFT's operations; it fuses a half-precision base in its own dtype only for
@@ -269,8 +269,20 @@ class _Stream:
         self.hashes: dict[str, tuple[str, int]] = {}  # sha256 and size per output file (relative path)
         self._storing: list[threading.Thread] = []
 
-    def out_dtype(self, stored: str) -> str:
-        return FLOAT_DTYPES[self.dtype] if stored in FLOAT_DTYPES.values() else stored
+    def out_dtype(self, stored: str, component: str = "", key: str = "") -> str:
+        """The dtype an output tensor is written in: the output's (the base's by default) — but float32
+        for the modules the denoiser's class keeps in float32 when diffusers loads it in the half
+        dtype the output has (Wan's time embedder, norms, modulation), as the pipeline route saves them."""
+        if stored not in FLOAT_DTYPES.values():
+            return stored
+        info = FAMILIES.get(self.family)
+        kept = (
+            info is not None
+            and self.dtype == self.stored != "float32"
+            and component in info.denoisers
+            and any(name in key.split(".") for name in info.keep_in_float32)
+        )
+        return FLOAT_DTYPES["float32" if kept else self.dtype]
 
     def write(self, root: Path) -> None:
         """Write the output files under ``root`` (a temporary folder, or the temporary file)."""
@@ -283,9 +295,8 @@ class _Stream:
             if writer is None:
                 assert arch is not None
                 if self.folder is None and self.save.layout is CheckpointLayout.DIFFUSERS:
-                    assert self.config_path is not None
-                    held = _held_components(self.family, targets)
-                    self.config = config_components(read_folder_base(self.config_path, None), held)
+                    held = set(FAMILIES[self.family].single_file_components)
+                    self.config = config_components(read_folder_base(self.config_root, None), held)
                 outs = _plan_outputs(
                     self.save, self.family, self.base_path, self.folder, arch, self.out_dtype, self.config
                 )
@@ -298,6 +309,9 @@ class _Stream:
                 assert arch is not None
                 shapes = arch.shapes
             targets = self.lycoris.join(targets, shapes, self.adapter_paths, self.family)
+            if self.config is not None:
+                targets = _from_config_rekeyed(targets, self.config)
+            targets = self._held(targets)
             writer.finish(targets, self.stats)
             _check_all_used(targets, self.stats)
             self.hashes = {
@@ -308,6 +322,14 @@ class _Stream:
             if writer is not None:
                 writer.abort()
             raise
+
+    def _held(self, targets: dict[tuple[str, str], FuseTarget]) -> dict[tuple[str, str], FuseTarget]:
+        """A single file of one expert (Wan 2.2 A14B) leaves the other expert's targets to its own output."""
+        info = FAMILIES[self.family]
+        if self.save.layout is not CheckpointLayout.SINGLE_FILE or not info.experts:
+            return targets
+        other = set(info.experts) - {self.save.component or info.denoiser}
+        return {key: target for key, target in targets.items() if key[0] not in other}
 
     def _start_writer(self, root: Path, outs: list[OutFile]) -> StreamWriter:
         self.outs = outs
@@ -357,10 +379,15 @@ class _Stream:
     ) -> dict[tuple[str, str], FuseTarget]:
         """Targets from cached factors; per-block weights checked against the denoiser's config.json."""
         blocks = {}
-        if any(isinstance(w, tuple) for w in self.fuse.weights):
-            denoiser = FAMILIES[self.family].denoiser
-            config = json.loads((self.config_root / denoiser / "config.json").read_text(encoding="utf-8"))
-            blocks = fuse_block_weights(self.fuse, self.family, config)
+        specs = block_specs(self.fuse)
+        if specs:
+            configs = {
+                component: json.loads(
+                    (self.config_root / component / "config.json").read_text(encoding="utf-8")
+                )
+                for component in {c for _, c in specs}
+            }
+            blocks = fuse_block_weights(self.fuse, self.family, configs)
         return targets_from_factors(factors, self.fuse, None, self.family, blocks)
 
     def close(self) -> None:

@@ -207,13 +207,16 @@ class StreamWriter:
                         while slot in self._in_flight:
                             self._lock.wait()
                     trimmer.account(4 * tensor.entry.nbytes)  # roughly what computing it allocates
+                    # a float32 tensor of a half-precision build (a module diffusers keeps in float32)
+                    # is fused in float32 by the pipeline route too: PEFT's order
+                    order = self._peft_order or tensor.dtype == "F32"
                     with torch.no_grad():
                         chunked = write_chunked(
-                            self._reader, writer, tensor, targets, stats, behind, scratch, self._peft_order
+                            self._reader, writer, tensor, targets, stats, behind, scratch, order
                         )
                         if chunked:
                             continue
-                        result = compute(self._reader, tensor, targets, stats, scratch, self._peft_order)
+                        result = compute(self._reader, tensor, targets, stats, scratch, order)
                     data = as_bytes(result)
                     behind.submit(functools.partial(writer.write, tensor.key, data), data.nbytes)
                     del result, data
