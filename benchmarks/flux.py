@@ -354,33 +354,37 @@ def _env(work: Path) -> dict[str, str]:
     }
 
 
-def _child_run(work: Path, *args: str) -> tuple[float, int, int, dict[str, float], str]:
+def child_run(script: str, work: Path, *args: str) -> tuple[float, int, int, dict[str, Any], str]:
+    """``script _child ROUTE WORK ARGS…`` (a benchmark's child route) in a fresh process:
+    (wall seconds, peak RSS, exit status, its RESULT dict, its log). Shared by the DiT benchmarks."""
     wall, rss, status, text = _spawn(
-        [sys.executable, __file__, "_child", args[0], str(work), *args[1:]], _env(work)
+        [sys.executable, script, "_child", args[0], str(work), *args[1:]], _env(work)
     )
     lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
     return wall, rss, status, json.loads(lines[-1][len("RESULT ") :]) if lines else {}, text
 
 
-def _build_run(work: Path, output: str, weights: tuple[float, float], scale: float) -> tuple[float, int, str]:
-    """One ``lorarecipe build`` process; (wall seconds, peak RSS, log)."""
-    recipe = work / f"recipe-{output}.yaml"
-    recipe.write_text(RECIPE.format(w1=weights[0], w2=weights[1], scale=scale, output=OUTPUTS[output]))
+def build_run(work: Path, name: str, recipe_text: str) -> tuple[float, int, str]:
+    """Write ``recipe-NAME.yaml`` and run one ``lorarecipe build --force`` process on it into
+    ``work/out-stream``: (wall seconds, peak RSS, log). Shared by the DiT benchmarks."""
+    recipe = work / f"recipe-{name}.yaml"
+    recipe.write_text(recipe_text)
     shutil.rmtree(work / "out-stream", ignore_errors=True)
-    command = [
-        sys.executable,
-        "-m",
-        "lorarecipe",
-        "build",
-        str(recipe),
-        "--out",
-        str(work / "out-stream"),
-        "--force",
-    ]
-    wall, rss, status, text = _spawn(command, _env(work))
+    command = [sys.executable, "-m", "lorarecipe", "build", str(recipe), "--out", str(work / "out-stream")]
+    wall, rss, status, text = _spawn([*command, "--force"], _env(work))
     if status != 0:
         raise SystemExit(f"lorarecipe build failed:\n{text[-4000:]}")
     return wall, rss, text
+
+
+def _child_run(work: Path, *args: str) -> tuple[float, int, int, dict[str, Any], str]:
+    return child_run(__file__, work, *args)
+
+
+def _build_run(work: Path, output: str, weights: tuple[float, float], scale: float) -> tuple[float, int, str]:
+    """One ``lorarecipe build`` process of this benchmark's recipe; (wall seconds, peak RSS, log)."""
+    text = RECIPE.format(w1=weights[0], w2=weights[1], scale=scale, output=OUTPUTS[output])
+    return build_run(work, output, text)
 
 
 def _gib(n: float) -> str:

@@ -33,9 +33,10 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux import _env, _free_disk, _gib, _route_copy, _spawn, _write_shards
+from flux import _free_disk, _gib, _route_copy, _write_shards, build_run, child_run
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = (0.8, 0.5)
@@ -186,32 +187,13 @@ def _child(argv: list[str]) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def _child_run(work: Path, *args: str) -> tuple[float, int, int, dict[str, float], str]:
-    wall, rss, status, text = _spawn(
-        [sys.executable, __file__, "_child", args[0], str(work), *args[1:]], _env(work)
-    )
-    lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
-    return wall, rss, status, json.loads(lines[-1][len("RESULT ") :]) if lines else {}, text
+def _child_run(work: Path, *args: str) -> tuple[float, int, int, dict[str, Any], str]:
+    return child_run(__file__, work, *args)
 
 
 def _build_run(work: Path, output: str, weights: tuple[float, float], scale: float) -> tuple[float, int, str]:
-    recipe = work / f"recipe-{output}.yaml"
-    recipe.write_text(RECIPE.format(w1=weights[0], w2=weights[1], scale=scale, output=OUTPUTS[output]))
-    shutil.rmtree(work / "out-stream", ignore_errors=True)
-    command = [
-        sys.executable,
-        "-m",
-        "lorarecipe",
-        "build",
-        str(recipe),
-        "--out",
-        str(work / "out-stream"),
-        "--force",
-    ]
-    wall, rss, status, text = _spawn(command, _env(work))
-    if status != 0:
-        raise SystemExit(f"lorarecipe build failed:\n{text[-4000:]}")
-    return wall, rss, text
+    text = RECIPE.format(w1=weights[0], w2=weights[1], scale=scale, output=OUTPUTS[output])
+    return build_run(work, output, text)
 
 
 def _diffusers_flow(work: Path, size: int) -> str:

@@ -206,31 +206,12 @@ def _child(argv: list[str]) -> None:
 
 
 def _child_run(work: Path, *args: str) -> tuple[float, int, int, dict[str, Any], str]:
-    wall, rss, status, text = flux._spawn(
-        [sys.executable, __file__, "_child", args[0], str(work), *args[1:]], flux._env(work)
-    )
-    lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
-    return wall, rss, status, json.loads(lines[-1][len("RESULT ") :]) if lines else {}, text
+    return flux.child_run(__file__, work, *args)
 
 
 def _build_run(work: Path, output: str, weights: tuple[float, float], scale: float) -> tuple[float, int, str]:
-    recipe = work / f"recipe-{output}.yaml"
-    recipe.write_text(RECIPE.format(w1=weights[0], w2=weights[1], scale=scale, output=OUTPUTS[output]))
-    shutil.rmtree(work / "out-stream", ignore_errors=True)
-    command = [
-        sys.executable,
-        "-m",
-        "lorarecipe",
-        "build",
-        str(recipe),
-        "--out",
-        str(work / "out-stream"),
-        "--force",
-    ]
-    wall, rss, status, text = flux._spawn(command, flux._env(work))
-    if status != 0:
-        raise SystemExit(f"lorarecipe build failed:\n{text[-4000:]}")
-    return wall, rss, text
+    text = RECIPE.format(w1=weights[0], w2=weights[1], scale=scale, output=OUTPUTS[output])
+    return flux.build_run(work, output, text)
 
 
 def main(argv: list[str] | None = None) -> int:
