@@ -12,6 +12,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from lorarecipe.cli import main
 from lorarecipe.gitops.batch import BatchOptions, plan_jobs
 from lorarecipe.gitops.cluster import _pick, _Slot
 from lorarecipe.gitops.jobs import BuildJob
@@ -74,3 +77,15 @@ def test_planning_shards_imports_no_torch(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [4, []]
+
+
+def test_grid_shard_cells_is_a_ray_option_and_not_negative(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = str(write_recipe(tmp_path, SHARDED_GRID))
+    out = str(tmp_path / "out")
+    assert main(["build", recipe, "--out", out, "--grid-shard-cells", "0"]) == 2
+    assert "--grid-shard-cells apply to --ray builds only" in capsys.readouterr().err
+    assert main(["build", recipe, "--out", out, "--ray", "--grid-shard-cells", "-1"]) == 2
+    assert "--grid-shard-cells must be 0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
