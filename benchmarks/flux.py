@@ -435,6 +435,52 @@ def diffusers_outcome(
     return f"{wall:.1f} s / {_gib(rss)} ({timings(result)})"
 
 
+def claim_work(work: Path, blocks: Any) -> None:
+    """Create ``work`` and record the transformer depth (``blocks``) its base is built at; a ``work``
+    holding a base of another depth is refused."""
+    work.mkdir(parents=True, exist_ok=True)
+    recorded = work / "blocks.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != blocks:
+        raise SystemExit(f"{work} holds a base of {recorded.read_text()} blocks: use another --work")
+    recorded.write_text(json.dumps(blocks))
+
+
+def build_base(script: str, work: Path) -> tuple[float, int]:
+    """Run ``script``'s ``build`` child (base folder and LoRAs, skipped when present) -> (wall seconds,
+    bytes of the base's transformer files)."""
+    wall, _, status, _, text = child_run(script, work, "build")
+    if status != 0:
+        raise SystemExit(f"build failed:\n{text[-4000:]}")
+    return wall, sum(f.stat().st_size for f in (work / "base" / "transformer").iterdir())
+
+
+BuildRun = Callable[[Path, str, tuple[float, float], float], tuple[float, int, str]]
+
+
+def cold_and_warm_builds(
+    script: str,
+    work: Path,
+    output: str,
+    size: int,
+    build: BuildRun,
+    weights: tuple[float, float],
+    lora_scale: float,
+) -> tuple[tuple[float, int, str], tuple[float, int, str], dict[str, Any]]:
+    """One output kind of a benchmark -> (cold, warm, check): ``build(work, output, weights, scale)``
+    with an empty factor cache and other weights, then with the factors cached and ``weights``, then
+    ``script``'s ``check`` child on the warm build's output; prints a line after each build. Shared by
+    the DiT benchmarks."""
+    _free_disk(work, size + 3 * 1000**3)
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    cold = build(work, output, (0.3, 1.2), 1.0)  # cold factor cache, other weights
+    print(f"  build {output}, cold cache: {cold[0]:.1f} s, {_gib(cold[1])}", flush=True)
+    warm = build(work, output, weights, lora_scale)
+    assert "LoRA factors from the cache" in warm[2], warm[2][-2000:]
+    _, _, _, check, _ = child_run(script, work, "check", output)
+    print(f"  build {output}, cached factors: {warm[0]:.1f} s, {_gib(warm[1])}; {check}", flush=True)
+    return cold, warm, check
+
+
 def _child_run(work: Path, *args: str) -> tuple[float, int, int, dict[str, Any], str]:
     return child_run(__file__, work, *args)
 
@@ -482,33 +528,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    blocks = work / "blocks.json"
-    if blocks.is_file() and json.loads(blocks.read_text()) != list(args.blocks):
-        raise SystemExit(f"{work} holds a base of {blocks.read_text()} blocks: use another --work")
-    blocks.write_text(json.dumps(list(args.blocks)))
+    claim_work(work, list(args.blocks))
     if not (work / "base" / "model_index.json").is_file():
         params = 1.2e8 + 3.397e8 * args.blocks[0] + 1.416e8 * args.blocks[1]  # FLUX.1 block sizes
         _free_disk(work, int(2 * 2 * params + 5 * 1000**3))  # bfloat16 base + one output + margin
     print(f"building the FLUX.1-dev-size base and LoRAs in {work} (once) ...", flush=True)
-    _, _, status, _, text = _child_run(work, "build")
-    if status != 0:
-        raise SystemExit(f"build failed:\n{text[-4000:]}")
-    size = sum(f.stat().st_size for f in (work / "base" / "transformer").iterdir())
+    _, size = build_base(__file__, work)
     print(
         f"  base ready ({size / 1e9:.1f} GB transformer, {args.blocks[0]}+{args.blocks[1]} blocks)",
         flush=True,
     )
     rows: dict[str, str] = {}
     for output in ("folder", "single"):
-        _free_disk(work, size + 3 * 1000**3)
-        shutil.rmtree(work / "cache", ignore_errors=True)
-        cold = _build_run(work, output, (0.3, 1.2), 1.0)  # cold factor cache, other weights
-        print(f"  build {output}, cold cache: {cold[0]:.1f} s, {_gib(cold[1])}", flush=True)
-        warm = _build_run(work, output, WEIGHTS, LORA_SCALE)
-        assert "LoRA factors from the cache" in warm[2], warm[2][-2000:]
-        _, _, _, check, _ = _child_run(work, "check", output)
-        print(f"  build {output}, cached factors: {warm[0]:.1f} s, {_gib(warm[1])}; {check}", flush=True)
+        cold, warm, check = cold_and_warm_builds(
+            __file__, work, output, size, _build_run, WEIGHTS, LORA_SCALE
+        )
         rows[output] = (
             f"{warm[0]:.1f} s / {_gib(warm[1])} | {cold[0]:.1f} s / {_gib(cold[1])} | "
             f"{check['worst_ulp']:.2f} ulp"

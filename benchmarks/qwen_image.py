@@ -34,7 +34,18 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux import _free_disk, _gib, _write_shards, build_run, child_run, diffusers_outcome, dit_child
+from flux import (
+    _free_disk,
+    _gib,
+    _write_shards,
+    build_base,
+    build_run,
+    child_run,
+    claim_work,
+    cold_and_warm_builds,
+    diffusers_outcome,
+    dit_child,
+)
 
 WEIGHTS = (0.8, 0.5)
 LORA_SCALE = 0.7
@@ -186,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    blocks = work / "blocks.json"
-    if blocks.is_file() and json.loads(blocks.read_text()) != args.blocks:
-        raise SystemExit(f"{work} holds a base of {blocks.read_text()} blocks: use another --work")
-    blocks.write_text(json.dumps(args.blocks))
+    claim_work(work, args.blocks)
     params = 4.0e7 + BLOCK_PARAMS * args.blocks
     if not (work / "base" / "model_index.json").is_file():
         _free_disk(work, int(2 * 2 * params + 5 * 1000**3))  # bfloat16 base + one output + margin
@@ -198,21 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         f"building the Qwen-Image-width base ({params / 1e9:.1f} B parameters) and LoRAs in {work} ...",
         flush=True,
     )
-    wall, _, status, _, text = _child_run(work, "build")
-    if status != 0:
-        raise SystemExit(f"build failed:\n{text[-4000:]}")
-    size = sum(f.stat().st_size for f in (work / "base" / "transformer").iterdir())
+    wall, size = build_base(__file__, work)
     print(f"  base ready ({size / 1e9:.1f} GB transformer, {args.blocks} blocks; {wall:.0f} s)", flush=True)
     rows: dict[str, tuple[float, str]] = {}
     for output in ("folder", "single"):
-        _free_disk(work, size + 3 * 1000**3)
-        shutil.rmtree(work / "cache", ignore_errors=True)
-        cold = _build_run(work, output, (0.3, 1.2), 1.0)
-        print(f"  build {output}, cold cache: {cold[0]:.1f} s, {_gib(cold[1])}", flush=True)
-        warm = _build_run(work, output, WEIGHTS, LORA_SCALE)
-        assert "LoRA factors from the cache" in warm[2], warm[2][-2000:]
-        _, _, _, check, _ = _child_run(work, "check", output)
-        print(f"  build {output}, cached factors: {warm[0]:.1f} s, {_gib(warm[1])}; {check}", flush=True)
+        cold, warm, check = cold_and_warm_builds(
+            __file__, work, output, size, _build_run, WEIGHTS, LORA_SCALE
+        )
         text = f"{warm[0]:.1f} s / {_gib(warm[1])} | {cold[0]:.1f} s / {_gib(cold[1])} | "
         text += f"{check['worst_ulp']:.2f} ulp"
         rows[output] = (warm[0], text)

@@ -197,18 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    blocks = work / "blocks.json"
-    if blocks.is_file() and json.loads(blocks.read_text()) != args.blocks:
-        raise SystemExit(f"{work} holds a base of {blocks.read_text()} blocks: use another --work")
-    blocks.write_text(json.dumps(args.blocks))
+    flux.claim_work(work, args.blocks)
     if not (work / "base" / "model_index.json").is_file():
         flux._free_disk(work, int(2 * 2 * BLOCK_PARAMS * args.blocks + 5 * 1000**3))
     print(f"building the Wan 2.2 A14B expert-size base and LoRAs in {work} (once) ...", flush=True)
-    _, _, status, _, text = _child_run(work, "build")
-    if status != 0:
-        raise SystemExit(f"build failed:\n{text[-4000:]}")
-    size = sum(f.stat().st_size for f in (work / "base" / "transformer").iterdir())
+    _, size = flux.build_base(__file__, work)
     params = size / 2 / 1e9
     print(
         f"  base ready ({size / 1e9:.1f} GB transformer, {args.blocks} blocks, {params:.1f} B parameters)",
@@ -218,14 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[str, float] = {}
     copy_wall = 0.0
     for output in ("folder", "single"):
-        flux._free_disk(work, size + 3 * 1000**3)
-        shutil.rmtree(work / "cache", ignore_errors=True)
-        cold = _build_run(work, output, (0.3, 1.2), 1.0)
-        print(f"  build {output}, cold cache: {cold[0]:.1f} s, {flux._gib(cold[1])}", flush=True)
-        warm = _build_run(work, output, WEIGHTS, LORA_SCALE)
-        assert "LoRA factors from the cache" in warm[2], warm[2][-2000:]
-        _, _, _, check, _ = _child_run(work, "check", output)
-        print(f"  build {output}, cached factors: {warm[0]:.1f} s, {flux._gib(warm[1])}; {check}", flush=True)
+        cold, warm, check = flux.cold_and_warm_builds(
+            __file__, work, output, size, _build_run, WEIGHTS, LORA_SCALE
+        )
         shutil.rmtree(work / "out-stream", ignore_errors=True)
         flux._free_disk(work, size + 1000**3)
         copy_wall, _, _, _, _ = _child_run(work, "copy", str(work / "out-copy"))  # beside each output's run
