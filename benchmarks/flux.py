@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,20 +219,41 @@ def _build(work: Path) -> None:
 # ------------------------------------------------------------------------------------------- routes
 
 
-def _route_diffusers(work: Path, out: Path) -> dict[str, float]:
-    with open("/proc/self/oom_score_adj", "w") as handle:  # the kernel kills this one first, not a neighbour
-        handle.write("1000")
+def route_diffusers_flow(
+    pipeline: str,
+    base: Path,
+    loras: Sequence[Path],
+    out: Path,
+    *,
+    weights: Sequence[float],
+    lora_scale: float,
+    dtype: str = "bfloat16",
+    components: list[str] | None = None,
+    oom_first: bool = True,
+) -> dict[str, float]:
+    """The diffusers flow from the guides, timed in this process: ``diffusers.PIPELINE.from_pretrained``
+    (``dtype``), ``load_lora_weights`` of each LoRA (adapters l1, l2, …), ``set_adapters(weights)``,
+    ``fuse_lora`` (of ``components``; None: fuse_lora's default), ``unload_lora_weights``,
+    ``save_pretrained`` -> seconds since the start at import, load, fuse and save. ``oom_first``: the
+    kernel kills this process first when memory runs out, not a neighbour. Shared by the benchmarks'
+    ``diffusers`` child routes."""
+    if oom_first:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("1000")
     started = time.perf_counter()
+    import diffusers
     import torch
-    from diffusers import FluxPipeline
 
+    pipeline_class = getattr(diffusers, pipeline)
     timings = {"import": time.perf_counter() - started}
-    pipe = FluxPipeline.from_pretrained(str(work / "base"), dtype=torch.bfloat16, local_files_only=True)
+    pipe = pipeline_class.from_pretrained(str(base), dtype=getattr(torch, dtype), local_files_only=True)
     timings["load"] = time.perf_counter() - started
-    pipe.load_lora_weights(str(work / "lora1.safetensors"), adapter_name="l1")
-    pipe.load_lora_weights(str(work / "lora2.safetensors"), adapter_name="l2")
-    pipe.set_adapters(["l1", "l2"], adapter_weights=list(WEIGHTS))
-    pipe.fuse_lora(components=["transformer"], lora_scale=LORA_SCALE, adapter_names=["l1", "l2"])
+    names = [f"l{i}" for i in range(1, len(loras) + 1)]
+    for lora, name in zip(loras, names, strict=True):
+        pipe.load_lora_weights(str(lora), adapter_name=name)
+    pipe.set_adapters(names, adapter_weights=list(weights))
+    which = {} if components is None else {"components": components}
+    pipe.fuse_lora(**which, lora_scale=lora_scale, adapter_names=names)
     pipe.unload_lora_weights()
     timings["fuse"] = time.perf_counter() - started
     pipe.save_pretrained(str(out), safe_serialization=True)
@@ -313,18 +335,38 @@ def _route_check(work: Path, output: str) -> dict[str, float]:
     return {"worst_ulp": worst}
 
 
-def _child(argv: list[str]) -> None:
+def dit_child(
+    argv: list[str],
+    *,
+    build: Callable[[Path], None],
+    check: Callable[[Path, str], dict[str, float]],
+    pipeline: str,
+    weights: Sequence[float],
+    lora_scale: float,
+) -> None:
+    """``_child ROUTE WORK ARGS…`` of a DiT benchmark (this one, qwen_image.py, wan.py): ``build``,
+    ``diffusers`` (PIPELINE's flow on WORK's base and lora1/lora2, fusing the transformer), ``copy``
+    (the transformer files) or ``check``; prints the route's ``RESULT`` line for :func:`child_run`."""
     route, work, *rest = argv
     sys.path.insert(0, str(REPO))
     result: dict[str, float] = {}
     if route == "build":
-        _build(Path(work))
+        build(Path(work))
     elif route == "diffusers":
-        result = _route_diffusers(Path(work), Path(rest[0]))
+        loras = [Path(work) / f"lora{i}.safetensors" for i in (1, 2)]
+        result = route_diffusers_flow(
+            pipeline,
+            Path(work) / "base",
+            loras,
+            Path(rest[0]),
+            weights=weights,
+            lora_scale=lora_scale,
+            components=["transformer"],
+        )
     elif route == "copy":
         result = _route_copy(Path(work), Path(rest[0]))
     else:
-        result = _route_check(Path(work), rest[0])
+        result = check(Path(work), rest[0])
     print("RESULT " + json.dumps(result))
 
 
@@ -377,6 +419,68 @@ def build_run(work: Path, name: str, recipe_text: str) -> tuple[float, int, str]
     return wall, rss, text
 
 
+def diffusers_outcome(
+    script: str, work: Path, size: int, timings: Callable[[dict[str, Any]], str] = str
+) -> str:
+    """Run ``script``'s ``diffusers`` child route into ``work/out-diffusers`` (removed after) -> the
+    table cell: wall time / peak RSS (``timings`` of its RESULT), or how it died (killed for memory,
+    failed). Shared by the DiT benchmarks."""
+    _free_disk(work, size + 1000**3)
+    wall, rss, status, result, text = child_run(script, work, "diffusers", str(work / "out-diffusers"))
+    shutil.rmtree(work / "out-diffusers", ignore_errors=True)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return f"killed by the kernel (out of memory) after {wall:.0f} s at {_gib(rss)}"
+    if status != 0:
+        return f"failed after {wall:.0f} s at {_gib(rss)}: {text.strip().splitlines()[-1][:200]}"
+    return f"{wall:.1f} s / {_gib(rss)} ({timings(result)})"
+
+
+def claim_work(work: Path, blocks: Any) -> None:
+    """Create ``work`` and record the transformer depth (``blocks``) its base is built at; a ``work``
+    holding a base of another depth is refused."""
+    work.mkdir(parents=True, exist_ok=True)
+    recorded = work / "blocks.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != blocks:
+        raise SystemExit(f"{work} holds a base of {recorded.read_text()} blocks: use another --work")
+    recorded.write_text(json.dumps(blocks))
+
+
+def build_base(script: str, work: Path) -> tuple[float, int]:
+    """Run ``script``'s ``build`` child (base folder and LoRAs, skipped when present) -> (wall seconds,
+    bytes of the base's transformer files)."""
+    wall, _, status, _, text = child_run(script, work, "build")
+    if status != 0:
+        raise SystemExit(f"build failed:\n{text[-4000:]}")
+    return wall, sum(f.stat().st_size for f in (work / "base" / "transformer").iterdir())
+
+
+BuildRun = Callable[[Path, str, tuple[float, float], float], tuple[float, int, str]]
+
+
+def cold_and_warm_builds(
+    script: str,
+    work: Path,
+    output: str,
+    size: int,
+    build: BuildRun,
+    weights: tuple[float, float],
+    lora_scale: float,
+) -> tuple[tuple[float, int, str], tuple[float, int, str], dict[str, Any]]:
+    """One output kind of a benchmark -> (cold, warm, check): ``build(work, output, weights, scale)``
+    with an empty factor cache and other weights, then with the factors cached and ``weights``, then
+    ``script``'s ``check`` child on the warm build's output; prints a line after each build. Shared by
+    the DiT benchmarks."""
+    _free_disk(work, size + 3 * 1000**3)
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    cold = build(work, output, (0.3, 1.2), 1.0)  # cold factor cache, other weights
+    print(f"  build {output}, cold cache: {cold[0]:.1f} s, {_gib(cold[1])}", flush=True)
+    warm = build(work, output, weights, lora_scale)
+    assert "LoRA factors from the cache" in warm[2], warm[2][-2000:]
+    _, _, _, check, _ = child_run(script, work, "check", output)
+    print(f"  build {output}, cached factors: {warm[0]:.1f} s, {_gib(warm[1])}; {check}", flush=True)
+    return cold, warm, check
+
+
 def _child_run(work: Path, *args: str) -> tuple[float, int, int, dict[str, Any], str]:
     return child_run(__file__, work, *args)
 
@@ -400,7 +504,14 @@ def _free_disk(work: Path, needed: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
-        _child(argv[1:])
+        dit_child(
+            argv[1:],
+            build=_build,
+            check=_route_check,
+            pipeline="FluxPipeline",
+            weights=WEIGHTS,
+            lora_scale=LORA_SCALE,
+        )
         return 0
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -417,33 +528,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    blocks = work / "blocks.json"
-    if blocks.is_file() and json.loads(blocks.read_text()) != list(args.blocks):
-        raise SystemExit(f"{work} holds a base of {blocks.read_text()} blocks: use another --work")
-    blocks.write_text(json.dumps(list(args.blocks)))
+    claim_work(work, list(args.blocks))
     if not (work / "base" / "model_index.json").is_file():
         params = 1.2e8 + 3.397e8 * args.blocks[0] + 1.416e8 * args.blocks[1]  # FLUX.1 block sizes
         _free_disk(work, int(2 * 2 * params + 5 * 1000**3))  # bfloat16 base + one output + margin
     print(f"building the FLUX.1-dev-size base and LoRAs in {work} (once) ...", flush=True)
-    wall, rss, status, _, text = _child_run(work, "build")
-    if status != 0:
-        raise SystemExit(f"build failed:\n{text[-4000:]}")
-    size = sum(f.stat().st_size for f in (work / "base" / "transformer").iterdir())
+    _, size = build_base(__file__, work)
     print(
         f"  base ready ({size / 1e9:.1f} GB transformer, {args.blocks[0]}+{args.blocks[1]} blocks)",
         flush=True,
     )
     rows: dict[str, str] = {}
     for output in ("folder", "single"):
-        _free_disk(work, size + 3 * 1000**3)
-        shutil.rmtree(work / "cache", ignore_errors=True)
-        cold = _build_run(work, output, (0.3, 1.2), 1.0)  # cold factor cache, other weights
-        print(f"  build {output}, cold cache: {cold[0]:.1f} s, {_gib(cold[1])}", flush=True)
-        warm = _build_run(work, output, WEIGHTS, LORA_SCALE)
-        assert "LoRA factors from the cache" in warm[2], warm[2][-2000:]
-        _, _, _, check, _ = _child_run(work, "check", output)
-        print(f"  build {output}, cached factors: {warm[0]:.1f} s, {_gib(warm[1])}; {check}", flush=True)
+        cold, warm, check = cold_and_warm_builds(
+            __file__, work, output, size, _build_run, WEIGHTS, LORA_SCALE
+        )
         rows[output] = (
             f"{warm[0]:.1f} s / {_gib(warm[1])} | {cold[0]:.1f} s / {_gib(cold[1])} | "
             f"{check['worst_ulp']:.2f} ulp"
@@ -455,15 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  copy: {copy_wall:.1f} s, {_gib(copy_rss)}", flush=True)
     diffusers = "not run"
     if not args.skip_diffusers:
-        _free_disk(work, size + 1000**3)
-        wall, rss, status, result, text = _child_run(work, "diffusers", str(work / "out-diffusers"))
-        shutil.rmtree(work / "out-diffusers", ignore_errors=True)
-        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-            diffusers = f"killed by the kernel (out of memory) after {wall:.0f} s at {_gib(rss)}"
-        elif status != 0:
-            diffusers = f"failed after {wall:.0f} s at {_gib(rss)}: {text.strip().splitlines()[-1][:200]}"
-        else:
-            diffusers = f"{wall:.1f} s / {_gib(rss)} ({result})"
+        diffusers = diffusers_outcome(__file__, work, size)
         print(f"  diffusers: {diffusers}", flush=True)
     print(
         "\n| output | (b) `lorarecipe build`, cached factors: time / peak RSS | (b) cold factor cache "
