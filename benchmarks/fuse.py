@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux import route_diffusers_flow  # benchmarks/flux.py: the diffusers flow shared by the benchmarks
+from fullsize import (
+    route_diffusers_flow,  # benchmarks/fullsize.py: the diffusers flow shared by the benchmarks
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(tempfile.gettempdir()) / "lorarecipe-bench-fuse-cache"  # LORARECIPE_CACHE of the children

@@ -34,10 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux import (
-    _free_disk,
-    _gib,
-    _write_shards,
+from fullsize import (
     build_base,
     build_run,
     child_run,
@@ -45,6 +42,9 @@ from flux import (
     cold_and_warm_builds,
     diffusers_outcome,
     dit_child,
+    free_disk,
+    gib,
+    write_shards,
 )
 
 WEIGHTS = (0.8, 0.5)
@@ -94,7 +94,7 @@ def _build(work: Path) -> None:
         index["transformer"] = ["diffusers", "QwenImageTransformer2DModel"]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         transformer.save_config(tmp / "transformer")
-        _write_shards(transformer, tmp / "transformer")
+        write_shards(transformer, tmp / "transformer")
         os.replace(tmp, base)
     for i, alpha in enumerate((16.0, 32.0), start=1):
         path = work / f"lora{i}.safetensors"
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     claim_work(work, args.blocks)
     params = 4.0e7 + BLOCK_PARAMS * args.blocks
     if not (work / "base" / "model_index.json").is_file():
-        _free_disk(work, int(2 * 2 * params + 5 * 1000**3))  # bfloat16 base + one output + margin
+        free_disk(work, int(2 * 2 * params + 5 * 1000**3))  # bfloat16 base + one output + margin
     print(
         f"building the Qwen-Image-width base ({params / 1e9:.1f} B parameters) and LoRAs in {work} ...",
         flush=True,
@@ -212,14 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         cold, warm, check = cold_and_warm_builds(
             __file__, work, output, size, _build_run, WEIGHTS, LORA_SCALE
         )
-        text = f"{warm[0]:.1f} s / {_gib(warm[1])} | {cold[0]:.1f} s / {_gib(cold[1])} | "
+        text = f"{warm[0]:.1f} s / {gib(warm[1])} | {cold[0]:.1f} s / {gib(cold[1])} | "
         text += f"{check['worst_ulp']:.2f} ulp"
         rows[output] = (warm[0], text)
         shutil.rmtree(work / "out-stream", ignore_errors=True)
-    _free_disk(work, size + 1000**3)
+    free_disk(work, size + 1000**3)
     copy_wall, copy_rss, _, _, _ = _child_run(work, "copy", str(work / "out-copy"))
     shutil.rmtree(work / "out-copy", ignore_errors=True)
-    print(f"  copy: {copy_wall:.1f} s, {_gib(copy_rss)}", flush=True)
+    print(f"  copy: {copy_wall:.1f} s, {gib(copy_rss)}", flush=True)
     diffusers = "not run" if args.skip_diffusers else diffusers_outcome(__file__, work, size, _timings)
     print(f"  diffusers: {diffusers}", flush=True)
     print(

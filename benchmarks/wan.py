@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import flux  # benchmarks/flux.py: shard writer, process helpers
+import fullsize  # benchmarks/fullsize.py: shard writer, process helpers
 
 WEIGHTS = (0.8, 0.5)
 LORA_SCALE = 0.7
@@ -107,7 +107,7 @@ def _build(work: Path) -> None:
         index["transformer"] = ["diffusers", "WanTransformer3DModel"]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         transformer.save_config(tmp / "transformer")
-        flux._write_shards(transformer, tmp / "transformer")
+        fullsize.write_shards(transformer, tmp / "transformer")
         os.replace(tmp, base)
     for i, alpha in enumerate((16.0, 32.0), start=1):
         path = work / f"lora{i}.safetensors"
@@ -167,18 +167,18 @@ def _route_check(work: Path, output: str) -> dict[str, float]:
 
 
 def _child_run(work: Path, *args: str) -> tuple[float, int, int, dict[str, Any], str]:
-    return flux.child_run(__file__, work, *args)
+    return fullsize.child_run(__file__, work, *args)
 
 
 def _build_run(work: Path, output: str, weights: tuple[float, float], scale: float) -> tuple[float, int, str]:
     text = RECIPE.format(w1=weights[0], w2=weights[1], scale=scale, output=OUTPUTS[output])
-    return flux.build_run(work, output, text)
+    return fullsize.build_run(work, output, text)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
-        flux.dit_child(
+        fullsize.dit_child(
             argv[1:],
             build=_build,
             check=_route_check,
@@ -197,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     work: Path = args.work
-    flux.claim_work(work, args.blocks)
+    fullsize.claim_work(work, args.blocks)
     if not (work / "base" / "model_index.json").is_file():
-        flux._free_disk(work, int(2 * 2 * BLOCK_PARAMS * args.blocks + 5 * 1000**3))
+        fullsize.free_disk(work, int(2 * 2 * BLOCK_PARAMS * args.blocks + 5 * 1000**3))
     print(f"building the Wan 2.2 A14B expert-size base and LoRAs in {work} (once) ...", flush=True)
-    _, size = flux.build_base(__file__, work)
+    _, size = fullsize.build_base(__file__, work)
     params = size / 2 / 1e9
     print(
         f"  base ready ({size / 1e9:.1f} GB transformer, {args.blocks} blocks, {params:.1f} B parameters)",
@@ -211,22 +211,22 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[str, float] = {}
     copy_wall = 0.0
     for output in ("folder", "single"):
-        cold, warm, check = flux.cold_and_warm_builds(
+        cold, warm, check = fullsize.cold_and_warm_builds(
             __file__, work, output, size, _build_run, WEIGHTS, LORA_SCALE
         )
         shutil.rmtree(work / "out-stream", ignore_errors=True)
-        flux._free_disk(work, size + 1000**3)
+        fullsize.free_disk(work, size + 1000**3)
         copy_wall, _, _, _, _ = _child_run(work, "copy", str(work / "out-copy"))  # beside each output's run
         shutil.rmtree(work / "out-copy", ignore_errors=True)
         ratios[output] = warm[0] / copy_wall
         rows[output] = (
-            f"{warm[0]:.1f} s / {flux._gib(warm[1])} | {cold[0]:.1f} s / {flux._gib(cold[1])} | "
+            f"{warm[0]:.1f} s / {fullsize.gib(warm[1])} | {cold[0]:.1f} s / {fullsize.gib(cold[1])} | "
             f"{check['worst_ulp']:.2f} ulp | {copy_wall:.1f} s | {ratios[output]:.1f}×"
         )
         print(f"  copy: {copy_wall:.1f} s", flush=True)
     diffusers = "not run"
     if not args.skip_diffusers:
-        diffusers = flux.diffusers_outcome(__file__, work, size)
+        diffusers = fullsize.diffusers_outcome(__file__, work, size)
         print(f"  diffusers: {diffusers}", flush=True)
     print(
         f"\n{params:.1f} B-parameter Wan 2.2 A14B expert ({args.blocks} of 40 blocks, full width), "
