@@ -20,7 +20,7 @@ so times are upper bounds):
     unload_lora_weights, save_pretrained (killed first if memory runs out);
 
 and spot-checks (b) against W + 0.7·Σ wᵢ·(αᵢ/r)·BᵢAᵢ from the files (float64): at most half a
-bfloat16 ulp beyond the float32 summation bound. The shared helpers are benchmarks/flux.py's.
+bfloat16 ulp beyond the float32 summation bound. The shared helpers are benchmarks/fullsize.py's.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ weight 0.8, r32/α32 at weight 0.5, lora_scale 0.7). Then, each in a fresh proce
     modulation in float32, and so does (b)).
 
 and spot-checks (b): for a few fused tensors, W + 0.7·Σ wᵢ·(αᵢ/r)·BᵢAᵢ from the files (float64) is within
-half a bfloat16 ulp of what was written (beyond float32's summation bound). Reuses ``benchmarks/flux.py``'s
-shard writer and process helpers. Prints a markdown table for the README.
+half a bfloat16 ulp of what was written (beyond float32's summation bound). Reuses
+``benchmarks/fullsize.py``'s shard writer and process helpers. Prints a markdown table for the README.
 """
 
 from __future__ import annotations
