@@ -30,19 +30,27 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import struct
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fullsize import (
+    build_base,
+    build_run,
+    child_run,
+    claim_work,
+    cold_and_warm_builds,
+    diffusers_outcome,
+    dit_child,
+    free_disk,
+    gib,
+    write_shards,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = (0.8, 0.5)
 LORA_SCALE = 0.7
-SHARD_BYTES = 10 * 1000**3  # diffusers' save_pretrained default shard size for FLUX.1-dev
 RECIPE = """\
 base: {{path: base}}
 adapters:
@@ -63,53 +71,6 @@ OUTPUTS = {
 
 
 # ------------------------------------------------------------------------------------------ the base
-
-
-def _write_shards(model: Any, folder: Path) -> None:
-    """A meta-device model -> bfloat16 safetensors shards + index, one tensor generated at a time."""
-    import torch
-
-    folder.mkdir(parents=True, exist_ok=True)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key in sorted(shapes):
-        nbytes = 2 * int(torch.Size(shapes[key]).numel())
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    generator = torch.Generator().manual_seed(0)
-    weight_map = {}
-    for number, keys in enumerate(shards, start=1):
-        name = f"diffusion_pytorch_model-{number:05d}-of-{len(shards):05d}.safetensors"
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for key in keys:
-            nbytes = 2 * int(torch.Size(shapes[key]).numel())
-            header[key] = {
-                "dtype": "BF16",
-                "shape": list(shapes[key]),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            offset += nbytes
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        with open(folder / f"{name}.tmp", "wb") as handle:
-            handle.write(struct.pack("<Q", len(text)) + text)
-            for key in keys:
-                values = torch.randn(shapes[key], generator=generator).mul_(0.02).to(torch.bfloat16)
-                handle.write(values.view(torch.uint8).numpy().tobytes())
-                weight_map[key] = name
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(folder / f"{name}.tmp", folder / name)
-    index = {
-        "metadata": {"total_size": sum(2 * torch.Size(s).numel() for s in shapes.values())},
-        "weight_map": weight_map,
-    }
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _build(work: Path) -> None:
@@ -186,7 +147,7 @@ def _build(work: Path) -> None:
         index["transformer"] = ["diffusers", "FluxTransformer2DModel"]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         transformer.save_config(tmp / "transformer")
-        _write_shards(transformer, tmp / "transformer")
+        write_shards(transformer, tmp / "transformer")
         os.replace(tmp, base)
     attention_and_mlp = (
         "img_attn.qkv",
@@ -216,38 +177,6 @@ def _build(work: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- routes
-
-
-def _route_diffusers(work: Path, out: Path) -> dict[str, float]:
-    with open("/proc/self/oom_score_adj", "w") as handle:  # the kernel kills this one first, not a neighbour
-        handle.write("1000")
-    started = time.perf_counter()
-    import torch
-    from diffusers import FluxPipeline
-
-    timings = {"import": time.perf_counter() - started}
-    pipe = FluxPipeline.from_pretrained(str(work / "base"), dtype=torch.bfloat16, local_files_only=True)
-    timings["load"] = time.perf_counter() - started
-    pipe.load_lora_weights(str(work / "lora1.safetensors"), adapter_name="l1")
-    pipe.load_lora_weights(str(work / "lora2.safetensors"), adapter_name="l2")
-    pipe.set_adapters(["l1", "l2"], adapter_weights=list(WEIGHTS))
-    pipe.fuse_lora(components=["transformer"], lora_scale=LORA_SCALE, adapter_names=["l1", "l2"])
-    pipe.unload_lora_weights()
-    timings["fuse"] = time.perf_counter() - started
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    timings["save"] = time.perf_counter() - started
-    return timings
-
-
-def _route_copy(work: Path, out: Path) -> dict[str, float]:
-    started = time.perf_counter()
-    for file in sorted((work / "base" / "transformer").iterdir()):
-        target = out / file.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(file, target)
-        with open(target, "rb+") as handle:
-            os.fsync(handle.fileno())
-    return {"copy": time.perf_counter() - started}
 
 
 def _route_check(work: Path, output: str) -> dict[str, float]:
@@ -313,68 +242,7 @@ def _route_check(work: Path, output: str) -> dict[str, float]:
     return {"worst_ulp": worst}
 
 
-def _child(argv: list[str]) -> None:
-    route, work, *rest = argv
-    sys.path.insert(0, str(REPO))
-    result: dict[str, float] = {}
-    if route == "build":
-        _build(Path(work))
-    elif route == "diffusers":
-        result = _route_diffusers(Path(work), Path(rest[0]))
-    elif route == "copy":
-        result = _route_copy(Path(work), Path(rest[0]))
-    else:
-        result = _route_check(Path(work), rest[0])
-    print("RESULT " + json.dumps(result))
-
-
 # -------------------------------------------------------------------------------------------- parent
-
-
-def _spawn(command: list[str], env: dict[str, str]) -> tuple[float, int, int, str]:
-    """Run a process; (wall seconds, peak RSS bytes, exit status, output)."""
-    os.sync()
-    started = time.perf_counter()
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=log, env=env)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-        log.seek(0)
-        text = log.read().decode(errors="replace")
-    return wall, usage.ru_maxrss * 1024, status, text
-
-
-def _env(work: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-        "LORARECIPE_CACHE": str(work / "cache"),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)),
-    }
-
-
-def child_run(script: str, work: Path, *args: str) -> tuple[float, int, int, dict[str, Any], str]:
-    """``script _child ROUTE WORK ARGS…`` (a benchmark's child route) in a fresh process:
-    (wall seconds, peak RSS, exit status, its RESULT dict, its log). Shared by the DiT benchmarks."""
-    wall, rss, status, text = _spawn(
-        [sys.executable, script, "_child", args[0], str(work), *args[1:]], _env(work)
-    )
-    lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
-    return wall, rss, status, json.loads(lines[-1][len("RESULT ") :]) if lines else {}, text
-
-
-def build_run(work: Path, name: str, recipe_text: str) -> tuple[float, int, str]:
-    """Write ``recipe-NAME.yaml`` and run one ``lorarecipe build --force`` process on it into
-    ``work/out-stream``: (wall seconds, peak RSS, log). Shared by the DiT benchmarks."""
-    recipe = work / f"recipe-{name}.yaml"
-    recipe.write_text(recipe_text)
-    shutil.rmtree(work / "out-stream", ignore_errors=True)
-    command = [sys.executable, "-m", "lorarecipe", "build", str(recipe), "--out", str(work / "out-stream")]
-    wall, rss, status, text = _spawn([*command, "--force"], _env(work))
-    if status != 0:
-        raise SystemExit(f"lorarecipe build failed:\n{text[-4000:]}")
-    return wall, rss, text
 
 
 def _child_run(work: Path, *args: str) -> tuple[float, int, int, dict[str, Any], str]:
@@ -387,20 +255,17 @@ def _build_run(work: Path, output: str, weights: tuple[float, float], scale: flo
     return build_run(work, output, text)
 
 
-def _gib(n: float) -> str:
-    return f"{n / 1024**3:.2f} GiB"
-
-
-def _free_disk(work: Path, needed: int) -> None:
-    free = shutil.disk_usage(work).free
-    if free < needed:
-        raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, {needed / 1e9:.1f} GB needed")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
-        _child(argv[1:])
+        dit_child(
+            argv[1:],
+            build=_build,
+            check=_route_check,
+            pipeline="FluxPipeline",
+            weights=WEIGHTS,
+            lora_scale=LORA_SCALE,
+        )
         return 0
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -417,53 +282,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    blocks = work / "blocks.json"
-    if blocks.is_file() and json.loads(blocks.read_text()) != list(args.blocks):
-        raise SystemExit(f"{work} holds a base of {blocks.read_text()} blocks: use another --work")
-    blocks.write_text(json.dumps(list(args.blocks)))
+    claim_work(work, list(args.blocks))
     if not (work / "base" / "model_index.json").is_file():
         params = 1.2e8 + 3.397e8 * args.blocks[0] + 1.416e8 * args.blocks[1]  # FLUX.1 block sizes
-        _free_disk(work, int(2 * 2 * params + 5 * 1000**3))  # bfloat16 base + one output + margin
+        free_disk(work, int(2 * 2 * params + 5 * 1000**3))  # bfloat16 base + one output + margin
     print(f"building the FLUX.1-dev-size base and LoRAs in {work} (once) ...", flush=True)
-    wall, rss, status, _, text = _child_run(work, "build")
-    if status != 0:
-        raise SystemExit(f"build failed:\n{text[-4000:]}")
-    size = sum(f.stat().st_size for f in (work / "base" / "transformer").iterdir())
+    _, size = build_base(__file__, work)
     print(
         f"  base ready ({size / 1e9:.1f} GB transformer, {args.blocks[0]}+{args.blocks[1]} blocks)",
         flush=True,
     )
     rows: dict[str, str] = {}
     for output in ("folder", "single"):
-        _free_disk(work, size + 3 * 1000**3)
-        shutil.rmtree(work / "cache", ignore_errors=True)
-        cold = _build_run(work, output, (0.3, 1.2), 1.0)  # cold factor cache, other weights
-        print(f"  build {output}, cold cache: {cold[0]:.1f} s, {_gib(cold[1])}", flush=True)
-        warm = _build_run(work, output, WEIGHTS, LORA_SCALE)
-        assert "LoRA factors from the cache" in warm[2], warm[2][-2000:]
-        _, _, _, check, _ = _child_run(work, "check", output)
-        print(f"  build {output}, cached factors: {warm[0]:.1f} s, {_gib(warm[1])}; {check}", flush=True)
+        cold, warm, check = cold_and_warm_builds(
+            __file__, work, output, size, _build_run, WEIGHTS, LORA_SCALE
+        )
         rows[output] = (
-            f"{warm[0]:.1f} s / {_gib(warm[1])} | {cold[0]:.1f} s / {_gib(cold[1])} | "
+            f"{warm[0]:.1f} s / {gib(warm[1])} | {cold[0]:.1f} s / {gib(cold[1])} | "
             f"{check['worst_ulp']:.2f} ulp"
         )
         shutil.rmtree(work / "out-stream", ignore_errors=True)
-    _free_disk(work, size + 1000**3)
+    free_disk(work, size + 1000**3)
     copy_wall, copy_rss, _, _, _ = _child_run(work, "copy", str(work / "out-copy"))
     shutil.rmtree(work / "out-copy", ignore_errors=True)
-    print(f"  copy: {copy_wall:.1f} s, {_gib(copy_rss)}", flush=True)
+    print(f"  copy: {copy_wall:.1f} s, {gib(copy_rss)}", flush=True)
     diffusers = "not run"
     if not args.skip_diffusers:
-        _free_disk(work, size + 1000**3)
-        wall, rss, status, result, text = _child_run(work, "diffusers", str(work / "out-diffusers"))
-        shutil.rmtree(work / "out-diffusers", ignore_errors=True)
-        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-            diffusers = f"killed by the kernel (out of memory) after {wall:.0f} s at {_gib(rss)}"
-        elif status != 0:
-            diffusers = f"failed after {wall:.0f} s at {_gib(rss)}: {text.strip().splitlines()[-1][:200]}"
-        else:
-            diffusers = f"{wall:.1f} s / {_gib(rss)} ({result})"
+        diffusers = diffusers_outcome(__file__, work, size)
         print(f"  diffusers: {diffusers}", flush=True)
     print(
         "\n| output | (b) `lorarecipe build`, cached factors: time / peak RSS | (b) cold factor cache "

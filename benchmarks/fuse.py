@@ -39,6 +39,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fullsize import (
+    route_diffusers_flow,  # benchmarks/fullsize.py: the diffusers flow shared by the benchmarks
+)
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(tempfile.gettempdir()) / "lorarecipe-bench-fuse-cache"  # LORARECIPE_CACHE of the children
 WEIGHTS = (0.8, 0.5)
@@ -152,22 +157,18 @@ def _build(arch: str, work: Path, dtypes: list[str]) -> None:
 
 
 def _route_diffusers(base: Path, l1: Path, l2: Path, out: Path, dtype: str) -> dict[str, float]:
-    started = time.perf_counter()
-    import torch
-    from diffusers import DiffusionPipeline
-
-    timings = {"import": time.perf_counter() - started}
-    pipe = DiffusionPipeline.from_pretrained(str(base), dtype=getattr(torch, dtype), local_files_only=True)
-    timings["load"] = time.perf_counter() - started
-    pipe.load_lora_weights(str(l1), adapter_name="l1")
-    pipe.load_lora_weights(str(l2), adapter_name="l2")
-    pipe.set_adapters(["l1", "l2"], adapter_weights=list(WEIGHTS))
-    pipe.fuse_lora(lora_scale=LORA_SCALE, adapter_names=["l1", "l2"])
-    pipe.unload_lora_weights()
-    timings["fuse"] = time.perf_counter() - started
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    timings["save"] = time.perf_counter() - started
-    return timings
+    """(a): the guides' flow in ``dtype``, fusing every component fuse_lora fuses by default."""
+    return route_diffusers_flow(
+        "DiffusionPipeline",
+        base,
+        (l1, l2),
+        out,
+        weights=WEIGHTS,
+        lora_scale=LORA_SCALE,
+        dtype=dtype,
+        components=None,
+        oom_first=False,
+    )
 
 
 def _route_build(recipe: Path, out: Path) -> dict[str, float]:

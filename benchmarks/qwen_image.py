@@ -20,7 +20,7 @@ so times are upper bounds):
     unload_lora_weights, save_pretrained (killed first if memory runs out);
 
 and spot-checks (b) against W + 0.7·Σ wᵢ·(αᵢ/r)·BᵢAᵢ from the files (float64): at most half a
-bfloat16 ulp beyond the float32 summation bound. The shared helpers are benchmarks/flux.py's.
+bfloat16 ulp beyond the float32 summation bound. The shared helpers are benchmarks/fullsize.py's.
 """
 
 from __future__ import annotations
@@ -29,16 +29,24 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux import _free_disk, _gib, _route_copy, _write_shards, build_run, child_run
+from fullsize import (
+    build_base,
+    build_run,
+    child_run,
+    claim_work,
+    cold_and_warm_builds,
+    diffusers_outcome,
+    dit_child,
+    free_disk,
+    gib,
+    write_shards,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = (0.8, 0.5)
 LORA_SCALE = 0.7
 BLOCK_PARAMS = 3.397e8  # parameters of one Qwen-Image joint block (8 attention projections, 2 MLPs, 2 mods)
@@ -86,7 +94,7 @@ def _build(work: Path) -> None:
         index["transformer"] = ["diffusers", "QwenImageTransformer2DModel"]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         transformer.save_config(tmp / "transformer")
-        _write_shards(transformer, tmp / "transformer")
+        write_shards(transformer, tmp / "transformer")
         os.replace(tmp, base)
     for i, alpha in enumerate((16.0, 32.0), start=1):
         path = work / f"lora{i}.safetensors"
@@ -106,27 +114,6 @@ def _build(work: Path) -> None:
                 ),
                 dtype=torch.bfloat16,
             )
-
-
-def _route_diffusers(work: Path, out: Path) -> dict[str, float]:
-    with open("/proc/self/oom_score_adj", "w") as handle:  # the kernel kills this one first, not a neighbour
-        handle.write("1000")
-    started = time.perf_counter()
-    import torch
-    from diffusers import QwenImagePipeline
-
-    timings = {"import": time.perf_counter() - started}
-    pipe = QwenImagePipeline.from_pretrained(str(work / "base"), dtype=torch.bfloat16, local_files_only=True)
-    timings["load"] = time.perf_counter() - started
-    pipe.load_lora_weights(str(work / "lora1.safetensors"), adapter_name="l1")
-    pipe.load_lora_weights(str(work / "lora2.safetensors"), adapter_name="l2")
-    pipe.set_adapters(["l1", "l2"], adapter_weights=list(WEIGHTS))
-    pipe.fuse_lora(components=["transformer"], lora_scale=LORA_SCALE, adapter_names=["l1", "l2"])
-    pipe.unload_lora_weights()
-    timings["fuse"] = time.perf_counter() - started
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    timings["save"] = time.perf_counter() - started
-    return timings
 
 
 def _route_check(work: Path, output: str) -> dict[str, float]:
@@ -172,19 +159,8 @@ def _route_check(work: Path, output: str) -> dict[str, float]:
     return {"worst_ulp": worst}
 
 
-def _child(argv: list[str]) -> None:
-    route, work, *rest = argv
-    sys.path.insert(0, str(REPO))
-    result: dict[str, float] = {}
-    if route == "build":
-        _build(Path(work))
-    elif route == "diffusers":
-        result = _route_diffusers(Path(work), Path(rest[0]))
-    elif route == "copy":
-        result = _route_copy(Path(work), Path(rest[0]))
-    else:
-        result = _route_check(Path(work), rest[0])
-    print("RESULT " + json.dumps(result))
+def _timings(result: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.0f} s" for k, v in result.items())
 
 
 def _child_run(work: Path, *args: str) -> tuple[float, int, int, dict[str, Any], str]:
@@ -196,21 +172,17 @@ def _build_run(work: Path, output: str, weights: tuple[float, float], scale: flo
     return build_run(work, output, text)
 
 
-def _diffusers_flow(work: Path, size: int) -> str:
-    _free_disk(work, size + 1000**3)
-    wall, rss, status, result, text = _child_run(work, "diffusers", str(work / "out-diffusers"))
-    shutil.rmtree(work / "out-diffusers", ignore_errors=True)
-    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-        return f"killed by the kernel (out of memory) after {wall:.0f} s at {_gib(rss)}"
-    if status != 0:
-        return f"failed after {wall:.0f} s at {_gib(rss)}: {text.strip().splitlines()[-1][:200]}"
-    return f"{wall:.1f} s / {_gib(rss)} ({', '.join(f'{k} {v:.0f} s' for k, v in result.items())})"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
-        _child(argv[1:])
+        dit_child(
+            argv[1:],
+            build=_build,
+            check=_route_check,
+            pipeline="QwenImagePipeline",
+            weights=WEIGHTS,
+            lora_scale=LORA_SCALE,
+        )
         return 0
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,42 +197,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    blocks = work / "blocks.json"
-    if blocks.is_file() and json.loads(blocks.read_text()) != args.blocks:
-        raise SystemExit(f"{work} holds a base of {blocks.read_text()} blocks: use another --work")
-    blocks.write_text(json.dumps(args.blocks))
+    claim_work(work, args.blocks)
     params = 4.0e7 + BLOCK_PARAMS * args.blocks
     if not (work / "base" / "model_index.json").is_file():
-        _free_disk(work, int(2 * 2 * params + 5 * 1000**3))  # bfloat16 base + one output + margin
+        free_disk(work, int(2 * 2 * params + 5 * 1000**3))  # bfloat16 base + one output + margin
     print(
         f"building the Qwen-Image-width base ({params / 1e9:.1f} B parameters) and LoRAs in {work} ...",
         flush=True,
     )
-    wall, _, status, _, text = _child_run(work, "build")
-    if status != 0:
-        raise SystemExit(f"build failed:\n{text[-4000:]}")
-    size = sum(f.stat().st_size for f in (work / "base" / "transformer").iterdir())
+    wall, size = build_base(__file__, work)
     print(f"  base ready ({size / 1e9:.1f} GB transformer, {args.blocks} blocks; {wall:.0f} s)", flush=True)
     rows: dict[str, tuple[float, str]] = {}
     for output in ("folder", "single"):
-        _free_disk(work, size + 3 * 1000**3)
-        shutil.rmtree(work / "cache", ignore_errors=True)
-        cold = _build_run(work, output, (0.3, 1.2), 1.0)
-        print(f"  build {output}, cold cache: {cold[0]:.1f} s, {_gib(cold[1])}", flush=True)
-        warm = _build_run(work, output, WEIGHTS, LORA_SCALE)
-        assert "LoRA factors from the cache" in warm[2], warm[2][-2000:]
-        _, _, _, check, _ = _child_run(work, "check", output)
-        print(f"  build {output}, cached factors: {warm[0]:.1f} s, {_gib(warm[1])}; {check}", flush=True)
-        text = f"{warm[0]:.1f} s / {_gib(warm[1])} | {cold[0]:.1f} s / {_gib(cold[1])} | "
+        cold, warm, check = cold_and_warm_builds(
+            __file__, work, output, size, _build_run, WEIGHTS, LORA_SCALE
+        )
+        text = f"{warm[0]:.1f} s / {gib(warm[1])} | {cold[0]:.1f} s / {gib(cold[1])} | "
         text += f"{check['worst_ulp']:.2f} ulp"
         rows[output] = (warm[0], text)
         shutil.rmtree(work / "out-stream", ignore_errors=True)
-    _free_disk(work, size + 1000**3)
+    free_disk(work, size + 1000**3)
     copy_wall, copy_rss, _, _, _ = _child_run(work, "copy", str(work / "out-copy"))
     shutil.rmtree(work / "out-copy", ignore_errors=True)
-    print(f"  copy: {copy_wall:.1f} s, {_gib(copy_rss)}", flush=True)
-    diffusers = "not run" if args.skip_diffusers else _diffusers_flow(work, size)
+    print(f"  copy: {copy_wall:.1f} s, {gib(copy_rss)}", flush=True)
+    diffusers = "not run" if args.skip_diffusers else diffusers_outcome(__file__, work, size, _timings)
     print(f"  diffusers: {diffusers}", flush=True)
     print(
         "\n| output | (b) `lorarecipe build`, cached factors: time / peak RSS | (b) cold factor cache "

@@ -20,8 +20,8 @@ weight 0.8, r32/α32 at weight 0.5, lora_scale 0.7). Then, each in a fresh proce
     modulation in float32, and so does (b)).
 
 and spot-checks (b): for a few fused tensors, W + 0.7·Σ wᵢ·(αᵢ/r)·BᵢAᵢ from the files (float64) is within
-half a bfloat16 ulp of what was written (beyond float32's summation bound). Reuses ``benchmarks/flux.py``'s
-shard writer and process helpers. Prints a markdown table for the README.
+half a bfloat16 ulp of what was written (beyond float32's summation bound). Reuses
+``benchmarks/fullsize.py``'s shard writer and process helpers. Prints a markdown table for the README.
 """
 
 from __future__ import annotations
@@ -30,16 +30,13 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import flux  # benchmarks/flux.py: shard writer, process helpers
+import fullsize  # benchmarks/fullsize.py: shard writer, process helpers
 
-REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = (0.8, 0.5)
 LORA_SCALE = 0.7
 RECIPE = """\
@@ -110,7 +107,7 @@ def _build(work: Path) -> None:
         index["transformer"] = ["diffusers", "WanTransformer3DModel"]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         transformer.save_config(tmp / "transformer")
-        flux._write_shards(transformer, tmp / "transformer")
+        fullsize.write_shards(transformer, tmp / "transformer")
         os.replace(tmp, base)
     for i, alpha in enumerate((16.0, 32.0), start=1):
         path = work / f"lora{i}.safetensors"
@@ -127,27 +124,6 @@ def _build(work: Path) -> None:
                 scale=0.05,
                 dtype=torch.bfloat16,
             )
-
-
-def _route_diffusers(work: Path, out: Path) -> dict[str, float]:
-    with open("/proc/self/oom_score_adj", "w") as handle:  # the kernel kills this one first, not a neighbour
-        handle.write("1000")
-    started = time.perf_counter()
-    import torch
-    from diffusers import WanPipeline
-
-    timings = {"import": time.perf_counter() - started}
-    pipe = WanPipeline.from_pretrained(str(work / "base"), dtype=torch.bfloat16, local_files_only=True)
-    timings["load"] = time.perf_counter() - started
-    pipe.load_lora_weights(str(work / "lora1.safetensors"), adapter_name="l1")
-    pipe.load_lora_weights(str(work / "lora2.safetensors"), adapter_name="l2")
-    pipe.set_adapters(["l1", "l2"], adapter_weights=list(WEIGHTS))
-    pipe.fuse_lora(components=["transformer"], lora_scale=LORA_SCALE, adapter_names=["l1", "l2"])
-    pipe.unload_lora_weights()
-    timings["fuse"] = time.perf_counter() - started
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    timings["save"] = time.perf_counter() - started
-    return timings
 
 
 def _route_check(work: Path, output: str) -> dict[str, float]:
@@ -190,34 +166,26 @@ def _route_check(work: Path, output: str) -> dict[str, float]:
     return {"worst_ulp": worst}
 
 
-def _child(argv: list[str]) -> None:
-    route, work, *rest = argv
-    sys.path.insert(0, str(REPO))
-    result: dict[str, Any] = {}
-    if route == "build":
-        _build(Path(work))
-    elif route == "diffusers":
-        result = _route_diffusers(Path(work), Path(rest[0]))
-    elif route == "copy":
-        result = flux._route_copy(Path(work), Path(rest[0]))
-    else:
-        result = _route_check(Path(work), rest[0])
-    print("RESULT " + json.dumps(result))
-
-
 def _child_run(work: Path, *args: str) -> tuple[float, int, int, dict[str, Any], str]:
-    return flux.child_run(__file__, work, *args)
+    return fullsize.child_run(__file__, work, *args)
 
 
 def _build_run(work: Path, output: str, weights: tuple[float, float], scale: float) -> tuple[float, int, str]:
     text = RECIPE.format(w1=weights[0], w2=weights[1], scale=scale, output=OUTPUTS[output])
-    return flux.build_run(work, output, text)
+    return fullsize.build_run(work, output, text)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
-        _child(argv[1:])
+        fullsize.dit_child(
+            argv[1:],
+            build=_build,
+            check=_route_check,
+            pipeline="WanPipeline",
+            weights=WEIGHTS,
+            lora_scale=LORA_SCALE,
+        )
         return 0
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -229,18 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    blocks = work / "blocks.json"
-    if blocks.is_file() and json.loads(blocks.read_text()) != args.blocks:
-        raise SystemExit(f"{work} holds a base of {blocks.read_text()} blocks: use another --work")
-    blocks.write_text(json.dumps(args.blocks))
+    fullsize.claim_work(work, args.blocks)
     if not (work / "base" / "model_index.json").is_file():
-        flux._free_disk(work, int(2 * 2 * BLOCK_PARAMS * args.blocks + 5 * 1000**3))
+        fullsize.free_disk(work, int(2 * 2 * BLOCK_PARAMS * args.blocks + 5 * 1000**3))
     print(f"building the Wan 2.2 A14B expert-size base and LoRAs in {work} (once) ...", flush=True)
-    wall, rss, status, _, text = _child_run(work, "build")
-    if status != 0:
-        raise SystemExit(f"build failed:\n{text[-4000:]}")
-    size = sum(f.stat().st_size for f in (work / "base" / "transformer").iterdir())
+    _, size = fullsize.build_base(__file__, work)
     params = size / 2 / 1e9
     print(
         f"  base ready ({size / 1e9:.1f} GB transformer, {args.blocks} blocks, {params:.1f} B parameters)",
@@ -250,37 +211,22 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[str, float] = {}
     copy_wall = 0.0
     for output in ("folder", "single"):
-        flux._free_disk(work, size + 3 * 1000**3)
-        shutil.rmtree(work / "cache", ignore_errors=True)
-        cold = _build_run(work, output, (0.3, 1.2), 1.0)
-        print(f"  build {output}, cold cache: {cold[0]:.1f} s, {flux._gib(cold[1])}", flush=True)
-        warm = _build_run(work, output, WEIGHTS, LORA_SCALE)
-        assert "LoRA factors from the cache" in warm[2], warm[2][-2000:]
-        _, _, _, check, _ = _child_run(work, "check", output)
-        print(f"  build {output}, cached factors: {warm[0]:.1f} s, {flux._gib(warm[1])}; {check}", flush=True)
+        cold, warm, check = fullsize.cold_and_warm_builds(
+            __file__, work, output, size, _build_run, WEIGHTS, LORA_SCALE
+        )
         shutil.rmtree(work / "out-stream", ignore_errors=True)
-        flux._free_disk(work, size + 1000**3)
+        fullsize.free_disk(work, size + 1000**3)
         copy_wall, _, _, _, _ = _child_run(work, "copy", str(work / "out-copy"))  # beside each output's run
         shutil.rmtree(work / "out-copy", ignore_errors=True)
         ratios[output] = warm[0] / copy_wall
         rows[output] = (
-            f"{warm[0]:.1f} s / {flux._gib(warm[1])} | {cold[0]:.1f} s / {flux._gib(cold[1])} | "
+            f"{warm[0]:.1f} s / {fullsize.gib(warm[1])} | {cold[0]:.1f} s / {fullsize.gib(cold[1])} | "
             f"{check['worst_ulp']:.2f} ulp | {copy_wall:.1f} s | {ratios[output]:.1f}×"
         )
         print(f"  copy: {copy_wall:.1f} s", flush=True)
     diffusers = "not run"
     if not args.skip_diffusers:
-        flux._free_disk(work, size + 1000**3)
-        wall, rss, status, result, text = _child_run(work, "diffusers", str(work / "out-diffusers"))
-        shutil.rmtree(work / "out-diffusers", ignore_errors=True)
-        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-            diffusers = f"killed by the kernel (out of memory) after {wall:.0f} s at {flux._gib(rss)}"
-        elif status != 0:
-            diffusers = (
-                f"failed after {wall:.0f} s at {flux._gib(rss)}: {text.strip().splitlines()[-1][:200]}"
-            )
-        else:
-            diffusers = f"{wall:.1f} s / {flux._gib(rss)} ({result})"
+        diffusers = fullsize.diffusers_outcome(__file__, work, size)
         print(f"  diffusers: {diffusers}", flush=True)
     print(
         f"\n{params:.1f} B-parameter Wan 2.2 A14B expert ({args.blocks} of 40 blocks, full width), "

@@ -38,11 +38,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..families import FAMILIES, Family
 from ..families.original_names import original_place
-from .loras import canonicalize_safetensors, make_peft_lora
+from .lora_tensors import (
+    kohya_tensors,
+    random_factors,
+    rule_modules,
+    save_lora_file,
+    text_encoder_kohya_tensors,
+)
+from .loras import make_peft_lora
 
 __all__ = [
     "DIT_PEFT_TARGETS",
@@ -86,7 +92,6 @@ DIT_PEFT_TARGETS: dict[str, tuple[str, ...]] = {
         "ff_context.net.2",
     ),
 }
-_TE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 #: families whose kohya trainer names modules in the original layout (sd-scripts' SD 3 MMDiT); musubi
 #: names Qwen-Image's and Z-Image's as diffusers does
 _KOHYA_ORIGINAL = ("sd3",)
@@ -123,34 +128,12 @@ def _original_modules(
     return fused
 
 
-def _pair(
-    generator: torch.Generator,
-    rank: int,
-    inp: int,
-    out: int,
-    scale: float,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Any, Any]:
-    return (
-        (torch.randn((rank, inp), generator=generator) * scale).to(dtype),
-        (torch.randn((out, rank), generator=generator) * scale).to(dtype),
-    )
-
-
-def _kohya(key: str, down: Any, up: Any, alpha: float) -> dict[str, Any]:
-    return {
-        f"{key}.lora_down.weight": down,
-        f"{key}.lora_up.weight": up,
-        f"{key}.alpha": torch.tensor(float(alpha)),
-    }
-
-
 def _keyed(layout: str, name: str, down: Any, up: Any, alpha: float) -> dict[str, Any]:
     """One transformer module's factors under the layout's key names."""
     if layout in ("kohya", "comfy"):
-        return _kohya("lora_unet_" + name.replace(".", "_"), down, up, alpha)
+        return kohya_tensors("lora_unet_" + name.replace(".", "_"), down, up, alpha)
     if layout == "bare":
-        return _kohya(name, down, up, alpha)
+        return kohya_tensors(name, down, up, alpha)
     if layout == "aitk":
         return {f"diffusion_model.{name}.lora_A.weight": down, f"diffusion_model.{name}.lora_B.weight": up}
     if layout == "diffsynth":
@@ -193,30 +176,28 @@ def make_dit_lora(
     original = layout == "comfy" or (layout == "kohya" and family in _KOHYA_ORIGINAL)
     if original:
         for name, (inp, heights) in _original_modules(info, pipe.transformer, wanted).items():
-            down, up = _pair(generator, rank, inp, sum(heights), scale, dtype)
+            down, up = random_factors(generator, rank, inp, sum(heights), scale, dtype)
             tensors.update(_keyed(layout, name, down, up, alpha))
     else:
         for name, module in _linears(pipe.transformer):
             if wanted(name):
-                down, up = _pair(generator, rank, module.in_features, module.out_features, scale, dtype)
+                down, up = random_factors(
+                    generator, rank, module.in_features, module.out_features, scale, dtype
+                )
                 tensors.update(_keyed(layout, name, down, up, alpha))
     if layout == "kohya" and text_encoders:  # CLIPs as kohya names them: one 'text_model_' segment
         for component, prefix in info.kohya_prefixes.items():
             model = getattr(pipe, component) if component != info.denoiser else None
-            for name, module in _linears(model) if model is not None else ():
-                if name.rsplit(".", 1)[-1] in _TE_SUFFIXES:
-                    flat = ("text_model." + name.removeprefix("text_model.")).replace(".", "_")
-                    down, up = _pair(generator, rank, module.in_features, module.out_features, scale)
-                    tensors.update(_kohya(f"{prefix}_{flat}", down, up, alpha))
+            if model is not None:
+                tensors.update(
+                    text_encoder_kohya_tensors(model, prefix, generator, rank=rank, alpha=alpha, scale=scale)
+                )
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata if layout in ("kohya", "comfy") else {})
-    canonicalize_safetensors(path)
-    return path
+    return save_lora_file(tensors, path, metadata if layout in ("kohya", "comfy") else {})
 
 
 # FLUX.2 and Wan: original-layout names from the family table
@@ -250,16 +231,9 @@ def original_modules(
 ) -> Iterator[tuple[str, tuple[str, ...], int, int]]:
     """(original name, diffusers modules, in_features, out_features) of every Linear rule of the family's
     table the transformer has, in table order then block order (fused modules: heights summed)."""
-    modules = dict(transformer.named_modules())
-    for rule in family.original_modules:
-        for index in range(10_000) if "{i}" in rule.original else (None,):
-            names = tuple(d.replace("{i}", str(index)) for d in rule.diffusers)
-            if not all(n in modules for n in names):
-                break
-            parts: list[Any] = [modules[n] for n in names]
-            if all(isinstance(p, torch.nn.Linear) for p in parts):
-                name = rule.original if index is None else rule.original.replace("{i}", str(index))
-                yield name, names, parts[0].in_features, sum(p.out_features for p in parts)
+    for name, names, parts in rule_modules(transformer, family.original_modules):
+        if all(isinstance(p, torch.nn.Linear) for p in parts):
+            yield name, names, parts[0].in_features, sum(p.out_features for p in parts)
 
 
 def _diffusers_linears(transformer: torch.nn.Module) -> Iterator[tuple[str, tuple[str, ...], int, int]]:
@@ -293,8 +267,7 @@ def make_original_lora(
     for name, _, inp, out in found:
         if not select(name):
             continue
-        down = (torch.randn((rank, inp), generator=generator) * scale).to(dtype)
-        up = (torch.randn((out, rank), generator=generator) * scale).to(dtype)
+        down, up = random_factors(generator, rank, inp, out, scale, dtype)
         if raw:
             stem, roles = f"base_model.model.{name}", ("lora_A", "lora_B")
         elif layout == "kohya":
@@ -312,7 +285,4 @@ def make_original_lora(
         "comfy": {},
         "peft_raw": {},
     }[layout]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-    canonicalize_safetensors(path)
-    return path
+    return save_lora_file(tensors, path, metadata)

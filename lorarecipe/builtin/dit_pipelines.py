@@ -34,9 +34,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from .qwen_tokenizer import build_qwen_tokenizer
+from .tiny_components import flux_flow_scheduler, seeded, tiny_clip_config, tiny_t5_encoder, tiny_vae
 
 __all__ = [
     "build_flux2",
@@ -64,8 +63,9 @@ def build_qwen_image() -> Any:
 
     tok = build_qwen_tokenizer()
     ids = {name: tok.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end")}
-    torch.manual_seed(_SEED + 101)
-    transformer = QwenImageTransformer2DModel(
+    transformer = seeded(
+        _SEED + 101,
+        QwenImageTransformer2DModel,
         patch_size=2,
         in_channels=16,  # 4 latent channels × 2×2 packing
         out_channels=4,
@@ -76,8 +76,9 @@ def build_qwen_image() -> Any:
         guidance_embeds=False,
         axes_dims_rope=(8, 4, 4),
     )
-    torch.manual_seed(_SEED + 102)
-    vae = AutoencoderKLQwenImage(
+    vae = seeded(
+        _SEED + 102,
+        AutoencoderKLQwenImage,
         base_dim=24,
         z_dim=4,
         dim_mult=[1, 2, 4],
@@ -86,7 +87,6 @@ def build_qwen_image() -> Any:
         latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
     )
-    torch.manual_seed(_SEED + 103)
     text = {
         "hidden_size": 32,
         "intermediate_size": 37,
@@ -114,7 +114,7 @@ def build_qwen_image() -> Any:
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
     )
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    text_encoder = seeded(_SEED + 103, Qwen2_5_VLForConditionalGeneration, config)
     scheduler = _flow_scheduler(
         base_image_seq_len=256,
         base_shift=0.5,
@@ -135,11 +135,10 @@ def build_z_image() -> Any:
     from diffusers import ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from .materialize import _vae
-
     tok = build_qwen_tokenizer(chat_template=True)
-    torch.manual_seed(_SEED + 111)
-    transformer = ZImageTransformer2DModel(
+    transformer = seeded(
+        _SEED + 111,
+        ZImageTransformer2DModel,
         all_patch_size=(2,),
         all_f_patch_size=(1,),
         in_channels=4,
@@ -153,10 +152,10 @@ def build_z_image() -> Any:
         axes_dims=[4, 6, 6],
         axes_lens=[256, 32, 32],
     )
-    torch.manual_seed(_SEED + 112)
-    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
-    torch.manual_seed(_SEED + 113)
-    text_encoder = Qwen3Model(
+    vae = seeded(_SEED + 112, tiny_vae, (0.1159, 0.3611))
+    text_encoder = seeded(
+        _SEED + 113,
+        Qwen3Model,
         Qwen3Config(
             vocab_size=len(tok),
             hidden_size=32,
@@ -168,7 +167,7 @@ def build_z_image() -> Any:
             max_position_embeddings=1024,
             bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
             eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-        )
+        ),
     )
     scheduler = _flow_scheduler(shift=3.0, use_dynamic_shifting=False)
     return ZImagePipeline(
@@ -179,14 +178,14 @@ def build_z_image() -> Any:
 def build_sd3() -> Any:
     """SD 3.5-Medium-like pipeline (see the module docstring)."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
-    from .materialize import _clip_config, _vae
     from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
     tok, tok_2, tok_3 = build_clip_tokenizer(), build_clip_tokenizer(), build_t5_tokenizer()
-    torch.manual_seed(_SEED + 121)
-    transformer = SD3Transformer2DModel(
+    transformer = seeded(
+        _SEED + 121,
+        SD3Transformer2DModel,
         sample_size=16,
         patch_size=2,
         in_channels=4,
@@ -201,27 +200,10 @@ def build_sd3() -> Any:
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )
-    torch.manual_seed(_SEED + 122)
-    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
-    torch.manual_seed(_SEED + 123)
-    text_encoder = CLIPTextModelWithProjection(_clip_config(len(tok), tok))
-    torch.manual_seed(_SEED + 124)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(tok_2), tok_2))
-    torch.manual_seed(_SEED + 125)
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tok_3),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    vae = seeded(_SEED + 122, tiny_vae, (0.0609, 1.5035))
+    text_encoder = seeded(_SEED + 123, CLIPTextModelWithProjection, tiny_clip_config(tok))
+    text_encoder_2 = seeded(_SEED + 124, CLIPTextModelWithProjection, tiny_clip_config(tok_2))
+    text_encoder_3 = seeded(_SEED + 125, tiny_t5_encoder, tok_3)
     return StableDiffusion3Pipeline(
         scheduler=_flow_scheduler(shift=3.0),
         vae=vae,
@@ -266,17 +248,6 @@ def _flux2_vae() -> Any:
     )
 
 
-def _flux2_scheduler() -> Any:
-    return _flow_scheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-
-
 def build_flux2() -> Any:
     """FLUX.2 dev-like pipeline (module docstring)."""
     from diffusers import Flux2Pipeline
@@ -290,11 +261,8 @@ def build_flux2() -> Any:
     from .chat_tokenizer import build_chat_tokenizer
 
     tokenizer = build_chat_tokenizer("mistral")
-    torch.manual_seed(_SEED + 31)
-    transformer = _flux2_transformer(guidance=True)
-    torch.manual_seed(_SEED + 32)
-    vae = _flux2_vae()
-    torch.manual_seed(_SEED + 33)
+    transformer = seeded(_SEED + 31, _flux2_transformer, guidance=True)
+    vae = seeded(_SEED + 32, _flux2_vae)
     config = Mistral3Config(
         vision_config=PixtralVisionConfig(
             hidden_size=16,
@@ -319,9 +287,9 @@ def build_flux2() -> Any:
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=1,
     )
-    text_encoder = Mistral3ForConditionalGeneration(config)
+    text_encoder = seeded(_SEED + 33, Mistral3ForConditionalGeneration, config)
     return Flux2Pipeline(
-        scheduler=_flux2_scheduler(),
+        scheduler=flux_flow_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -337,12 +305,11 @@ def build_flux2_klein() -> Any:
     from .chat_tokenizer import build_chat_tokenizer
 
     tokenizer = build_chat_tokenizer("qwen3")
-    torch.manual_seed(_SEED + 41)
-    transformer = _flux2_transformer(guidance=False)
-    torch.manual_seed(_SEED + 42)
-    vae = _flux2_vae()
-    torch.manual_seed(_SEED + 43)
-    text_encoder = Qwen3ForCausalLM(
+    transformer = seeded(_SEED + 41, _flux2_transformer, guidance=False)
+    vae = seeded(_SEED + 42, _flux2_vae)
+    text_encoder = seeded(
+        _SEED + 43,
+        Qwen3ForCausalLM,
         Qwen3Config(
             vocab_size=len(tokenizer),
             hidden_size=16,
@@ -353,10 +320,10 @@ def build_flux2_klein() -> Any:
             head_dim=8,
             max_position_embeddings=512,
             tie_word_embeddings=True,
-        )
+        ),
     )
     return Flux2KleinPipeline(
-        scheduler=_flux2_scheduler(),
+        scheduler=flux_flow_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -386,37 +353,23 @@ def _wan_transformer() -> Any:
 
 def _wan(experts: int) -> Any:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
 
     from .tokenizer import build_t5_tokenizer
 
     tokenizer = build_t5_tokenizer()
     base = _SEED + (51 if experts == 1 else 61)
-    torch.manual_seed(base)
-    transformer = _wan_transformer()
-    transformer_2 = None
-    if experts == 2:
-        torch.manual_seed(base + 4)
-        transformer_2 = _wan_transformer()
-    torch.manual_seed(base + 1)
-    vae = AutoencoderKLWan(
-        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    transformer = seeded(base, _wan_transformer)
+    transformer_2 = seeded(base + 4, _wan_transformer) if experts == 2 else None
+    vae = seeded(
+        base + 1,
+        AutoencoderKLWan,
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
     )
-    torch.manual_seed(base + 2)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    text_encoder = seeded(base + 2, tiny_t5_encoder, tokenizer, umt5=True)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
     )

@@ -20,11 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..families import FAMILIES, ModuleRule
 from ..families.flux1 import ORIGINAL_MODULES, XLABS_MODULES
-from .loras import canonicalize_safetensors
+from .lora_tensors import (
+    kohya_tensors,
+    random_factors,
+    rule_modules,
+    save_lora_file,
+    text_encoder_kohya_tensors,
+)
 
 __all__ = ["FLUX_PEFT_TARGETS", "bfl_modules", "make_flux_lora"]
 
@@ -55,7 +60,6 @@ _AITK = (
     "linear1",
     "linear2",
 )
-_TE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 def bfl_modules(
@@ -63,18 +67,8 @@ def bfl_modules(
 ) -> Iterator[tuple[str, int, int]]:
     """(original module name, in_features, out_features) of every rule the transformer has, in table
     order then block order; the out features of a fused module are its parts' summed."""
-    modules = dict(transformer.named_modules())
-    for rule in rules:
-        for index in range(10_000) if "{i}" in rule.original else (None,):
-            names = [d.replace("{i}", str(index)) for d in rule.diffusers]
-            if not all(n in modules for n in names):
-                break
-            parts: list[Any] = [modules[n] for n in names]
-            yield (
-                rule.original.replace("{i}", str(index)),
-                parts[0].in_features,
-                sum(p.out_features for p in parts),
-            )
+    for name, _, parts in rule_modules(transformer, rules):
+        yield name, parts[0].in_features, sum(p.out_features for p in parts)
 
 
 def _wanted(layout: str, name: str) -> bool:
@@ -110,12 +104,9 @@ def make_flux_lora(
     for name, inp, out in bfl_modules(pipe.transformer, rules):
         if not (select(name) if select is not None else _wanted(layout, name)):
             continue
-        down = (torch.randn((rank, inp), generator=generator) * scale).to(dtype)
-        up = (torch.randn((out, rank), generator=generator) * scale).to(dtype)
+        down, up = random_factors(generator, rank, inp, out, scale, dtype)
         if layout == "kohya":
-            key = "lora_unet_" + name.replace(".", "_")
-            tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})
-            tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+            tensors.update(kohya_tensors("lora_unet_" + name.replace(".", "_"), down, up, alpha))
         elif layout == "aitk":
             tensors.update(
                 {f"diffusion_model.{name}.lora_A.weight": down, f"diffusion_model.{name}.lora_B.weight": up}
@@ -124,16 +115,11 @@ def make_flux_lora(
             tensors.update({f"{name}.down.weight": down, f"{name}.up.weight": up})
     if layout == "kohya" and text_encoders:
         prefix = FAMILIES["flux"].kohya_prefixes["text_encoder"]
-        for mod_name, module in pipe.text_encoder.named_modules():
-            if isinstance(module, torch.nn.Linear) and mod_name.rsplit(".", 1)[-1] in _TE_SUFFIXES:
-                key = f"{prefix}_" + ("text_model." + mod_name.removeprefix("text_model.")).replace(".", "_")
-                tensors[f"{key}.lora_down.weight"] = (
-                    torch.randn((rank, module.in_features), generator=generator) * scale
-                )
-                tensors[f"{key}.lora_up.weight"] = (
-                    torch.randn((module.out_features, rank), generator=generator) * scale
-                )
-                tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        tensors.update(
+            text_encoder_kohya_tensors(
+                pipe.text_encoder, prefix, generator, rank=rank, alpha=alpha, scale=scale
+            )
+        )
     metadata = {
         "kohya": {
             "ss_network_module": "networks.lora_flux",
@@ -143,7 +129,4 @@ def make_flux_lora(
         "aitk": {"software": '{"name": "ai-toolkit"}'},
         "xlabs": {},
     }[layout]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-    canonicalize_safetensors(path)
-    return path
+    return save_lora_file(tensors, path, metadata)

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from safetensors.torch import save_file
 
 from ..outputs.safetensors_meta import canonicalize_header, jsonable
+from .lora_tensors import kohya_tensors, save_lora_file
 
 __all__ = ["LORA_COMPONENTS", "canonicalize_safetensors", "make_kohya_lora", "make_peft_lora"]
 
@@ -220,15 +220,12 @@ def make_kohya_lora(
             up_shape: tuple[int, ...] = (module.out_channels, rank, 1, 1)
         else:
             down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
-        tensors[f"{prefix}.lora_down.weight"] = torch.randn(down_shape, generator=generator) * scale
-        tensors[f"{prefix}.lora_up.weight"] = torch.randn(up_shape, generator=generator) * scale
-        tensors[f"{prefix}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        down = torch.randn(down_shape, generator=generator) * scale
+        up = torch.randn(up_shape, generator=generator) * scale
+        tensors.update(kohya_tensors(prefix, down, up, alpha))
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(alpha)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-    canonicalize_safetensors(path)
-    return path
+    return save_lora_file(tensors, path, metadata)

@@ -23,11 +23,9 @@ from typing import Any
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
     StableDiffusionPipeline,
@@ -61,6 +59,7 @@ from .dit_pipelines import (
 )
 from .flux_loras import FLUX_PEFT_TARGETS, make_flux_lora
 from .loras import canonicalize_safetensors, make_kohya_lora, make_peft_lora
+from .tiny_components import flux_flow_scheduler, seeded, tiny_clip_config, tiny_t5_encoder, tiny_vae
 from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
 __all__ = [
@@ -84,47 +83,14 @@ def _unknown(kind: str, name: str, known: Sequence[str]) -> InputUnavailableErro
     return InputUnavailableError(f"unknown built-in {kind} {name!r}; {hint}")
 
 
-def _vae(**flux: Any) -> AutoencoderKL:
-    """Three blocks: 4× downsampling, so 64 px images are 16×16 latents (a 2-block VAE gives 32×32
-    latents, and 1024-token self-attention made a demo grid take over a minute on 2 CPU cores).
-    ``flux``: FLUX.1's VAE settings (no quant convs, shift and scaling factors)."""
-    return AutoencoderKL(
-        block_out_channels=(32, 32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-        **flux,
-    )
-
-
-def _clip_config(vocab_size: int, tok: Any) -> Any:
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-
-
 def _build_sd() -> StableDiffusionPipeline:
     """SD1.5-like: UNet (32, 64) with 1×1-conv transformer projections, one 2-layer CLIP, DDIM."""
     from transformers import CLIPTextModel
 
     tok = build_clip_tokenizer()
-    torch.manual_seed(_BASE_SEED + 1)
-    unet = UNet2DConditionModel(
+    unet = seeded(
+        _BASE_SEED + 1,
+        UNet2DConditionModel,
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -136,10 +102,8 @@ def _build_sd() -> StableDiffusionPipeline:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    torch.manual_seed(_BASE_SEED + 2)
-    vae = _vae()
-    torch.manual_seed(_BASE_SEED + 3)
-    text_encoder = CLIPTextModel(_clip_config(len(tok), tok))
+    vae = seeded(_BASE_SEED + 2, tiny_vae)
+    text_encoder = seeded(_BASE_SEED + 3, CLIPTextModel, tiny_clip_config(tok))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -166,8 +130,9 @@ def _build_sdxl() -> StableDiffusionXLPipeline:
 
     tok = build_clip_tokenizer()
     tok_2 = build_clip_tokenizer()
-    torch.manual_seed(_BASE_SEED + 11)
-    unet = UNet2DConditionModel(
+    unet = seeded(
+        _BASE_SEED + 11,
+        UNet2DConditionModel,
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -184,12 +149,9 @@ def _build_sdxl() -> StableDiffusionXLPipeline:
         cross_attention_dim=64,  # 32 + 32 (both encoders' hidden states are concatenated)
         norm_num_groups=32,
     )
-    torch.manual_seed(_BASE_SEED + 12)
-    vae = _vae()
-    torch.manual_seed(_BASE_SEED + 13)
-    text_encoder = CLIPTextModel(_clip_config(len(tok), tok))
-    torch.manual_seed(_BASE_SEED + 14)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(tok_2), tok_2))
+    vae = seeded(_BASE_SEED + 12, tiny_vae)
+    text_encoder = seeded(_BASE_SEED + 13, CLIPTextModel, tiny_clip_config(tok))
+    text_encoder_2 = seeded(_BASE_SEED + 14, CLIPTextModelWithProjection, tiny_clip_config(tok_2))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -215,11 +177,12 @@ def _build_sdxl() -> StableDiffusionXLPipeline:
 def _build_flux() -> FluxPipeline:
     """FLUX.1-dev-like: 2 double + 2 single blocks of width 32 (guidance embedding), CLIP + T5,
     flow-matching Euler with dynamic shifting. 64 px images are 16×16 latents packed into 8×8 tokens."""
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     tok, tok_2 = build_clip_tokenizer(), build_t5_tokenizer()
-    torch.manual_seed(_BASE_SEED + 21)
-    transformer = FluxTransformer2DModel(
+    transformer = seeded(
+        _BASE_SEED + 21,
+        FluxTransformer2DModel,
         patch_size=1,
         in_channels=16,  # 4 latent channels × 2×2 packing
         num_layers=2,
@@ -231,35 +194,11 @@ def _build_flux() -> FluxPipeline:
         guidance_embeds=True,
         axes_dims_rope=(4, 4, 8),
     )
-    torch.manual_seed(_BASE_SEED + 22)
-    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
-    torch.manual_seed(_BASE_SEED + 23)
-    text_encoder = CLIPTextModel(_clip_config(len(tok), tok))
-    torch.manual_seed(_BASE_SEED + 24)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tok_2),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    vae = seeded(_BASE_SEED + 22, tiny_vae, (0.0609, 1.5035))
+    text_encoder = seeded(_BASE_SEED + 23, CLIPTextModel, tiny_clip_config(tok))
+    text_encoder_2 = seeded(_BASE_SEED + 24, tiny_t5_encoder, tok_2)
     return FluxPipeline(
-        scheduler=scheduler,
+        scheduler=flux_flow_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tok,
