@@ -3,7 +3,9 @@
 A local cluster on CPU (``ray.init(num_cpus=2)``), two actors, the batch of ``test_warm_batch``
 (four builds, compared with each build made alone in a fresh process). One worker is killed half-way
 through a build (after it wrote an output): the build is retried on a fresh actor and its files are
-still byte-identical. An address where no cluster answers is a clear error, exit 2, no traceback.
+still byte-identical. A 32-cell grid split into 4 shards is rendered by both actors and equals the
+grid built locally, also when one shard's worker dies twice and the build renders its cells. An
+address where no cluster answers is a clear error, exit 2, no traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ import pytest
 
 from lorarecipe.gitops.batch import BatchOptions, build_recipes
 from lorarecipe.recipe.load import find_recipe_files
-from tests.helpers.batch_builds import FOLDERS, REPO, assert_same_builds, forget_rendered_cells, write_batch
+from tests.helpers.batch_builds import (
+    FOLDERS,
+    REPO,
+    SHARDED_GRID,
+    assert_same_builds,
+    comparable_manifest,
+    file_hashes,
+    forget_rendered_cells,
+    write_batch,
+)
 from tests.helpers.recipes import write_recipe
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'lorarecipe[ray]')")
@@ -39,8 +50,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> object:
                 "PYTHONPATH": str(REPO),
                 "LORARECIPE_TEST_KILL_MARKER": str(marker),
                 "LORARECIPE_TEST_KILL_BUILD": "sweep/s-1.0",
+                "LORARECIPE_TEST_SHARD_MARKER": str(marker.with_name("shard-killed")),
+                "LORARECIPE_TEST_KILL_SHARD": "faulty",
             },
-            "worker_process_setup_hook": "tests.helpers.ray_faults.kill_once",
+            "worker_process_setup_hook": "tests.helpers.ray_faults.install",
         },
     )
     yield marker
@@ -75,6 +88,35 @@ def test_ray_batch_equals_each_build_alone_even_after_a_worker_dies(
     # nothing changed: a second run skips every build on the driver and starts no actor
     again = build_recipes(find_recipe_files([str(recipes)]), options, several=True)
     assert [(o.ok, o.outputs, o.worker) for o in again[:4]] == [(True, [], None)] * 4
+
+
+def test_grid_shards_render_on_both_workers_and_equal_a_local_build(cluster: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, SHARDED_GRID)
+    forget_rendered_cells()
+    local = tmp_path / "local"
+    (built,) = build_recipes([recipe], BatchOptions(out=local, executor="diffusers"), several=False)
+    assert built.ok, built.problems
+    assert built.worker is not None and "grid_shards" not in built.worker  # no Ray: no shards
+    for name, retries in [("sharded", 2), ("faulty", 1)]:
+        forget_rendered_cells()  # every cell rendered by the shards (or the build), none reused
+        options = BatchOptions(out=tmp_path / name, executor="diffusers", ray="", workers=2, retries=retries)
+        (outcome,) = build_recipes([recipe], options, several=False)
+        assert outcome.ok, outcome.problems
+        assert file_hashes(tmp_path / name) == file_hashes(local)
+        manifest = tmp_path / name / "manifest.json"
+        assert comparable_manifest(manifest) == comparable_manifest(local / "manifest.json")
+        shards = json.loads(manifest.read_text())["worker"]["grid_shards"]["grid"]
+        assert outcome.worker is not None and outcome.worker["grid_shards"]["grid"] == shards
+        assert (shards["shards"], shards["cells"]) == (4, 2 * 4 * 4)  # prompts × seeds × variants
+        if name == "sharded":  # both actors rendered shards, and the shards rendered every cell
+            assert shards["failed"] == [] and len(shards["rendered"]) == 2, shards
+            assert sum(shards["rendered"].values()) == 32 and min(shards["rendered"].values()) >= 8
+        else:  # the first shard's worker died twice: given up, its 8 cells rendered by the build itself
+            assert [f["shard"] for f in shards["failed"]] == [0], shards
+            assert "died 2 times" in shards["failed"][0]["problem"]
+            assert sum(shards["rendered"].values()) == 24
+            assert (cluster.with_name("shard-killed-1")).is_file()
+            assert (cluster.with_name("shard-killed-2")).is_file()
 
 
 def _recipe_with_a_nan_lora(folder: Path) -> Path:

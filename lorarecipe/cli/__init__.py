@@ -145,6 +145,14 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --ray: times a build is retried after its worker died (default 2)",
     )
+    p.add_argument(
+        "--grid-shard-cells",
+        type=int,
+        default=8,
+        metavar="N",
+        help="with --ray and 2+ workers: split grids of more than N cells into shards of at most N cells "
+        "(whole prompt/seed batches) rendered by all workers; 0 never splits (default 8)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _common(p)

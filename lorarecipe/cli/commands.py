@@ -160,12 +160,23 @@ def cmd_build(args: argparse.Namespace) -> int:
         workers=args.workers,
         worker_cpus=args.worker_cpus,
         retries=args.retries,
+        grid_shard_cells=args.grid_shard_cells,
         threads=args.threads,
     )
-    if args.ray is None and (args.workers is not None or args.retries != 2 or args.worker_cpus != 1.0):
-        raise UsageError("--workers, --worker-cpus and --retries apply to --ray builds only")
-    if (args.workers is not None and args.workers < 1) or args.worker_cpus <= 0 or args.retries < 0:
-        raise UsageError("--workers and --worker-cpus must be positive, --retries 0 or more")
+    ray_only = (
+        args.workers is not None,
+        args.retries != 2,
+        args.worker_cpus != 1.0,
+        args.grid_shard_cells != 8,
+    )
+    if args.ray is None and any(ray_only):
+        raise UsageError(
+            "--workers, --worker-cpus, --retries and --grid-shard-cells apply to --ray builds only"
+        )
+    if (args.workers is not None and args.workers < 1) or args.worker_cpus <= 0:
+        raise UsageError("--workers and --worker-cpus must be positive")
+    if args.retries < 0 or args.grid_shard_cells < 0:
+        raise UsageError("--retries and --grid-shard-cells must be 0 or more")
     outcomes = build_recipes(files, options, several)
     failed = [o for o in outcomes if not o.ok]
     published: list[Any] = []

@@ -47,6 +47,7 @@ class BatchOptions:
     workers: int | None = None  # Ray actors (default: one per GPU, else one per worker_cpus CPUs)
     worker_cpus: float = 1.0  # CPUs each Ray actor reserves (its torch threads)
     retries: int = 2  # times a build is retried after its Ray worker died
+    grid_shard_cells: int = 8  # Ray: bigger grids are split into shards of at most this many cells (0: no)
 
     @property
     def settings(self) -> JobSettings:

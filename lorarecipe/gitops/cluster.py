@@ -8,9 +8,15 @@ local build's. Scheduling keeps affinity: a free actor takes the next build of t
 else a build of a base no busy actor holds, else any. Two builds into one output folder never run at
 once.
 
+Big grids (more than ``grid_shard_cells`` cells, with two actors or more) are split into grid shards
+(``shards``): tasks of at most that many cells, scheduled before their build with the same affinity,
+each rendering its cells on an actor's warm pipeline into the shared cell cache; the build waits for
+its shards, then writes the grid from the cache (rendering what a failed shard left). Its manifest
+records the shards under ``worker.grid_shards``.
+
 Failures: a recipe or build error is that build's outcome (no retry: it would fail again); a worker
-that dies (killed, out of memory, node lost) is replaced by a fresh actor and its build is retried,
-at most ``retries`` times; an exception from a bug in lorarecipe is that build's failure, reported
+that dies (killed, out of memory, node lost) is replaced by a fresh actor and its build (or shard)
+is retried, at most ``retries`` times; an exception from a bug in lorarecipe is that build's failure, reported
 with the worker's traceback (exit 3, as locally). None of them stops the other builds.
 
 Why a batch scheduler here and not a Ray ``Executor`` in ``runner/``: an executor builds some
@@ -29,15 +35,17 @@ or a local disk of a one-node cluster; not an object-store mount).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LorarecipeError, Problem, UsageError
 from ..runner.progress import make_reporter
 from .jobs import BuildJob, BuildOutcome, JobSettings, run_job, stale_of
+from .shards import GridShard, ShardOutcome, plan_shards, shard_notes
 
 if TYPE_CHECKING:
     from .batch import BatchOptions
@@ -65,6 +73,12 @@ class BuildWorker:
             return run_job(job, self.settings, self.pipelines), None
         except UsageError as exc:
             return None, exc.message
+
+    def render(self, shard: GridShard) -> ShardOutcome:
+        """Render a grid shard's missing cells into the cell cache on the warm pipeline."""
+        from . import shards
+
+        return shards.run_shard(shard, self.settings, self.pipelines)
 
 
 def _probe(address: str) -> None:
@@ -134,10 +148,25 @@ class _Slot:
         self.busy = False
 
 
-def _pick(pending: deque[BuildJob], slot: _Slot, slots: Sequence[_Slot], roots: set[str]) -> BuildJob | None:
-    """The next job for a free slot: its warm base first, then a base no busy slot holds, then any;
-    never one whose output folder another build is writing."""
-    ready = [job for job in pending if str(job.out) not in roots]
+Task = BuildJob | GridShard
+
+
+def _pick(
+    pending: deque[Task],
+    slot: _Slot,
+    slots: Sequence[_Slot],
+    roots: set[str],
+    waiting: Mapping[int, int] | None = None,
+) -> Task | None:
+    """The next job (or grid shard) for a free slot: its warm base first, then a base no busy slot
+    holds, then any; never a build whose output folder another build is writing, nor one whose grid
+    shards (``waiting``: job index -> shards not done) are still running."""
+    waiting = waiting or {}
+    ready = [
+        job
+        for job in pending
+        if str(job.out) not in roots and not (isinstance(job, BuildJob) and waiting.get(job.index))
+    ]
     held = {s.group for s in slots if s.busy}
     for wanted in (
         lambda j: j.group == slot.group,
@@ -152,26 +181,26 @@ def _pick(pending: deque[BuildJob], slot: _Slot, slots: Sequence[_Slot], roots: 
 
 
 def run_on_ray(jobs: Sequence[BuildJob], options: BatchOptions) -> dict[int, BuildOutcome]:
-    """Run ``jobs`` on a Ray cluster; returns job index -> outcome."""
-    from .batch import by_base
-
+    """Run ``jobs`` (and the shards of their big grids) on a Ray cluster; returns job index -> outcome."""
     settings = options.settings
     done: dict[int, BuildOutcome] = {}
-    todo = []
+    todo: list[tuple[BuildJob, set[str]]] = []
     for job in jobs:  # up to date on the shared output root: no worker needed
         try:
             stale, _ = stale_of(job, settings)
         except (LorarecipeError, OSError):
             stale = {"?"}  # the worker reports it, as a local build would
         if stale:
-            todo.append(job)
+            todo.append((job, stale))
         else:
             done[job.index] = run_job(job, settings)
     if not todo:
         return done
     ray = connect(options.ray or "")
     count, resources = _actor_options(ray, options)
-    count = min(count, len(todo))
+    limit = options.grid_shard_cells if count > 1 else 0  # one actor: shards would only add work
+    shards = {job.index: plan_shards(job, stale, limit) for job, stale in todo}
+    count = min(count, len(todo) + sum(len(s) for s in shards.values()))
     reporter = options.reporter or make_reporter(quiet=True)
     reporter.begin(f"build {len(todo)} builds on Ray: {count} workers", len(todo))
     worker = ray.remote(BuildWorker).options(**resources)
@@ -180,36 +209,55 @@ def run_on_ray(jobs: Sequence[BuildJob], options: BatchOptions) -> dict[int, Bui
         return _Slot(worker.remote(settings, options.compile, options.worker_cpus))
 
     slots = [start() for _ in range(count)]
-    pending: deque[BuildJob] = deque(by_base(todo))
-    attempts: dict[int, int] = {}
-    running: dict[Any, tuple[_Slot, BuildJob, float]] = {}
+    pending = _queue([job for job, _ in todo], shards)
+    waiting = {index: len(planned) for index, planned in shards.items() if planned}
+    rendered: dict[int, list[ShardOutcome]] = {index: [] for index in waiting}
+    attempts: dict[Any, int] = {}
+    running: dict[Any, tuple[_Slot, Task, float]] = {}
     roots: set[str] = set()
     try:
         while pending or running:
             for slot in slots:
                 if not slot.busy and pending:
-                    picked = _pick(pending, slot, slots, roots)
+                    picked = _pick(pending, slot, slots, roots, waiting)
                     if picked is not None:
                         slot.busy, slot.group = True, picked.group
-                        roots.add(str(picked.out))
-                        running[slot.actor.build.remote(picked)] = (slot, picked, time.perf_counter())
+                        running[_send(slot, picked, shards, rendered, roots)] = (
+                            slot,
+                            picked,
+                            time.perf_counter(),
+                        )
             ready, _ = ray.wait(list(running), num_returns=1)
             ref = ready[0]
-            slot, job, started = running.pop(ref)
+            slot, task, started = running.pop(ref)
             slot.busy = False
-            roots.discard(str(job.out))
-            outcome = _collect(ray, ref, job, started, attempts, options.retries)
-            if outcome is None:  # the worker died: a fresh actor, the build queued again
-                reporter.log(f"{_name(job)}: worker died, retrying ({attempts[job.index]}/{options.retries})")
+            result: BuildOutcome | ShardOutcome | None
+            if isinstance(task, GridShard):
+                result = _collect_shard(ray, ref, task, attempts, options.retries)
+            else:
+                roots.discard(str(task.out))
+                result = _collect(ray, ref, task, started, attempts, options.retries)
+            if result is None:  # the worker died: a fresh actor, the task queued again
+                tries = attempts[_attempt_key(task)]
+                reporter.log(f"{_name(task)}: worker died, retrying ({tries}/{options.retries})")
                 with contextlib.suppress(Exception):  # it may be gone already
                     ray.kill(slot.actor, no_restart=True)
                 slots[slots.index(slot)] = start()
-                pending.appendleft(job)
+                pending.appendleft(task)
                 continue
-            done[job.index] = outcome
-            where = (outcome.worker or {}).get("hostname", "?")
-            result = "ok" if outcome.ok else "FAILED"
-            reporter.step(f"{_name(job)}: {result} on {where} ({outcome.seconds:.1f} s)")
+            if isinstance(result, ShardOutcome):
+                assert isinstance(task, GridShard)
+                rendered[task.job.index].append(result)
+                waiting[task.job.index] -= 1
+                where = result.worker or "?"
+                state = f"{result.rendered} cells" if result.ok else f"FAILED ({result.problem})"
+                reporter.log(f"{_name(task)}: {state} on {where}")
+                continue
+            assert isinstance(task, BuildJob)
+            done[task.index] = result
+            where = (result.worker or {}).get("hostname", "?")
+            status = "ok" if result.ok else "FAILED"
+            reporter.step(f"{_name(task)}: {status} on {where} ({result.seconds:.1f} s)")
     finally:
         for slot in slots:
             with contextlib.suppress(Exception):
@@ -218,8 +266,44 @@ def run_on_ray(jobs: Sequence[BuildJob], options: BatchOptions) -> dict[int, Bui
     return done
 
 
-def _name(job: BuildJob) -> str:
-    return job.recipe + (f" [{job.label}]" if job.label else "")
+def _queue(jobs: Sequence[BuildJob], shards: Mapping[int, list[GridShard]]) -> deque[Task]:
+    """Jobs grouped by base, each preceded by its grid shards."""
+    from .batch import by_base
+
+    queue: deque[Task] = deque()
+    for job in by_base(jobs):
+        queue.extend(shards.get(job.index, ()))
+        queue.append(job)
+    return queue
+
+
+def _send(
+    slot: _Slot,
+    task: Task,
+    shards: Mapping[int, list[GridShard]],
+    rendered: Mapping[int, list[ShardOutcome]],
+    roots: set[str],
+) -> Any:
+    """Start ``task`` on the slot's actor; a build goes with what its shards did, for its manifest."""
+    if isinstance(task, GridShard):
+        return slot.actor.render.remote(task)
+    roots.add(str(task.out))
+    if shards.get(task.index):
+        notes = shard_notes(shards[task.index], rendered[task.index])
+        task = dataclasses.replace(task, worker_notes=notes)
+    return slot.actor.build.remote(task)
+
+
+def _attempt_key(task: Task) -> Any:
+    if isinstance(task, GridShard):
+        return ("shard", task.job.index, task.number)
+    return task.index
+
+
+def _name(task: Task) -> str:
+    if isinstance(task, GridShard):
+        return f"{_name(task.job)} {task.output} shard {task.number + 1}"
+    return task.recipe + (f" [{task.label}]" if task.label else "")
 
 
 def _collect(
@@ -247,4 +331,25 @@ def _collect(
     if usage is not None:
         raise UsageError(usage)
     assert isinstance(outcome, BuildOutcome)
+    return outcome
+
+
+def _collect_shard(
+    ray: Any, ref: Any, shard: GridShard, attempts: dict[Any, int], retries: int
+) -> ShardOutcome | None:
+    """A finished shard's outcome; None when its worker died and it has retries left (a failed shard
+    only means the build renders its cells)."""
+    try:
+        outcome = ray.get(ref)
+    except Exception as exc:
+        if _retryable(ray, exc):
+            key = _attempt_key(shard)
+            attempts[key] = attempts.get(key, 0) + 1
+            if attempts[key] <= retries:
+                return None
+            problem = f"its Ray worker died {attempts[key]} times: {type(exc).__name__}"
+        else:
+            problem = f"{type(exc).__name__} on its Ray worker"
+        return ShardOutcome(shard.output, shard.number, False, problem=problem)
+    assert isinstance(outcome, ShardOutcome)
     return outcome

@@ -87,6 +87,8 @@ class BuildJob:
     protected: tuple[Path, ...]  # the recipe and its lock file
     lock: Any = None  # the recipe's LockFile with --frozen
     plan_seconds: float = 0.0  # compile time on the driver (part of the build's reported time)
+    #: recorded in the manifest's ``worker``: where else its work ran (its grid shards, on Ray)
+    worker_notes: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     @property
     def group(self) -> tuple[Any, ...]:
@@ -215,6 +217,7 @@ def _run(
         protected=job.protected,
         threads=settings.threads,
         pipelines=pipelines,
+        worker_notes=job.worker_notes,
     )
     outcome.outputs = sorted(result.outputs)
     outcome.worker = result.worker

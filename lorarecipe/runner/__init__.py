@@ -40,7 +40,7 @@ from .worker import worker_identity, worker_label
 if TYPE_CHECKING:
     from .pipeline.warm import WarmPipelines
 
-__all__ = ["LOCK_NAME", "BuildResult", "require_build_extra", "run_plan"]
+__all__ = ["LOCK_NAME", "BuildResult", "render_grid_cells", "require_build_extra", "run_plan"]
 
 LOCK_NAME = BUILD_LOCK  # the output root's lock, relative to the root
 
@@ -127,6 +127,7 @@ def run_plan(
     protected: Sequence[Path] = (),
     pipelines: WarmPipelines | None = None,
     threads: int | None = None,
+    worker_notes: Mapping[str, Any] | None = None,
 ) -> BuildResult:
     """Build ``outputs`` (default: all) of ``plan`` into ``out_root``; returns what was written.
 
@@ -136,7 +137,8 @@ def run_plan(
     contain besides the inputs (the recipe, its lock). ``threads``: torch's intra-op threads
     (default: :func:`~lorarecipe.runner.device.thread_policy`), recorded in the manifest.
     ``pipelines``: the worker's warm pipeline cache (a batch passes one so that builds of the same
-    base share one load); default: load afresh.
+    base share one load); default: load afresh. ``worker_notes``: more about where the build's work
+    ran (its grid shards), recorded in the manifest's ``worker``.
     """
     from filelock import FileLock, Timeout
 
@@ -212,7 +214,7 @@ def run_plan(
         add_grid_to_cards(plan, state, recipe_text, journal)
         reporter.step("write manifest")
         usage = {"loaded": pool.loads - loads, "reused": pool.reuses - reuses, "worker_loads": pool.loads}
-        worker = {**identity, "pipeline": usage}
+        worker = {**identity, "pipeline": usage, **(worker_notes or {})}
         manifest, built = finish_manifest(plan, state, recipe_text, journal, worker)
         written = state.files()
         result = BuildResult(
@@ -225,3 +227,42 @@ def run_plan(
         return result
     finally:
         lock.release()
+
+
+def render_grid_cells(
+    plan: Plan,
+    output: str,
+    units: set[tuple[int, int]],
+    *,
+    recipe_root: Path,
+    device: str = "auto",
+    allow_read: Sequence[Path] = (),
+    resolved: Mapping[str, ResolvedInput] | None = None,
+    pipelines: WarmPipelines | None = None,
+    threads: int | None = None,
+) -> int:
+    """A grid shard: render the (column, batch) ``units`` of grid ``output`` that are not in the cell
+    cache into it, on the build's adapters, merges and fuse, and write nothing else (no output, no
+    lock, no manifest: the build writes the grid from the cache afterwards); returns the cells rendered.
+    The cells' keys are the ones the whole build computes (same inputs, device, dtype, compile mode)."""
+    from .device import pick_device, thread_policy
+    from .pipeline import PipelineExecutor
+    from .quiet import quiet_libraries
+
+    quiet_libraries()
+    policy = thread_policy(threads)
+    options = BuildOptions(
+        out_root=Path(os.devnull),  # nothing is written
+        recipe_root=recipe_root,
+        device=pick_device(device),
+        allow_read=tuple(allow_read),
+        reporter=make_reporter(quiet=True),
+        provenance={},
+        threads=policy,
+    )
+    state = BuildState(options)
+    _resolve_inputs(plan, state, resolved or {})
+    executor = PipelineExecutor(pipelines, cells={output: units})
+    with _torch_threads(policy.threads):
+        executor.build(plan, [output], state)
+    return executor.rendered.get(output, 0)

@@ -158,3 +158,21 @@ def assert_same_builds(a: Path, b: Path) -> None:
         assert comparable_manifest(a / folder / "manifest.json") == comparable_manifest(
             b / folder / "manifest.json"
         )
+
+
+#: a grid of 2 prompts × 4 seeds × 4 variants = 32 cells (the fused column also renders its hidden
+#: runtime equivalent): with --grid-shard-cells 8, 4 shards of one column × two batches of 4 rows
+SHARDED_GRID = """\
+    name: big-grid
+    base: builtin:tiny-sd
+    adapters:
+      style: {builtin: tiny-sd/style, trigger_words: [watercolor]}
+      detail: builtin:tiny-sd/detail
+    set_adapters:
+      adapters: {style: 0.7, detail: 0.5}
+    fuse: {lora_scale: 0.8}
+    outputs:
+      lora: {kind: lora, adapter: style, path: lora}
+      grid: {kind: grid, path: grid.png, prompts: [a cat, a house], seeds: [0, 1, 2, 3], steps: 2,
+             variants: [base, style, mix, fused]}
+    """

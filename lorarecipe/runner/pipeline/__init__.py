@@ -54,14 +54,25 @@ _SAVE_ORDER = {"float32": 0, None: 1, "bfloat16": 2, "float16": 3}
 
 
 class PipelineExecutor:
-    """Builds every output kind on one diffusers pipeline; leaves nothing."""
+    """Builds every output kind on one diffusers pipeline; leaves nothing.
+
+    ``cells`` (grid output -> (column, batch) units) makes it render those cells of those grids into
+    the cell cache and write nothing (a grid shard: ``runner.render_grid_cells``); ``rendered`` then counts
+    the cells each grid rendered.
+    """
 
     name = "diffusers"
 
-    def __init__(self, pipelines: WarmPipelines | None = None) -> None:
+    def __init__(
+        self,
+        pipelines: WarmPipelines | None = None,
+        cells: Mapping[str, set[tuple[int, int]]] | None = None,
+    ) -> None:
         from .warm import WarmPipelines
 
         self.pipelines = pipelines or WarmPipelines(keep=False)
+        self.cells = cells
+        self.rendered: dict[str, int] = {}
 
     def build(self, plan: Plan, outputs: Sequence[str], state: BuildState) -> list[str]:
         from ...families import get_family
@@ -98,9 +109,13 @@ class PipelineExecutor:
             g.output: GridRenderer(plan, g, {**facts, "compile": self.pipelines.compile_key(modes[g.output])})
             for g in grids
         }
+        if self.cells is not None:
+            for name, renderer in renderers.items():
+                renderer.restrict(self.cells.get(name, set()))
         if wanted == {g.output for g in grids} and not any(r.needs_pipeline for r in renderers.values()):
             state.dtype = state.dtype or facts["dtype"]
-            for grid in grids:  # every cell is in the cell cache: no pipeline to load
+            # every cell is in the cell cache: no pipeline to load (a shard: nothing to do)
+            for grid in grids if self.cells is None else ():
                 self._write_grid(grid, renderers[grid.output], state)
             return []
         quiet_libraries(load=True)
@@ -177,7 +192,8 @@ class PipelineExecutor:
                 if renderers[grid.output].needs_fused:
                     with state.step(grid, f"sample {grid.path} (fused)"):
                         renderers[grid.output].render_fused()
-        for grid in grids:
+        self.rendered = {name: r.rendered for name, r in renderers.items()}
+        for grid in grids if self.cells is None else ():
             self._write_grid(grid, renderers[grid.output], state)
         for step in sorted(checkpoints, key=lambda s: _SAVE_ORDER.get(s.dtype, 1)):
             with state.step(step, f"write {step.path}"):

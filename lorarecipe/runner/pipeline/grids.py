@@ -39,42 +39,20 @@ from ...outputs.grid_image import compose_grid, png_bytes
 from ...outputs.manifest import library_versions
 from ...outputs.video import frame_strip, strip_frames, webp_bytes
 from ...plan import (
-    FuseAdapters,
     LoadAdapter,
     LoadBase,
     MergeAdapters,
     Plan,
     RenderGrid,
-    SetAdapters,
     thaw_weight,
 )
-from ...plan.view import describe_weight
 from ..lycoris_adapters import LycorisAdapter, delta_terms
 from .fuse import apply_mix
 from .grid_cache import CachedBatch, CellCache, batch_key
+from .grid_layout import BATCH, Column, GridLayout
 from .lycoris import applied
 
 __all__ = ["GridRenderer", "GridResult"]
-
-BATCH = 4
-
-
-@dataclass(frozen=True)
-class Column:
-    label: str
-    variant: str
-    adapters: tuple[str, ...] = ()
-    weights: tuple[Any, ...] = ()
-    scale: float | None = None
-    fused: bool = False
-    hidden: bool = False
-    words: tuple[str, ...] = ()
-
-    @property
-    def header(self) -> str:
-        """The grid's column header: the label, and the trigger words each of its cells' prompts starts
-        with (the row label gives the rest of the prompt)."""
-        return self.label + ("\nprompt: " + ", ".join(self.words) + ", …" if self.words else "")
 
 
 @dataclass
@@ -114,16 +92,9 @@ class GridRenderer:
         self.lycoris: dict[str, LycorisAdapter] = {}
         self.plan, self.step, self.facts = plan, step, facts
         self.cache = cache or CellCache()
-        self.words = dict(step.trigger_words)
-        mixes = plan.of_type(SetAdapters)
-        fuses = plan.of_type(FuseAdapters)
-        self.mix: SetAdapters | None = mixes[0] if mixes else None
-        self.fuse: FuseAdapters | None = fuses[0] if fuses else None
-        self.columns = self._columns()
-        self.rows = [(p, s) for p in step.prompts for s in step.seeds]
-        self.batches = [
-            list(range(i, min(i + BATCH, len(self.rows)))) for i in range(0, len(self.rows), BATCH)
-        ]
+        layout = GridLayout(plan, step)
+        self.mix, self.fuse = layout.mix, layout.fuse
+        self.columns, self.rows, self.batches = layout.columns, layout.rows, layout.batches
         self.images: dict[tuple[int, int], list[Any]] = {}  # (column, batch) -> PIL images
         self.diffs: dict[int, float] = {}  # batch -> fused vs runtime largest difference
         self._runtime: dict[int, list[Any]] = {}  # batch -> runtime-equivalent float images
@@ -148,70 +119,6 @@ class GridRenderer:
 
     #: a CompiledDenoiser to render through (``compile: regional``), set by the executor
     compiled: Any = None
-
-    # -- layout -------------------------------------------------------------------------------
-    def _words(self, adapters: tuple[str, ...]) -> tuple[str, ...]:
-        out: list[str] = []
-        for name in adapters:
-            out.extend(w for w in self.words.get(name, ()) if w not in out)
-        return tuple(out)
-
-    def _column(self, label: str, variant: str, adapters: tuple[str, ...], **kw: Any) -> Column:
-        return Column(label, variant, adapters, words=self._words(adapters), **kw)
-
-    def _columns(self) -> list[Column]:
-        step, cols = self.step, []
-        for variant in step.variants:
-            if variant == "base":
-                cols.append(Column("base (LoRA off)", "base"))
-            elif variant == "mix" and self.mix:
-                desc = ", ".join(
-                    f"{n} {describe_weight(w)}"
-                    for n, w in zip(self.mix.adapters, self.mix.weights, strict=True)
-                )
-                cols.append(self._column(f"mix: {desc}", "mix", self.mix.adapters, weights=self.mix.weights))
-            elif variant == "fused" and self.fuse:
-                cols.append(
-                    self._column(
-                        f"fused (lora_scale {self.fuse.lora_scale:g})",
-                        "fused",
-                        self.fuse.adapters,
-                        fused=True,
-                    )
-                )
-            else:
-                cols.append(self._column(variant, variant, (variant,), weights=(1.0,)))
-        base_adapters = self.mix.adapters if self.mix else ()
-        base_weights = self.mix.weights if self.mix else ()
-        if step.sweep_adapter and step.sweep_weights:
-            for w in step.sweep_weights:
-                names = list(base_adapters) if step.sweep_adapter in base_adapters else [step.sweep_adapter]
-                weights = [
-                    w if n == step.sweep_adapter else base_weights[base_adapters.index(n)] for n in names
-                ]
-                label = f"{'mix, ' if len(names) > 1 else ''}{step.sweep_adapter} = {w:g}"
-                cols.append(self._column(label, "sweep", tuple(names), weights=tuple(weights)))
-        if step.sweep_lora_scale:
-            source = self.mix or self.fuse
-            if source is not None:
-                for s in step.sweep_lora_scale:
-                    cols.append(
-                        self._column(
-                            f"lora_scale = {s:g}", "sweep", source.adapters, weights=source.weights, scale=s
-                        )
-                    )
-        if self.fuse and any(c.fused for c in cols):
-            cols.append(
-                self._column(
-                    "fused (runtime equivalent)",
-                    "fused-runtime",
-                    self.fuse.adapters,
-                    weights=self.fuse.weights,
-                    scale=self.fuse.lora_scale,
-                    hidden=True,
-                )
-            )
-        return cols
 
     # -- the cell cache -----------------------------------------------------------------------
     def _prompt(self, col: Column, prompt: str) -> str:
@@ -274,10 +181,18 @@ class GridRenderer:
                 self.images[(index, batch)] = found.images
                 if col.fused and found.fused_vs_runtime is not None:
                     self.diffs[batch] = found.fused_vs_runtime
+        return self._with_runtime(pending)
+
+    def _with_runtime(self, pending: set[tuple[int, int]]) -> set[tuple[int, int]]:
+        """``pending`` and the runtime-equivalent batch of each fused batch in it."""
         runtime = next((i for i, c in enumerate(self.columns) if c.variant == "fused-runtime"), None)
         if runtime is not None:
             pending |= {(runtime, b) for i, b in pending if self.columns[i].fused}
         return pending
+
+    def restrict(self, units: set[tuple[int, int]]) -> None:
+        """Render only the missing ones of ``units`` (visible (column, batch) pairs: a grid shard)."""
+        self.pending = self._with_runtime({u for u in self.pending if u in units})
 
     @property
     def needs_pipeline(self) -> bool:
