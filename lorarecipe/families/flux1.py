@@ -144,5 +144,5 @@ FLUX1 = Family(
     lora_only_modules=XLABS_MODULES,
     kohya_prefixes=MappingProxyType({"transformer": "lora_unet", "text_encoder": "lora_te1"}),
     converts_original_loras=True,
-    image_input_pipelines=IMAGE_INPUT_PIPELINES,
+    image_input_pipelines=("FluxImg2ImgPipeline", "FluxInpaintPipeline", *IMAGE_INPUT_PIPELINES),
 )
