@@ -24,7 +24,7 @@ from types import MappingProxyType
 
 from .spec import BlockGroup, Family, GridCall, ModuleRule, ParamRule, SingleFileComponent, Variant
 
-__all__ = ["BLOCK_GROUPS", "ORIGINAL_MODULES", "ORIGINAL_PARAMS", "VARIANTS", "WAN"]
+__all__ = ["BLOCK_GROUPS", "IMAGE_TO_VIDEO_PIPELINES", "ORIGINAL_MODULES", "ORIGINAL_PARAMS", "VARIANTS", "WAN"]
 
 _B = "blocks.{i}."
 
@@ -81,6 +81,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("Wan 14B (2.1 T2V/I2V-14B, or one 2.2 A14B expert)", 5120),
 )
 
+IMAGE_TO_VIDEO_PIPELINES = ("WanImageToVideoPipeline",)
+
 GRID = GridCall(
     attention_kwargs="attention_kwargs",
     negative_prompt="native",
@@ -93,7 +95,7 @@ WAN = Family(
     key="wan",
     label="Wan",
     pipeline_class="WanPipeline",
-    pipeline_classes=("WanPipeline",),
+    pipeline_classes=("WanPipeline", *IMAGE_TO_VIDEO_PIPELINES),
     lora_mixin="WanLoraLoaderMixin",
     denoiser="transformer",
     lora_components=("transformer", "transformer_2"),
@@ -107,5 +109,7 @@ WAN = Family(
     converts_original_loras=True,
     variants=VARIANTS,
     experts=("transformer", "transformer_2"),
+    image_input_pipelines=IMAGE_TO_VIDEO_PIPELINES,
+    image_input_use=("animates an input image (image-to-video)", "the image-to-video model"),
     keep_in_float32=("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"),
 )
