@@ -134,3 +134,117 @@ def test_wan21_i2v_loras_and_t2v_loras_fuse_exactly(tmp_path: Path, wan21: Path)
     assert state.keys() == fused.keys() and all(torch.equal(state[k], fused[k]) for k in fused)
     single = load_file(str(tmp_path / "stream" / "i2v.safetensors"))
     assert "blocks.0.cross_attn.k_img.weight" in single and "img_emb.proj.1.weight" in single
+
+
+def test_wan21_i2v_merged_lora_files_reload_with_every_module(tmp_path: Path, wan21: Path) -> None:
+    """A ``cat`` merge (exact: w₁Δ₁ + w₂Δ₂) of the two I2V LoRAs, in the diffusers and the kohya/ComfyUI
+    layouts: each reloads into the I2V pipeline with every module applied, image cross-attention too."""
+    _copy_inputs(wan21, tmp_path)
+    build_text(
+        tmp_path,
+        textwrap.dedent(
+            """\
+            base: {path: i2v}
+            adapters: {musubi: {file: musubi.safetensors}, peft: {file: peft.safetensors}}
+            merges: {both: {method: cat, adapters: {musubi: 0.6, peft: -1.2}}}
+            outputs:
+              diffusers: {kind: lora, adapter: both, path: d}
+              kohya: {kind: lora, adapter: both, path: k, layout: kohya}
+            """
+        ),
+    )
+    base = read_component_weights(wan21 / "i2v", "transformer")
+    expected: dict[str, torch.Tensor] = {}
+    for name, weight in (("musubi", 0.6), ("peft", -1.2)):
+        for key, delta in dit_deltas(wan21 / f"{name}.safetensors", "wan", base).items():
+            expected[key] = expected.get(key, torch.zeros_like(delta)) + weight * delta
+    assert "blocks.0.attn2.add_k_proj.weight" in expected
+    pipe = WanImageToVideoPipeline.from_pretrained(str(wan21 / "i2v"))
+    for adapter, path in (
+        ("d", tmp_path / "out" / "d" / "pytorch_lora_weights.safetensors"),
+        ("k", tmp_path / "out" / "k" / "both.safetensors"),
+    ):
+        load_adapter(pipe, adapter, path, "wan")  # refuses any module diffusers would skip
+        loaded = _deltas(pipe.transformer, adapter)
+        assert set(loaded) == set(expected), adapter
+        for key, delta in expected.items():
+            torch.testing.assert_close(loaded[key], delta, atol=1e-6, rtol=0, msg=f"{adapter} {key}")
+
+
+@pytest.fixture(scope="module")
+def wan22(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return wan22_i2v(tmp_path_factory.mktemp("wan22-i2v") / "i2v")
+
+
+def test_wan22_i2v_experts_each_get_their_loras(tmp_path: Path, wan22: Path) -> None:
+    """Wan 2.2 I2V-A14B has no image cross-attention: the T2V expert LoRAs apply as on T2V, one single
+    file per expert."""
+    shutil.copytree(wan22, tmp_path / "i2v")
+    _both(
+        tmp_path,
+        """\
+        base: {path: i2v}
+        adapters:
+          style: {builtin: tiny-wan22/style, load_into: [transformer, transformer_2]}
+          low: {builtin: tiny-wan22/low, load_into: [transformer_2]}
+        set_adapters: {adapters: {style: {transformer: 0.5, transformer_2: 0.8}, low: -0.7}}
+        fuse: {lora_scale: 0.9}
+        outputs:
+          fused: {kind: pipeline, path: fused}
+          high_file: {kind: single_file, path: high_noise.safetensors}
+          low_file: {kind: single_file, path: low_noise.safetensors, component: transformer_2}
+        """,
+    )
+    high, low = read_component_weights(wan22, "transformer"), read_component_weights(wan22, "transformer_2")
+    style = builtin_lora_path("tiny-wan22/style")
+    terms: Terms = {}
+    _add(terms, "transformer", dit_deltas(style, "wan", high), 0.9 * 0.5)
+    _add(terms, "transformer_2", dit_deltas(style, "wan", low), 0.9 * 0.8)
+    _add(terms, "transformer_2", dit_deltas(builtin_lora_path("tiny-wan22/low"), "wan", low), 0.9 * -0.7)
+    _fused(tmp_path / "stream" / "fused", wan22, terms, ("transformer", "transformer_2", "text_encoder"))
+    for file, component in (("high_noise", "transformer"), ("low_noise", "transformer_2")):
+        model = WanTransformer3DModel.from_single_file(
+            str(tmp_path / "stream" / f"{file}.safetensors"),
+            config=str(tmp_path / "stream" / "fused"),
+            subfolder=component,
+            local_files_only=True,
+        )
+        fused = read_component_weights(tmp_path / "stream" / "fused", component)
+        state = model.state_dict()
+        assert state.keys() == fused.keys() and all(torch.equal(state[k], fused[k]) for k in fused), file
+
+
+def test_an_i2v_lora_on_a_base_without_image_cross_attention_is_refused(
+    tmp_path: Path, wan21: Path, wan22: Path
+) -> None:
+    """diffusers' Wan loader would skip the image cross-attention modules with a warning; lorarecipe
+    names both sides instead (a T2V base, or Wan 2.2 I2V-A14B, which has none)."""
+    shutil.copy(wan21 / "musubi.safetensors", tmp_path / "i2v.safetensors")
+    shutil.copytree(wan22, tmp_path / "i2v22")
+    expected = (
+        "adapters.i2v: the LoRA is a Wan image-to-video LoRA (6 modules of the image cross-attention, e.g. "
+        "'blocks_0_cross_attn_k_img') but the base has no image cross-attention (a text-to-video model, or "
+        "Wan 2.2 I2V-A14B): diffusers would skip those modules with a warning"
+    )
+    for base, into in (("builtin:tiny-wan", ""), ("{path: i2v22}", ", load_into: [transformer]")):
+        text = f"""\
+            base: {base}
+            adapters: {{i2v: {{file: i2v.safetensors{into}}}}}
+            fuse: {{adapters: [i2v]}}
+            outputs: {{fused: {{kind: pipeline, path: fused}}}}
+            """
+        assert messages(problems_of(tmp_path, textwrap.dedent(text))) == [expected], base
+
+
+def test_a_grid_on_an_i2v_base_is_refused_naming_the_input_image(tmp_path: Path, wan22: Path) -> None:
+    shutil.copytree(wan22, tmp_path / "i2v")
+    text = """\
+        base: {path: i2v}
+        adapters: {low: {builtin: tiny-wan22/low, load_into: [transformer_2]}}
+        outputs: {grid: {kind: grid, path: g.png, prompts: [a cat], variants: [base, low]}}
+        """
+    assert messages(problems_of(tmp_path, textwrap.dedent(text))) == [
+        "outputs.grid.kind: the base is a WanImageToVideoPipeline, which animates an input image "
+        "(image-to-video): grids render from prompts only [build the fused pipeline and LoRA files here, "
+        "and sample the image-to-video model with its own images]"
+    ]

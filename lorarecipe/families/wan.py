@@ -24,7 +24,14 @@ from types import MappingProxyType
 
 from .spec import BlockGroup, Family, GridCall, ModuleRule, ParamRule, SingleFileComponent, Variant
 
-__all__ = ["BLOCK_GROUPS", "IMAGE_TO_VIDEO_PIPELINES", "ORIGINAL_MODULES", "ORIGINAL_PARAMS", "VARIANTS", "WAN"]
+__all__ = [
+    "BLOCK_GROUPS",
+    "IMAGE_TO_VIDEO_PIPELINES",
+    "ORIGINAL_MODULES",
+    "ORIGINAL_PARAMS",
+    "VARIANTS",
+    "WAN",
+]
 
 _B = "blocks.{i}."
 
@@ -111,5 +118,6 @@ WAN = Family(
     experts=("transformer", "transformer_2"),
     image_input_pipelines=IMAGE_TO_VIDEO_PIPELINES,
     image_input_use=("animates an input image (image-to-video)", "the image-to-video model"),
+    image_modules=("add_k_proj", "add_v_proj", "image_embedder", "k_img", "v_img", "img_emb"),
     keep_in_float32=("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"),
 )
