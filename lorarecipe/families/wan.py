@@ -14,6 +14,11 @@
   (low-noise steps). One LoRA file is loaded into one expert at a time (``load_into_transformer_2``),
   so a recipe says which (``load_into``), weights address each (``transformer_2: 0.8``), and a
   single file or a LoRA file holds one expert (``component``).
+- Image-to-video (``WanImageToVideoPipeline``): Wan 2.1 I2V-14B adds a CLIP vision ``image_encoder``
+  (no LoRA goes there) and image cross-attention (``cross_attn.k_img``/``v_img``, ``img_emb``: the
+  ``image_modules``); Wan 2.2 I2V-A14B has neither, only two experts. Loaded, fused and written like
+  T2V; a grid needs an input image and is refused. diffusers gives a T2V LoRA zero image
+  cross-attention factors on an I2V base (a no-op); an I2V LoRA on a base without them is refused.
 - ``GRID``: classifier-free guidance with a negative prompt, LoRA scale through
   ``attention_kwargs``, a video of ``frames`` frames per cell (81 in the released models).
 """
