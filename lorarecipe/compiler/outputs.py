@@ -146,13 +146,15 @@ def _check_grid(ctx: CompileContext, name: str, spec: GridOutput, family: str | 
 def _check_grid_pipeline(
     ctx: CompileContext, name: str, family: str | None, pipeline_class: str | None
 ) -> None:
-    """Grids call text-to-image pipelines: an edit pipeline (Qwen-Image-Edit) needs an input image."""
+    """Grids call text-to-image/video pipelines: an edit pipeline (Qwen-Image-Edit) or an image-to-video
+    one (Wan I2V) needs an input image."""
     known = FAMILIES.get(family or "")
     if known is not None and pipeline_class in known.image_input_pipelines:
+        use, model = known.image_input_use
         ctx.error(
             ("outputs", name, "kind"),
-            f"the base is a {pipeline_class}, which edits an input image: grids render from prompts only",
-            "build the fused pipeline and LoRA files here, and sample the edit model with its own images",
+            f"the base is a {pipeline_class}, which {use}: grids render from prompts only",
+            f"build the fused pipeline and LoRA files here, and sample {model} with its own images",
         )
 
 

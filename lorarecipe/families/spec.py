@@ -155,6 +155,11 @@ class Family:
     lora_layouts: frozenset[str] = frozenset()
     #: pipeline classes that need an input image (edit models): built and fused, not rendered in grids
     image_input_pipelines: tuple[str, ...] = ()
+    #: what those pipelines do with the image, and what the model is called (the grid refusal's words)
+    image_input_use: tuple[str, str] = ("edits an input image", "the edit model")
+    #: name parts of modules only the image-conditioned models of the family have, in any LoRA layout
+    #: (Wan I2V's image cross-attention): a LoRA adapting them on a base without them is refused, named
+    image_modules: tuple[str, ...] = ()
     #: models of the family by denoiser width, named in mismatch errors
     variants: tuple[Variant, ...] = ()
     #: denoisers a LoRA file can be loaded into, one at a time (Wan 2.2 A14B's two experts:

@@ -14,6 +14,11 @@
   (low-noise steps). One LoRA file is loaded into one expert at a time (``load_into_transformer_2``),
   so a recipe says which (``load_into``), weights address each (``transformer_2: 0.8``), and a
   single file or a LoRA file holds one expert (``component``).
+- Image-to-video (``WanImageToVideoPipeline``): Wan 2.1 I2V-14B adds a CLIP vision ``image_encoder``
+  (no LoRA goes there) and image cross-attention (``cross_attn.k_img``/``v_img``, ``img_emb``: the
+  ``image_modules``); Wan 2.2 I2V-A14B has neither, only two experts. Loaded, fused and written like
+  T2V; a grid needs an input image and is refused. diffusers gives a T2V LoRA zero image
+  cross-attention factors on an I2V base (a no-op); an I2V LoRA on a base without them is refused.
 - ``GRID``: classifier-free guidance with a negative prompt, LoRA scale through
   ``attention_kwargs``, a video of ``frames`` frames per cell (81 in the released models).
 """
@@ -24,7 +29,14 @@ from types import MappingProxyType
 
 from .spec import BlockGroup, Family, GridCall, ModuleRule, ParamRule, SingleFileComponent, Variant
 
-__all__ = ["BLOCK_GROUPS", "ORIGINAL_MODULES", "ORIGINAL_PARAMS", "VARIANTS", "WAN"]
+__all__ = [
+    "BLOCK_GROUPS",
+    "IMAGE_TO_VIDEO_PIPELINES",
+    "ORIGINAL_MODULES",
+    "ORIGINAL_PARAMS",
+    "VARIANTS",
+    "WAN",
+]
 
 _B = "blocks.{i}."
 
@@ -81,6 +93,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("Wan 14B (2.1 T2V/I2V-14B, or one 2.2 A14B expert)", 5120),
 )
 
+IMAGE_TO_VIDEO_PIPELINES = ("WanImageToVideoPipeline",)
+
 GRID = GridCall(
     attention_kwargs="attention_kwargs",
     negative_prompt="native",
@@ -93,7 +107,7 @@ WAN = Family(
     key="wan",
     label="Wan",
     pipeline_class="WanPipeline",
-    pipeline_classes=("WanPipeline",),
+    pipeline_classes=("WanPipeline", *IMAGE_TO_VIDEO_PIPELINES),
     lora_mixin="WanLoraLoaderMixin",
     denoiser="transformer",
     lora_components=("transformer", "transformer_2"),
@@ -107,5 +121,8 @@ WAN = Family(
     converts_original_loras=True,
     variants=VARIANTS,
     experts=("transformer", "transformer_2"),
+    image_input_pipelines=IMAGE_TO_VIDEO_PIPELINES,
+    image_input_use=("animates an input image (image-to-video)", "the image-to-video model"),
+    image_modules=("add_k_proj", "add_v_proj", "image_embedder", "k_img", "v_img", "img_emb"),
     keep_in_float32=("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"),
 )

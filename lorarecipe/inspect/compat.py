@@ -181,6 +181,22 @@ def _family_conflict(lora: LoraInfo, base: BaseInfo, misfits: list[str]) -> str 
     return f"{conflict}, which lacks {len(misfits)} of its modules: {'; '.join(misfits[:3])}"
 
 
+def _image_modules_conflict(family: Family | None, absent: list[LoraModule]) -> str | None:
+    """An image-to-video LoRA (Wan I2V: image cross-attention ``cross_attn.k_img``/``v_img``, image
+    embedder) on a base without those modules (T2V, or Wan 2.2 I2V-A14B): diffusers' loader skips them
+    with a warning; lorarecipe drops nothing, so this is refused with both sides named."""
+    if family is None or not family.image_modules:
+        return None
+    image = [m.name for m in absent if any(part in m.name for part in family.image_modules)]
+    if not image:
+        return None
+    return (
+        f"the LoRA is a {family.label} image-to-video LoRA ({len(image)} modules of the image "
+        f"cross-attention, e.g. '{image[0]}') but the base has no image cross-attention (a text-to-video "
+        f"model, or Wan 2.2 I2V-A14B): diffusers would skip those modules with a warning"
+    )
+
+
 def check_lora_against_base(lora: LoraInfo, base: BaseInfo) -> CompatReport:
     """LoRA + base -> which modules find a base weight, which do not, and which differ in shape."""
     by_component: dict[str, list[LoraModule]] = {}
@@ -192,6 +208,7 @@ def check_lora_against_base(lora: LoraInfo, base: BaseInfo) -> CompatReport:
     missing: list[str] = []
     mismatches: list[str] = []
     unchecked: list[str] = []
+    image_conflict: str | None = None
     for component in sorted(by_component, key=COMPONENT_ORDER.index):
         modules = by_component[component]
         if component != "unknown" and component not in indexes:
@@ -225,6 +242,7 @@ def check_lora_against_base(lora: LoraInfo, base: BaseInfo) -> CompatReport:
             continue
         total += len(modules)
         missing += [_label(m) for m in absent]
+        image_conflict = image_conflict or _image_modules_conflict(family, absent)
         for module, problem in originals:
             if problem is None:
                 matched += 1
@@ -245,6 +263,6 @@ def check_lora_against_base(lora: LoraInfo, base: BaseInfo) -> CompatReport:
         total=total,
         missing=tuple(missing[:MAX_LISTED]),
         shape_mismatches=tuple(mismatches[:MAX_LISTED]),
-        family_conflict=_family_conflict(lora, base, [*missing, *mismatches]),
+        family_conflict=_family_conflict(lora, base, [*missing, *mismatches]) or image_conflict,
         unchecked_components=tuple(unchecked),
     )

@@ -80,6 +80,8 @@ WAN = {
     "time_embedding.2": ("condition_embedder.time_embedder.linear_2",),
     "time_projection.1": ("condition_embedder.time_proj",),
     "head.head": ("proj_out",),
+    "img_emb.proj.1": ("condition_embedder.image_embedder.ff.net.0.proj",),  # I2V: CLIP image features
+    "img_emb.proj.3": ("condition_embedder.image_embedder.ff.net.2",),
 }
 TABLES = {"flux2": FLUX2, "wan": WAN}
 

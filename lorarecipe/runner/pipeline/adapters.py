@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,17 +221,23 @@ def load_adapter(
             save_file(convert_attn_procs(state_dict), source)
         del state_dict
         try:
-            for index, target in enumerate(targets):  # one load per expert (else the one denoiser)
-                kwargs: dict[str, Any] = (
-                    {"load_into_transformer_2": True} if target == "transformer_2" else {}
-                )
-                if isinstance(source, dict):  # each expert its own tensors (PEFT may keep them as given)
-                    given = source if index == 0 else {k: v.clone() for k, v in source.items()}
-                    pipe.load_lora_weights(given, adapter_name=name, **kwargs)
-                else:
-                    pipe.load_lora_weights(
-                        source, adapter_name=name, use_safetensors=True, local_files_only=True, **kwargs
+            with warnings.catch_warnings():
+                if known is not None and known.image_modules:
+                    # diffusers gives a T2V LoRA zero image cross-attention factors on a Wan I2V base
+                    # (_maybe_expand_t2v_lora_for_i2v) that PEFT then leaves out: a no-op, not a loss
+                    # (check_injected below refuses any module of the file left out)
+                    warnings.filterwarnings("ignore", "While injecting the PEFT adapters, an inconsistency")
+                for index, target in enumerate(targets):  # one load per expert (else the one denoiser)
+                    kwargs: dict[str, Any] = (
+                        {"load_into_transformer_2": True} if target == "transformer_2" else {}
                     )
+                    if isinstance(source, dict):  # each expert its own tensors (PEFT may keep them as given)
+                        given = source if index == 0 else {k: v.clone() for k, v in source.items()}
+                        pipe.load_lora_weights(given, adapter_name=name, **kwargs)
+                    else:
+                        pipe.load_lora_weights(
+                            source, adapter_name=name, use_safetensors=True, local_files_only=True, **kwargs
+                        )
         except Exception as exc:  # a file diffusers cannot read must not leave half an adapter
             _discard(pipe, name)
             raise UnsafeInputError(

@@ -111,8 +111,8 @@ class GridRenderer:
         family = FAMILIES.get(self.plan.family or "")
         if family is not None and type(pipe).__name__ in family.image_input_pipelines:
             raise BuildError(
-                f"the base is a {type(pipe).__name__}, which edits an input image: grids render from "
-                "prompts only; remove the grid output"
+                f"the base is a {type(pipe).__name__}, which {family.image_input_use[0]}: grids render "
+                "from prompts only; remove the grid output"
             )
         self.pipe = pipe
         self.lycoris = dict(lycoris or {})
