@@ -60,6 +60,9 @@ BUILTIN_BASES: dict[str, BuiltinBase] = {
     "tiny-flux": BuiltinBase(
         "tiny-flux", "flux", "FLUX.1-dev-like pipeline, 2 double + 2 single blocks, CLIP + T5, 64 px"
     ),
+    "tiny-chroma": BuiltinBase(
+        "tiny-chroma", "chroma", "Chroma-like pipeline, 2 double + 2 single blocks, T5, 64 px"
+    ),
     "tiny-qwen-image": BuiltinBase(
         "tiny-qwen-image", "qwen_image", "Qwen-Image-like pipeline, 2 joint blocks, Qwen2.5-VL encoder, 64 px"
     ),

@@ -47,6 +47,7 @@ from .catalog import (
     materialized_base,
     materialized_lora,
 )
+from .chroma_pipeline import build_chroma
 from .dit_loras import FLUX2_WAN_PEFT_TARGETS, default_selection, make_dit_lora, make_original_lora
 from .dit_pipelines import (
     build_flux2,
@@ -219,6 +220,7 @@ _BUILDERS = {
     "tiny-flux2-klein": build_flux2_klein,
     "tiny-wan": build_wan,
     "tiny-wan22": build_wan22,
+    "tiny-chroma": build_chroma,
 }
 
 

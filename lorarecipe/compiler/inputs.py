@@ -291,6 +291,14 @@ def _adapter_header(ctx: CompileContext, name: str, spec: Any, family: str | Non
     return facts
 
 
+def _other_family(info: LoraInfo, inputs: InputFacts) -> bool:
+    """The LoRA is of a known family other than the base's, whose loader does not read it (a FLUX.1
+    LoRA on Chroma is read: its modules are checked one by one where the base's are known)."""
+    family = get_family(inputs.family)
+    read = family.reads_loras_of if family is not None else ()
+    return bool(info.family and inputs.family and info.family != inputs.family and info.family not in read)
+
+
 def _family_mismatch(info: LoraInfo, inputs: InputFacts) -> str:
     """'the LoRA is a Qwen-Image LoRA (why) but the base is FLUX.1 (why)', as the compat check words it."""
     base = inputs.base_info
@@ -372,7 +380,7 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
         return
     if info is None:
         return
-    if info.unsupported and info.family and inputs.family and info.family != inputs.family:
+    if info.unsupported and _other_family(info, inputs):
         ctx.error(where, _family_mismatch(info, inputs), on_key=True)  # the more basic problem
         return
     if info.lycoris is not None:  # LyCORIS/DoRA: applied by lorarecipe, checked on its own terms
@@ -439,7 +447,7 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
                 "is this LoRA made for another base model?",
                 on_key=True,
             )
-    elif info.family and inputs.family and info.family != inputs.family:
+    elif _other_family(info, inputs):
         ctx.error(where, _family_mismatch(info, inputs), on_key=True)
         compat_ok = False
     if compat_ok:

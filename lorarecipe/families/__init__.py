@@ -2,7 +2,7 @@
 
 Each family module (``sd``: SD 1.x/2.x/SDXL; ``sd3``: SD 3/3.5; ``flux1``: FLUX.1; ``flux2``: FLUX.2
 dev and Klein; ``qwen_image``: Qwen-Image and Qwen-Image-Edit; ``z_image``: Z-Image; ``wan``: Wan
-2.1/2.2 video) fills in a
+2.1/2.2 video; ``chroma``: Chroma) fills in a
 :class:`~lorarecipe.families.spec.Family`: pipeline classes and LoRA components, block groups for
 per-block weights, its original-layout module table (single-file names, kohya/BFL LoRA names), kohya
 prefixes and grid call conventions. Every stage reads these tables — ``validate``/``plan`` included,
@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from .chroma import CHROMA
 from .flux1 import FLUX1
 from .flux2 import FLUX2
 from .qwen_image import QWEN_IMAGE
@@ -58,6 +59,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
             QWEN_IMAGE,
             Z_IMAGE,
             WAN,
+            CHROMA,
         )
     }
 )

@@ -1,4 +1,4 @@
-"""FLUX.1 (dev, schnell): the first transformer family, as tables.
+"""FLUX.1 (dev, schnell, Kontext, Fill): the first transformer family, as tables.
 
 - ``ORIGINAL_MODULES``: every module of Black Forest Labs' original layout (``flux1-dev.safetensors``,
   kohya/ComfyUI/ai-toolkit LoRA names) and the diffusers ``FluxTransformer2DModel`` modules its
@@ -12,6 +12,10 @@
   ``num_single_layers``.
 - ``GRID``: guidance-distilled call: ``guidance_scale`` is the embedded guidance, a negative prompt
   only with true CFG, LoRA scale through ``joint_attention_kwargs``.
+- ``IMAGE_INPUT_PIPELINES``: Kontext (edits an input image) and Fill (inpaints an input image under a
+  mask) share FLUX.1's ``FluxTransformer2DModel`` (Fill's ``x_embedder`` takes 384 input channels: the
+  latents, the masked image and the mask), its LoRA loader and original layout: their bases are loaded,
+  fused and written like FLUX.1-dev, but not rendered in grids (a grid renders from prompts only).
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from types import MappingProxyType
 
 from .spec import BlockGroup, Family, GridCall, ModuleRule, ParamRule, SingleFileComponent, Split
 
-__all__ = ["BLOCK_GROUPS", "FLUX1", "ORIGINAL_MODULES", "ORIGINAL_PARAMS", "XLABS_MODULES"]
+__all__ = [
+    "BLOCK_GROUPS",
+    "FLUX1",
+    "IMAGE_INPUT_PIPELINES",
+    "ORIGINAL_MODULES",
+    "ORIGINAL_PARAMS",
+    "XLABS_MODULES",
+]
 
 _D = "transformer_blocks.{i}."  # diffusers double-stream block
 _S = "single_transformer_blocks.{i}."  # diffusers single-stream block
@@ -114,11 +125,13 @@ GRID = GridCall(
     guidance="distilled guidance embedded in FLUX.1-dev (schnell ignores it), not classifier-free guidance",
 )
 
+IMAGE_INPUT_PIPELINES = ("FluxKontextPipeline", "FluxKontextInpaintPipeline", "FluxFillPipeline")
+
 FLUX1 = Family(
     key="flux",
     label="FLUX.1",
     pipeline_class="FluxPipeline",
-    pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+    pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", *IMAGE_INPUT_PIPELINES),
     lora_mixin="FluxLoraLoaderMixin",
     denoiser="transformer",
     lora_components=("transformer", "text_encoder"),
@@ -131,4 +144,5 @@ FLUX1 = Family(
     lora_only_modules=XLABS_MODULES,
     kohya_prefixes=MappingProxyType({"transformer": "lora_unet", "text_encoder": "lora_te1"}),
     converts_original_loras=True,
+    image_input_pipelines=("FluxImg2ImgPipeline", "FluxInpaintPipeline", *IMAGE_INPUT_PIPELINES),
 )

@@ -172,6 +172,8 @@ class Family:
     #: module names the denoiser's class keeps in float32 when diffusers loads it in half precision
     #: (``_keep_in_fp32_modules``: Wan's time embedder, norms and modulation), matched per dotted part
     keep_in_float32: tuple[str, ...] = ()
+    #: families whose LoRAs this family's loader also reads (Chroma: FLUX.1's), checked module by module
+    reads_loras_of: tuple[str, ...] = ()
 
     @property
     def single_file(self) -> bool:

@@ -309,6 +309,7 @@ _BARE_DIT = (
     "cap_embedder.",
     "x_pad_token",
     "cap_pad_token",
+    "distilled_guidance_layer.",  # Chroma
 )
 _BARE_UNET = (
     "down_blocks.",
@@ -338,6 +339,8 @@ def _single_family(keys: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[str
         return "flux2", f"BFL key '{key}' with shared modulation (FLUX.2)"
     if (key := first("head.modulation")) and first("patch_embedding."):
         return "wan", f"Wan key '{key}' (Wan)"
+    if (key := first("distilled_guidance_layer.")) and first("double_blocks."):
+        return "chroma", f"BFL key '{key}' (Chroma's distilled guidance layer)"
     if key := first("double_blocks."):
         return "flux", f"BFL key '{key}' (FLUX.1)"
     if (key := first("noise_refiner.", "context_refiner.")) and (qkv := first("layers.0.attention.")):

@@ -162,15 +162,23 @@ def _variant_conflict(lora: LoraInfo, base: BaseInfo) -> str | None:
     )
 
 
-def _family_conflict(lora: LoraInfo, base: BaseInfo) -> str | None:
+def _family_conflict(lora: LoraInfo, base: BaseInfo, misfits: list[str]) -> str | None:
+    """A LoRA of another family, named both ways; a LoRA of a family whose LoRAs the base's loader
+    reads (FLUX.1 on Chroma) conflicts only when ``misfits`` (its modules the base lacks) is not empty."""
     if lora.family is None or base.family is None or lora.family == base.family:
         return _variant_conflict(lora, base)
     lora_label, base_label = family_label(lora.family), family_label(base.family)
     article = "an" if lora_label.startswith("S") else "a"  # "an SDXL", "a FLUX.1"
-    return (
+    conflict = (
         f"the LoRA is {article} {lora_label} LoRA ({lora.family_evidence}) but the base is {base_label} "
         f"({base.family_evidence})"
     )
+    family = get_family(base.family)
+    if family is None or lora.family not in family.reads_loras_of:
+        return conflict
+    if not misfits:
+        return None
+    return f"{conflict}, which lacks {len(misfits)} of its modules: {'; '.join(misfits[:3])}"
 
 
 def _image_modules_conflict(family: Family | None, absent: list[LoraModule]) -> str | None:
@@ -255,6 +263,6 @@ def check_lora_against_base(lora: LoraInfo, base: BaseInfo) -> CompatReport:
         total=total,
         missing=tuple(missing[:MAX_LISTED]),
         shape_mismatches=tuple(mismatches[:MAX_LISTED]),
-        family_conflict=_family_conflict(lora, base) or image_conflict,
+        family_conflict=_family_conflict(lora, base, [*missing, *mismatches]) or image_conflict,
         unchecked_components=tuple(unchecked),
     )

@@ -6,11 +6,13 @@ and widths: FLUX.1 (BFL blocks, width 3072, a ×4 GELU MLP, per-block modulation
 single-block projection, SwiGLU feed-forward, shared modulation, widths 3072/4096/6144), Qwen-Image
 (image/text MLPs, 60 joint blocks), Z-Image (NextDiT layers and refiners; Lumina Image 2.0 shares the
 names at width 2304), SD 3 (joint blocks of width 1536/2432), Wan (``blocks.N`` with self/cross
-attention and a feed-forward). A FLUX.1 LoRA and a FLUX.2 Klein 4B LoRA can share every name and shape
-(width 3072, attention only, blocks 0-4): such a file is left undecided. ``lora_variant`` names the
-model of a family a LoRA was made for, by its width (Klein 4B or 9B, Wan 1.3B or 14B). Conservative:
-tiny test models and unknown architectures give None, so a mismatch is only reported on evidence (names
-no other family uses count as evidence at any width). Pure Python.
+attention and a feed-forward), Chroma (its ``distilled_guidance_layer``; a Chroma LoRA without it has
+FLUX.1's names and shapes, and is called FLUX.1, which a Chroma base reads). A FLUX.1 LoRA and a FLUX.2
+Klein 4B LoRA can share every name and shape (width 3072, attention only, blocks 0-4): such a file is
+left undecided. ``lora_variant`` names the model of a family a LoRA was made for, by its width (Klein 4B
+or 9B, Wan 1.3B or 14B). Conservative: tiny test models and unknown architectures give None, so a
+mismatch is only reported on evidence (names no other family uses count as evidence at any width).
+Pure Python.
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ def _dit_family(dit: list[tuple[LoraModule, str]]) -> tuple[str | None, str]:
     widths = {w for m, _ in dit for w in (m.in_features, m.out_features)}
     heads = {re.split(r"_\d", f, maxsplit=1)[0] for _, f in dit}
     flux_blocks = heads & {"single_transformer_blocks", "double_blocks", "single_blocks"}
+    chroma = next((m.name for m, f in dit if f.startswith("distilled_guidance_layer_")), None)
+    if chroma is not None:
+        return "chroma", f"'{chroma}' (Chroma's distilled guidance layer)"
     flux2 = next((m.name for m, f in dit if _FLUX2.search(f)), None)
     if flux2 is not None:
         return "flux2", f"'{flux2}' (a FLUX.2 module: fused single-block projection or SwiGLU feed-forward)"

@@ -144,7 +144,9 @@ CombinationType = Literal[
 #: Pipeline families: the registry of :mod:`lorarecipe.families` (one module of tables per family).
 FAMILIES = FAMILY_REGISTRY
 
-Family = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "qwen_image", "z_image", "wan"]
+Family = Literal[
+    "auto", "sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "qwen_image", "z_image", "wan", "chroma"
+]
 
 COMPONENTS: tuple[str, ...] = (
     "unet",

@@ -33,7 +33,7 @@ from .skeleton import Architecture
 
 __all__ = ["FORMAT", "FactorCache"]
 
-FORMAT = 1
+FORMAT = 2  # 2: architectures list a tied weight once (T5 text encoders)
 _META = "lorarecipe.factors"
 _LIBRARIES = ("lorarecipe", "diffusers", "peft", "transformers", "torch")
 

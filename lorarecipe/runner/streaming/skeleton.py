@@ -135,7 +135,12 @@ def build_skeleton(config_root: Path, pipeline_class: str | None, extra: Iterabl
             continue
         model, configs[component] = _instantiate(entry[0], entry[1], config_root / component)
         libraries[component] = entry[0]
-        shapes[component] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        # a tied weight is stored once, under its first name (T5's shared.weight, not its
+        # encoder.embed_tokens.weight: Chroma's text encoder is T5 and LoRA-loadable)
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - dict(
+            model.named_parameters()
+        ).keys()
+        shapes[component] = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
         _stub_tensors(model)
         setattr(pipe, component, model)
     return Skeleton(pipe, Architecture(shapes, configs, libraries))
