@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from ..diagnostics import did_you_mean
+from ..families import needs_input_image
 from ..fs.paths import normalize_output_path
 from ..recipe.models import GridOutput, LoraOutput, PipelineOutput, SingleFileOutput
 from ..recipe.vocabulary import FAMILIES, RESERVED_VARIANTS, FamilyInfo
@@ -148,8 +149,8 @@ def _check_grid_pipeline(
 ) -> None:
     """Grids call text-to-image/video pipelines: an edit pipeline (Qwen-Image-Edit) or an image-to-video
     one (Wan I2V) needs an input image."""
-    known = FAMILIES.get(family or "")
-    if known is not None and pipeline_class in known.image_input_pipelines:
+    known = needs_input_image(pipeline_class, family)
+    if known is not None:
         use, model = known.image_input_use
         ctx.error(
             ("outputs", name, "kind"),

@@ -43,6 +43,7 @@ __all__ = [
     "family_label",
     "family_of_pipeline",
     "get_family",
+    "needs_input_image",
 ]
 
 #: The families lorarecipe builds, by the key a recipe's ``base.family`` names.
@@ -86,3 +87,13 @@ def family_of_pipeline(class_name: str | None) -> str | None:
     like StableDiffusionPipeline for SD 1.x and 2.x, or when none does)."""
     owners = [f.key for f in FAMILIES.values() if class_name in f.pipeline_classes]
     return owners[0] if len(owners) == 1 else None
+
+
+def needs_input_image(class_name: str | None, family: str | None) -> Family | None:
+    """A pipeline class (and the base's family, None when unknown) -> the family whose table says the
+    class needs an input image (img2img, inpaint, edit, image-to-video), else None. A base of unknown
+    family (an SD folder of a width neither SD 1.x nor 2.x has) is judged by any family that lists the
+    class, so a grid on it is refused as on a known one."""
+    known = FAMILIES.get(family or "")
+    candidates = [known] if known is not None else list(FAMILIES.values())
+    return next((f for f in candidates if class_name in f.image_input_pipelines), None)

@@ -62,5 +62,5 @@ QWEN_IMAGE = Family(
     kohya_prefixes=MappingProxyType({"transformer": "lora_unet"}),
     original_keeps_names=True,
     lora_layouts=frozenset({"diffusion_model", "bare"}),
-    image_input_pipelines=EDIT_PIPELINES,
+    image_input_pipelines=("QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", *EDIT_PIPELINES),
 )

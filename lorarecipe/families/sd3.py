@@ -89,6 +89,7 @@ SD3 = Family(
         "StableDiffusion3Img2ImgPipeline",
         "StableDiffusion3InpaintPipeline",
     ),
+    image_input_pipelines=("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
     lora_mixin="SD3LoraLoaderMixin",
     denoiser="transformer",
     lora_components=("transformer", "text_encoder", "text_encoder_2"),

@@ -153,7 +153,8 @@ class Family:
     #: ``lokr`` (LyCORIS LoKr into PEFT LoKr layers, whose alpha convention differs: named in the
     #: message; lorarecipe applies LoKr itself)
     lora_layouts: frozenset[str] = frozenset()
-    #: pipeline classes that need an input image (edit models): built and fused, not rendered in grids
+    #: pipeline classes that need an input image (img2img, inpaint, edit models): built and fused, not
+    #: rendered in grids (a grid calls the pipeline with prompts only)
     image_input_pipelines: tuple[str, ...] = ()
     #: what those pipelines do with the image, and what the model is called (the grid refusal's words)
     image_input_use: tuple[str, str] = ("edits an input image", "the edit model")

@@ -69,6 +69,7 @@ Z_IMAGE = Family(
     label="Z-Image",
     pipeline_class="ZImagePipeline",
     pipeline_classes=("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline"),
+    image_input_pipelines=("ZImageImg2ImgPipeline", "ZImageInpaintPipeline"),
     lora_mixin="ZImageLoraLoaderMixin",
     denoiser="transformer",
     lora_components=("transformer",),

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BuildError
-from ...families import FAMILIES, GridCall, get_family
+from ...families import FAMILIES, GridCall, get_family, needs_input_image
 from ...fs.atomic import atomic_dir, atomic_write_bytes
 from ...outputs.grid_image import compose_grid, png_bytes
 from ...outputs.manifest import library_versions
@@ -108,8 +108,8 @@ class GridRenderer:
         """Render on ``pipe`` (a hub base's class is known only now: an edit pipeline renders no grid),
         with the LyCORIS/DoRA adapters lorarecipe applies itself (their columns change the weights in
         place for the cell and restore them afterwards)."""
-        family = FAMILIES.get(self.plan.family or "")
-        if family is not None and type(pipe).__name__ in family.image_input_pipelines:
+        family = needs_input_image(type(pipe).__name__, self.plan.family)
+        if family is not None:
             raise BuildError(
                 f"the base is a {type(pipe).__name__}, which {family.image_input_use[0]}: grids render "
                 "from prompts only; remove the grid output"
