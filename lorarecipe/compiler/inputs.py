@@ -17,8 +17,7 @@ from typing import Any
 from ..builtin.catalog import BUILTIN_BASES, BUILTIN_LORAS, builtin_inventory
 from ..diagnostics import did_you_mean
 from ..errors import LorarecipeError
-from ..families import family_label, get_family
-from ..families.original_names import blocks_touched, lora_targets
+from ..families import get_family
 from ..fs.hubcache import cached_file, cached_snapshot
 from ..fs.paths import check_input, resolve_input
 from ..inspect import (
@@ -38,6 +37,7 @@ from ..inspect.loaded_as import as_loaded
 from ..plan import Check, Source
 from ..recipe.load import path_text
 from ..recipe.vocabulary import FAMILIES
+from .adapter_fit import blocks_of, check_experts, family_mismatch, other_family
 from .context import CompileContext
 from .difference import check_difference
 from .lycoris import check_lycoris_adapter
@@ -291,63 +291,6 @@ def _adapter_header(ctx: CompileContext, name: str, spec: Any, family: str | Non
     return facts
 
 
-def _other_family(info: LoraInfo, inputs: InputFacts) -> bool:
-    """The LoRA is of a known family other than the base's, whose loader does not read it (a FLUX.1
-    LoRA on Chroma is read: its modules are checked one by one where the base's are known)."""
-    family = get_family(inputs.family)
-    read = family.reads_loras_of if family is not None else ()
-    return bool(info.family and inputs.family and info.family != inputs.family and info.family not in read)
-
-
-def _family_mismatch(info: LoraInfo, inputs: InputFacts) -> str:
-    """'the LoRA is a Qwen-Image LoRA (why) but the base is FLUX.1 (why)', as the compat check words it."""
-    base = inputs.base_info
-    if base is not None and base.family == inputs.family:
-        conflict = check_lora_against_base(info, base).family_conflict
-        if conflict is not None:
-            return conflict
-    lora, base_label = family_label(info.family), family_label(inputs.family)
-    article = "an" if lora.startswith("S") else "a"
-    return f"the LoRA is {article} {lora} LoRA ({info.family_evidence}) but the base is {base_label}"
-
-
-def _check_experts(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any) -> bool:
-    """``load_into`` names experts the family and the base have; a base with two experts needs it (a
-    LoRA silently applied to the high-noise expert only is what diffusers' default would give)."""
-    family = get_family(inputs.family)
-    where = ("adapters", name, "load_into")
-    if spec.load_into is not None and family is not None and not family.experts:
-        ctx.error(
-            where,
-            f"{family.label} has one denoiser; 'load_into' is for families with two experts (Wan 2.2 A14B)",
-            "remove load_into",
-            on_key=True,
-        )
-        return False
-    components = inputs.base_info.components if inputs.base_info is not None else None
-    if family is None or not family.experts or components is None:
-        return True
-    present = [e for e in family.experts if e in components]
-    for index, expert in enumerate(spec.load_into or ()):
-        if expert not in present:
-            ctx.error(
-                (*where, index),
-                f"the base has no {expert} (its denoisers: {', '.join(present)})",
-                "Wan 2.1 and TI2V-5B have one transformer; only Wan 2.2 A14B has transformer_2",
-            )
-            return False
-    if len(present) > 1 and spec.load_into is None:
-        ctx.error(
-            ("adapters", name),
-            f"the base has two experts ({', '.join(present)}: high-noise and low-noise steps): say which "
-            "this LoRA is loaded into",
-            "add load_into: [transformer], [transformer_2], or [transformer, transformer_2]",
-            on_key=True,
-        )
-        return False
-    return True
-
-
 def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any) -> None:
     where = ("adapters", name)
     if spec.checkpoint is not None:
@@ -361,7 +304,7 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
         return
     facts = _adapter_header(ctx, name, spec, inputs.family)
     inputs.adapters[name] = facts
-    if not _check_experts(ctx, inputs, name, spec):
+    if not check_experts(ctx, inputs, name, spec):
         facts.info = None
         return
     if facts.info is not None:
@@ -380,8 +323,8 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
         return
     if info is None:
         return
-    if info.unsupported and _other_family(info, inputs):
-        ctx.error(where, _family_mismatch(info, inputs), on_key=True)  # the more basic problem
+    if info.unsupported and other_family(info, inputs):
+        ctx.error(where, family_mismatch(info, inputs), on_key=True)  # the more basic problem
         return
     if info.lycoris is not None:  # LyCORIS/DoRA: applied by lorarecipe, checked on its own terms
         named = {"diffusers": ("peft", "diffusers"), "peft": ("peft", "diffusers"), "kohya": ("kohya",)}
@@ -447,11 +390,11 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
                 "is this LoRA made for another base model?",
                 on_key=True,
             )
-    elif _other_family(info, inputs):
-        ctx.error(where, _family_mismatch(info, inputs), on_key=True)
+    elif other_family(info, inputs):
+        ctx.error(where, family_mismatch(info, inputs), on_key=True)
         compat_ok = False
     if compat_ok:
-        blocks, fused = _blocks(info, inputs.family)
+        blocks, fused = blocks_of(info, inputs.family)
         ctx.checks.append(
             Check(
                 f"adapters.{name}",
@@ -474,22 +417,6 @@ def _check_adapter(ctx: CompileContext, inputs: InputFacts, name: str, spec: Any
                 ),
             )
         )
-
-
-def _blocks(info: LoraInfo, family_key: str | None) -> tuple[str | None, int]:
-    """Which blocks of a block-grouped denoiser a LoRA touches ('double_blocks 0-18, …'), and how
-    many of its modules are fused original-layout ones (FLUX.1 qkv, linear1); (None, 0) otherwise."""
-    family = get_family(family_key)
-    if family is None or not family.block_groups:
-        return None, 0
-    modules: list[str] = []
-    fused = 0
-    for module in info.modules:
-        if module.component in family.denoisers:
-            targets, split = lora_targets(family, module.name)
-            modules.extend(targets)
-            fused += split
-    return (blocks_touched(family, modules) if modules else None), fused
 
 
 def check_inputs(ctx: CompileContext) -> InputFacts:
