@@ -18,31 +18,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..families import FAMILIES
-from ..families.original_names import match_lora_module
 from ..fs.json_files import JsonFileError, parse_json
 from .lora_family import detect_family
+from .lora_layouts import (
+    COMPONENT_ORDER,
+    KOHYA_PREFIXES,
+    RAW_PEFT,
+    non_float_weights,
+    prefix_problem,
+)
 from .lycoris_keys import LycorisInfo, inspect_lycoris, peft_pattern_matches
 from .safetensors_header import SafetensorsHeader, TensorInfo
 
 __all__ = ["COMPONENT_ORDER", "RAW_PEFT", "LoraInfo", "LoraModule", "inspect_lora"]
 
-COMPONENT_ORDER = (
-    "unet",
-    "transformer",
-    "transformer_2",
-    "text_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-    "unknown",
-)
-_KOHYA_PREFIXES = (
-    ("lora_te1_", "text_encoder"),
-    ("lora_te2_", "text_encoder_2"),
-    ("lora_te3_", "text_encoder_3"),
-    ("lora_te_", "text_encoder"),
-    ("lora_unet_", "unet"),
-    ("lora_transformer_", "transformer"),
-)  # the last one is OneTrainer's
 _UNET_HEADS = (
     "down_blocks",
     "up_blocks",
@@ -83,7 +72,6 @@ _DIT_HEADS = (
     "cap_embedder",
     "t_embedder",
 )
-_KOHYA_STARTS = tuple(prefix for prefix, _ in _KOHYA_PREFIXES)
 
 # key -> (kind, stem, role). Order matters: the first pattern that matches wins.
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -177,7 +165,7 @@ def _split(kind: str, stem: str) -> tuple[str, str]:
         if component.startswith("text_encoder"):
             return component, f"{head}.{_TE_PROJ.get(proj, proj)}"
         return "unet", f"{head}.{'to_out.0' if proj == 'to_out' else proj}"
-    for prefix, component in _KOHYA_PREFIXES:
+    for prefix, component in KOHYA_PREFIXES:
         if stem.startswith(prefix):
             rest = stem[len(prefix) :]
             dit = component == "unet" and _guess_component(rest) == "transformer"
@@ -349,85 +337,7 @@ def _unsupported(
         return f"mixes key layouts {sorted(formats)}; diffusers would load only part of it"
     if not formats:
         return "no LoRA weights recognized (no lora_A/lora_B, lora_down/lora_up or LyCORIS keys)"
-    return _prefix_problem(next(iter(formats)), [g.stem for g in groups], control, reads)
-
-
-RAW_PEFT = (
-    "raw PEFT adapter keys ('base_model.model.' prefix): diffusers 0.42 misreads them "
-    "(Flux fails, SD loads nothing); re-save with the pipeline's save_lora_weights"
-)
-
-
-def _family_reads(stems: list[str], reads: frozenset[str]) -> bool:
-    """Whether the base family's diffusers loader converts every stem's prefix style (``reads``: the
-    family's ``lora_layouts``, 'bare' only when the file triggers its converter)."""
-    if not reads:
-        return False
-    for stem in stems:
-        head = stem.split(".", 1)[0]
-        if stem.startswith("diffusion_model."):
-            if "diffusion_model" not in reads:
-                return False
-        elif (
-            head in COMPONENT_ORDER or stem.startswith((*_KOHYA_STARTS, "base_model.")) or "bare" not in reads
-        ):
-            return False
-    return True
-
-
-def _prefix_problem(kind: str, stems: list[str], control: bool, reads: frozenset[str]) -> str | None:
-    """Layouts diffusers 0.42 reads without error but loads nothing from (or misreads); ``reads``: the
-    prefix styles the base family's loader converts (Qwen-Image, Z-Image)."""
-    if kind == "peft" and any(s.startswith("base_model.model.") for s in stems):
-        return RAW_PEFT
-    if _family_reads(stems, reads):
-        return None
-    converted = _original_names(stems)
-    if kind == "peft" and any(s.startswith("diffusion_model.") for s in stems) and not converted:
-        return (
-            "'diffusion_model.' prefix with original (BFL/LDM) block names, as ai-toolkit writes: "
-            "diffusers 0.42's Flux/SD loaders return it unchanged and load nothing"
-        )
-    if kind == "kohya" and not any(s.startswith(_KOHYA_STARTS) for s in stems) and not converted:
-        return (
-            "kohya suffixes ('.lora_down.weight') on dotted module names without 'lora_unet_'/"
-            "'lora_te_' prefixes: diffusers' SD/SDXL/Flux loaders do not read this layout"
-        )
-    prefixed = any(s.split(".", 1)[0] in COMPONENT_ORDER for s in stems)
-    if (
-        kind in ("peft", "diffusers_old") and not prefixed and not control and not converted
-    ):  # BFL control: converted
-        return (
-            "module names carry no component prefix ('unet.', 'transformer.', 'text_encoder.'): "
-            "diffusers 0.42 would silently load nothing from this file"
-        )
-    return None
-
-
-_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
-
-
-def _original_names(stems: list[str]) -> bool:
-    """Whether every stem is ``diffusion_model.`` + a module of a family whose original-layout LoRAs
-    lorarecipe converts itself (ai-toolkit's FLUX.1 files)."""
-    for family in FAMILIES.values():
-        if family.converts_original_loras and all(
-            s.startswith("diffusion_model.") and match_lora_module(family, s[len("diffusion_model.") :])
-            for s in stems
-        ):
-            return True
-    return False
-
-
-def _non_float_weights(header: SafetensorsHeader) -> str | None:
-    """LoRA factors stored as integers/bools/fp8 would be read as garbage values: refuse them."""
-    for key, info in header.tensors.items():
-        if key.endswith((".weight", ".alpha")) and info.dtype not in _FLOAT_DTYPES:
-            return (
-                f"tensor {key!r} has dtype {info.dtype}; LoRA weights must be F16, BF16, F32 or F64 "
-                "(quantized or integer LoRA files are not supported)"
-            )
-    return None
+    return prefix_problem(next(iter(formats)), [g.stem for g in groups], control, reads)
 
 
 def _readable_layouts(family: str | None, groups: list[_Group], keys: list[str]) -> frozenset[str]:
@@ -489,7 +399,7 @@ def inspect_lora(header: SafetensorsHeader, family: str | None = None) -> LoraIn
     present = {m.component for m in modules}
     control = any(k.endswith("query_norm.scale") for k in unrecognized)  # BFL Flux-control LoRA
     reads = _readable_layouts(family, listed, list(header.tensors))
-    problem, non_float = _unsupported(formats, listed, broken, control, reads), _non_float_weights(header)
+    problem, non_float = _unsupported(formats, listed, broken, control, reads), non_float_weights(header)
     raw_peft = problem == RAW_PEFT and non_float is None
     lycoris = None
     lycoris_like = {"lycoris_lokr", "lycoris_loha"} & set(formats) or any(g.dora for g in listed)
